@@ -1,0 +1,347 @@
+"""Validate a clinical table and import it as a cohort, all or nothing.
+
+The table format (README "Clinical table"):
+
+============== ======================================================== =========
+column         values                                                   required
+============== ======================================================== =========
+patient_id     any text; unique after trimming spaces                   yes
+bm_metastasis  1/0, yes/no, positive/negative, true/false (any case)    no
+os_months      overall survival or follow-up time, months, >= 0         no
+os_event       1 = died, 0 = alive at last follow-up                    with os_months
+efs_months     event-free survival time, months, >= 0                   no
+efs_event      1 = event (relapse, progression, death), 0 = none        with efs_months
+anything else  kept as-is in ``patients.clinical`` (age, sex, stage...)  no
+============== ======================================================== =========
+
+Column names are matched after lower-casing and turning spaces, dots and
+dashes into ``_``; :data:`COLUMN_ALIASES` lists the accepted variants (``id``,
+``os_time``, ``efs_status``...). Empty cells and ``NA`` are missing values.
+
+Every problem is collected (up to :data:`MAX_PROBLEMS`) with its row and
+column; when there is any, nothing is written and :class:`TableError` carries
+them all, with a one-line summary as its message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cmil_core import store as store_mod
+from cmil_core.errors import InputError
+from cmil_core.tables import MISSING_VALUES, TextTable, parse_number, read_table
+
+__all__ = [
+    "COLUMN_ALIASES",
+    "MAX_PROBLEMS",
+    "ImportResult",
+    "Problem",
+    "TableError",
+    "import_cohort",
+    "validate_table",
+]
+
+MAX_PROBLEMS = 50
+MAX_ID_LENGTH = 128
+
+# Accepted spellings of each known column (after normalisation).
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "patient_id": ("patient_id", "patientid", "patient", "id", "case_id", "subject_id", "pid"),
+    "bm_metastasis": (
+        "bm_metastasis", "bm_met", "bmm", "bm_status", "bone_marrow_metastasis",
+        "marrow_metastasis", "metastasis",
+    ),
+    "os_months": ("os_months", "os", "os_time", "os_month", "overall_survival_months"),
+    "os_event": ("os_event", "os_status", "death", "os_censor_event"),
+    "efs_months": ("efs_months", "efs", "efs_time", "efs_month", "event_free_survival_months"),
+    "efs_event": ("efs_event", "efs_status", "efs_censor_event"),
+}
+_TRUE = frozenset({"1", "1.0", "yes", "y", "positive", "pos", "true", "t", "+"})
+_FALSE = frozenset({"0", "0.0", "no", "n", "negative", "neg", "false", "f", "-"})
+_ROLES = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in a table: where, and what is wrong."""
+
+    row: int | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.column is not None:
+            where.append(f"column '{self.column}'")
+        return f"{', '.join(where)}: {self.message}" if where else self.message
+
+
+class TableError(InputError):
+    """A table was refused; ``problems`` lists every problem found."""
+
+    def __init__(self, source: str, problems: list[Problem], truncated: bool = False) -> None:
+        self.source = source
+        self.problems = problems
+        self.truncated = truncated
+        shown = "; ".join(str(p) for p in problems[:3])
+        more = len(problems) - 3
+        total = f"{len(problems)}{'+' if truncated else ''}"
+        noun = "problem" if len(problems) == 1 else "problems"
+        tail = f"; and {more}{'+' if truncated else ''} more" if more > 0 else ""
+        super().__init__(f"{source}: {total} {noun}, nothing imported: {shown}{tail}")
+
+
+@dataclass
+class ImportResult:
+    cohort: str
+    source: str
+    patients: int
+    positives: int
+    negatives: int
+    unlabelled: int
+    columns: dict[str, str]
+    clinical_columns: list[str]
+    rows: list[store_mod.PatientRow] = field(repr=False, default_factory=list)
+
+
+def _normalise(name: str) -> str:
+    out = name.strip().lstrip("\ufeff").lower()
+    for ch in " .-/()":
+        out = out.replace(ch, "_")
+    while "__" in out:
+        out = out.replace("__", "_")
+    return out.strip("_")
+
+
+def _map_columns(table: TextTable, problems: list[Problem]) -> dict[str, int]:
+    """Contract column name -> index in the table's header."""
+    alias_to_field = {alias: fld for fld, aliases in COLUMN_ALIASES.items() for alias in aliases}
+    mapping: dict[str, int] = {}
+    seen: dict[str, str] = {}
+    for index, raw in enumerate(table.header):
+        if not raw:
+            problems.append(Problem(1, f"#{index + 1}", "the header cell is empty"))
+            continue
+        norm = _normalise(raw)
+        if norm in seen:
+            problems.append(Problem(1, raw, f"the column name repeats '{seen[norm]}'"))
+            continue
+        seen[norm] = raw
+        fld = alias_to_field.get(norm)
+        if fld is None:
+            continue
+        if fld in mapping:
+            other = table.header[mapping[fld]]
+            problems.append(
+                Problem(1, raw, f"both '{other}' and '{raw}' would be {fld}; keep one")
+            )
+            continue
+        mapping[fld] = index
+    if "patient_id" not in mapping:
+        problems.append(
+            Problem(
+                1,
+                None,
+                "no patient_id column (accepted names: "
+                + ", ".join(COLUMN_ALIASES["patient_id"])
+                + f"); the header is: {', '.join(table.header)}",
+            )
+        )
+    return mapping
+
+
+def _parse_binary(text: str) -> int | None:
+    value = text.strip().lower()
+    if value in MISSING_VALUES and value not in ("-",):
+        return None
+    if value in _TRUE:
+        return 1
+    if value in _FALSE:
+        return 0
+    raise ValueError(text)
+
+
+def _parse_event(text: str) -> int | None:
+    value = text.strip().lower()
+    if value in MISSING_VALUES:
+        return None
+    if value in ("1", "1.0"):
+        return 1
+    if value in ("0", "0.0"):
+        return 0
+    raise ValueError(text)
+
+
+def _parse_time(text: str, decimal_comma: bool) -> float | None:
+    value = parse_number(text, decimal_comma=decimal_comma)
+    if value is None:
+        return None
+    if not math.isfinite(value):
+        raise ValueError("not finite")
+    if value < 0:
+        raise ValueError("negative")
+    return value
+
+
+def _clinical_value(text: str, decimal_comma: bool) -> object:
+    if text.strip().lower() in MISSING_VALUES:
+        return None
+    try:
+        number = parse_number(text, decimal_comma=decimal_comma)
+    except ValueError:
+        return text
+    if number is None or not math.isfinite(number):
+        return text
+    return int(number) if number.is_integer() and "." not in text and "," not in text else number
+
+
+def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[str, int]]:
+    """Check every row; return the patients, or raise :class:`TableError` with all problems."""
+    problems: list[Problem] = []
+
+    def add(row: int | None, column: str | None, message: str) -> None:
+        if len(problems) <= MAX_PROBLEMS:
+            problems.append(Problem(row, column, message))
+
+    mapping = _map_columns(table, problems)
+    if not table.rows:
+        add(None, None, "the table has a header but no data rows")
+    if problems:
+        raise TableError(table.source, problems)
+
+    header = table.header
+    known = set(mapping.values())
+    clinical_idx = [i for i in range(len(header)) if i not in known]
+    dc = table.decimal_comma
+    first_seen: dict[str, int] = {}
+    patients: list[store_mod.PatientRow] = []
+
+    for cells, rownum in zip(table.rows, table.row_numbers):
+        def col(fld: str) -> tuple[str, str] | None:
+            idx = mapping.get(fld)
+            return None if idx is None else (header[idx], cells[idx])
+
+        name, pid = col("patient_id")  # type: ignore[misc]
+        if pid.lower() in MISSING_VALUES:
+            add(rownum, name, "patient_id is empty")
+        elif len(pid) > MAX_ID_LENGTH:
+            add(rownum, name, f"patient_id is {len(pid)} characters long (at most {MAX_ID_LENGTH})")
+        elif pid in first_seen:
+            add(rownum, name, f"patient_id '{pid}' repeats row {first_seen[pid]}")
+        else:
+            first_seen[pid] = rownum
+
+        values: dict[str, float | int | None] = {}
+        cell = col("bm_metastasis")
+        if cell is not None:
+            try:
+                values["bm_metastasis"] = _parse_binary(cell[1])
+            except ValueError:
+                add(rownum, cell[0], f"'{cell[1]}' is not a metastasis status "
+                    "(use 1/0, yes/no, positive/negative or true/false)")
+        for prefix in ("os", "efs"):
+            tcell, ecell = col(f"{prefix}_months"), col(f"{prefix}_event")
+            t_value: float | None = None
+            e_value: int | None = None
+            t_ok = e_ok = True
+            if tcell is not None:
+                try:
+                    t_value = _parse_time(tcell[1], dc)
+                except ValueError as exc:
+                    t_ok = False
+                    reason = str(exc)
+                    why = (
+                        "is negative" if reason == "negative"
+                        else "is not finite" if reason == "not finite"
+                        else "is not a number"
+                    )
+                    add(rownum, tcell[0], f"'{tcell[1]}' {why} (a time in months is expected)")
+            if ecell is not None:
+                try:
+                    e_value = _parse_event(ecell[1])
+                except ValueError:
+                    e_ok = False
+                    add(rownum, ecell[0], f"'{ecell[1]}' is not an event indicator (use 1 or 0)")
+            if t_ok and e_ok:
+                if e_value is not None and t_value is None:
+                    where = tcell[0] if tcell else f"{prefix}_months"
+                    add(rownum, where, f"{prefix} event given without a time")
+                if t_value is not None and e_value is None:
+                    where = ecell[0] if ecell else f"{prefix}_event"
+                    add(rownum, where, f"{prefix} time given without an event indicator")
+            values[f"{prefix}_months"] = t_value
+            values[f"{prefix}_event"] = e_value
+
+        clinical = {header[i]: _clinical_value(cells[i], dc) for i in clinical_idx}
+        patients.append(
+            store_mod.PatientRow(
+                patient_id=pid,
+                bm_metastasis=values.get("bm_metastasis"),  # type: ignore[arg-type]
+                os_months=values.get("os_months"),
+                os_event=values.get("os_event"),  # type: ignore[arg-type]
+                efs_months=values.get("efs_months"),
+                efs_event=values.get("efs_event"),  # type: ignore[arg-type]
+                clinical=clinical,
+            )
+        )
+    if problems:
+        truncated = len(problems) > MAX_PROBLEMS
+        raise TableError(table.source, problems[:MAX_PROBLEMS], truncated)
+    return patients, mapping
+
+
+def import_cohort(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    csv_path: str | os.PathLike[str] | None,
+    *,
+    role: str = "validation",
+    center: str | None = None,
+    replace: bool = False,
+    data: bytes | None = None,
+    name: str | None = None,
+    dry_run: bool = False,
+) -> ImportResult:
+    """Validate a clinical table and, if it is valid, store it as ``cohort``.
+
+    ``db`` is an open :class:`~cmil_core.store.Store` or a path to one.
+    ``data``/``name`` read an upload instead of a file. ``dry_run`` validates
+    only. On any problem raises :class:`TableError` (an ``InputError``) and
+    writes nothing.
+    """
+    cohort = cohort.strip()
+    if not cohort or len(cohort) > 64 or any(ch in cohort for ch in "/\\\0"):
+        raise InputError(f"cohort name {cohort!r} is not allowed (1-64 characters, no slashes)")
+    if role not in _ROLES:
+        raise InputError(f"role {role!r} is not one of {', '.join(_ROLES)}")
+    source = name or Path(str(csv_path)).name
+    table = read_table(csv_path or source, data=data, name=source)
+    patients, mapping = validate_table(table)
+    result = ImportResult(
+        cohort=cohort,
+        source=source,
+        patients=len(patients),
+        positives=sum(p.bm_metastasis == 1 for p in patients),
+        negatives=sum(p.bm_metastasis == 0 for p in patients),
+        unlabelled=sum(p.bm_metastasis is None for p in patients),
+        columns={fld: table.header[i] for fld, i in mapping.items()},
+        clinical_columns=[h for i, h in enumerate(table.header) if i not in mapping.values()],
+        rows=patients,
+    )
+    if dry_run:
+        return result
+    own = not isinstance(db, store_mod.Store)
+    st = store_mod.open_store(db) if own else db  # type: ignore[arg-type]
+    try:
+        store_mod.import_patients(
+            st, cohort, patients, role=role, center=center, source_file=source, replace=replace
+        )
+    finally:
+        if own:
+            st.close()
+    return result

@@ -1,0 +1,792 @@
+"""The results store: one DuckDB file, its schema, and every read and write.
+
+This is the only module that writes SQL. Everything else calls the typed
+functions below with a :class:`Store`.
+
+Opening and concurrency
+-----------------------
+DuckDB lets one *process* write a database file, or several processes read it;
+a reader cannot open the file while another process writes it. Inside one
+process, all threads must share one database object. The scheme here:
+
+* :func:`open_store` returns a :class:`Store`, a reference to a process-wide
+  database object for that file (a registry keyed by the resolved path, with a
+  reference count). The file is closed, and its lock released, when the last
+  reference closes. Commands hold a store for the length of their work; the
+  dashboard opens one for each read (milliseconds) and for each job it runs,
+  so a command-line job can run while the dashboard is open.
+* Each thread gets its own cursor (:meth:`Store.cursor`); a DuckDB connection
+  object must not be shared between threads.
+* A read-only request while this process already writes the file reuses the
+  writing object (reads then see every committed result). A write request
+  while this process only reads the file waits for the readers to finish.
+* When another process holds the file, opening retries for ``timeout``
+  seconds, then raises :class:`StoreBusyError`, whose message names the other
+  process.
+
+Schema versions
+---------------
+``meta.schema_version`` records the version; :data:`_MIGRATIONS` holds one
+function per version step, applied in order, each in a transaction, whenever a
+store is opened for writing. A read-only open of an outdated store, or any open
+of a store written by a newer program, raises :class:`StoreError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+
+from cmil_core.errors import CmilError, InputError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CohortExistsError",
+    "CohortRow",
+    "PatientRow",
+    "SlideRow",
+    "Store",
+    "StoreBusyError",
+    "StoreError",
+    "cohort_overview",
+    "default_db_path",
+    "delete_cohort",
+    "get_meta",
+    "import_patients",
+    "list_cohorts",
+    "list_models",
+    "list_slides",
+    "open_store",
+    "patients_frame",
+    "register_slide",
+    "replace_tumor_regions",
+    "schema_version",
+    "set_meta",
+    "store_fingerprint",
+    "table_counts",
+    "tumor_regions_frame",
+]
+
+SLIDE_STATUSES = ("pending", "tiled", "encoded", "failed")
+COHORT_ROLES = ("train", "validation", "test")
+
+
+class StoreError(CmilError):
+    """The store cannot be used as asked (wrong version, closed, missing)."""
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the store file."""
+
+
+class CohortExistsError(StoreError, InputError):
+    """An import would overwrite a cohort's patients without ``replace``."""
+
+
+def default_db_path() -> Path:
+    """The store the dashboard and commands use: ``$CMIL_DB``, else ``data/cmil.duckdb``."""
+    env = os.environ.get("CMIL_DB", "").strip()
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "data" / "cmil.duckdb"
+
+
+def store_fingerprint(path: str | os.PathLike[str]) -> tuple[int, int, int]:
+    """A cheap value that changes whenever the store file changes.
+
+    Used by the dashboard as a cache key: (mtime_ns, size) of the file and of
+    its write-ahead log. ``(0, 0, 0)`` when the file does not exist.
+    """
+    p = Path(path)
+    wal = Path(str(p) + ".wal")
+    if not p.exists():
+        return (0, 0, 0)
+    st = p.stat()
+    wal_size = wal.stat().st_size if wal.exists() else 0
+    wal_mtime = wal.stat().st_mtime_ns if wal.exists() else 0
+    return (max(st.st_mtime_ns, wal_mtime), st.st_size, wal_size)
+
+
+# --------------------------------------------------------------------------
+# Schema and migrations
+# --------------------------------------------------------------------------
+
+def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
+    """The tables of DESIGN.md's minimum contract."""
+    con.execute(
+        """
+        CREATE TABLE cohorts (
+            cohort TEXT PRIMARY KEY,
+            role TEXT NOT NULL CHECK (role IN ('train', 'validation', 'test')),
+            center TEXT,
+            created_at TIMESTAMP NOT NULL,
+            source_file TEXT
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE patients (
+            cohort TEXT NOT NULL,
+            patient_id TEXT NOT NULL,
+            bm_metastasis SMALLINT CHECK (bm_metastasis IN (0, 1)),
+            os_months DOUBLE CHECK (os_months >= 0),
+            os_event SMALLINT CHECK (os_event IN (0, 1)),
+            efs_months DOUBLE CHECK (efs_months >= 0),
+            efs_event SMALLINT CHECK (efs_event IN (0, 1)),
+            clinical JSON,
+            PRIMARY KEY (cohort, patient_id)
+        )"""
+    )
+    con.execute("CREATE SEQUENCE slide_id_seq START 1")
+    con.execute(
+        """
+        CREATE TABLE slides (
+            slide_id INTEGER PRIMARY KEY DEFAULT nextval('slide_id_seq'),
+            cohort TEXT NOT NULL,
+            patient_id TEXT,
+            path TEXT NOT NULL,
+            sha256 TEXT,
+            kind TEXT,
+            width INTEGER,
+            height INTEGER,
+            mpp DOUBLE,
+            status TEXT NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'tiled', 'encoded', 'failed')),
+            error TEXT,
+            size_bytes BIGINT,
+            registered_at TIMESTAMP,
+            UNIQUE (cohort, path)
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE patches (
+            patch_id BIGINT PRIMARY KEY,
+            slide_id INTEGER NOT NULL,
+            x INTEGER NOT NULL,
+            y INTEGER NOT NULL,
+            size INTEGER NOT NULL,
+            qc_pass BOOLEAN NOT NULL,
+            qc_reason TEXT,
+            background_fraction DOUBLE,
+            blur_variance DOUBLE,
+            mean_intensity DOUBLE,
+            nuclei_fraction DOUBLE
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE models (
+            model_id TEXT PRIMARY KEY,
+            created_at TIMESTAMP NOT NULL,
+            aggregator TEXT,
+            encoder TEXT,
+            train_cohorts TEXT,
+            config JSON,
+            metrics JSON,
+            artifact_path TEXT
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE patient_scores (
+            model_id TEXT NOT NULL,
+            cohort TEXT NOT NULL,
+            patient_id TEXT NOT NULL,
+            score DOUBLE CHECK (score BETWEEN 0 AND 1),
+            risk_group TEXT,
+            PRIMARY KEY (model_id, cohort, patient_id)
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE patch_scores (
+            model_id TEXT NOT NULL,
+            patch_id BIGINT NOT NULL,
+            probability DOUBLE,
+            attention DOUBLE,
+            PRIMARY KEY (model_id, patch_id)
+        )"""
+    )
+    con.execute(
+        """
+        CREATE TABLE demo_tumor_regions (
+            slide_id INTEGER NOT NULL,
+            x INTEGER NOT NULL,
+            y INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL
+        )"""
+    )
+
+
+# One function per version step: _MIGRATIONS[k] takes a store from version k
+# to version k + 1. Append; never edit a released step.
+_MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (_migration_1,)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def _read_version(con: duckdb.DuckDBPyConnection) -> int:
+    has_meta = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'meta'"
+    ).fetchone()
+    if not has_meta or has_meta[0] == 0:
+        return 0
+    row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _migrate(con: duckdb.DuckDBPyConnection, path: Path) -> None:
+    version = _read_version(con)
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path}: store schema version {version} was written by a newer cmil_core "
+            f"(this one knows up to {SCHEMA_VERSION}); upgrade the program"
+        )
+    for step in range(version, SCHEMA_VERSION):
+        con.execute("BEGIN TRANSACTION")
+        try:
+            if step == 0:
+                con.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+            _MIGRATIONS[step](con)
+            con.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", [str(step + 1)]
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+
+# --------------------------------------------------------------------------
+# Opening: a process-wide registry of database objects
+# --------------------------------------------------------------------------
+
+@dataclass
+class _Database:
+    con: duckdb.DuckDBPyConnection
+    read_only: bool
+    refs: int
+
+
+_registry: dict[str, _Database] = {}
+_registry_cond = threading.Condition()
+
+_LOCK_PID = re.compile(r"PID (\d+)")
+
+
+def _describe_process(pid: str) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        cmd = ""
+    return f"PID {pid}: {cmd[:120]}" if cmd else f"PID {pid}"
+
+
+def _connect(path: Path, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            text = str(exc)
+            if "lock" not in text.lower():
+                raise StoreError(f"{path}: cannot open the store: {text.splitlines()[0]}") from exc
+            if time.monotonic() >= deadline:
+                match = _LOCK_PID.search(text)
+                who = _describe_process(match.group(1)) if match else "another process"
+                raise StoreBusyError(
+                    f"{path}: the store is in use by another process ({who}); "
+                    "wait for it to finish, or stop it, and try again"
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+class Store:
+    """A reference to an open results store; use it from any thread.
+
+    Create with :func:`open_store`; close with :meth:`close` or a ``with``
+    block. ``store.read_only`` says whether writes are allowed.
+    """
+
+    def __init__(self, path: Path, key: str, read_only: bool) -> None:
+        self.path = path
+        self._key = key
+        self.read_only = read_only
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors_lock = threading.Lock()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        mode = "read-only" if self.read_only else "read-write"
+        return f"Store({str(self.path)!r}, {mode})"
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor on the shared database object."""
+        if self._closed:
+            raise StoreError(f"{self.path}: the store is closed")
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            with _registry_cond:
+                db = _registry[self._key]
+                cur = db.con.cursor()
+            self._local.cursor = cur
+            with self._cursors_lock:
+                self._cursors.append(cur)
+        return cur
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """All or nothing: commit when the block ends, roll back on any exception."""
+        self._require_writable()
+        cur = self.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path}: the store was opened read-only")
+
+    def close(self) -> None:
+        """Release this reference; the file closes with the last one."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cursors_lock:
+            for cur in self._cursors:
+                try:
+                    cur.close()
+                except duckdb.Error:
+                    pass
+            self._cursors.clear()
+        with _registry_cond:
+            db = _registry.get(self._key)
+            if db is None:
+                return
+            db.refs -= 1
+            if db.refs <= 0:
+                db.con.close()
+                del _registry[self._key]
+                _registry_cond.notify_all()
+
+
+def open_store(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    read_only: bool = False,
+    timeout: float = 10.0,
+) -> Store:
+    """Open (and, for writing, create and migrate) the store at ``path``.
+
+    ``path`` defaults to :func:`default_db_path`. Read-only opening of a file
+    that does not exist raises :class:`StoreError`. See the module docstring
+    for what happens when the file is already open.
+
+    >>> with open_store("/tmp/example.duckdb") as store:
+    ...     schema_version(store)
+    1
+    """
+    p = Path(path) if path is not None else default_db_path()
+    p = p.expanduser()
+    if read_only and not p.exists():
+        raise StoreError(f"{p}: no store here yet")
+    if not read_only:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    key = str(p.resolve())
+    deadline = time.monotonic() + timeout
+    with _registry_cond:
+        while True:
+            db = _registry.get(key)
+            if db is None:
+                con = _connect(p, read_only, max(0.0, deadline - time.monotonic()))
+                try:
+                    if read_only:
+                        version = _read_version(con)
+                        if version != SCHEMA_VERSION:
+                            raise StoreError(
+                                f"{p}: store schema version {version}, this program uses "
+                                f"{SCHEMA_VERSION}; open it once for writing (any command "
+                                "with --db) to upgrade it"
+                            )
+                    else:
+                        _migrate(con, p)
+                except BaseException:
+                    con.close()
+                    raise
+                db = _Database(con=con, read_only=read_only, refs=0)
+                _registry[key] = db
+                break
+            if read_only or not db.read_only:
+                break
+            # This process reads the file and a writer wants it: wait for the
+            # readers (short-lived) to close, then reopen for writing.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise StoreBusyError(
+                    f"{p}: the store is open read-only in this process; try again shortly"
+                )
+            _registry_cond.wait(remaining)
+        db.refs += 1
+        return Store(p, key, read_only)
+
+
+# --------------------------------------------------------------------------
+# Meta
+# --------------------------------------------------------------------------
+
+def schema_version(store: Store) -> int:
+    """The schema version of an open store."""
+    return _read_version(store.cursor())
+
+
+def get_meta(store: Store, key: str) -> str | None:
+    """A value of the ``meta`` table, or None."""
+    row = store.cursor().execute("SELECT value FROM meta WHERE key = ?", [key]).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(store: Store, key: str, value: str) -> None:
+    """Set a value of the ``meta`` table."""
+    with store.transaction() as cur:
+        cur.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", [key, value])
+
+
+def table_counts(store: Store) -> dict[str, int]:
+    """Row count of every contract table, for summaries and tests."""
+    cur = store.cursor()
+    names = [
+        "cohorts", "patients", "slides", "patches", "models",
+        "patient_scores", "patch_scores", "demo_tumor_regions",
+    ]
+    return {n: int(cur.execute(f"SELECT count(*) FROM {n}").fetchone()[0]) for n in names}  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------
+# Cohorts and patients
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CohortRow:
+    cohort: str
+    role: str
+    center: str | None
+    created_at: datetime
+    source_file: str | None
+
+
+@dataclass(frozen=True)
+class PatientRow:
+    """One validated patient, ready to be stored."""
+
+    patient_id: str
+    bm_metastasis: int | None = None
+    os_months: float | None = None
+    os_event: int | None = None
+    efs_months: float | None = None
+    efs_event: int | None = None
+    clinical: dict[str, Any] | None = None
+
+
+def list_cohorts(store: Store) -> list[CohortRow]:
+    """Every cohort, training cohorts first, then by name."""
+    rows = store.cursor().execute(
+        """SELECT cohort, role, center, created_at, source_file FROM cohorts
+           ORDER BY CASE role WHEN 'train' THEN 0 WHEN 'validation' THEN 1 ELSE 2 END, cohort"""
+    ).fetchall()
+    return [CohortRow(*r) for r in rows]
+
+
+def import_patients(
+    store: Store,
+    cohort: str,
+    patients: Sequence[PatientRow],
+    *,
+    role: str,
+    center: str | None,
+    source_file: str | None = None,
+    replace: bool = False,
+) -> int:
+    """Create or update a cohort and store its patients, in one transaction.
+
+    With ``replace`` the cohort's previous patients are removed first (their
+    slides and scores stay); without it, a cohort that already has patients is
+    refused. Returns the number of patients written.
+    """
+    if role not in COHORT_ROLES:
+        raise ValueError(f"role {role!r} is not one of {', '.join(COHORT_ROLES)}")
+    with store.transaction() as cur:
+        existing = cur.execute(
+            "SELECT count(*) FROM patients WHERE cohort = ?", [cohort]
+        ).fetchone()
+        n_existing = int(existing[0]) if existing else 0
+        if n_existing and not replace:
+            raise CohortExistsError(
+                f"cohort {cohort!r} already has {n_existing} patients; "
+                "pass --replace to replace its clinical table"
+            )
+        cur.execute(
+            """INSERT INTO cohorts VALUES (?, ?, ?, ?, ?)
+               ON CONFLICT (cohort) DO UPDATE SET role = excluded.role,
+                   center = excluded.center, source_file = excluded.source_file""",
+            [cohort, role, center, datetime.now(timezone.utc).replace(tzinfo=None), source_file],
+        )
+        cur.execute("DELETE FROM patients WHERE cohort = ?", [cohort])
+        if patients:
+            frame = pd.DataFrame(
+                {
+                    "cohort": cohort,
+                    "patient_id": [p.patient_id for p in patients],
+                    "bm_metastasis": pd.array([p.bm_metastasis for p in patients], "Int16"),
+                    "os_months": pd.array([p.os_months for p in patients], "Float64"),
+                    "os_event": pd.array([p.os_event for p in patients], "Int16"),
+                    "efs_months": pd.array([p.efs_months for p in patients], "Float64"),
+                    "efs_event": pd.array([p.efs_event for p in patients], "Int16"),
+                    "clinical": [json.dumps(p.clinical or {}, ensure_ascii=False) for p in patients],
+                }
+            )
+            cur.register("_new_patients", frame)
+            try:
+                cur.execute("INSERT INTO patients SELECT * FROM _new_patients")
+            finally:
+                cur.unregister("_new_patients")
+    return len(patients)
+
+
+def delete_cohort(store: Store, cohort: str) -> None:
+    """Remove a cohort with its patients, slides, patches and scores."""
+    with store.transaction() as cur:
+        cur.execute(
+            """DELETE FROM patch_scores WHERE patch_id IN (
+                   SELECT patch_id FROM patches JOIN slides USING (slide_id)
+                   WHERE slides.cohort = ?)""",
+            [cohort],
+        )
+        cur.execute(
+            "DELETE FROM patches WHERE slide_id IN (SELECT slide_id FROM slides WHERE cohort = ?)",
+            [cohort],
+        )
+        cur.execute(
+            """DELETE FROM demo_tumor_regions
+               WHERE slide_id IN (SELECT slide_id FROM slides WHERE cohort = ?)""",
+            [cohort],
+        )
+        cur.execute("DELETE FROM slides WHERE cohort = ?", [cohort])
+        cur.execute("DELETE FROM patient_scores WHERE cohort = ?", [cohort])
+        cur.execute("DELETE FROM patients WHERE cohort = ?", [cohort])
+        cur.execute("DELETE FROM cohorts WHERE cohort = ?", [cohort])
+
+
+def patients_frame(store: Store, cohort: str | None = None) -> pd.DataFrame:
+    """Patients as a DataFrame; ``clinical`` decoded into a dict per row."""
+    sql = """SELECT cohort, patient_id, bm_metastasis, os_months, os_event,
+                    efs_months, efs_event, clinical FROM patients"""
+    params: list[Any] = []
+    if cohort is not None:
+        sql += " WHERE cohort = ?"
+        params.append(cohort)
+    sql += " ORDER BY cohort, patient_id"
+    frame = store.cursor().execute(sql, params).df()
+    frame["clinical"] = [json.loads(c) if c else {} for c in frame["clinical"]]
+    return frame
+
+
+# --------------------------------------------------------------------------
+# Slides
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SlideRow:
+    slide_id: int
+    cohort: str
+    patient_id: str | None
+    path: str
+    sha256: str | None
+    kind: str | None
+    width: int | None
+    height: int | None
+    mpp: float | None
+    status: str
+    error: str | None
+    size_bytes: int | None
+
+
+_SLIDE_COLUMNS = (
+    "slide_id, cohort, patient_id, path, sha256, kind, width, height, mpp, status, error, size_bytes"
+)
+
+
+def register_slide(
+    store: Store,
+    *,
+    cohort: str,
+    patient_id: str | None,
+    path: str,
+    sha256: str | None,
+    kind: str | None,
+    width: int | None,
+    height: int | None,
+    mpp: float | None,
+    size_bytes: int | None,
+    status: str = "pending",
+    error: str | None = None,
+    tumor_regions: Sequence[tuple[int, int, int, int]] | None = None,
+) -> int:
+    """Add a slide, or update the one with the same cohort and path; returns its id.
+
+    A slide whose file changed (another sha256) goes back to ``pending`` and
+    loses its patches, so the pipeline redoes it. ``tumor_regions`` (demo
+    only) replaces the slide's ground-truth boxes in the same transaction.
+    """
+    if status not in SLIDE_STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(SLIDE_STATUSES)}")
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    with store.transaction() as cur:
+        row = cur.execute(
+            "SELECT slide_id, sha256 FROM slides WHERE cohort = ? AND path = ?", [cohort, path]
+        ).fetchone()
+        if row is None:
+            new = cur.execute(
+                """INSERT INTO slides (cohort, patient_id, path, sha256, kind, width, height,
+                       mpp, status, error, size_bytes, registered_at)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING slide_id""",
+                [cohort, patient_id, path, sha256, kind, width, height, mpp, status, error,
+                 size_bytes, now],
+            ).fetchone()
+            slide_id = int(new[0])  # type: ignore[index]
+        else:
+            slide_id = int(row[0])
+            if row[1] != sha256:
+                cur.execute("DELETE FROM patches WHERE slide_id = ?", [slide_id])
+                cur.execute("DELETE FROM demo_tumor_regions WHERE slide_id = ?", [slide_id])
+            cur.execute(
+                """UPDATE slides SET patient_id = ?, sha256 = ?, kind = ?, width = ?, height = ?,
+                       mpp = ?, status = ?, error = ?, size_bytes = ?, registered_at = ?
+                   WHERE slide_id = ?""",
+                [patient_id, sha256, kind, width, height, mpp, status, error, size_bytes, now,
+                 slide_id],
+            )
+        if tumor_regions is not None:
+            _write_tumor_regions(cur, slide_id, tumor_regions)
+        return slide_id
+
+
+def list_slides(store: Store, cohort: str | None = None) -> list[SlideRow]:
+    """Slides, by cohort, patient and path."""
+    sql = f"SELECT {_SLIDE_COLUMNS} FROM slides"
+    params: list[Any] = []
+    if cohort is not None:
+        sql += " WHERE cohort = ?"
+        params.append(cohort)
+    sql += " ORDER BY cohort, patient_id, path"
+    return [SlideRow(*r) for r in store.cursor().execute(sql, params).fetchall()]
+
+
+def _write_tumor_regions(
+    cur: duckdb.DuckDBPyConnection, slide_id: int, boxes: Sequence[tuple[int, int, int, int]]
+) -> None:
+    cur.execute("DELETE FROM demo_tumor_regions WHERE slide_id = ?", [slide_id])
+    if boxes:
+        cur.executemany(
+            "INSERT INTO demo_tumor_regions VALUES (?, ?, ?, ?, ?)",
+            [(slide_id, int(x), int(y), int(w), int(h)) for x, y, w, h in boxes],
+        )
+
+
+def replace_tumor_regions(
+    store: Store, slide_id: int, boxes: Sequence[tuple[int, int, int, int]]
+) -> None:
+    """Set the demo's ground-truth tumour boxes (level-0 x, y, width, height) of a slide."""
+    with store.transaction() as cur:
+        _write_tumor_regions(cur, slide_id, boxes)
+
+
+def tumor_regions_frame(store: Store, slide_id: int | None = None) -> pd.DataFrame:
+    """Ground-truth tumour boxes of the demo study."""
+    sql = "SELECT slide_id, x, y, width, height FROM demo_tumor_regions"
+    params: list[Any] = []
+    if slide_id is not None:
+        sql += " WHERE slide_id = ?"
+        params.append(slide_id)
+    return store.cursor().execute(sql + " ORDER BY slide_id, y, x", params).df()
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+def list_models(store: Store) -> pd.DataFrame:
+    """Models, newest first."""
+    return store.cursor().execute(
+        """SELECT model_id, created_at, aggregator, encoder, train_cohorts
+           FROM models ORDER BY created_at DESC"""
+    ).df()
+
+
+# --------------------------------------------------------------------------
+# Summaries for the overview
+# --------------------------------------------------------------------------
+
+def cohort_overview(store: Store) -> pd.DataFrame:
+    """One row per cohort: role, centre, patient, label, follow-up, slide and patch counts.
+
+    Columns: cohort, role, center, patients, positives, negatives,
+    unlabelled, os_known, os_events, slides, slides_failed, patches,
+    patches_passed. Follow-up statistics that need a survival estimator are
+    computed by the caller from :func:`patients_frame`.
+    """
+    return store.cursor().execute(
+        """
+        WITH p AS (
+            SELECT cohort,
+                   count(*) AS patients,
+                   count(*) FILTER (WHERE bm_metastasis = 1) AS positives,
+                   count(*) FILTER (WHERE bm_metastasis = 0) AS negatives,
+                   count(*) FILTER (WHERE bm_metastasis IS NULL) AS unlabelled,
+                   count(os_months) AS os_known,
+                   count(*) FILTER (WHERE os_event = 1) AS os_events
+            FROM patients GROUP BY cohort),
+        s AS (
+            SELECT cohort, count(*) AS slides,
+                   count(*) FILTER (WHERE status = 'failed') AS slides_failed
+            FROM slides GROUP BY cohort),
+        t AS (
+            SELECT slides.cohort, count(*) AS patches,
+                   count(*) FILTER (WHERE qc_pass) AS patches_passed
+            FROM patches JOIN slides USING (slide_id) GROUP BY slides.cohort)
+        SELECT c.cohort, c.role, c.center,
+               coalesce(p.patients, 0) AS patients, coalesce(p.positives, 0) AS positives,
+               coalesce(p.negatives, 0) AS negatives, coalesce(p.unlabelled, 0) AS unlabelled,
+               coalesce(p.os_known, 0) AS os_known, coalesce(p.os_events, 0) AS os_events,
+               coalesce(s.slides, 0) AS slides, coalesce(s.slides_failed, 0) AS slides_failed,
+               coalesce(t.patches, 0) AS patches, coalesce(t.patches_passed, 0) AS patches_passed
+        FROM cohorts c LEFT JOIN p USING (cohort) LEFT JOIN s USING (cohort)
+             LEFT JOIN t USING (cohort)
+        ORDER BY CASE c.role WHEN 'train' THEN 0 WHEN 'validation' THEN 1 ELSE 2 END, c.cohort
+        """
+    ).df()

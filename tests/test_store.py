@@ -1,0 +1,247 @@
+"""cmil_core.store: schema, migrations, round trips, transactions, threads, locks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from cmil_core import store
+from cmil_core.store import PatientRow, StoreBusyError, StoreError, open_store
+
+CONTRACT = {
+    "cohorts": ["cohort", "role", "center", "created_at"],
+    "patients": ["cohort", "patient_id", "bm_metastasis", "os_months", "os_event",
+                 "efs_months", "efs_event", "clinical"],
+    "slides": ["slide_id", "cohort", "patient_id", "path", "sha256", "kind", "width",
+               "height", "mpp", "status", "error"],
+    "patches": ["patch_id", "slide_id", "x", "y", "size", "qc_pass", "qc_reason"],
+    "models": ["model_id", "created_at", "aggregator", "encoder", "train_cohorts", "config",
+               "metrics", "artifact_path"],
+    "patient_scores": ["model_id", "cohort", "patient_id", "score", "risk_group"],
+    "patch_scores": ["model_id", "patch_id", "probability", "attention"],
+    "demo_tumor_regions": ["slide_id", "x", "y", "width", "height"],
+}
+
+
+def _patients() -> list[PatientRow]:
+    return [
+        PatientRow("P1", 1, 12.5, 1, 6.0, 1, {"age": 3, "sex": "M", "stage": "4"}),
+        PatientRow("P2", 0, 40.0, 0, None, None, {"age": 1.5, "sex": "F", "note": "Orléans"}),
+        PatientRow("P3"),
+    ]
+
+
+def test_new_store_has_the_contract_tables(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        assert store.schema_version(st) == store.SCHEMA_VERSION == 1
+        for table, columns in CONTRACT.items():
+            have = [r[0] for r in st.cursor().execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
+                [table]).fetchall()]
+            assert set(columns) <= set(have), (table, have)
+        assert store.table_counts(st) == {t: 0 for t in CONTRACT}
+
+
+def test_patients_round_trip(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        n = store.import_patients(st, "A", _patients(), role="validation", center="Centre A",
+                                  source_file="a.csv")
+        assert n == 3
+    with open_store(db_path, read_only=True) as st:
+        frame = store.patients_frame(st).set_index("patient_id")
+        (cohort,) = store.list_cohorts(st)
+    assert cohort.cohort == "A" and cohort.role == "validation" and cohort.center == "Centre A"
+    assert frame.loc["P1", "bm_metastasis"] == 1
+    assert frame.loc["P1", "os_months"] == 12.5
+    assert frame.loc["P2", "clinical"] == {"age": 1.5, "sex": "F", "note": "Orléans"}
+    assert frame.loc["P3", "clinical"] == {}
+    assert frame["efs_months"].isna().tolist() == [False, True, True]
+
+
+def test_failed_import_rolls_back_everything(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        store.import_patients(st, "A", _patients(), role="train", center=None)
+        bad = [PatientRow("Q1", 1), PatientRow("Q2", 5)]  # 5 breaks the CHECK constraint
+        with pytest.raises(duckdb.Error):
+            store.import_patients(st, "A", bad, role="test", center="new", replace=True)
+        assert store.patients_frame(st)["patient_id"].tolist() == ["P1", "P2", "P3"]
+        assert store.list_cohorts(st)[0].role == "train"
+
+
+def test_roles_are_checked(db_path: Path) -> None:
+    with open_store(db_path) as st, pytest.raises(ValueError, match="role 'training'"):
+        store.import_patients(st, "A", _patients(), role="training", center=None)
+
+
+def test_slides_register_update_and_changed_file(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        kw = dict(cohort="A", patient_id="P1", path="/x/P1_a.tiff", kind="openslide:generic-tiff",
+                  width=100, height=80, mpp=0.5, size_bytes=1234)
+        sid = store.register_slide(st, sha256="aaa", tumor_regions=[(1, 2, 3, 4)], **kw)
+        assert store.register_slide(st, sha256="aaa", **kw) == sid  # same file: same id
+        st.cursor().execute(
+            "INSERT INTO patches VALUES (1, ?, 0, 0, 224, true, NULL, 0.1, 50, 180, 0.2)", [sid])
+        assert store.table_counts(st)["patches"] == 1
+        assert store.tumor_regions_frame(st, sid)[["x", "y", "width", "height"]].values.tolist() == [[1, 2, 3, 4]]
+        # The file changed: its patches and ground truth go, the slide is pending again.
+        assert store.register_slide(st, sha256="bbb", **kw) == sid
+        counts = store.table_counts(st)
+        assert counts["patches"] == 0 and counts["demo_tumor_regions"] == 0
+        (slide,) = store.list_slides(st)
+        assert slide.sha256 == "bbb" and slide.status == "pending" and slide.size_bytes == 1234
+        with pytest.raises(ValueError, match="status 'done'"):
+            store.register_slide(st, sha256="c", status="done", **kw)
+
+
+def test_delete_cohort_removes_its_rows_only(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        for c in ("A", "B"):
+            store.import_patients(st, c, _patients(), role="validation", center=None)
+            store.register_slide(st, cohort=c, patient_id="P1", path=f"/{c}.tiff", sha256="s",
+                                 kind="k", width=1, height=1, mpp=0.5, size_bytes=1,
+                                 tumor_regions=[(0, 0, 1, 1)])
+        store.delete_cohort(st, "A")
+        assert [c.cohort for c in store.list_cohorts(st)] == ["B"]
+        counts = store.table_counts(st)
+        assert counts["patients"] == 3 and counts["slides"] == 1 and counts["demo_tumor_regions"] == 1
+
+
+def test_meta_values(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        assert store.get_meta(st, "demo") is None
+        store.set_meta(st, "demo", '{"size": "small"}')
+        assert store.get_meta(st, "demo") == '{"size": "small"}'
+
+
+def test_forward_migration_keeps_data(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with open_store(db_path) as st:
+        store.import_patients(st, "A", _patients(), role="train", center=None)
+
+    def add_column(con: duckdb.DuckDBPyConnection) -> None:
+        con.execute("ALTER TABLE patients ADD COLUMN note TEXT DEFAULT 'migrated'")
+
+    monkeypatch.setattr(store, "_MIGRATIONS", store._MIGRATIONS + (add_column,))
+    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
+    with pytest.raises(StoreError, match="schema version 1, this program uses 2"):
+        open_store(db_path, read_only=True)
+    with open_store(db_path) as st:
+        assert store.schema_version(st) == 2
+        notes = st.cursor().execute("SELECT DISTINCT note FROM patients").fetchall()
+        assert notes == [("migrated",)]
+        assert len(store.patients_frame(st)) == 3
+
+
+def test_store_from_a_newer_program_is_refused(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        store.set_meta(st, "schema_version", "99")
+    with pytest.raises(StoreError, match="schema version 99 was written by a newer cmil_core"):
+        open_store(db_path)
+
+
+def test_read_only_open_of_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no store here yet"):
+        open_store(tmp_path / "none.duckdb", read_only=True)
+
+
+def test_read_only_store_refuses_writes(db_path: Path) -> None:
+    open_store(db_path).close()
+    with open_store(db_path, read_only=True) as st, pytest.raises(StoreError, match="read-only"):
+        store.set_meta(st, "x", "y")
+
+
+def test_one_database_object_per_process(db_path: Path) -> None:
+    a = open_store(db_path)
+    b = open_store(db_path, read_only=True)  # reuses the writer: sees its commits
+    store.import_patients(a, "A", _patients(), role="train", center=None)
+    assert len(store.patients_frame(b)) == 3
+    assert b.read_only and not a.read_only
+    a.close()
+    assert len(store.patients_frame(b)) == 3  # still open: b holds a reference
+    b.close()
+    assert str(db_path.resolve()) not in store._registry
+
+
+def test_writer_waits_for_readers_in_the_same_process(db_path: Path) -> None:
+    open_store(db_path).close()
+    reader = open_store(db_path, read_only=True)
+    threading.Timer(0.3, reader.close).start()
+    started = time.monotonic()
+    with open_store(db_path, timeout=5) as writer:
+        assert not writer.read_only
+        assert time.monotonic() - started >= 0.25
+
+
+def test_threads_share_the_store_safely(db_path: Path) -> None:
+    """Eight reader threads and one writer thread, each with its own cursor."""
+    with open_store(db_path) as st:
+        store.import_patients(st, "A", _patients(), role="train", center=None)
+        errors: list[BaseException] = []
+        seen: list[int] = []
+
+        def reader() -> None:
+            try:
+                for _ in range(30):
+                    n = len(store.patients_frame(st))
+                    seen.append(n)
+            except BaseException as exc:  # noqa: BLE001 - collected and re-raised below
+                errors.append(exc)
+
+        def writer() -> None:
+            try:
+                for i in range(10):
+                    store.import_patients(
+                        st, f"W{i}", [PatientRow(f"X{i}")], role="test", center=None)
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(8)]
+        threads.append(threading.Thread(target=writer))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert min(seen) >= 3 and max(seen) <= 13
+        assert store.table_counts(st)["patients"] == 13
+
+
+def test_another_process_holding_the_store_gives_a_clear_error(db_path: Path) -> None:
+    open_store(db_path).close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import duckdb, sys, time\n"
+         f"c = duckdb.connect({str(db_path)!r})\n"
+         "print('ready', flush=True)\n"
+         "sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreBusyError, match=rf"in use by another process \(PID {holder.pid}"):
+            open_store(db_path, read_only=True, timeout=0.3)
+    finally:
+        holder.communicate("")
+    with open_store(db_path, read_only=True, timeout=2):
+        pass
+
+
+def test_default_path_follows_cmil_db(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CMIL_DB", str(tmp_path / "x.duckdb"))
+    assert store.default_db_path() == tmp_path / "x.duckdb"
+    monkeypatch.delenv("CMIL_DB")
+    assert store.default_db_path().parts[-2:] == ("data", "cmil.duckdb")
+
+
+def test_fingerprint_changes_with_writes(db_path: Path) -> None:
+    assert store.store_fingerprint(db_path) == (0, 0, 0)
+    with open_store(db_path) as st:
+        first = store.store_fingerprint(db_path)
+        store.import_patients(st, "A", _patients(), role="train", center=None)
+        st.cursor().execute("CHECKPOINT")
+    assert store.store_fingerprint(db_path) != first
