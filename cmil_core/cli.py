@@ -84,6 +84,60 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_result(result: dict[str, object], as_json: bool, formatter: Callable[[dict], str]) -> int:  # type: ignore[type-arg]
+    if as_json:
+        print(json.dumps(result, indent=2, allow_nan=False))
+    else:
+        print(formatter(result))
+    return 0
+
+
+def _cmd_roc(args: argparse.Namespace) -> int:
+    from cmil_core.stats import format_roc, roc_analysis
+    from cmil_core.tables import read_frame
+
+    frame = read_frame(args.csv)
+    result = roc_analysis(
+        frame, args.label, args.score, positive=args.positive, group=args.group,
+        ci_method=args.ci, n_boot=args.n_boot, seed=args.seed, cutoff_group=args.cutoff_group,
+    )
+    return _print_result(result, args.json, format_roc)
+
+
+def _cutoff(text: str) -> str | float:
+    if text in ("median", "youden", "maxstat"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not median, youden, maxstat or a number"
+        ) from None
+
+
+def _cmd_survival(args: argparse.Namespace) -> int:
+    from cmil_core.survival import format_survival, survival_analysis
+    from cmil_core.tables import read_frame
+
+    frame = read_frame(args.csv)
+    if args.score is not None and args.cutoff is None:
+        raise InputError("--score needs --cutoff median|youden|maxstat|NUMBER")
+    result = survival_analysis(
+        frame, args.time, args.event, group=args.group, score=args.score, cutoff=args.cutoff,
+        label=args.label, positive=args.positive,
+    )
+    return _print_result(result, args.json, format_survival)
+
+
+def _cmd_cox(args: argparse.Namespace) -> int:
+    from cmil_core.survival import cox_analysis, format_cox
+    from cmil_core.tables import read_frame
+
+    covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
+    result = cox_analysis(read_frame(args.csv), args.time, args.event, covariates)
+    return _print_result(result, args.json, format_cox)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m cmil_core",
@@ -114,6 +168,44 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate only; write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_import_cohort)
+
+    p = sub.add_parser("roc", help="ROC, AUC with 95%% CI, Youden cutoff metrics, DeLong tests")
+    p.add_argument("--csv", required=True, metavar="FILE", help="one row per patient")
+    p.add_argument("--label", required=True, metavar="COL", help="true class column")
+    p.add_argument("--positive", metavar="VALUE",
+                   help="label value of the positive class (default: the label is 0/1)")
+    p.add_argument("--score", required=True, action="append", metavar="COL",
+                   help="score column, higher = more likely positive (repeat to compare)")
+    p.add_argument("--group", metavar="COL", help="analyse each value of this column apart")
+    p.add_argument("--cutoff-group", metavar="VALUE",
+                   help="fix the Youden cutoff on this group (training) and apply it to all")
+    p.add_argument("--ci", choices=["delong", "bootstrap"], default="delong")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
+    p.set_defaults(func=_cmd_roc)
+
+    p = sub.add_parser("survival", help="Kaplan-Meier, log-rank and Cox HR by group or risk group")
+    p.add_argument("--csv", required=True, metavar="FILE")
+    p.add_argument("--time", required=True, metavar="COL", help="follow-up time column")
+    p.add_argument("--event", required=True, metavar="COL", help="event column (1 event, 0 censored)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--group", metavar="COL", help="compare the groups of this column")
+    how.add_argument("--score", metavar="COL", help="split patients by this score at --cutoff")
+    p.add_argument("--cutoff", type=_cutoff, metavar="median|youden|maxstat|NUMBER")
+    p.add_argument("--label", metavar="COL", help="binary label column, for --cutoff youden")
+    p.add_argument("--positive", metavar="VALUE", help="positive value of --label")
+    p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
+    p.set_defaults(func=_cmd_survival)
+
+    p = sub.add_parser("cox", help="multivariable Cox model (Efron ties), HRs, concordance")
+    p.add_argument("--csv", required=True, metavar="FILE")
+    p.add_argument("--time", required=True, metavar="COL")
+    p.add_argument("--event", required=True, metavar="COL")
+    p.add_argument("--covariates", required=True, metavar="A,B,...",
+                   help="comma-separated columns; text columns are coded against a reference")
+    p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
+    p.set_defaults(func=_cmd_cox)
     return parser
 
 

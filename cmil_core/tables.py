@@ -21,9 +21,14 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+
 from cmil_core.errors import InputError
 
-__all__ = ["MAX_TABLE_BYTES", "MISSING_VALUES", "TextTable", "parse_number", "read_table"]
+__all__ = [
+    "MAX_TABLE_BYTES", "MISSING_VALUES", "TextTable", "numeric_columns", "parse_number",
+    "read_frame", "read_table", "to_frame",
+]
 
 MAX_TABLE_BYTES = 100 * 1024 * 1024
 MISSING_VALUES = frozenset({"", "na", "n/a", "nan", "null", "none", ".", "-", "?", "missing"})
@@ -141,3 +146,49 @@ def parse_number(text: str, *, decimal_comma: bool = False) -> float | None:
     if decimal_comma and _DECIMAL_COMMA.match(value):
         value = value.replace(",", ".")
     return float(value)
+
+
+def to_frame(table: TextTable) -> pd.DataFrame:
+    """The table as a DataFrame of text cells, indexed by file row number.
+
+    Missing values (:data:`MISSING_VALUES`) become None; with semicolons,
+    decimal commas become decimal points, so the statistics read the numbers
+    a spreadsheet shows. Columns keep the header's names (duplicates refused).
+    """
+    seen: set[str] = set()
+    for name in table.header:
+        if name in seen:
+            raise InputError(f"{table.source}: column '{name}' appears twice in the header")
+        seen.add(name)
+
+    def clean(cell: str) -> str | None:
+        if cell.lower() in MISSING_VALUES:
+            return None
+        if table.decimal_comma and _DECIMAL_COMMA.match(cell):
+            return cell.replace(",", ".")
+        return cell
+
+    data = {
+        name: [clean(row[i]) for row in table.rows] for i, name in enumerate(table.header)
+    }
+    return pd.DataFrame(data, index=pd.Index(table.row_numbers, name="row"), dtype=object)
+
+
+def numeric_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy in which every column whose present cells are all numbers is float."""
+    out = frame.copy()
+    for name in out.columns:
+        present = out[name].dropna()
+        if present.empty:
+            continue
+        converted = pd.to_numeric(present, errors="coerce")
+        if converted.notna().all():
+            out[name] = pd.to_numeric(out[name], errors="coerce").astype(float)
+    return out
+
+
+def read_frame(path: str | Path, *, numeric: bool = True) -> pd.DataFrame:
+    """A file as a DataFrame indexed by row number: :func:`read_table`, :func:`to_frame`,
+    then (with ``numeric``) :func:`numeric_columns`."""
+    frame = to_frame(read_table(path))
+    return numeric_columns(frame) if numeric else frame

@@ -1,0 +1,864 @@
+"""Survival statistics: Kaplan-Meier, log-rank, Cox models and risk-group cutoffs.
+
+What is computed, and why
+-------------------------
+- **Kaplan-Meier**: S(t) = prod_{t_i <= t} (1 - d_i / n_i), with d_i deaths
+  among n_i patients at risk at event time t_i. Its 95% interval is the
+  "log-log" one (lifelines' default, R ``survfit(..., conf.type = "log-log")``):
+  Greenwood's variance on log(-log S), which keeps the band inside [0, 1].
+  The median survival is the first time S(t) <= 0.5; its interval is where
+  the interval band crosses 0.5 (None when never reached: "not reached").
+- **Log-rank** (``survdiff``): at every event time the deaths each group
+  should have had under equal hazards; chi2 = (O - E)' V^-1 (O - E) with
+  k - 1 degrees of freedom for k groups.
+- **Cox model** (``coxph``): hazard h(t | x) = h0(t) exp(x' beta), Efron's
+  handling of tied times (lifelines' and R's default); HR = exp(beta) with
+  Wald 95% intervals and p values; Harrell's concordance C.
+- **Risk groups**: a cutoff is chosen on a training frame and applied
+  unchanged to every cohort; ``score >= cutoff`` is "high", the rest "low".
+  Methods: ``median``; ``youden`` (needs a binary label; the ROC Youden cutoff
+  of :mod:`cmil_core.stats`); ``maxstat`` (the split maximising the
+  standardised two-sample log-rank statistic |Z|, over splits leaving at least
+  ``min_share`` = 10% of patients in each group; its value is the midpoint
+  between the two adjacent distinct scores, as for Youden); or a number.
+  The maximum of many tests is optimistic, so ``maxstat`` comes with a p value
+  corrected for the search: Lausen & Schumacher's (1992) approximation (R
+  ``maxstat.test(..., pmethod = "Lau92")``, the default here) or a seeded
+  permutation test of the whole search. Testing a cutoff on the patients it
+  was chosen on inflates the log-rank statistic: every such result carries a
+  line in ``warnings``.
+
+Inputs are checked once by :func:`check_survival_data`: time numeric, finite
+and >= 0; event 0/1 or boolean; rows missing time, event or another needed
+column are dropped and counted (``n_dropped``). Bad input raises
+:class:`~cmil_core.errors.InputError` naming the column.
+
+Degenerate cases (decided, and tested): a group without events keeps its
+Kaplan-Meier curve (median None); its hazard ratio is not estimable and is
+reported as None with a warning, never a traceback. Fewer than two groups,
+or no events at all, is an InputError for the log-rank test. Tiny groups are
+analysed as they are.
+
+Example
+-------
+>>> from lifelines.datasets import load_g3
+>>> result = survival_analysis(load_g3(), "time", "event", group="group")
+>>> round(result["logrank"]["statistic"], 4)
+6.0629
+"""
+
+from __future__ import annotations
+
+import math
+import warnings as _warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+from lifelines import CoxPHFitter, KaplanMeierFitter
+from lifelines.exceptions import ConvergenceError, ConvergenceWarning, StatisticalWarning
+from lifelines.statistics import multivariate_logrank_test
+from lifelines.utils import median_survival_times
+from scipy import stats as _sps
+
+from cmil_core.errors import InputError
+from cmil_core.stats import (
+    _FALSE_TEXTS,
+    _TRUE_TEXTS,
+    _as_text,
+    _complete_cases,
+    _fmt,
+    _fmt_ci,
+    _fmt_p,
+    _p_text,
+    _json_float,
+    _json_pair,
+    _list_values,
+    _numeric_column,
+    _require_columns,
+    _table,
+    binary_labels,
+    youden_cutoff,
+)
+
+__all__ = [
+    "CUTOFF_METHODS",
+    "RiskCutoff",
+    "check_survival_data",
+    "cox_analysis",
+    "format_cox",
+    "format_survival",
+    "kaplan_meier",
+    "kaplan_meier_table",
+    "logrank",
+    "number_at_risk",
+    "pairwise_logrank",
+    "risk_cutoff",
+    "risk_groups",
+    "survival_analysis",
+]
+
+FloatArray = npt.NDArray[np.float64]
+CUTOFF_METHODS = ("median", "youden", "maxstat")
+MAXSTAT_P_METHODS = ("lausen92", "permutation")
+_ALL = "all"  # the group name when no grouping is given
+_T, _E = "__time__", "__event__"  # internal column names of checked data
+
+
+# ----------------------------------------------------------------------------
+# Input check, shared by every public function
+# ----------------------------------------------------------------------------
+
+
+def check_survival_data(
+    frame: pd.DataFrame, time: str, event: str, columns: Sequence[str] = ()
+) -> tuple[pd.DataFrame, int]:
+    """Check survival columns once; return complete cases and the number dropped.
+
+    The result holds ``__time__`` (float, finite, >= 0), ``__event__`` (int
+    0/1) and the other ``columns`` unchanged, for rows where all of them are
+    present.
+
+    >>> df = pd.DataFrame({"t": [5.0, None, 3.0], "e": [1, 0, True]})
+    >>> data, dropped = check_survival_data(df, "t", "e")
+    >>> data["__event__"].tolist(), dropped
+    ([1, 1], 1)
+    """
+    others = [c for c in dict.fromkeys(columns) if c is not None]
+    _require_columns(frame, [time, event, *others])
+    if time == event:
+        raise InputError(f"column {time!r} cannot be both the time and the event")
+    for column in others:
+        if column in (time, event):
+            raise InputError(f"column {column!r} is already the time or the event column")
+    clean, dropped = _complete_cases(frame, [time, event, *others])
+    if clean.empty:
+        names = ", ".join(repr(c) for c in [time, event, *others])
+        raise InputError(f"no rows left with values in all of the columns {names}")
+    times = _numeric_column(clean[time], time)
+    if (times < 0).any():
+        row = clean.index[int(np.argmax(times < 0))]
+        raise InputError(f"row {row}, column {time!r}: time {times[times < 0][0]:g} is negative")
+    data = clean[others].copy()
+    data[_T] = times
+    data[_E] = _event_values(clean[event], event)
+    return data, dropped
+
+
+def _event_values(series: pd.Series, column: str) -> npt.NDArray[np.int64]:
+    texts = [_as_text(v).lower() for v in series.tolist()]
+    bad = [t for t in texts if t not in _TRUE_TEXTS | _FALSE_TEXTS]
+    if bad:
+        raise InputError(
+            f"column {column!r}: events must be 0/1 or true/false; values are "
+            f"{_list_values(series.tolist())}"
+        )
+    return np.array([t in _TRUE_TEXTS for t in texts], dtype=np.int64)
+
+
+def _group_texts(data: pd.DataFrame, group: str | None) -> npt.NDArray[np.object_]:
+    if group is None:
+        return np.full(len(data), _ALL, dtype=object)
+    return np.array([_as_text(v) for v in data[group].tolist()], dtype=object)
+
+
+# ----------------------------------------------------------------------------
+# Kaplan-Meier and log-rank
+# ----------------------------------------------------------------------------
+
+
+def _km_fits(
+    times: FloatArray, events: npt.NDArray[np.int64], groups: npt.NDArray[np.object_]
+) -> dict[str, KaplanMeierFitter]:
+    fits = {}
+    for name in sorted(set(groups.tolist())):
+        inside = groups == name
+        fits[name] = KaplanMeierFitter().fit(times[inside], events[inside], label=name)
+    return fits
+
+
+def kaplan_meier(
+    frame: pd.DataFrame, time: str, event: str, group: str | None = None
+) -> dict[str, KaplanMeierFitter]:
+    """Fitted lifelines Kaplan-Meier estimators, one per group (sorted by name).
+
+    Without a group there is one, named "all". Each carries
+    ``survival_function_`` and ``confidence_interval_`` (log-log, 95%).
+
+    >>> from lifelines.datasets import load_g3
+    >>> fits = kaplan_meier(load_g3(), "time", "event", "group")
+    >>> round(float(fits["RIT"].survival_function_at_times(25).iloc[0]), 3)
+    0.909
+    """
+    data, _ = check_survival_data(frame, time, event, [group] if group else [])
+    return _km_fits(data[_T].to_numpy(), data[_E].to_numpy(), _group_texts(data, group))
+
+
+def kaplan_meier_table(
+    frame: pd.DataFrame, time: str, event: str, group: str | None = None
+) -> pd.DataFrame:
+    """Kaplan-Meier curves in long form, for plots and export.
+
+    Columns: group, time, survival, ci_low, ci_high (log-log 95%), at_risk,
+    events, censored; one row per group and time point (time 0 included).
+    """
+    fits = kaplan_meier(frame, time, event, group)
+    parts = []
+    for name, fit in fits.items():
+        table = fit.event_table
+        ci = fit.confidence_interval_
+        parts.append(
+            pd.DataFrame(
+                {
+                    "group": name,
+                    "time": fit.survival_function_.index.to_numpy(dtype=float),
+                    "survival": fit.survival_function_.iloc[:, 0].to_numpy(),
+                    "ci_low": ci.iloc[:, 0].to_numpy(),
+                    "ci_high": ci.iloc[:, 1].to_numpy(),
+                    "at_risk": table["at_risk"].to_numpy(),
+                    "events": table["observed"].to_numpy(),
+                    "censored": table["censored"].to_numpy(),
+                }
+            )
+        )
+    return pd.concat(parts, ignore_index=True)
+
+
+def _median_with_ci(fit: KaplanMeierFitter) -> tuple[float | None, list[float | None]]:
+    ci = median_survival_times(fit.confidence_interval_)
+    return _json_float(fit.median_survival_time_), _json_pair(ci.iloc[0].tolist())
+
+
+def _at_risk_counts(times: FloatArray, at: Sequence[float]) -> list[int]:
+    """Number at risk at t: patients whose time is >= t (R's ``summary.survfit``)."""
+    ordered = np.sort(times)
+    return [int(ordered.size - np.searchsorted(ordered, t, side="left")) for t in at]
+
+
+def _nice_times(max_time: float, count: int = 5) -> list[float]:
+    """0 and a round step (1, 2, 2.5 or 5 x 10^k) giving about ``count`` steps to ``max_time``."""
+    if max_time <= 0:
+        return [0.0]
+    power = 10.0 ** math.floor(math.log10(max_time / count))
+    steps = [m * power for m in (0.5, 1.0, 2.0, 2.5, 5.0, 10.0)]
+    step = min(steps, key=lambda s: abs(max_time / s - count))
+    return [float(round(k * step, 10)) for k in range(int(max_time // step) + 1)]
+
+
+def number_at_risk(
+    frame: pd.DataFrame,
+    time: str,
+    event: str,
+    group: str | None = None,
+    times: Sequence[float] | None = None,
+) -> pd.DataFrame:
+    """Numbers at risk (time >= t) per group at the given times (default: round steps).
+
+    One row per group (index), one column per time: the table printed under
+    Kaplan-Meier curves.
+    """
+    data, _ = check_survival_data(frame, time, event, [group] if group else [])
+    at = _nice_times(float(data[_T].max())) if times is None else [float(t) for t in times]
+    labels = _group_texts(data, group)
+    rows = {
+        name: _at_risk_counts(data[_T].to_numpy()[labels == name], at)
+        for name in sorted(set(labels.tolist()))
+    }
+    return pd.DataFrame.from_dict(rows, orient="index", columns=at)
+
+
+def _logrank(
+    times: FloatArray, events: npt.NDArray[np.int64], groups: npt.NDArray[np.object_], column: str
+) -> dict[str, Any]:
+    names = sorted(set(groups.tolist()))
+    if len(names) < 2:
+        raise InputError(
+            f"column {column!r}: the log-rank test needs two or more groups; "
+            f"found only {_list_values(names)}"
+        )
+    if events.sum() == 0:
+        raise InputError("no events: the log-rank test needs at least one")
+    result = multivariate_logrank_test(times, groups, events)
+    return {
+        "statistic": _json_float(result.test_statistic),
+        "df": int(result.degrees_of_freedom),
+        "p": _json_float(result.p_value),
+    }
+
+
+def logrank(frame: pd.DataFrame, time: str, event: str, group: str) -> dict[str, Any]:
+    """Log-rank test across two or more groups: ``{"statistic", "df", "p"}``.
+
+    Same as R ``survdiff(Surv(time, event) ~ group)``.
+    """
+    data, _ = check_survival_data(frame, time, event, [group])
+    return _logrank(data[_T].to_numpy(), data[_E].to_numpy(), _group_texts(data, group), group)
+
+
+def _pairwise(
+    times: FloatArray, events: npt.NDArray[np.int64], groups: npt.NDArray[np.object_], column: str
+) -> list[dict[str, Any]]:
+    names = sorted(set(groups.tolist()))
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            inside = (groups == a) | (groups == b)
+            if events[inside].sum() == 0:
+                rows.append({"group_a": a, "group_b": b, "statistic": None, "p": None})
+                continue
+            test = _logrank(times[inside], events[inside], groups[inside], column)
+            rows.append(
+                {"group_a": a, "group_b": b, "statistic": test["statistic"], "p": test["p"]}
+            )
+    for row, p_holm in zip(rows, _holm([r["p"] for r in rows]), strict=True):
+        row["p_holm"] = p_holm
+    return rows
+
+
+def _holm(pvalues: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment: p_(i) * (k - i + 1), made monotone, capped at 1."""
+    present = [(p, i) for i, p in enumerate(pvalues) if p is not None]
+    adjusted: list[float | None] = [None] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(present)):
+        running = max(running, min(1.0, p * (len(present) - rank)))
+        adjusted[i] = running
+    return adjusted
+
+
+def pairwise_logrank(
+    frame: pd.DataFrame, time: str, event: str, group: str
+) -> list[dict[str, Any]]:
+    """Log-rank test for every pair of groups, with Holm-adjusted p values.
+
+    Each row: group_a, group_b, statistic, p, p_holm (statistic and p are
+    None for a pair without events).
+    """
+    data, _ = check_survival_data(frame, time, event, [group])
+    return _pairwise(data[_T].to_numpy(), data[_E].to_numpy(), _group_texts(data, group), group)
+
+
+# ----------------------------------------------------------------------------
+# Cox models
+# ----------------------------------------------------------------------------
+
+
+def _fit_cox(
+    design: pd.DataFrame, times: FloatArray, events: npt.NDArray[np.int64]
+) -> tuple[CoxPHFitter | None, list[str]]:
+    """Fit a Cox model (Efron ties); convergence trouble becomes notes, not exceptions."""
+    frame = design.assign(**{_T: times, _E: events})
+    notes: list[str] = []
+    with _warnings.catch_warnings(record=True) as caught:
+        _warnings.simplefilter("always", ConvergenceWarning)
+        _warnings.simplefilter("always", StatisticalWarning)
+        try:
+            fitter = CoxPHFitter().fit(frame, duration_col=_T, event_col=_E)
+        except ConvergenceError as exc:
+            fitter = None
+            notes.append(f"Cox model did not converge: {_first_line(str(exc))}")
+    for item in caught:
+        if issubclass(item.category, (ConvergenceWarning, StatisticalWarning)):
+            notes.append(f"Cox model: {_first_line(str(item.message))}")
+        else:
+            _warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
+    return fitter, notes
+
+
+def _first_line(text: str) -> str:
+    return " ".join(text.strip().split("\n", 1)[0].split())
+
+
+def _design(data: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, dict[str, str]]:
+    """Numeric covariates as they are; text ones one-hot against a reference level.
+
+    The reference of a categorical covariate is its first level in sorted
+    text order (R's default factor coding); columns are named "name=level".
+    """
+    columns: dict[str, FloatArray] = {}
+    references: dict[str, str] = {}
+    for name in covariates:
+        series = data[name]
+        if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
+            values = _numeric_column(series, name)
+            if np.ptp(values) == 0:
+                raise InputError(f"covariate {name!r} is constant ({values[0]:g}); drop it")
+            columns[name] = values
+            continue
+        texts = np.array([_as_text(v) for v in series.tolist()], dtype=object)
+        levels = sorted(set(texts.tolist()))
+        if len(levels) < 2:
+            raise InputError(f"covariate {name!r} has a single level {levels[0]!r}; drop it")
+        references[name] = levels[0]
+        for level in levels[1:]:
+            columns[f"{name}={level}"] = (texts == level).astype(np.float64)
+    return pd.DataFrame(columns, index=data.index), references
+
+
+def _coefficient_rows(fitter: CoxPHFitter) -> list[dict[str, Any]]:
+    summary = fitter.summary
+    rows = []
+    for name, row in summary.iterrows():
+        rows.append(
+            {
+                "name": str(name),
+                "coef": _json_float(row["coef"]),
+                "se": _json_float(row["se(coef)"]),
+                "hr": _json_float(row["exp(coef)"]),
+                "ci": _json_pair([row["exp(coef) lower 95%"], row["exp(coef) upper 95%"]]),
+                "p": _json_float(row["p"]),
+            }
+        )
+    return rows
+
+
+def cox_analysis(
+    frame: pd.DataFrame, time: str, event: str, covariates: list[str]
+) -> dict[str, Any]:
+    """Cox proportional-hazards model, univariable or multivariable, JSON-ready.
+
+    Like R ``coxph(Surv(time, event) ~ a + b, ties = "efron")``. Text
+    covariates are one-hot encoded against their first sorted level, stated in
+    ``references``. Keys: n, events, concordance (Harrell's C), coefficients
+    [{name, coef, se, hr, ci, p}], references, n_dropped, warnings.
+
+    >>> from lifelines.datasets import load_rossi
+    >>> r = cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio"])
+    >>> r["n"], r["events"]
+    (432, 114)
+    """
+    if isinstance(covariates, str):
+        covariates = [covariates]
+    if not covariates:
+        raise InputError("no covariates given")
+    data, dropped = check_survival_data(frame, time, event, covariates)
+    if data[_E].sum() == 0:
+        raise InputError(f"column {event!r} has no events; a Cox model needs at least one")
+    design, references = _design(data, covariates)
+    fitter, notes = _fit_cox(design, data[_T].to_numpy(), data[_E].to_numpy())
+    if fitter is None:
+        raise InputError(notes[0])
+    warnings = ([f"{dropped} rows with missing values dropped"] if dropped else []) + notes
+    return {
+        "n": int(len(data)),
+        "events": int(data[_E].sum()),
+        "concordance": _json_float(fitter.concordance_index_),
+        "coefficients": _coefficient_rows(fitter),
+        "references": references,
+        "n_dropped": dropped,
+        "warnings": warnings,
+    }
+
+
+def _two_group_cox(
+    times: FloatArray,
+    events: npt.NDArray[np.int64],
+    groups: npt.NDArray[np.object_],
+    reference: str,
+) -> tuple[dict[str, Any], list[str]]:
+    other = next(g for g in sorted(set(groups.tolist())) if g != reference)
+    empty = {"reference": reference, "group": other, "hr": None, "ci": None, "p": None}
+    silent = [g for g in (reference, other) if events[groups == g].sum() == 0]
+    if silent:
+        return empty, [f"group {silent[0]!r} has no events: hazard ratio not estimable"]
+    design = pd.DataFrame({other: (groups == other).astype(np.float64)})
+    fitter, notes = _fit_cox(design, times, events)
+    if fitter is None:
+        return empty, notes
+    row = _coefficient_rows(fitter)[0]
+    return {**empty, "hr": row["hr"], "ci": row["ci"], "p": row["p"]}, notes
+
+
+# ----------------------------------------------------------------------------
+# Risk-group cutoffs
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RiskCutoff:
+    """A risk-group cutoff: ``score >= value`` is "high".
+
+    ``statistic`` (max |Z|) and ``p`` (corrected for the search, by
+    ``p_method``) are set for ``maxstat`` only; ``n`` is the number of
+    training patients it was chosen on (None for a given number).
+    """
+
+    method: str
+    value: float
+    n: int | None = None
+    statistic: float | None = None
+    p: float | None = None
+    p_method: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "value": _json_float(self.value),
+            "n": self.n,
+            "statistic": _json_float(self.statistic),
+            "p_corrected": _json_float(self.p),
+            "p_method": self.p_method,
+        }
+
+
+def risk_groups(scores: npt.ArrayLike, cutoff: float) -> npt.NDArray[np.object_]:
+    """"high" where score >= cutoff, else "low".
+
+    >>> risk_groups([0.2, 0.5, 0.7], 0.5).tolist()
+    ['low', 'high', 'high']
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    return np.where(values >= float(cutoff), "high", "low").astype(object)
+
+
+class _SplitLogrank:
+    """Two-sample log-rank statistics for many splits of the same patients at once.
+
+    For each column of a boolean matrix ``high`` (patients x splits), the
+    observed minus expected deaths of the high group, U = sum_t (d1_t -
+    n1_t d_t / n_t), and its hypergeometric variance V = sum_t n1_t (n_t -
+    n1_t) d_t (n_t - d_t) / (n_t^2 (n_t - 1)); Z = U / sqrt(V) and Z^2 is
+    ``survdiff``'s chi2. Cost O(patients x splits), no Python loop over splits.
+    """
+
+    def __init__(self, times: FloatArray, events: npt.NDArray[np.int64]) -> None:
+        self.order = np.argsort(times, kind="mergesort")
+        sorted_times = times[self.order]
+        self.events = events[self.order].astype(np.float64)
+        self.starts = np.r_[0, np.flatnonzero(np.diff(sorted_times)) + 1]
+        n_risk = (times.size - self.starts).astype(np.float64)
+        deaths = np.add.reduceat(self.events, self.starts)
+        self.keep = deaths > 0
+        self.n, self.d = n_risk[self.keep], deaths[self.keep]
+
+    def z(self, high: npt.NDArray[np.bool_]) -> FloatArray:
+        h = high[self.order].astype(np.float64)
+        n1 = np.cumsum(h[::-1], axis=0)[::-1][self.starts][self.keep]
+        d1 = np.add.reduceat(self.events[:, None] * h, self.starts, axis=0)[self.keep]
+        n, d = self.n[:, None], self.d[:, None]
+        u = (d1 - n1 * d / n).sum(axis=0)
+        v = (n1 * (n - n1) * d * (n - d) / (n * n * np.maximum(n - 1.0, 1.0))).sum(axis=0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(v > 0, u / np.sqrt(v), 0.0)
+
+
+def _lausen92_p(b: float, min_share: float) -> float:
+    """Lausen & Schumacher (1992) bound on P(max |Z| >= b) over splits in [e, 1 - e].
+
+    p = 4 phi(b) / b + phi(b) (b - 1/b) log((1 - e)^2 / e^2), as R maxstat's
+    ``pLausen92`` (1 when b < 1), here also capped at 1.
+    """
+    if b < 1.0:
+        return 1.0
+    phi = float(_sps.norm.pdf(b))
+    eps1, eps2 = min_share, 1.0 - min_share
+    p = 4.0 * phi / b + phi * (b - 1.0 / b) * math.log(eps2 * (1.0 - eps1) / ((1.0 - eps2) * eps1))
+    return min(max(p, 0.0), 1.0)
+
+
+def _maxstat(
+    times: FloatArray,
+    events: npt.NDArray[np.int64],
+    scores: FloatArray,
+    min_share: float,
+    p_method: str,
+    n_perm: int,
+    seed: int,
+    column: str,
+) -> RiskCutoff:
+    distinct = np.unique(scores)
+    n_high = scores.size - np.searchsorted(np.sort(scores), distinct[1:], side="left")
+    least = min_share * scores.size
+    allowed = (n_high >= least) & (scores.size - n_high >= least)
+    if not allowed.any():
+        raise InputError(
+            f"column {column!r}: no cutoff leaves {min_share:.0%} of the {scores.size} patients "
+            "in each group"
+        )
+    cuts = ((distinct[1:] + distinct[:-1]) / 2.0)[allowed]
+    high = scores[:, None] >= cuts[None, :]
+    logrank = _SplitLogrank(times, events)
+    z = np.abs(logrank.z(high))
+    best = int(np.argmax(z))
+    if p_method == "lausen92":
+        p = _lausen92_p(float(z[best]), min_share)
+    else:
+        rng = np.random.default_rng(seed)
+        exceed = sum(
+            float(np.abs(logrank.z(high[rng.permutation(scores.size)])).max()) >= z[best] - 1e-12
+            for _ in range(n_perm)
+        )
+        p = (1.0 + exceed) / (1.0 + n_perm)
+    return RiskCutoff("maxstat", float(cuts[best]), scores.size, float(z[best]), p, p_method)
+
+
+def risk_cutoff(
+    train: pd.DataFrame,
+    score: str,
+    method: str | float,
+    *,
+    time: str | None = None,
+    event: str | None = None,
+    label: str | None = None,
+    positive: object | None = None,
+    min_share: float = 0.1,
+    p_method: str = "lausen92",
+    n_perm: int = 1000,
+    seed: int = 0,
+) -> RiskCutoff:
+    """Choose a risk-group cutoff on a training frame (``score >= value`` is high).
+
+    ``method``: "median"; "youden" (needs ``label``, 0/1 unless ``positive``
+    is given); "maxstat" (needs ``time`` and ``event``; ``p_method`` is
+    "lausen92" or "permutation" with ``n_perm`` seeded permutations); or a
+    number (or numeric text), used as it is.
+
+    >>> df = pd.DataFrame({"s": [0.1, 0.2, 0.3, 0.4]})
+    >>> risk_cutoff(df, "s", "median").value
+    0.25
+    """
+    fixed = _as_number(method)
+    if fixed is not None:
+        return RiskCutoff("fixed", fixed)
+    method = str(method).strip().lower()
+    if method not in CUTOFF_METHODS:
+        choices = ", ".join(CUTOFF_METHODS)
+        raise InputError(f"cutoff {method!r} is not a number nor one of {choices}")
+    if method == "median":
+        clean, _ = _complete_cases(_checked(train, [score]), [score])
+        values = _numeric_column(clean[score], score)
+        return RiskCutoff("median", float(np.median(values)), values.size)
+    if method == "youden":
+        if label is None:
+            raise InputError("the youden cutoff needs a label column")
+        clean, _ = _complete_cases(_checked(train, [score, label]), [score, label])
+        y = binary_labels(clean[label], label, positive)
+        values = _numeric_column(clean[score], score)
+        return RiskCutoff("youden", youden_cutoff(y, values), values.size)
+    if time is None or event is None:
+        raise InputError("the maxstat cutoff needs time and event columns")
+    if not 0.0 < min_share < 0.5:
+        raise InputError(f"minimum group share {min_share!r} must lie strictly between 0 and 0.5")
+    if p_method not in MAXSTAT_P_METHODS:
+        choices = ", ".join(MAXSTAT_P_METHODS)
+        raise InputError(f"maxstat p method {p_method!r} is not one of {choices}")
+    data, _ = check_survival_data(train, time, event, [score])
+    values = _numeric_column(data[score], score)
+    times, events = data[_T].to_numpy(), data[_E].to_numpy()
+    return _maxstat(times, events, values, min_share, p_method, int(n_perm), seed, score)
+
+
+def _checked(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    _require_columns(frame, columns)
+    return frame
+
+
+def _as_number(value: object) -> float | None:
+    """A finite number from a number or numeric text, else None (a method name)."""
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    if not math.isfinite(number):
+        raise InputError(f"cutoff {value!r} is not a finite number")
+    return number
+
+
+# ----------------------------------------------------------------------------
+# The table-level analysis (DESIGN.md "survival" JSON contract)
+# ----------------------------------------------------------------------------
+
+
+def survival_analysis(
+    frame: pd.DataFrame,
+    time: str,
+    event: str,
+    group: str | None = None,
+    score: str | None = None,
+    cutoff: str | float | None = None,
+    label: str | None = None,
+    *,
+    positive: object | None = None,
+    train: pd.DataFrame | None = None,
+    at_risk_times: Sequence[float] | None = None,
+    min_share: float = 0.1,
+    p_method: str = "lausen92",
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Kaplan-Meier, log-rank and Cox by group, or by risk group from a score, JSON-ready.
+
+    Give either ``group`` (a column of group names) or ``score`` with
+    ``cutoff`` ("median", "youden" with ``label``, "maxstat", or a number).
+    The cutoff is chosen on ``train`` when given, else on ``frame`` itself,
+    which is flagged in ``warnings`` (the log-rank p is then optimistic).
+
+    Keys: cutoff {method, value, ...} (None with ``group``), groups [{group,
+    n, events, median, median_ci}], logrank {statistic, df, p}, cox
+    {reference, group, hr, ci, p} (exactly two groups, else None), pairwise
+    (three or more groups), at_risk {times, groups: [{group, at_risk}]},
+    n_dropped, warnings.
+    """
+    if (group is None) == (score is None):
+        raise InputError("give either a group column or a score column with a cutoff, not both")
+    if group is not None and cutoff is not None:
+        raise InputError("a cutoff applies to a score column, not to a group column")
+    data, dropped = check_survival_data(frame, time, event, [group or score])
+    notes = [f"{dropped} rows with missing values dropped"] if dropped else []
+    times, events = data[_T].to_numpy(), data[_E].to_numpy()
+    chosen: RiskCutoff | None = None
+    if score is not None:
+        if cutoff is None:
+            raise InputError("a score needs a cutoff: median, youden, maxstat or a number")
+        chosen = risk_cutoff(
+            frame if train is None else train,
+            score,
+            cutoff,
+            time=time,
+            event=event,
+            label=label,
+            positive=positive,
+            min_share=min_share,
+            p_method=p_method,
+            seed=seed,
+        )
+        if train is None and chosen.method != "fixed":
+            notes.append(
+                f"the {chosen.method} cutoff was chosen on the same patients it is tested on; "
+                "the log-rank p value is optimistic (fix the cutoff on a training cohort)"
+            )
+        labels = risk_groups(_numeric_column(data[score], score), chosen.value)
+    else:
+        labels = _group_texts(data, group)
+    result = _describe_groups(times, events, labels, group or "risk group", at_risk_times)
+    notes += result.pop("notes")
+    return {
+        "cutoff": None if chosen is None else chosen.to_dict(),
+        **result,
+        "n_dropped": dropped,
+        "warnings": notes,
+    }
+
+
+def _describe_groups(
+    times: FloatArray,
+    events: npt.NDArray[np.int64],
+    labels: npt.NDArray[np.object_],
+    column: str,
+    at_risk_times: Sequence[float] | None,
+) -> dict[str, Any]:
+    fits = _km_fits(times, events, labels)
+    notes: list[str] = []
+    groups = []
+    for name, fit in fits.items():
+        median, median_ci = _median_with_ci(fit)
+        inside = labels == name
+        groups.append(
+            {
+                "group": name,
+                "n": int(inside.sum()),
+                "events": int(events[inside].sum()),
+                "median": median,
+                "median_ci": median_ci,
+            }
+        )
+    test = _logrank(times, events, labels, column)
+    cox = None
+    if len(fits) == 2:
+        reference = "low" if set(fits) == {"high", "low"} else sorted(fits)[0]
+        cox, cox_notes = _two_group_cox(times, events, labels, reference)
+        notes += cox_notes
+    if at_risk_times is None:
+        at = _nice_times(float(times.max()))
+    else:
+        at = [float(t) for t in at_risk_times]
+    return {
+        "groups": groups,
+        "logrank": test,
+        "cox": cox,
+        "pairwise": _pairwise(times, events, labels, column) if len(fits) > 2 else [],
+        "at_risk": {
+            "times": at,
+            "groups": [
+                {"group": g, "at_risk": _at_risk_counts(times[labels == g], at)} for g in fits
+            ],
+        },
+        "notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------
+# Text tables
+# ----------------------------------------------------------------------------
+
+
+def format_survival(result: dict[str, Any]) -> str:
+    """Render a ``survival_analysis`` result as fixed-width text for a terminal."""
+    parts = []
+    cut = result.get("cutoff")
+    if cut is not None:
+        extra = ""
+        if cut.get("p_corrected") is not None:
+            extra = (
+                f"; max |Z| = {cut['statistic']:.3f}, search-corrected "
+                f"{_p_text(cut['p_corrected'])} by {cut['p_method']}"
+            )
+        parts.append(
+            f"Risk groups: score >= {cut['value']:.4g} is high ({cut['method']} cutoff{extra})"
+        )
+    rows = [
+        [g["group"], str(g["n"]), str(g["events"]), _fmt_median(g["median"], g["median_ci"])]
+        for g in result["groups"]
+    ]
+    parts.append(_table(["group", "n", "events", "median [95% CI]"], rows))
+    lr = result["logrank"]
+    parts.append(f"Log-rank: chi2 = {lr['statistic']:.3f}, df = {lr['df']}, {_p_text(lr['p'])}")
+    cox = result.get("cox")
+    if cox is not None:
+        vs = f"{cox['group']} vs {cox['reference']}"
+        if cox["hr"] is None:
+            parts.append(f"Cox: hazard ratio {vs} not estimable")
+        else:
+            hr = _fmt_ci(cox["hr"], cox["ci"], 2)
+            parts.append(f"Cox: HR {vs} = {hr}, {_p_text(cox['p'])}")
+    for row in result.get("pairwise", []):
+        parts.append(
+            f"  {row['group_a']} vs {row['group_b']}: chi2 = {_fmt(row['statistic'])}, "
+            f"{_p_text(row['p'])}, Holm-adjusted {_p_text(row['p_holm'])}"
+        )
+    at_risk = result.get("at_risk")
+    if at_risk:
+        headers = ["at risk", *(f"{t:g}" for t in at_risk["times"])]
+        body = [[g["group"], *map(str, g["at_risk"])] for g in at_risk["groups"]]
+        parts += ["", _table(headers, body)]
+    parts += [f"note: {w}" for w in result.get("warnings", [])]
+    return "\n".join(parts)
+
+
+def _fmt_median(median: float | None, ci: Sequence[float | None]) -> str:
+    """"34.0 [9.0, NR]": NR (not reached) where the curve or its band stays above 0.5."""
+    low, high = (_fmt(v, 1) if v is not None else "NR" for v in ci)
+    return f"{_fmt(median, 1) if median is not None else 'NR'} [{low}, {high}]"
+
+
+def format_cox(result: dict[str, Any]) -> str:
+    """Render a ``cox_analysis`` result as fixed-width text for a terminal."""
+    rows = [
+        [c["name"], _fmt(c["coef"], 4), _fmt_ci(c["hr"], c["ci"], 3), _fmt_p(c["p"])]
+        for c in result["coefficients"]
+    ]
+    head = (
+        f"Cox model (Efron ties): n = {result['n']}, events = {result['events']}, "
+        f"concordance = {_fmt(result['concordance'])}"
+    )
+    parts = [head, _table(["covariate", "coef", "HR [95% CI]", "p"], rows)]
+    parts += [f"reference of {k!r}: {v!r}" for k, v in result.get("references", {}).items()]
+    parts += [f"note: {w}" for w in result.get("warnings", [])]
+    return "\n".join(parts)

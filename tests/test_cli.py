@@ -1,0 +1,155 @@
+"""The command line as a user runs it: reference values through `python -m cmil_core`.
+
+Statistics commands must print the same numbers as the functions, which are
+checked against R in test_stats.py and test_survival.py; here the values are
+checked once more, end to end, from a CSV file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lifelines.datasets import load_g3, load_rossi
+
+from cmil_core.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+ASAH = ROOT.parent / "shared" / "reference" / "asah.csv"
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_roc_reproduces_proc(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _json(capsys, ["roc", "--csv", str(ASAH), "--label", "outcome", "--positive", "Poor",
+                         "--score", "s100b", "--score", "wfns", "--json"])
+    s100b, wfns = out["results"]
+    # pROC: roc(aSAH$outcome, aSAH$s100b); ci.auc(...) DeLong
+    assert s100b["auc"] == pytest.approx(0.73136856368563685, abs=1e-12)
+    assert s100b["ci_low"] == pytest.approx(0.6301182117616227, abs=1e-6)
+    assert s100b["ci_high"] == pytest.approx(0.8326189156096512, abs=1e-6)
+    assert (s100b["n"], s100b["n_positive"], s100b["ci_method"]) == (113, 41, "delong")
+    # pROC: coords(r.s100b, "best") -> threshold 0.205, specificity 58/72, sensitivity 26/41
+    youden = s100b["youden"]
+    assert youden["threshold"] == pytest.approx(0.205)
+    assert youden["sensitivity"] == pytest.approx(26 / 41)
+    assert youden["specificity"] == pytest.approx(58 / 72)
+    assert youden["ppv"] == pytest.approx(0.65)
+    assert youden["npv"] == pytest.approx(0.7945205479452054)
+    # Wilson 95% CIs at that threshold (REFERENCE.md)
+    assert youden["sensitivity_ci"] == pytest.approx([0.48121, 0.76410], abs=5e-6)
+    assert youden["specificity_ci"] == pytest.approx([0.69967, 0.88049], abs=5e-6)
+    # pROC: roc(aSAH$outcome, aSAH$wfns) AUC 0.8236788617886179
+    assert wfns["auc"] == pytest.approx(0.8236788617886179, abs=1e-12)
+    # pROC: roc.test(r.s100b, r.wfns) paired DeLong; REFERENCE gives roc.test(r.wfns, r.s100b)
+    # Z = 2.20898359144091, p = 0.0271757822291882: same test, opposite sign of z.
+    (comparison,) = out["comparisons"]
+    assert (comparison["score_a"], comparison["score_b"]) == ("s100b", "wfns")
+    assert comparison["z"] == pytest.approx(-2.20898359144091, abs=1e-6)
+    assert comparison["p"] == pytest.approx(0.0271757822291882, abs=1e-6)
+
+
+def test_roc_paired_difference_ci(capsys: pytest.CaptureFixture[str]) -> None:
+    # pROC: roc.test(r.ndka, r.s100b) -> Z = -1.39077002573558, p = 0.164295175223054,
+    # CI of the AUC difference -0.2876917446341914 to 0.0488706064228094
+    out = _json(capsys, ["roc", "--csv", str(ASAH), "--label", "outcome", "--positive", "Poor",
+                         "--score", "ndka", "--score", "s100b", "--json"])
+    (c,) = out["comparisons"]
+    assert c["z"] == pytest.approx(-1.39077002573558, abs=1e-6)
+    assert c["p"] == pytest.approx(0.164295175223054, abs=1e-6)
+    assert c["diff_ci"] == pytest.approx([-0.2876917446341914, 0.0488706064228094], abs=1e-6)
+    assert out["results"][0]["ci_low"] == pytest.approx(0.501244999271703, abs=1e-6)
+
+
+def test_roc_text_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["roc", "--csv", str(ASAH), "--label", "outcome", "--positive", "Poor",
+                 "--score", "s100b"]) == 0
+    text = capsys.readouterr().out
+    assert "0.731 [0.630, 0.833]" in text and "0.205" in text
+
+
+def test_survival_reproduces_survdiff(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "g3.csv"
+    load_g3().to_csv(csv, index=False)
+    out = _json(capsys, ["survival", "--csv", str(csv), "--time", "time", "--event", "event",
+                         "--group", "group", "--json"])
+    # R: survdiff(Surv(time, event) ~ group, data = g3): chi2 = 6.0629, p = 0.0138
+    assert out["logrank"]["statistic"] == pytest.approx(6.0629, abs=5e-5)
+    assert out["logrank"]["p"] == pytest.approx(0.0138, abs=5e-5)
+    assert out["logrank"]["df"] == 1
+    assert out["cutoff"] is None
+    assert {g["group"] for g in out["groups"]} == {"RIT", "Control"}
+    assert out["cox"]["hr"] is not None and len(out["cox"]["ci"]) == 2
+
+
+def test_survival_by_score_cutoff_warns_on_same_patients(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "rossi.csv"
+    load_rossi().to_csv(csv, index=False)
+    out = _json(capsys, ["survival", "--csv", str(csv), "--time", "week", "--event", "arrest",
+                         "--score", "prio", "--cutoff", "median", "--json"])
+    assert out["cutoff"]["method"] == "median"
+    assert out["cutoff"]["value"] == pytest.approx(float(load_rossi()["prio"].median()))
+    assert sum(g["n"] for g in out["groups"]) == 432
+    assert any("same patients" in w for w in out["warnings"])
+
+
+def test_cox_reproduces_coxph(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    csv = tmp_path / "rossi.csv"
+    load_rossi().to_csv(csv, index=False)
+    out = _json(capsys, ["cox", "--csv", str(csv), "--time", "week", "--event", "arrest",
+                         "--covariates", "fin,age,race,wexp,mar,paro,prio", "--json"])
+    # R: coxph(Surv(week, arrest) ~ fin + age + race + wexp + mar + paro + prio,
+    #          data = rossi, ties = "efron")  (lifelines test_estimation.py)
+    expected = [-0.3794222, -0.0574377, 0.3138998, -0.1497957, -0.4337039, -0.0848711, 0.0914971]
+    assert [c["coef"] for c in out["coefficients"]] == pytest.approx(expected, abs=1e-6)
+    # lifelines docs: 432 observations, 114 events, concordance 0.64
+    assert (out["n"], out["events"]) == (432, 114)
+    assert out["concordance"] == pytest.approx(0.64, abs=0.005)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["roc", "--csv", str(ASAH), "--label", "outcome", "--positive", "Bad", "--score", "s100b"],
+         "'Bad'"),
+        (["roc", "--csv", str(ASAH), "--label", "outcome", "--positive", "Poor", "--score", "nope"],
+         "nope"),
+        (["roc", "--csv", "/nonexistent/x.csv", "--label", "a", "--score", "b"], "x.csv: no such file"),
+        (["survival", "--csv", str(ASAH), "--time", "age", "--event", "wfns", "--group", "gender"],
+         "wfns"),
+        (["survival", "--csv", str(ASAH), "--time", "age", "--event", "wfns", "--score", "s100b",
+          "--cutoff", "highest"], "'highest' is not median"),
+        (["cox", "--csv", str(ASAH), "--time", "age", "--event", "outcome", "--covariates", ""],
+         "covariates"),
+    ],
+)
+def test_bad_input_is_one_error_line_exit_2(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and err.count("\n") == 1, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "cmil_core", "--help"], capture_output=True, text=True, cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0
+    for command in ("demo", "import-cohort", "roc", "survival", "cox"):
+        assert command in done.stdout
