@@ -96,11 +96,17 @@ class CohortExistsError(StoreError, InputError):
 
 
 def default_db_path() -> Path:
-    """The store the dashboard and commands use: ``$CMIL_DB``, else ``data/cmil.duckdb``."""
+    """The store the dashboard and commands use.
+
+    ``$CMIL_DB`` when set, else ``cmil.duckdb`` in the data folder:
+    ``$CMIL_DATA_DIR`` when set, else the project's ``data/``.
+    """
     env = os.environ.get("CMIL_DB", "").strip()
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "data" / "cmil.duckdb"
+    home = os.environ.get("CMIL_DATA_DIR", "").strip()
+    base = Path(home) if home else Path(__file__).resolve().parent.parent / "data"
+    return base / "cmil.duckdb"
 
 
 def store_fingerprint(path: str | os.PathLike[str]) -> tuple[int, int, int]:

@@ -235,6 +235,7 @@ def test_default_path_follows_cmil_db(monkeypatch: pytest.MonkeyPatch, tmp_path:
     monkeypatch.setenv("CMIL_DB", str(tmp_path / "x.duckdb"))
     assert store.default_db_path() == tmp_path / "x.duckdb"
     monkeypatch.delenv("CMIL_DB")
+    monkeypatch.delenv("CMIL_DATA_DIR", raising=False)
     assert store.default_db_path().parts[-2:] == ("data", "cmil.duckdb")
 
 
@@ -245,3 +246,9 @@ def test_fingerprint_changes_with_writes(db_path: Path) -> None:
         store.import_patients(st, "A", _patients(), role="train", center=None)
         st.cursor().execute("CHECKPOINT")
     assert store.store_fingerprint(db_path) != first
+
+
+def test_data_dir_moves_the_default_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("CMIL_DB", raising=False)
+    monkeypatch.setenv("CMIL_DATA_DIR", str(tmp_path))
+    assert store.default_db_path() == tmp_path / "cmil.duckdb"

@@ -1,0 +1,576 @@
+"""The synthetic demo study: three cohorts shaped like the cMIL paper's.
+
+``python -m cmil_core demo [--size small|full] [--seed N]`` writes, under the
+demo folder (``data/demo`` beside the default store):
+
+* a training centre and external centre A scanned as tiled pyramidal TIFF
+  (0.5 um per pixel, JPEG tiles, a resolution OpenSlide reads), one slide per
+  patient named ``<patient>_slide1.tiff``;
+* external centre B photographed through the microscope: one folder of
+  field-of-view JPEGs per patient (``<patient>/fov01.jpg``...) with a manifest
+  giving their resolution, as many centres work;
+* one clinical CSV per cohort, imported through the same validation as a
+  user's table; ground-truth tumour boxes go to ``demo_tumor_regions``.
+
+How the patients are simulated (:func:`simulate_patients`): about 45 % have
+marrow metastasis; a metastatic patient's tumour burden (number and size of
+tumour-cell clusters on the smear) is log-normal, from one cluster in one
+patch to many; negative patients have benign look-alikes (lymphoid clumps).
+Clinical variables follow neuroblastoma's usual associations (metastasis with
+INSS stage 4, older age, MYCN amplification; 1p deletion with MYCN; 11q
+aberration without it). Overall and event-free survival follow exponential
+hazards that rise with tumour burden, MYCN and age over 18 months, with
+uniform administrative censoring, so a good cMIL score carries prognostic
+signal. Each centre has its own stain tint, scanner noise and focus, so
+external validation is harder than training, as in the paper.
+
+Everything is a deterministic function of ``--seed`` (the same seed gives the
+same bytes). The generator resumes: finished slides are kept, a killed run
+restarts where it stopped, and a finished demo is not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tifffile
+from PIL import Image
+
+from cmil_core import _smear
+from cmil_core import store as store_mod
+from cmil_core.cohort_import import import_cohort
+from cmil_core.errors import InputError
+from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
+from cmil_core.slides import file_sha256, open_slide
+
+__all__ = [
+    "DEMO_VERSION",
+    "SIZES",
+    "DemoCohort",
+    "DemoPatient",
+    "DemoSize",
+    "DemoSummary",
+    "default_demo_dir",
+    "demo_status",
+    "generate_demo",
+    "simulate_patients",
+]
+
+# Bump when the generator's output changes, so old demo folders are redone.
+DEMO_VERSION = 1
+_META_KEY = "demo"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big the demo is."""
+
+    patients: tuple[int, int, int]  # training, external A, external B
+    slide_px: tuple[int, int]  # level-0 width, height of a scanned slide
+    fov_count: int  # photographs per patient in external B
+    fov_px: tuple[int, int]
+
+
+SIZES: dict[str, DemoSize] = {
+    # About 30 patients: for tests and a first look (well under a minute).
+    "small": DemoSize(patients=(14, 8, 8), slide_px=(1536, 1536), fov_count=3, fov_px=(960, 720)),
+    # The paper's 359 patients.
+    "full": DemoSize(patients=(189, 94, 76), slide_px=(2048, 2048), fov_count=4, fov_px=(1280, 960)),
+}
+
+SLIDE_MPP = 0.5  # scanned at 20x
+FOV_MPP = 0.3  # photographed with a 40x objective
+
+
+@dataclass(frozen=True)
+class DemoCohort:
+    cohort: str
+    role: str
+    center: str
+    prefix: str
+    kind: str  # "wsi" or "fov"
+    style: _smear.CenterStyle
+
+
+COHORTS: tuple[DemoCohort, ...] = (
+    DemoCohort(
+        "training", "train", "Training centre", "T", "wsi",
+        _smear.CenterStyle(name="training", tint=(1.0, 1.0, 1.0), noise_sigma=2.5),
+    ),
+    DemoCohort(
+        "external_a", "validation", "External centre A", "A", "wsi",
+        _smear.CenterStyle(
+            name="centre A", tint=(1.06, 0.95, 1.02), saturation=1.15, noise_sigma=4.0,
+            blur_sigma_um=0.35, vignetting=0.05, frame_um=512.0,
+        ),
+    ),
+    DemoCohort(
+        "external_b", "test", "External centre B (microscope photographs)", "B", "fov",
+        _smear.CenterStyle(
+            name="centre B", tint=(0.94, 0.97, 1.08), saturation=0.85, noise_sigma=5.0,
+            blur_sigma_um=0.5, vignetting=0.18, background=(228, 228, 234),
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class DemoPatient:
+    patient_id: str
+    bm_metastasis: int
+    burden: float  # expected number of tumour clusters on a slide
+    lymphoid_clumps: float  # expected number of benign look-alike clumps
+    age_months: float
+    sex: str
+    inss_stage: str
+    mycn: str
+    del_1p: str
+    aberration_11q: str
+    os_months: float
+    os_event: int
+    efs_months: float
+    efs_event: int
+
+
+@dataclass
+class DemoSummary:
+    db: str
+    folder: str
+    size: str
+    seed: int
+    patients: dict[str, int]
+    slides: int
+    generated: int
+    reused: int
+    tumour_regions: int
+    skipped: bool = False
+    details: dict[str, object] = field(default_factory=dict)
+
+
+def default_demo_dir(db: str | os.PathLike[str]) -> Path:
+    """Where the demo's files go for a store: ``<store folder>/demo``."""
+    return Path(db).expanduser().resolve().parent / "demo"
+
+
+# --------------------------------------------------------------------------
+# Patients
+# --------------------------------------------------------------------------
+
+def simulate_patients(rng: np.random.Generator, n: int, prefix: str) -> list[DemoPatient]:
+    """Clinical variables and outcomes for ``n`` patients (see the module docstring)."""
+    out: list[DemoPatient] = []
+    for i in range(n):
+        met = int(rng.random() < 0.45)
+        if met:
+            burden = float(np.clip(rng.lognormal(mean=1.0, sigma=0.9), 0.6, 30.0))
+        else:
+            burden = 0.0
+        lymphoid = float(rng.gamma(2.0, 0.9 if not met else 0.5))
+        age = float(np.clip(rng.lognormal(math.log(40 if met else 18), 0.7), 0.5, 180))
+        sex = "M" if rng.random() < 0.55 else "F"
+        if met:
+            stage = "4"
+        else:
+            stage = str(rng.choice(["1", "2", "3", "4", "4S"], p=[0.25, 0.2, 0.25, 0.15, 0.15]))
+        mycn_amp = rng.random() < (0.38 if met else 0.12)
+        del_1p = rng.random() < (0.6 if mycn_amp else 0.15)
+        ab_11q = (not mycn_amp) and rng.random() < (0.4 if met else 0.2)
+        # Exponential hazards (per month); burden enters on a log scale.
+        lin = (
+            0.9 * met + 0.55 * math.log1p(burden) + 0.8 * mycn_amp
+            + 0.45 * (age > 18) + 0.25 * ab_11q
+        )
+        os_true = rng.exponential(1.0 / (0.006 * math.exp(lin)))
+        efs_true = min(os_true, rng.exponential(1.0 / (0.012 * math.exp(lin))))
+        follow_up = rng.uniform(12.0, 96.0)
+        os_m = min(os_true, follow_up)
+        efs_m = min(efs_true, follow_up)
+        out.append(
+            DemoPatient(
+                patient_id=f"{prefix}{i + 1:03d}",
+                bm_metastasis=met,
+                burden=burden,
+                lymphoid_clumps=lymphoid,
+                age_months=round(age, 1),
+                sex=sex,
+                inss_stage=stage,
+                mycn="amplified" if mycn_amp else "non-amplified",
+                del_1p="yes" if del_1p else "no",
+                aberration_11q="yes" if ab_11q else "no",
+                os_months=round(os_m, 2),
+                os_event=int(os_true <= follow_up),
+                efs_months=round(efs_m, 2),
+                efs_event=int(efs_true <= follow_up),
+            )
+        )
+    return out
+
+
+def _clinical_frame(patients: Sequence[DemoPatient]) -> pd.DataFrame:
+    rows = []
+    for p in patients:
+        rows.append(
+            {
+                "patient_id": p.patient_id,
+                "bm_metastasis": p.bm_metastasis,
+                "os_months": p.os_months,
+                "os_event": p.os_event,
+                "efs_months": p.efs_months,
+                "efs_event": p.efs_event,
+                "age_months": p.age_months,
+                "sex": p.sex,
+                "inss_stage": p.inss_stage,
+                "mycn": p.mycn,
+                "del_1p": p.del_1p,
+                "aberration_11q": p.aberration_11q,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------
+# Slides (run in worker processes: pure functions of their arguments)
+# --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _SlideJob:
+    cohort_index: int
+    patient: DemoPatient
+    path: str
+    kind: str  # "wsi" or "fov"
+    width: int
+    height: int
+    mpp: float
+    seed: int
+    burden: float  # expected tumour clusters on this image
+    lymphoid: float
+
+
+def _place_clusters(
+    rng: np.random.Generator, job: _SlideJob, density: np.ndarray | None
+) -> list[_smear.Cluster]:
+    width_um, height_um = job.width * job.mpp, job.height * job.mpp
+    clusters: list[_smear.Cluster] = []
+
+    def position(margin: float) -> tuple[float, float]:
+        for _ in range(50):
+            x = rng.uniform(margin, width_um - margin)
+            y = rng.uniform(margin, height_um - margin)
+            if density is None:
+                return x, y
+            gy = min(int(y / height_um * density.shape[0]), density.shape[0] - 1)
+            gx = min(int(x / width_um * density.shape[1]), density.shape[1] - 1)
+            if density[gy, gx] > 0.35:
+                return x, y
+        return x, y
+
+    n_tumour = int(rng.poisson(job.burden)) if job.burden > 0 else 0
+    if job.patient.bm_metastasis and job.kind == "wsi":
+        n_tumour = max(n_tumour, 1)  # every metastatic slide shows some tumour
+    for _ in range(n_tumour):
+        radius = float(rng.uniform(14.0, 45.0))
+        x, y = position(radius + 5)
+        # Tumour cells take about 48 um^2 each; clumps fill about 70 % of their disc.
+        n_cells = int(np.clip(0.7 * math.pi * radius**2 / 48.0 * rng.uniform(0.8, 1.2), 6, 150))
+        clusters.append(_smear.Cluster(x, y, radius, "tumour", n_cells))
+    for _ in range(int(rng.poisson(job.lymphoid))):
+        radius = float(rng.uniform(12.0, 30.0))
+        x, y = position(radius + 5)
+        # Lymphoid clumps are looser: about a third of the disc.
+        n_cells = int(np.clip(0.35 * math.pi * radius**2 / 60.0 * rng.uniform(0.8, 1.2), 5, 40))
+        clusters.append(_smear.Cluster(x, y, radius, "lymphoid", n_cells))
+    return clusters
+
+
+def _render(job: _SlideJob, style: _smear.CenterStyle) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    rng = np.random.default_rng(job.seed)
+    width_um, height_um = job.width * job.mpp, job.height * job.mpp
+    density = (
+        _smear.smear_density_map(width_um, height_um, rng) if job.kind == "wsi" else None
+    )
+    clusters = _place_clusters(rng, job, density)
+    render_seed = int(rng.integers(2**31))
+    image = np.empty((job.height, job.width, 3), dtype=np.uint8)
+    tile = 1024
+    for y0 in range(0, job.height, tile):
+        for x0 in range(0, job.width, tile):
+            w, h = min(tile, job.width - x0), min(tile, job.height - y0)
+            image[y0 : y0 + h, x0 : x0 + w] = _smear.render_field(
+                w, h, mpp=job.mpp, seed=render_seed, style=style, clusters=clusters,
+                smear_density=density, origin_um=(x0 * job.mpp, y0 * job.mpp),
+                slide_size_um=(width_um, height_um),
+            )
+    return image, _smear.tumour_boxes(clusters, job.mpp)
+
+
+def _write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float) -> None:
+    """Tiled pyramidal TIFF (JPEG tiles, resolution tags) that OpenSlide opens."""
+    per_cm = 10_000.0 / mpp
+    with tifffile.TiffWriter(path) as tif:
+        level = image
+        first = True
+        while True:
+            tif.write(
+                level,
+                tile=(256, 256),
+                compression="jpeg",
+                compressionargs={"level": 90},
+                photometric="rgb",
+                subfiletype=0 if first else 1,
+                resolution=(per_cm, per_cm),
+                resolutionunit="CENTIMETER",
+                software="cmil_core demo",
+                metadata=None,
+            )
+            first = False
+            if max(level.shape[:2]) <= 512:
+                break
+            h2, w2 = level.shape[0] // 2, level.shape[1] // 2
+            level = (
+                level[: h2 * 2, : w2 * 2]
+                .reshape(h2, 2, w2, 2, 3)
+                .mean(axis=(1, 3))
+                .round()
+                .astype(np.uint8)
+            )
+            per_cm /= 2.0
+
+
+def _make_slide(job: _SlideJob) -> tuple[str, list[tuple[int, int, int, int]]]:
+    """Render and write one slide file atomically; returns its path and tumour boxes."""
+    style = COHORTS[job.cohort_index].style
+    image, boxes = _render(job, style)
+    path = Path(job.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    if job.kind == "wsi":
+        _write_pyramid_tiff(tmp, image, job.mpp)
+    else:
+        Image.fromarray(image).save(tmp, format="JPEG", quality=92)
+    os.replace(tmp, path)
+    return job.path, boxes
+
+
+# --------------------------------------------------------------------------
+# The whole demo
+# --------------------------------------------------------------------------
+
+def _slide_jobs(
+    folder: Path, size: DemoSize, seed: int, patients: dict[str, list[DemoPatient]]
+) -> list[_SlideJob]:
+    jobs: list[_SlideJob] = []
+    for ci, cohort in enumerate(COHORTS):
+        for pi, patient in enumerate(patients[cohort.cohort]):
+            base = np.random.SeedSequence([seed, 1, ci, pi])
+            if cohort.kind == "wsi":
+                w, h = size.slide_px
+                jobs.append(
+                    _SlideJob(
+                        ci, patient, str(folder / cohort.cohort / f"{patient.patient_id}_slide1.tiff"),
+                        "wsi", w, h, SLIDE_MPP, int(base.generate_state(1)[0]),
+                        patient.burden, patient.lymphoid_clumps,
+                    )
+                )
+            else:
+                w, h = size.fov_px
+                # Photographs sample the smear: spread the burden over them, and
+                # scale it by the area of a photograph relative to a scanned slide.
+                area = (w * FOV_MPP * h * FOV_MPP) / (
+                    size.slide_px[0] * SLIDE_MPP * size.slide_px[1] * SLIDE_MPP
+                )
+                states = base.generate_state(size.fov_count)
+                for k in range(size.fov_count):
+                    jobs.append(
+                        _SlideJob(
+                            ci, patient,
+                            str(folder / cohort.cohort / patient.patient_id / f"fov{k + 1:02d}.jpg"),
+                            "fov", w, h, FOV_MPP, int(states[k]),
+                            patient.burden * area * 4.0, patient.lymphoid_clumps * area * 4.0,
+                        )
+                    )
+    return jobs
+
+
+def demo_status(store: store_mod.Store) -> dict[str, object] | None:
+    """What demo a store holds: ``{"size", "seed", "version", "complete", ...}``, or None."""
+    raw = store_mod.get_meta(store, _META_KEY)
+    return None if raw is None else dict(json.loads(raw))
+
+
+def _prepare_folder(folder: Path, stamp: dict[str, object]) -> None:
+    """Make ``folder`` hold only files of this demo (size, seed, version)."""
+    stamp_file = folder / "demo.json"
+    if folder.exists():
+        try:
+            old = json.loads(stamp_file.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != stamp:
+            for cohort in COHORTS:
+                shutil.rmtree(folder / cohort.cohort, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp_file.write_text(json.dumps(stamp, indent=2))
+
+
+def generate_demo(
+    db: str | os.PathLike[str] | None = None,
+    *,
+    size: str = "small",
+    seed: int = 0,
+    folder: str | os.PathLike[str] | None = None,
+    progress: ProgressCallback = no_progress,
+    workers: int | None = None,
+    force: bool = False,
+) -> DemoSummary:
+    """Generate the demo study into the store ``db`` (default store when None).
+
+    Stages, reported to ``progress``: clinical tables, slides. A store that
+    already holds the same finished demo is left as it is (``skipped``),
+    unless ``force``.
+    """
+    if size not in SIZES:
+        raise InputError(f"--size {size!r} is not one of {', '.join(SIZES)}")
+    if seed < 0:
+        raise InputError(f"--seed {seed} must be a non-negative integer")
+    spec = SIZES[size]
+    db_path = Path(db) if db is not None else store_mod.default_db_path()
+    out_dir = Path(folder) if folder is not None else default_demo_dir(db_path)
+    stamp: dict[str, object] = {"size": size, "seed": seed, "version": DEMO_VERSION}
+    stages = 2
+
+    with store_mod.open_store(db_path) as store:
+        status = demo_status(store)
+        if (
+            not force
+            and status is not None
+            and status.get("complete")
+            and all(status.get(k) == v for k, v in stamp.items())
+        ):
+            counts = store_mod.table_counts(store)
+            return DemoSummary(
+                str(db_path), str(out_dir), size, seed, {}, counts["slides"], 0,
+                counts["slides"], counts["demo_tumor_regions"], skipped=True,
+            )
+        if status is not None and any(status.get(k) != v for k, v in stamp.items()):
+            # Another demo (size or seed) lives here: remove its cohorts first.
+            for cohort in COHORTS:
+                store_mod.delete_cohort(store, cohort.cohort)
+        store_mod.set_meta(store, _META_KEY, json.dumps({**stamp, "complete": False}))
+        _prepare_folder(out_dir, stamp)
+
+        # Stage 1: clinical tables, imported through the user's validation path.
+        report = stage_reporter(progress, stage="clinical tables", index=1, stages=stages)
+        patients: dict[str, list[DemoPatient]] = {}
+        for ci, cohort in enumerate(COHORTS):
+            report(ci, len(COHORTS), cohort.cohort)
+            rng = np.random.default_rng(np.random.SeedSequence([seed, 0, ci]))
+            patients[cohort.cohort] = simulate_patients(rng, spec.patients[ci], cohort.prefix)
+            csv_path = out_dir / f"{cohort.cohort}_clinical.csv"
+            _clinical_frame(patients[cohort.cohort]).to_csv(csv_path, index=False)
+            import_cohort(
+                store, cohort.cohort, csv_path, role=cohort.role, center=cohort.center,
+                replace=True,
+            )
+        report(len(COHORTS), len(COHORTS), "imported")
+
+        # Stage 2: slides, rendered in worker processes, registered here.
+        jobs = _slide_jobs(out_dir, spec, seed, patients)
+        _write_manifests(out_dir, jobs)
+        report = stage_reporter(progress, stage="slides", index=2, stages=stages)
+        registered = {
+            s.path: s for s in store_mod.list_slides(store) if s.cohort in patients
+        }
+        todo: list[_SlideJob] = []
+        reused = 0
+        for job in jobs:
+            known = registered.get(job.path)
+            if known is not None and Path(job.path).exists() and known.sha256 is not None:
+                reused += 1
+            else:
+                todo.append(job)
+        done = reused
+        report(done, len(jobs), "resuming" if reused else "")
+        n_boxes = 0
+        for path, boxes in _run_jobs(todo, workers):
+            job = next(j for j in todo if j.path == path)
+            _register_demo_slide(store, job, boxes)
+            n_boxes += len(boxes)
+            done += 1
+            report(done, len(jobs), Path(path).name)
+        store_mod.set_meta(
+            store, _META_KEY,
+            json.dumps(
+                {**stamp, "complete": True,
+                 "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            ),
+        )
+        counts = store_mod.table_counts(store)
+    return DemoSummary(
+        str(db_path), str(out_dir), size, seed,
+        {c: len(p) for c, p in patients.items()}, len(jobs), len(todo), reused,
+        counts["demo_tumor_regions"],
+    )
+
+
+def _run_jobs(todo: list[_SlideJob], workers: int | None):  # type: ignore[no-untyped-def]
+    """Yield (path, boxes) as slides finish, in worker processes when it pays."""
+    n = workers if workers is not None else min(2, os.cpu_count() or 1)
+    if n <= 1 or len(todo) < 4:
+        for job in todo:
+            yield _make_slide(job)
+        return
+    # spawn, not fork: the dashboard process has threads, and fork copies locks.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+        yield from pool.map(_make_slide, todo, chunksize=1)
+
+
+def _register_demo_slide(
+    store: store_mod.Store, job: _SlideJob, boxes: list[tuple[int, int, int, int]]
+) -> None:
+    cohort = COHORTS[job.cohort_index]
+    with open_slide(job.path, mpp=job.mpp if job.kind == "fov" else None) as slide:
+        store_mod.register_slide(
+            store,
+            cohort=cohort.cohort,
+            patient_id=job.patient.patient_id,
+            path=job.path,
+            sha256=file_sha256(job.path),
+            kind=slide.kind,
+            width=slide.width,
+            height=slide.height,
+            mpp=slide.mpp,
+            size_bytes=Path(job.path).stat().st_size,
+            tumor_regions=boxes,
+        )
+
+
+def _write_manifests(folder: Path, jobs: Sequence[_SlideJob]) -> None:
+    """A manifest per cohort (slide_path, patient_id, mpp), as a user would give ``ingest``."""
+    for ci, cohort in enumerate(COHORTS):
+        rows = [
+            {
+                "slide_path": str(Path(j.path).relative_to(folder / cohort.cohort)),
+                "patient_id": j.patient.patient_id,
+                "mpp": j.mpp,
+            }
+            for j in jobs
+            if j.cohort_index == ci
+        ]
+        pd.DataFrame(rows).to_csv(folder / f"{cohort.cohort}_manifest.csv", index=False)
+
+
+def summary_dict(summary: DemoSummary) -> dict[str, object]:
+    """The summary as plain data (for JSON output)."""
+    return asdict(summary)

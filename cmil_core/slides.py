@@ -1,0 +1,263 @@
+"""One face over whole-slide images and plain photographs.
+
+:func:`open_slide` returns a :class:`Slide` for anything OpenSlide reads
+(Aperio svs, Hamamatsu ndpi, Mirax mrxs, Leica scn, DICOM, generic tiled
+TIFF...) and for plain images (jpg, png, bmp, single-level tif), which become
+one-level slides: microscope photographs of smears are handled like scans.
+
+Coordinate systems (named once, used everywhere):
+
+* ``l0_``: level-0 pixels, the slide's full resolution. Stored patch
+  coordinates are in this system.
+* ``lv_``: pixels of a pyramid level ``level``; ``l0 = lv * downsample``.
+* ``th_``: thumbnail pixels; ``l0 = th * (slide width / thumbnail width)``.
+
+Resolution is ``mpp`` (microns per level-0 pixel), read from the file
+(``openslide.mpp-x``; TIFF resolution tags for images) or given by the
+caller. A slide with neither has ``mpp = None``; the pipeline refuses it with
+a message that says to pass ``--mpp``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cmil_core.errors import InputError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "MAX_IMAGE_PIXELS",
+    "Slide",
+    "SlideError",
+    "file_sha256",
+    "open_slide",
+]
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+# Plain images are decoded whole: refuse anything larger (decompression bombs).
+MAX_IMAGE_PIXELS = 20_000 * 20_000
+
+
+class SlideError(InputError):
+    """A slide file cannot be used; the message says why, for a person."""
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Levels:
+    dimensions: tuple[tuple[int, int], ...]
+    downsamples: tuple[float, ...]
+
+
+class Slide:
+    """An open slide: size, resolution, pyramid, regions and thumbnails.
+
+    Use :func:`open_slide`; close with :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(self, path: Path, kind: str, mpp: float | None, levels: _Levels,
+                 osr: object | None, image: Image.Image | None) -> None:
+        self.path = path
+        self.kind = kind
+        self.mpp = mpp
+        self._levels = levels
+        self._osr = osr
+        self._image = image
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Slide({self.path.name!r}, kind={self.kind!r}, {self.width}x{self.height}, mpp={self.mpp})"
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) in level-0 pixels."""
+        return self._levels.dimensions[0]
+
+    @property
+    def width(self) -> int:
+        return self.dimensions[0]
+
+    @property
+    def height(self) -> int:
+        return self.dimensions[1]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._levels.dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._levels.dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._levels.downsamples
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """The highest-resolution level that is not finer than ``downsample`` needs."""
+        best = 0
+        for level, ds in enumerate(self._levels.downsamples):
+            if ds <= downsample * 1.0001:
+                best = level
+        return best
+
+    def read_region(self, l0_x: int, l0_y: int, level: int, lv_size: tuple[int, int]) -> np.ndarray:
+        """RGB uint8 array (height, width, 3) of a region at ``level``.
+
+        ``l0_x, l0_y`` is the top-left corner in level-0 pixels; ``lv_size``
+        the (width, height) in pixels of that level. Outside the slide is white.
+        """
+        w, h = lv_size
+        if w <= 0 or h <= 0:
+            raise ValueError(f"invalid region size {lv_size}")
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"invalid level {level}")
+        if self._osr is not None:
+            import openslide
+
+            try:
+                region = self._osr.read_region((l0_x, l0_y), level, (w, h))  # type: ignore[attr-defined]
+            except openslide.OpenSlideError as exc:
+                raise SlideError(f"{self.path.name}: cannot read pixels ({exc})") from exc
+            rgba = np.asarray(region)
+            # OpenSlide returns premultiplied-free RGBA; transparent = outside: make it white.
+            rgb = rgba[..., :3].copy()
+            rgb[rgba[..., 3] == 0] = 255
+            return rgb
+        assert self._image is not None
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0 = max(l0_x, 0), max(l0_y, 0)
+        x1, y1 = min(l0_x + w, self.width), min(l0_y + h, self.height)
+        if x1 > x0 and y1 > y0:
+            crop = np.asarray(self._image.crop((x0, y0, x1, y1)))
+            out[y0 - l0_y : y1 - l0_y, x0 - l0_x : x1 - l0_x] = crop
+        return out
+
+    def thumbnail(self, max_size: int = 512) -> Image.Image:
+        """An RGB thumbnail whose longer side is at most ``max_size`` pixels."""
+        if self._osr is not None:
+            import openslide
+
+            try:
+                thumb = self._osr.get_thumbnail((max_size, max_size))  # type: ignore[attr-defined]
+            except openslide.OpenSlideError as exc:
+                raise SlideError(f"{self.path.name}: cannot read pixels ({exc})") from exc
+            return thumb.convert("RGB")
+        assert self._image is not None
+        thumb = self._image.copy()
+        thumb.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+        return thumb
+
+    def close(self) -> None:
+        if self._osr is not None:
+            self._osr.close()  # type: ignore[attr-defined]
+            self._osr = None
+        if self._image is not None:
+            self._image.close()
+            self._image = None
+
+
+def _mpp_from_openslide(props: dict[str, str]) -> float | None:
+    import openslide
+
+    for key in (openslide.PROPERTY_NAME_MPP_X, openslide.PROPERTY_NAME_MPP_Y):
+        raw = props.get(key)
+        if raw:
+            try:
+                value = float(raw)
+            except ValueError:
+                continue
+            if 0 < value < 1000:
+                return value
+    return None
+
+
+def _mpp_from_image(img: Image.Image) -> float | None:
+    """mpp from TIFF resolution tags or JPEG/PNG dpi, when they are meaningful."""
+    dpi = img.info.get("dpi")
+    if dpi and dpi[0] and float(dpi[0]) > 300:  # 72/96/300 dpi are screen/print defaults
+        return 25_400.0 / float(dpi[0])
+    return None
+
+
+def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Slide:
+    """Open a whole-slide image or a photograph.
+
+    ``mpp`` overrides the file's resolution. Raises :class:`SlideError` with a
+    reason a person understands for a missing, empty, unsupported or corrupt
+    file, or a decompression bomb.
+    """
+    p = Path(path)
+    name = p.name
+    if not p.exists():
+        raise SlideError(f"{name}: no such file")
+    if not p.is_file():
+        raise SlideError(f"{name}: not a file")
+    if p.stat().st_size == 0:
+        raise SlideError(f"{name}: the file is empty")
+    if mpp is not None and not (0 < mpp < 1000):
+        raise SlideError(f"{name}: mpp {mpp} is not a plausible resolution in microns per pixel")
+
+    import openslide
+
+    suffix = p.suffix.lower()
+    vendor = None
+    try:
+        vendor = openslide.OpenSlide.detect_format(str(p))
+    except openslide.OpenSlideError:
+        vendor = None
+    if vendor is not None and not (suffix in (".jpg", ".jpeg", ".png", ".bmp")):
+        try:
+            osr = openslide.OpenSlide(str(p))
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"{name}: OpenSlide cannot open it ({exc})") from exc
+        levels = _Levels(tuple(osr.level_dimensions), tuple(float(d) for d in osr.level_downsamples))
+        file_mpp = _mpp_from_openslide(dict(osr.properties))
+        return Slide(p, f"openslide:{vendor}", mpp if mpp is not None else file_mpp, levels, osr, None)
+
+    if suffix not in IMAGE_SUFFIXES:
+        raise SlideError(
+            f"{name}: not a slide format OpenSlide reads, nor a jpg/png/bmp/tif image"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(p)
+            w, h = img.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise SlideError(
+                    f"{name}: {w}x{h} pixels is too large for a plain image "
+                    "(save it as a tiled pyramidal TIFF)"
+                )
+            file_mpp = _mpp_from_image(img)
+            img.load()
+    except SlideError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise SlideError(f"{name}: refused as a decompression bomb ({exc})") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise SlideError(f"{name}: not a readable image ({exc})") from exc
+    rgb = img.convert("RGB") if img.mode != "RGB" else img
+    fmt = (img.format or suffix.lstrip(".")).lower()
+    levels = _Levels(((w, h),), (1.0,))
+    return Slide(p, f"image:{fmt}", mpp if mpp is not None else file_mpp, levels, None, rgb)

@@ -1,0 +1,181 @@
+"""cmil_core.demo: the synthetic study is complete, readable, deterministic and resumable."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+
+from cmil_core import store
+from cmil_core.demo import COHORTS, SIZES, demo_status, generate_demo, simulate_patients
+from cmil_core.errors import InputError
+from cmil_core.progress import Progress
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "demo.json"
+    }
+
+
+def _store_rows(db: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    with store.open_store(db, read_only=True) as st:
+        patients = store.patients_frame(st)
+        slides = pd.DataFrame([s.__dict__ for s in store.list_slides(st)])
+        regions = store.tumor_regions_frame(st).merge(
+            slides[["slide_id", "path"]], on="slide_id")
+    return patients, slides.drop(columns=["slide_id"]), regions.drop(columns=["slide_id"])
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("demo") / "cmil.duckdb"
+    events: list[Progress] = []
+    generate_demo(db, size="small", seed=7, progress=events.append)
+    assert events[-1].index == events[-1].stages and events[-1].fraction == 1.0
+    return db
+
+
+def test_small_demo_fills_every_table_it_can(small_demo: Path) -> None:
+    spec = SIZES["small"]
+    with store.open_store(small_demo, read_only=True) as st:
+        counts = store.table_counts(st)
+        cohorts = store.list_cohorts(st)
+        status = demo_status(st)
+    assert [(c.cohort, c.role) for c in cohorts] == [
+        ("training", "train"), ("external_a", "validation"), ("external_b", "test")]
+    assert counts["patients"] == sum(spec.patients) == 30
+    n_wsi = spec.patients[0] + spec.patients[1]
+    assert counts["slides"] == n_wsi + spec.patients[2] * spec.fov_count
+    assert counts["demo_tumor_regions"] > 0
+    assert status is not None and status["complete"] and status["seed"] == 7
+
+
+def test_scanned_slides_are_pyramidal_tiffs_openslide_reads(small_demo: Path) -> None:
+    _, slides, _ = _store_rows(small_demo)
+    wsi = slides[slides["cohort"] != "external_b"]
+    assert len(wsi) == 22
+    for row in wsi.itertuples():
+        osr = openslide.OpenSlide(row.path)
+        assert osr.level_count > 1
+        assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+        assert osr.dimensions == (row.width, row.height) == SIZES["small"].slide_px
+        assert row.kind == "openslide:generic-tiff"
+        assert Path(row.path).name.startswith(f"{row.patient_id}_")  # DESIGN's file-name rule
+        osr.close()
+
+
+def test_centre_b_is_folders_of_photographs_with_a_manifest(small_demo: Path) -> None:
+    _, slides, _ = _store_rows(small_demo)
+    fov = slides[slides["cohort"] == "external_b"]
+    assert set(fov["kind"]) == {"image:jpeg"}
+    assert (fov["mpp"] == 0.3).all()
+    for row in fov.itertuples():
+        assert Path(row.path).parent.name == row.patient_id  # DESIGN's folder rule
+    manifest = pd.read_csv(small_demo.parent / "demo" / "external_b_manifest.csv")
+    assert list(manifest.columns) == ["slide_path", "patient_id", "mpp"]
+    assert len(manifest) == len(fov)
+
+
+def test_tumour_regions_lie_on_metastatic_patients_slides(small_demo: Path) -> None:
+    patients, slides, regions = _store_rows(small_demo)
+    merged = regions.merge(slides, on="path", suffixes=("_box", "_slide")).merge(
+        patients[["cohort", "patient_id", "bm_metastasis"]], on=["cohort", "patient_id"])
+    assert (merged["bm_metastasis"] == 1).all()
+    assert (merged["x"] >= 0).all() and (merged["y"] >= 0).all()
+    inside = (merged["x"] + merged["width_box"] <= merged["width_slide"]) & (
+        merged["y"] + merged["height_box"] <= merged["height_slide"])
+    assert inside.all()
+    # Every metastatic patient of the scanned cohorts has tumour on the slide.
+    wsi_pos = patients[(patients["cohort"] != "external_b") & (patients["bm_metastasis"] == 1)]
+    with_regions = set(zip(merged["cohort"], merged["patient_id"]))
+    assert set(zip(wsi_pos["cohort"], wsi_pos["patient_id"])) <= with_regions
+
+
+def test_tumour_boxes_are_dark_blue_in_the_pixels(small_demo: Path) -> None:
+    _, slides, regions = _store_rows(small_demo)
+    region = regions.iloc[0]
+    osr = openslide.OpenSlide(region["path"])
+    box = np.asarray(osr.read_region((int(region.x), int(region.y)), 0,
+                                     (int(region.width), int(region.height))))[..., :3].astype(int)
+    blue_purple = (box[..., 2] > box[..., 1] + 40) & (box.sum(-1) < 450)
+    assert blue_purple.mean() > 0.25
+
+
+def test_same_seed_same_bytes_other_seed_other_study(small_demo: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again" / "cmil.duckdb"
+    generate_demo(again, size="small", seed=7, workers=1)  # other process layout, same bytes
+    assert _digests(small_demo.parent / "demo") == _digests(again.parent / "demo")
+    first, second = _store_rows(small_demo), _store_rows(again)
+    pd.testing.assert_frame_equal(first[0], second[0])
+    other = tmp_path / "other" / "cmil.duckdb"
+    generate_demo(other, size="small", seed=8, workers=1)
+    a = (small_demo.parent / "demo" / "training_clinical.csv").read_bytes()
+    b = (other.parent / "demo" / "training_clinical.csv").read_bytes()
+    assert a != b
+
+
+def test_finished_demo_is_not_redone(small_demo: Path) -> None:
+    summary = generate_demo(small_demo, size="small", seed=7)
+    assert summary.skipped
+
+
+def test_interrupted_demo_resumes_to_the_same_study(tmp_path: Path, small_demo: Path) -> None:
+    db = tmp_path / "cmil.duckdb"
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_ten(event: Progress) -> None:
+        if event.stage == "slides" and event.done >= 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        generate_demo(db, size="small", seed=7, progress=kill_after_ten, workers=1)
+    with store.open_store(db, read_only=True) as st:
+        status = demo_status(st)
+        assert status is not None and not status["complete"]
+        assert 10 <= store.table_counts(st)["slides"] < 46
+    summary = generate_demo(db, size="small", seed=7, workers=1)
+    assert summary.reused >= 10 and summary.generated + summary.reused == 46
+    resumed, full = _store_rows(db), _store_rows(small_demo)
+    pd.testing.assert_frame_equal(resumed[0], full[0])
+    key = ["cohort", "patient_id", "sha256", "width", "height", "mpp", "status"]
+    pd.testing.assert_frame_equal(
+        resumed[1][key].sort_values(key).reset_index(drop=True),
+        full[1][key].sort_values(key).reset_index(drop=True))
+    assert len(resumed[2]) == len(full[2])
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(InputError, match="--size 'huge'"):
+        generate_demo("/tmp/unused.duckdb", size="huge")
+    with pytest.raises(InputError, match="--seed -1"):
+        generate_demo("/tmp/unused.duckdb", seed=-1)
+
+
+def test_simulated_clinical_data_is_plausible() -> None:
+    rng = np.random.default_rng(0)
+    patients = pd.DataFrame([p.__dict__ for p in simulate_patients(rng, 3000, "X")])
+    met = patients["bm_metastasis"] == 1
+    assert 0.4 < met.mean() < 0.5
+    assert (patients.loc[met, "inss_stage"] == "4").all()
+    assert patients.loc[met, "burden"].min() > 0 and (patients.loc[~met, "burden"] == 0).all()
+    amp = patients["mycn"] == "amplified"
+    assert amp[met].mean() > 2 * amp[~met].mean()
+    assert patients.loc[amp, "del_1p"].eq("yes").mean() > patients.loc[~amp, "del_1p"].eq("yes").mean()
+    assert patients.loc[met, "age_months"].median() > patients.loc[~met, "age_months"].median()
+    # Metastasis and burden shorten survival; event-free survival never exceeds overall.
+    assert patients.loc[met, "os_event"].mean() > patients.loc[~met, "os_event"].mean() + 0.15
+    assert (patients["efs_months"] <= patients["os_months"] + 1e-9).all()
+    assert ((patients["os_months"] >= 0) & (patients["os_months"] <= 96)).all()
+
+
+def test_three_centres_look_different() -> None:
+    assert len({c.style for c in COHORTS}) == 3

@@ -1,0 +1,118 @@
+"""cmil_core.slides on real files from ../shared/fixtures, including broken ones."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cmil_core.slides import MAX_IMAGE_PIXELS, SlideError, file_sha256, open_slide
+
+
+def test_aperio_slide_with_resolution(fixtures_dir: Path) -> None:
+    with open_slide(fixtures_dir / "slides" / "CMU-1-Small-Region.svs") as slide:
+        assert slide.kind == "openslide:aperio"
+        assert slide.dimensions == (2220, 2967)
+        assert slide.mpp == pytest.approx(0.499)
+        region = slide.read_region(1000, 1000, 0, (64, 32))
+        assert region.shape == (32, 64, 3) and region.dtype == np.uint8
+        thumb = slide.thumbnail(256)
+        assert max(thumb.size) == 256 and thumb.mode == "RGB"
+
+
+def test_slide_without_resolution_and_override(fixtures_dir: Path) -> None:
+    path = fixtures_dir / "slides" / "tcga-no-mpp.svs"
+    with open_slide(path) as slide:
+        assert slide.mpp is None
+        assert slide.level_count == 2
+    with open_slide(path, mpp=0.25) as slide:
+        assert slide.mpp == 0.25
+
+
+def test_pyramid_levels_and_best_level(fixtures_dir: Path) -> None:
+    with open_slide(fixtures_dir / "slides" / "boxes.tiff") as slide:
+        assert slide.level_count == 4
+        assert slide.dimensions == (300, 250)
+        assert slide.best_level_for_downsample(1.0) == 0
+        assert slide.best_level_for_downsample(2.5) == 1
+        assert slide.best_level_for_downsample(100) == 3
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken.svs", "OpenSlide cannot open it|not a slide format"),
+        ("unopenable.tiff", "OpenSlide cannot open it|not a readable image"),
+    ],
+)
+def test_files_that_fail_to_open(fixtures_dir: Path, name: str, reason: str) -> None:
+    with pytest.raises(SlideError, match=rf"^{name}: ({reason})"):
+        open_slide(fixtures_dir / "slides" / name)
+
+
+def test_file_that_opens_but_cannot_be_read(fixtures_dir: Path) -> None:
+    with open_slide(fixtures_dir / "slides" / "unreadable.svs") as slide:
+        with pytest.raises(SlideError, match="unreadable.svs: cannot read pixels"):
+            slide.read_region(0, 0, 0, (16, 16))
+
+
+def test_smear_photograph_is_a_one_level_slide(fixtures_dir: Path) -> None:
+    path = fixtures_dir / "smears" / "bccd" / "BloodImage_00000.jpg"
+    with open_slide(path, mpp=0.3) as slide:
+        assert slide.kind == "image:jpeg"
+        assert slide.dimensions == (640, 480) and slide.level_count == 1
+        assert slide.mpp == 0.3
+        full = slide.read_region(0, 0, 0, (640, 480))
+        assert np.array_equal(full, np.asarray(Image.open(path).convert("RGB")))
+        # Outside the image is white, as with OpenSlide.
+        edge = slide.read_region(600, 440, 0, (80, 80))
+        assert (edge[40:, :] == 255).all() and (edge[:, 40:] == 255).all()
+
+
+def test_plain_image_without_resolution(fixtures_dir: Path) -> None:
+    with open_slide(fixtures_dir / "smears" / "bccd" / "BloodImage_00001.jpg") as slide:
+        assert slide.mpp is None
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "reason"),
+    [
+        ("empty.svs", b"", "the file is empty"),
+        ("notes.txt", b"hello", "not a slide format OpenSlide reads"),
+        ("fake.jpg", b"this is not a jpeg at all", "not a readable image"),
+    ],
+)
+def test_bad_files_fail_with_a_reason(tmp_path: Path, name: str, data: bytes, reason: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(SlideError, match=f"{name}: {reason}"):
+        open_slide(path)
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(SlideError, match="nope.svs: no such file"):
+        open_slide(tmp_path / "nope.svs")
+    with pytest.raises(SlideError, match="not a file"):
+        open_slide(tmp_path)
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path) -> None:
+    side = int(MAX_IMAGE_PIXELS**0.5) + 100
+    path = tmp_path / "bomb.png"
+    Image.new("1", (side, side)).save(path)  # a few kB on disk, billions of pixels decoded
+    assert path.stat().st_size < 5_000_000
+    with pytest.raises(SlideError, match="bomb.png: .*(too large|decompression bomb)"):
+        open_slide(path)
+
+
+def test_implausible_mpp_is_refused(fixtures_dir: Path) -> None:
+    with pytest.raises(SlideError, match="mpp -1"):
+        open_slide(fixtures_dir / "slides" / "small.svs", mpp=-1)
+
+
+def test_sha256_matches_hashlib(fixtures_dir: Path) -> None:
+    path = fixtures_dir / "slides" / "small.svs"
+    assert file_sha256(path, chunk=100) == hashlib.sha256(path.read_bytes()).hexdigest()
