@@ -1,0 +1,128 @@
+"""cMIL dashboard: ``streamlit run app.py`` (the README's run command does this).
+
+The entry point: navigation over the pages, the shared sidebar, and the first
+launch. On a first launch with the default store (no ``CMIL_DB``), the demo
+study is generated in the background, with progress on this page and in the
+terminal; later launches open at once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import streamlit as st
+
+from cmil_core.demo import demo_status, generate_demo
+from cmil_core.progress import TerminalProgress
+from pages import _common
+
+st.set_page_config(page_title="cMIL dashboard", page_icon="🔬", layout="wide")
+
+FIRST_LAUNCH_SIZE = os.environ.get("CMIL_DEMO_SIZE", "full")
+
+
+def start_demo(size: str) -> None:
+    _common.job_runner().start(
+        _common.DEMO_JOB, generate_demo, str(_common.db_path()), size=size,
+        extra_progress=TerminalProgress(),
+    )
+
+
+def building_page() -> None:
+    """Progress of the demo build; the app reruns itself when it is done."""
+    st.title("Building the demo study")
+    st.write(
+        "A synthetic study shaped like the cMIL paper's (a training centre and two "
+        "external centres) is being generated on this machine. Nothing is downloaded. "
+        "This happens once; later launches open at once."
+    )
+
+    @st.fragment(run_every=1.0)
+    def watch() -> None:
+        job = _common.job_runner().get(_common.DEMO_JOB)
+        if job is None:
+            return
+        if job.state == "failed":
+            st.error(f"The demo could not be built: {job.error}")
+            if st.button("Try again"):
+                start_demo(FIRST_LAUNCH_SIZE)
+                st.rerun()
+            return
+        event = job.progress
+        if event is None:
+            st.progress(0.0, text="Starting…")
+        else:
+            st.progress(event.overall, text=event.describe())
+        if job.state == "done":
+            st.rerun(scope="app")
+
+    watch()
+
+
+def empty_page() -> None:
+    st.title("This store is empty")
+    st.write(f"No cohort in `{_common.db_path()}` yet. To fill it:")
+    st.markdown(
+        "- import a clinical table: `python -m cmil_core import-cohort --db STORE "
+        "--cohort NAME --csv clinical.csv --role train`\n"
+        "- or build the synthetic demo study here:"
+    )
+    size = st.radio("Demo size", ["small", "full"], horizontal=True,
+                    captions=["about 30 patients, under a minute", "the paper's 359 patients"])
+    if st.button("Build the demo study", type="primary"):
+        start_demo(size)
+        st.rerun()
+
+
+def busy_page() -> None:
+    st.title("The store is busy")
+    st.warning(st.session_state.get("store_problem", "The store cannot be read right now."))
+    st.caption("This page retries every few seconds.")
+
+    @st.fragment(run_every=3.0)
+    def retry() -> None:
+        if _common.store_state() != "busy":
+            st.rerun(scope="app")
+
+    retry()
+
+
+def _demo_unfinished() -> bool:
+    try:
+        status = _common.query("demo", demo_status)
+    except _common.StoreUnavailable:
+        return False
+    return status is not None and not status.get("complete")
+
+
+def main() -> None:
+    job = _common.job_runner().get(_common.DEMO_JOB)
+    state = _common.store_state()
+    if job is not None and job.running or (job is not None and job.state == "failed" and state != "ready"):
+        page = st.Page(building_page, title="Building the demo", icon="⏳")
+    elif _common.using_default_store() and (state == "missing" or _demo_unfinished()):
+        # First launch, or a launch after a demo build was interrupted: (re)start
+        # it; the generator resumes where it stopped.
+        start_demo(FIRST_LAUNCH_SIZE)
+        page = st.Page(building_page, title="Building the demo", icon="⏳")
+    elif state in ("missing", "empty"):
+        page = st.Page(empty_page, title="Get started", icon="📥")
+    elif state == "busy":
+        page = st.Page(busy_page, title="Store busy", icon="⏳")
+    else:
+        page = None
+    if page is not None:
+        st.navigation([page], position="hidden").run()
+        return
+    _common.sidebar()
+    nav = st.navigation(
+        {
+            "Study": [
+                st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
+            ],
+        }
+    )
+    nav.run()
+
+
+main()

@@ -1,0 +1,105 @@
+"""What every page shares: the store in use, cached reads, the sidebar, jobs.
+
+Pages stay thin: they call these helpers and ``cmil_core``, and draw.
+Reads are cached per store fingerprint, so a page reruns in milliseconds and
+sees new results as soon as the store changes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pandas as pd
+import streamlit as st
+
+from cmil_core import store as store_mod
+from cmil_core.jobs import JobRunner
+
+T = TypeVar("T")
+
+DEMO_JOB = "demo"
+
+
+def db_path() -> Path:
+    """The store the app shows: ``$CMIL_DB``, else ``data/cmil.duckdb``."""
+    return store_mod.default_db_path()
+
+
+def using_default_store() -> bool:
+    return not os.environ.get("CMIL_DB", "").strip()
+
+
+@st.cache_resource
+def job_runner() -> JobRunner:
+    """One runner per server process: jobs outlive pages and browser refreshes."""
+    return JobRunner()
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be read now (busy, or not there yet)."""
+
+
+def read(func: Callable[[store_mod.Store], T]) -> T:
+    """Run ``func`` on a short-lived read-only reference to the store."""
+    path = db_path()
+    try:
+        with store_mod.open_store(path, read_only=True, timeout=3.0) as st_:
+            return func(st_)
+    except store_mod.StoreError as exc:
+        raise StoreUnavailable(str(exc)) from exc
+
+
+def fingerprint() -> tuple[int, int, int]:
+    return store_mod.store_fingerprint(db_path())
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached(name: str, _func: Callable[[store_mod.Store], Any], db: str, stamp: tuple[int, int, int]) -> Any:
+    """Cache ``_func``'s result per query name, store path and store fingerprint."""
+    return read(_func)
+
+
+def query(name: str, func: Callable[[store_mod.Store], T]) -> T:
+    return cached(name, func, str(db_path()), fingerprint())  # type: ignore[no-any-return]
+
+
+def store_state() -> str:
+    """``missing``, ``empty`` (no cohorts), ``ready`` or ``busy``."""
+    if not db_path().exists():
+        return "missing"
+    try:
+        cohorts = query("cohorts", store_mod.list_cohorts)
+    except StoreUnavailable as exc:
+        st.session_state["store_problem"] = str(exc)
+        return "busy"
+    return "ready" if cohorts else "empty"
+
+
+def sidebar() -> str | None:
+    """Draw the shared sidebar; returns the chosen model id (None when there is none)."""
+    with st.sidebar:
+        st.caption("Results store")
+        st.code(str(db_path()), language=None)
+        models = pd.DataFrame()
+        if db_path().exists():
+            try:
+                models = query("models", store_mod.list_models)
+            except StoreUnavailable:
+                models = pd.DataFrame()
+        if models.empty:
+            st.selectbox("Model", ["No model trained yet"], disabled=True, key="model_picker_empty")
+            st.caption("Train one with `python -m cmil_core train --db ... --cohort ...`.")
+            return None
+        ids = models["model_id"].tolist()
+        wanted = st.query_params.get("model")
+        index = ids.index(wanted) if wanted in ids else 0
+        labels = {
+            row.model_id: f"{row.model_id} · {row.aggregator} · {row.train_cohorts}"
+            for row in models.itertuples()
+        }
+        choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key="model_id")
+        st.query_params["model"] = choice
+        return str(choice)

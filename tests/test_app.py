@@ -1,0 +1,143 @@
+"""The dashboard, page by page, with Streamlit's AppTest against a real store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cmil_core import store
+from cmil_core.cohort_import import import_cohort
+from cmil_core.slides import file_sha256, open_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = str(ROOT / "app.py")
+
+
+def _study(db: Path, tmp_path: Path, fixtures_dir: Path) -> None:
+    """Three cohorts with labels, follow-up and real smear photographs as slides."""
+    tables = {
+        "train": b"patient_id,bm_metastasis,os_months,os_event\nT1,1,10,1\nT2,0,50,0\nT3,1,20,0\nT4,0,30,1\n",
+        "extA": b"patient_id,bm_metastasis,os_months,os_event\nA1,1,5,1\nA2,0,60,0\n",
+        "extB": b"patient_id,bm_metastasis\nB1,1\nB2,\nB3,0\n",
+    }
+    roles = {"train": "train", "extA": "validation", "extB": "test"}
+    for cohort, data in tables.items():
+        csv = tmp_path / f"{cohort}.csv"
+        csv.write_bytes(data)
+        import_cohort(db, cohort, csv, role=roles[cohort], center=f"Centre {cohort}")
+    smears = sorted((fixtures_dir / "smears" / "bccd").glob("*.jpg"))[:3]
+    with store.open_store(db) as st:
+        for i, path in enumerate(smears):
+            with open_slide(path, mpp=0.3) as slide:
+                store.register_slide(
+                    st, cohort="extB", patient_id=f"B{i + 1}", path=str(path),
+                    sha256=file_sha256(path), kind=slide.kind, width=slide.width,
+                    height=slide.height, mpp=slide.mpp, size_bytes=path.stat().st_size,
+                )
+
+
+@pytest.fixture
+def study_db(db_path: Path, tmp_path: Path, fixtures_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    _study(db_path, tmp_path, fixtures_dir)
+    monkeypatch.setenv("CMIL_DB", str(db_path))
+    return db_path
+
+
+def _run(at: AppTest) -> AppTest:
+    at.run(timeout=60)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def test_overview_counts_equal_the_store(study_db: Path) -> None:
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    assert at.title[0].value == "Study overview"
+    with store.open_store(study_db, read_only=True) as st:
+        counts = store.table_counts(st)
+        overview = store.cohort_overview(st)
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Cohorts"] == "3"
+    assert metrics["Patients"] == str(counts["patients"]) == "9"
+    assert metrics["Slides"] == str(counts["slides"]) == "3"
+    table = at.dataframe[0].value.set_index("Cohort")
+    assert table.index.tolist() == ["train", "extA", "extB"]  # training first
+    for row in overview.itertuples():
+        assert table.loc[row.cohort, "Patients"] == row.patients
+        assert table.loc[row.cohort, "BM metastasis −"] == row.negatives
+        assert table.loc[row.cohort, "Slides"] == row.slides
+    assert table.loc["train", "BM metastasis +"] == "2 (50%)"
+    assert table.loc["extB", "Label unknown"] == 1
+    assert table.loc["train", "Role"] == "Training"
+    assert table.loc["extB", "Median follow-up (months)"] == "—"
+    # Reverse Kaplan-Meier: censored at 50 and 20 (T2, T3) -> median follow-up 50.
+    assert table.loc["train", "Median follow-up (months)"] == "50.0"
+    images = at.get("image")  # the thumbnail strip: only extB has slides
+    assert len(images) == 3
+
+
+def test_sidebar_names_the_store_and_has_no_model_yet(study_db: Path) -> None:
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    assert str(study_db) in at.sidebar.code[0].value
+    picker = at.sidebar.selectbox[0]
+    assert picker.label == "Model" and picker.disabled
+
+
+def test_empty_store_explains_and_offers_the_demo(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.open_store(db_path).close()
+    monkeypatch.setenv("CMIL_DB", str(db_path))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    assert at.title[0].value == "This store is empty"
+    assert any("Build the demo study" == b.label for b in at.button)
+    assert "import-cohort" in at.markdown[1].value
+
+
+def _until(at: AppTest, title: str, seconds: float = 120) -> AppTest:
+    """Rerun the app until the page title is ``title`` (a background job finishing)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        _run(at)
+        if at.title and at.title[0].value == title:
+            return at
+        if time.monotonic() > deadline:
+            raise AssertionError(f"page never became {title!r}; last: {[t.value for t in at.title]}")
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_first_launch_builds_the_demo_with_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("CMIL_DB", raising=False)
+    monkeypatch.setenv("CMIL_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("CMIL_DEMO_SIZE", "small")
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    assert at.title[0].value == "Building the demo study"
+    assert "Nothing is downloaded" in at.markdown[0].value
+    at = _until(at, "Study overview")
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Cohorts"] == "3" and metrics["Patients"] == "30"
+    table = at.dataframe[0].value
+    assert table["Cohort"].tolist() == ["training", "external_a", "external_b"]
+    assert "Synthetic demo study (small" in at.info[0].value
+    assert len(at.get("image")) == 18  # six thumbnails per cohort
+
+
+@pytest.mark.slow
+def test_empty_store_builds_the_demo_on_request(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.open_store(db_path).close()
+    monkeypatch.setenv("CMIL_DB", str(db_path))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    at.radio[0].set_value("small")
+    next(b for b in at.button if b.label == "Build the demo study").click()
+    _run(at)
+    at = _until(at, "Study overview")
+    with store.open_store(db_path, read_only=True) as st:
+        assert store.table_counts(st)["patients"] == 30
