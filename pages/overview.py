@@ -81,18 +81,22 @@ totals[1].metric("Patients", int(overview["patients"].sum()))
 totals[2].metric("Slides", int(overview["slides"].sum()))
 totals[3].metric("Patches passing QC", f"{int(overview['patches_passed'].sum()):,}")
 
-left, right = st.columns([3, 2])
+st.subheader("Cohorts")
+st.dataframe(cohort_table(overview), hide_index=True, width="stretch")
+st.caption(
+    "Median follow-up by the reverse Kaplan-Meier method; deaths are overall-survival "
+    "events. Patches appear once slides are ingested."
+)
+left, _ = st.columns([1, 1])
 with left:
-    st.subheader("Cohorts")
-    st.dataframe(cohort_table(overview), hide_index=True, width="stretch")
-    st.caption(
-        "Median follow-up by the reverse Kaplan-Meier method; deaths are overall-survival "
-        "events. Patches appear once slides are ingested."
-    )
-with right:
     st.plotly_chart(label_chart(overview), width="stretch")
 
 slides = _common.query("slides", store_mod.list_slides)
+patients = _common.query("patients", store_mod.patients_frame)
+status_of = {
+    (r.cohort, r.patient_id): "BM?" if pd.isna(r.bm_metastasis) else ("BM+" if r.bm_metastasis == 1 else "BM−")
+    for r in patients.itertuples()
+}
 st.subheader("Slides")
 for cohort in overview["cohort"]:
     these = [s for s in slides if s.cohort == cohort]
@@ -104,7 +108,8 @@ for cohort in overview["cohort"]:
     cols = st.columns(6)
     for col, slide in zip(cols, shown):
         image = thumbnail(slide.path, slide.sha256, slide.mpp)
-        caption = f"{slide.patient_id or '?'} · {slide.path.rsplit('/', 1)[-1]}"
+        label = status_of.get((slide.cohort, slide.patient_id), "BM?")
+        caption = f"{slide.patient_id or '?'} · {label} · {slide.path.rsplit('/', 1)[-1]}"
         if image is None:
             col.warning(f"{caption}: cannot be read")
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
@@ -46,6 +47,8 @@ def study_db(db_path: Path, tmp_path: Path, fixtures_dir: Path, monkeypatch: pyt
 
 
 def _run(at: AppTest) -> AppTest:
+    # The server hides error details from users (config.toml); tests want them.
+    streamlit_config.set_option("client.showErrorDetails", "full")
     at.run(timeout=60)
     assert not at.exception, [e.value for e in at.exception]
     return at

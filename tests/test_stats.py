@@ -22,6 +22,7 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from cmil_core import stats
 from cmil_core.errors import InputError
+from conftest import is_plain_json
 
 REFERENCE = Path(__file__).parents[1].parent / "shared" / "reference"
 
@@ -409,17 +410,6 @@ CONTRACT_YOUDEN = {
 CONTRACT_COMPARISON = {"score_a", "score_b", "group", "method", "z", "p", "diff", "diff_ci"}
 
 
-def _plain(value) -> bool:
-    """Only JSON's own types: dict, list, str, int, float (finite), bool, None."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_plain(v) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or type(value) in (str, int, bool)
-
-
 def test_roc_analysis_follows_the_json_contract(asah_roc):
     assert {"results", "comparisons"} <= set(asah_roc)
     for row in asah_roc["results"]:
@@ -427,7 +417,7 @@ def test_roc_analysis_follows_the_json_contract(asah_roc):
     assert len(asah_roc["comparisons"]) == 3
     for row in asah_roc["comparisons"]:
         assert CONTRACT_COMPARISON <= set(row)
-    assert _plain(asah_roc)
+    assert is_plain_json(asah_roc)
     json.dumps(asah_roc, allow_nan=False)
 
 

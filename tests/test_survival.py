@@ -22,6 +22,7 @@ from scipy import stats as sps
 
 from cmil_core import stats, survival
 from cmil_core.errors import InputError
+from conftest import is_plain_json
 
 ROSSI_COVARIATES = ["fin", "age", "race", "wexp", "mar", "paro", "prio"]
 
@@ -34,17 +35,6 @@ def g3() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def rossi() -> pd.DataFrame:
     return load_rossi()
-
-
-def _plain(value) -> bool:
-    """Only JSON's own types: dict, list, str, int, float (finite), bool, None."""
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
-    if isinstance(value, list):
-        return all(_plain(v) for v in value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return value is None or type(value) in (str, int, bool)
 
 
 # ----------------------------------------------------------------------------
@@ -108,7 +98,7 @@ def test_rossi_cox_matches_coxph(rossi):
     for c in result["coefficients"]:
         assert c["hr"] == pytest.approx(math.exp(c["coef"]))
         assert c["ci"][0] < c["hr"] < c["ci"][1]
-    assert _plain(result) and result["warnings"] == [] and result["references"] == {}
+    assert is_plain_json(result) and result["warnings"] == [] and result["references"] == {}
 
 
 # ----------------------------------------------------------------------------
@@ -264,7 +254,7 @@ def test_cutoff_chosen_on_the_same_patients_is_flagged(rossi, cutoff):
     )
     assert any("chosen on the same patients" in w for w in result["warnings"])
     assert result["cutoff"]["method"] == cutoff and result["cox"]["reference"] == "low"
-    assert _plain(result)
+    assert is_plain_json(result)
 
 
 def test_two_group_cox_equals_indicator_model(g3):
