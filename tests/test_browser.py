@@ -119,7 +119,7 @@ def test_first_launch_shows_progress_in_page_and_terminal(tmp_path: Path, browse
         page.get_by_role("heading", name="Building the demo study").wait_for(timeout=60_000)
         page.locator("[data-testid='stProgress']").first.wait_for(timeout=30_000)
         page.get_by_role("heading", name="Study overview").wait_for(timeout=180_000)
-        assert "external_b" in page.inner_text("body")
+        page.get_by_text("external_b · 24 slides").wait_for(timeout=30_000)
         log = server.log.read_text()
         assert "[2/2] slides" in log and "46/46" in log, log[-2000:]
         assert (tmp_path / "data" / "cmil.duckdb").exists()
