@@ -16,8 +16,6 @@ from cmil_core.demo import demo_status, generate_demo
 from cmil_core.progress import TerminalProgress
 from pages import _common
 
-st.set_page_config(page_title="cMIL dashboard", page_icon="🔬", layout="wide")
-
 FIRST_LAUNCH_SIZE = os.environ.get("CMIL_DEMO_SIZE", "full")
 
 
@@ -96,6 +94,7 @@ def _demo_unfinished() -> bool:
 
 
 def main() -> None:
+    st.set_page_config(page_title="cMIL dashboard", page_icon="🔬", layout="wide")
     job = _common.job_runner().get(_common.DEMO_JOB)
     state = _common.store_state()
     if job is not None and job.running or (job is not None and job.state == "failed" and state != "ready"):
@@ -125,4 +124,7 @@ def main() -> None:
     nav.run()
 
 
-main()
+# Streamlit runs this file as __main__. The demo's worker processes (spawn)
+# import it again as __mp_main__: they must not draw pages or start jobs.
+if __name__ == "__main__":
+    main()
