@@ -115,6 +115,16 @@ def _cutoff(text: str) -> str | float:
         ) from None
 
 
+def _times(text: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers like 12,24,36") from None
+    if not values or any(v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"'{text}': give non-negative times like 12,24,36")
+    return sorted(values)
+
+
 def _cmd_survival(args: argparse.Namespace) -> int:
     from cmil_core.survival import format_survival, survival_analysis
     from cmil_core.tables import read_frame
@@ -124,7 +134,7 @@ def _cmd_survival(args: argparse.Namespace) -> int:
         raise InputError("--score needs --cutoff median|youden|maxstat|NUMBER")
     result = survival_analysis(
         frame, args.time, args.event, group=args.group, score=args.score, cutoff=args.cutoff,
-        label=args.label, positive=args.positive,
+        label=args.label, positive=args.positive, at_risk_times=args.times,
     )
     return _print_result(result, args.json, format_survival)
 
@@ -195,6 +205,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", type=_cutoff, metavar="median|youden|maxstat|NUMBER")
     p.add_argument("--label", metavar="COL", help="binary label column, for --cutoff youden")
     p.add_argument("--positive", metavar="VALUE", help="positive value of --label")
+    p.add_argument("--times", type=_times, metavar="T1,T2,...",
+                   help="times for the number at risk and S(t) (default: round steps)")
     p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
     p.set_defaults(func=_cmd_survival)
 

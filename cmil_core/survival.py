@@ -787,11 +787,33 @@ def _describe_groups(
         "at_risk": {
             "times": at,
             "groups": [
-                {"group": g, "at_risk": _at_risk_counts(times[labels == g], at)} for g in fits
+                {
+                    "group": g,
+                    "at_risk": _at_risk_counts(times[labels == g], at),
+                    **_survival_at(fit, at),
+                }
+                for g, fit in fits.items()
             ],
         },
         "notes": notes,
     }
+
+
+def _survival_at(fit: KaplanMeierFitter, at: Sequence[float]) -> dict[str, Any]:
+    """S(t) and its log-log 95% interval at each time (the step value at or before t)."""
+    sf = fit.survival_function_.iloc[:, 0]
+    ci = fit.confidence_interval_
+    index = sf.index.to_numpy(dtype=float)
+    survival, bands = [], []
+    for t in at:
+        k = int(np.searchsorted(index, t, side="right")) - 1
+        if k < 0:
+            survival.append(1.0)
+            bands.append([1.0, 1.0])
+            continue
+        survival.append(_json_float(float(sf.iloc[k])))
+        bands.append([_json_float(float(ci.iloc[k, 0])), _json_float(float(ci.iloc[k, 1]))])
+    return {"survival": survival, "survival_ci": bands}
 
 
 # ----------------------------------------------------------------------------
@@ -838,6 +860,13 @@ def format_survival(result: dict[str, Any]) -> str:
         headers = ["at risk", *(f"{t:g}" for t in at_risk["times"])]
         body = [[g["group"], *map(str, g["at_risk"])] for g in at_risk["groups"]]
         parts += ["", _table(headers, body)]
+        if all("survival" in g for g in at_risk["groups"]):
+            headers = ["S(t) [95% CI]", *(f"{t:g}" for t in at_risk["times"])]
+            body = [
+                [g["group"], *(_fmt_ci(v, c, 3) for v, c in zip(g["survival"], g["survival_ci"]))]
+                for g in at_risk["groups"]
+            ]
+            parts += ["", _table(headers, body)]
     parts += [f"note: {w}" for w in result.get("warnings", [])]
     return "\n".join(parts)
 

@@ -88,6 +88,30 @@ def test_survival_reproduces_survdiff(tmp_path: Path, capsys: pytest.CaptureFixt
     assert out["cox"]["hr"] is not None and len(out["cox"]["ci"]) == 2
 
 
+def test_survival_curves_at_times_reproduce_survfit(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    csv = tmp_path / "g3.csv"
+    load_g3().to_csv(csv, index=False)
+    out = _json(capsys, ["survival", "--csv", str(csv), "--time", "time", "--event", "event",
+                         "--group", "group", "--times", "9,19,32,34", "--json"])
+    groups = {g["group"]: g for g in out["at_risk"]["groups"]}
+    assert out["at_risk"]["times"] == [9, 19, 32, 34]
+    # R: summary(survfit(Surv(time, event) ~ 1, data = subset(g3, group != "RIT"),
+    #            conf.type = "log-log"), times = c(9, 19, 32, 34))  (lifelines tests)
+    control = groups["Control"]
+    assert control["survival"] == pytest.approx([0.833, 0.667, 0.5, 0.333], abs=5e-4)
+    assert [c[0] for c in control["survival_ci"]] == pytest.approx(
+        [0.2731, 0.1946, 0.1109, 0.0461], abs=5e-5)
+    assert [c[1] for c in control["survival_ci"]] == pytest.approx(
+        [0.975, 0.904, 0.804, 0.676], abs=5e-4)
+    # R: summary(survfit(...), data = subset(g3, group == "RIT")), times = c(25, 53))
+    out = _json(capsys, ["survival", "--csv", str(csv), "--time", "time", "--event", "event",
+                         "--group", "group", "--times", "25,53", "--json"])
+    rit = {g["group"]: g for g in out["at_risk"]["groups"]}["RIT"]
+    assert rit["survival"] == pytest.approx([0.909, 0.779], abs=5e-4)
+
+
 def test_survival_by_score_cutoff_warns_on_same_patients(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -129,6 +153,8 @@ def test_cox_reproduces_coxph(tmp_path: Path, capsys: pytest.CaptureFixture[str]
           "--cutoff", "highest"], "'highest' is not median"),
         (["cox", "--csv", str(ASAH), "--time", "age", "--event", "outcome", "--covariates", ""],
          "covariates"),
+        (["survival", "--csv", str(ASAH), "--time", "age", "--event", "wfns", "--group", "gender",
+          "--times", "a,b"], "not a list of numbers"),
     ],
 )
 def test_bad_input_is_one_error_line_exit_2(
