@@ -92,15 +92,26 @@ def _print_result(result: dict[str, object], as_json: bool, formatter: Callable[
     return 0
 
 
+def _naming_file(path: str, func: Callable[[], dict]) -> dict:  # type: ignore[type-arg]
+    """Run an analysis of the table ``path``; its input errors name the file first."""
+    name = os.path.basename(path)
+    try:
+        return func()
+    except InputError as exc:
+        if str(exc).startswith(name):
+            raise
+        raise InputError(f"{name}: {exc}") from exc
+
+
 def _cmd_roc(args: argparse.Namespace) -> int:
     from cmil_core.stats import format_roc, roc_analysis
     from cmil_core.tables import read_frame
 
     frame = read_frame(args.csv)
-    result = roc_analysis(
+    result = _naming_file(args.csv, lambda: roc_analysis(
         frame, args.label, args.score, positive=args.positive, group=args.group,
         ci_method=args.ci, n_boot=args.n_boot, seed=args.seed, cutoff_group=args.cutoff_group,
-    )
+    ))
     return _print_result(result, args.json, format_roc)
 
 
@@ -132,10 +143,10 @@ def _cmd_survival(args: argparse.Namespace) -> int:
     frame = read_frame(args.csv)
     if args.score is not None and args.cutoff is None:
         raise InputError("--score needs --cutoff median|youden|maxstat|NUMBER")
-    result = survival_analysis(
+    result = _naming_file(args.csv, lambda: survival_analysis(
         frame, args.time, args.event, group=args.group, score=args.score, cutoff=args.cutoff,
         label=args.label, positive=args.positive, at_risk_times=args.times,
-    )
+    ))
     return _print_result(result, args.json, format_survival)
 
 
@@ -144,7 +155,8 @@ def _cmd_cox(args: argparse.Namespace) -> int:
     from cmil_core.tables import read_frame
 
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
-    result = cox_analysis(read_frame(args.csv), args.time, args.event, covariates)
+    frame = read_frame(args.csv)
+    result = _naming_file(args.csv, lambda: cox_analysis(frame, args.time, args.event, covariates))
     return _print_result(result, args.json, format_cox)
 
 

@@ -168,6 +168,8 @@ def test_bad_input_is_one_error_line_exit_2(
     assert code == 2
     assert err.startswith("error:") and err.count("\n") == 1, err
     assert message in err
+    if "--csv" in argv and "(see --help)" not in err:
+        assert err.startswith(f"error: {Path(argv[argv.index('--csv') + 1]).name}: "), err
     assert "Traceback" not in err
 
 
