@@ -114,10 +114,14 @@ class Slide:
         return self._levels.downsamples
 
     def best_level_for_downsample(self, downsample: float) -> int:
-        """The highest-resolution level that is not finer than ``downsample`` needs."""
+        """The smallest level still at least as fine as ``downsample`` asks.
+
+        Pyramid downsamples are rarely exact (2.00045 for a "2x" level), so a
+        level up to 0.1 % coarser than asked still counts.
+        """
         best = 0
         for level, ds in enumerate(self._levels.downsamples):
-            if ds <= downsample * 1.0001:
+            if ds <= downsample * 1.001:
                 best = level
         return best
 
@@ -140,9 +144,11 @@ class Slide:
             except openslide.OpenSlideError as exc:
                 raise SlideError(f"{self.path.name}: cannot read pixels ({exc})") from exc
             rgba = np.asarray(region)
-            # OpenSlide returns premultiplied-free RGBA; transparent = outside: make it white.
             rgb = rgba[..., :3].copy()
-            rgb[rgba[..., 3] == 0] = 255
+            # Transparent pixels lie outside the scanned area: make them white, like glass.
+            alpha = rgba[..., 3]
+            if not alpha.all():
+                rgb[alpha == 0] = 255
             return rgb
         assert self._image is not None
         out = np.full((h, w, 3), 255, dtype=np.uint8)
