@@ -57,6 +57,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"  patients: {cohorts}")
         print(f"  slides: {summary.slides} ({summary.generated} generated, {summary.reused} kept) "
               f"under {summary.folder}")
+        print(f"  patches: {summary.patches} ({summary.patches_passed} passed quality control)")
         print(f"  ground-truth tumour regions: {summary.tumour_regions}")
     return 0
 
@@ -81,6 +82,24 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
     print(f"  columns: {mapped}")
     if result.clinical_columns:
         print(f"  kept as clinical variables: {', '.join(result.clinical_columns)}")
+    return 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from cmil_core.pipeline import format_ingest_summary, ingest
+    from cmil_core.progress import TerminalProgress
+    from cmil_core.quality import QCThresholds
+    from cmil_core.tiling import TilingConfig
+
+    config = TilingConfig(patch_um=args.patch_um, overlap=args.overlap)
+    summary = ingest(
+        args.db, args.cohort, args.slides, manifest=args.manifest, mpp=args.mpp,
+        config=config, thresholds=QCThresholds(), progress=TerminalProgress(),
+    )
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print(format_ingest_summary(summary))
     return 0
 
 
@@ -190,6 +209,21 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate only; write nothing")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_import_cohort)
+
+    p = sub.add_parser("ingest", help="register, tile and quality-check a cohort's slides")
+    _add_db(p, required=True)
+    p.add_argument("--cohort", required=True, help="cohort whose clinical table is imported")
+    p.add_argument("--slides", required=True, metavar="DIR_OR_ZIP",
+                   help="folder (or zip) of slides: files named PATIENT_..., or one folder per patient")
+    p.add_argument("--manifest", metavar="CSV",
+                   help="table with slide_path, patient_id and optionally mpp, per slide")
+    p.add_argument("--mpp", type=float, metavar="X",
+                   help="microns per pixel, for slides whose files give none (or a wrong one)")
+    p.add_argument("--patch-um", type=float, default=112.0, metavar="UM",
+                   help="patch side in microns (default 112: 224 px at 0.5 um/px)")
+    p.add_argument("--overlap", type=float, default=0.0, help="patch overlap, 0 to 0.9")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("roc", help="ROC, AUC with 95%% CI, Youden cutoff metrics, DeLong tests")
     p.add_argument("--csv", required=True, metavar="FILE", help="one row per patient")

@@ -51,7 +51,8 @@ from cmil_core import _smear
 from cmil_core import store as store_mod
 from cmil_core.cohort_import import import_cohort
 from cmil_core.errors import InputError
-from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
+from cmil_core.pipeline import ingest
+from cmil_core.progress import Progress, ProgressCallback, no_progress, stage_reporter
 from cmil_core.slides import file_sha256, open_slide
 
 __all__ = [
@@ -68,7 +69,8 @@ __all__ = [
 ]
 
 # Bump when the generator's output changes, so old demo folders are redone.
-DEMO_VERSION = 1
+# 2: the demo also ingests its slides (patches with quality control).
+DEMO_VERSION = 2
 _META_KEY = "demo"
 
 
@@ -154,6 +156,8 @@ class DemoSummary:
     generated: int
     reused: int
     tumour_regions: int
+    patches: int = 0
+    patches_passed: int = 0
     skipped: bool = False
     details: dict[str, object] = field(default_factory=dict)
 
@@ -435,7 +439,8 @@ def generate_demo(
 ) -> DemoSummary:
     """Generate the demo study into the store ``db`` (default store when None).
 
-    Stages, reported to ``progress``: clinical tables, slides. A store that
+    Stages, reported to ``progress``: clinical tables, slides, patches (the
+    same ``ingest`` a user runs, with each cohort's manifest). A store that
     already holds the same finished demo is left as it is (``skipped``),
     unless ``force``.
     """
@@ -447,7 +452,7 @@ def generate_demo(
     db_path = Path(db) if db is not None else store_mod.default_db_path()
     out_dir = Path(folder) if folder is not None else default_demo_dir(db_path)
     stamp: dict[str, object] = {"size": size, "seed": seed, "version": DEMO_VERSION}
-    stages = 2
+    stages = 3
 
     with store_mod.open_store(db_path) as store:
         status = demo_status(store)
@@ -460,7 +465,8 @@ def generate_demo(
             counts = store_mod.table_counts(store)
             return DemoSummary(
                 str(db_path), str(out_dir), size, seed, {}, counts["slides"], 0,
-                counts["slides"], counts["demo_tumor_regions"], skipped=True,
+                counts["slides"], counts["demo_tumor_regions"], *_patch_totals(store),
+                skipped=True,
             )
         if status is not None and any(status.get(k) != v for k, v in stamp.items()):
             # Another demo (size or seed) lives here: remove its cohorts first.
@@ -508,6 +514,18 @@ def generate_demo(
             n_boxes += len(boxes)
             done += 1
             report(done, len(jobs), Path(path).name)
+        # Stage 3: patches, through the same ingest a user runs.
+        offset = 0
+
+        def patch_progress(event: Progress) -> None:
+            progress(Progress("patches", 3, stages, offset + event.done, len(jobs), event.message))
+
+        for cohort in COHORTS:
+            ingest(
+                store, cohort.cohort, out_dir / cohort.cohort,
+                manifest=out_dir / f"{cohort.cohort}_manifest.csv", progress=patch_progress,
+            )
+            offset += sum(1 for j in jobs if COHORTS[j.cohort_index] is cohort)
         store_mod.set_meta(
             store, _META_KEY,
             json.dumps(
@@ -516,11 +534,17 @@ def generate_demo(
             ),
         )
         counts = store_mod.table_counts(store)
+        totals = _patch_totals(store)
     return DemoSummary(
         str(db_path), str(out_dir), size, seed,
         {c: len(p) for c, p in patients.items()}, len(jobs), len(todo), reused,
-        counts["demo_tumor_regions"],
+        counts["demo_tumor_regions"], *totals,
     )
+
+
+def _patch_totals(store: store_mod.Store) -> tuple[int, int]:
+    overview = store_mod.cohort_overview(store)
+    return int(overview["patches"].sum()), int(overview["patches_passed"].sum())
 
 
 def _run_jobs(todo: list[_SlideJob], workers: int | None):  # type: ignore[no-untyped-def]

@@ -63,6 +63,14 @@ __all__ = [
     "cohort_overview",
     "default_db_path",
     "delete_cohort",
+    "find_slide",
+    "finish_ingest_run",
+    "ingest_runs_frame",
+    "mark_slide_failed",
+    "patches_frame",
+    "qc_counts",
+    "start_ingest_run",
+    "write_slide_patches",
     "get_meta",
     "import_patients",
     "list_cohorts",
@@ -238,9 +246,40 @@ def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
+    """Ingest: grid indices and all quality metrics per patch, tiling state per slide, runs."""
+    for column, kind in (
+        ("g_col", "INTEGER"), ("g_row", "INTEGER"), ("foreground_fraction", "DOUBLE"),
+        ("thick_fraction", "DOUBLE"), ("dark_fraction", "DOUBLE"), ("bright_fraction", "DOUBLE"),
+    ):
+        con.execute(f"ALTER TABLE patches ADD COLUMN {column} {kind}")
+    for column, kind in (
+        ("tiling_key", "TEXT"), ("tiling", "JSON"), ("tiled_at", "TIMESTAMP"), ("run_id", "INTEGER"),
+    ):
+        con.execute(f"ALTER TABLE slides ADD COLUMN {column} {kind}")
+    con.execute("CREATE SEQUENCE run_id_seq START 1")
+    con.execute(
+        """
+        CREATE TABLE ingest_runs (
+            run_id INTEGER PRIMARY KEY DEFAULT nextval('run_id_seq'),
+            cohort TEXT NOT NULL,
+            source TEXT,
+            manifest TEXT,
+            config JSON,
+            started_at TIMESTAMP NOT NULL,
+            finished_at TIMESTAMP,
+            status TEXT NOT NULL DEFAULT 'running',
+            summary JSON
+        )"""
+    )
+
+
 # One function per version step: _MIGRATIONS[k] takes a store from version k
 # to version k + 1. Append; never edit a released step.
-_MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (_migration_1,)
+_MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
+    _migration_1,
+    _migration_2,
+)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -603,6 +642,7 @@ def delete_cohort(store: Store, cohort: str) -> None:
             [cohort],
         )
         cur.execute("DELETE FROM slides WHERE cohort = ?", [cohort])
+        cur.execute("DELETE FROM ingest_runs WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM patient_scores WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM patients WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM cohorts WHERE cohort = ?", [cohort])
@@ -640,10 +680,12 @@ class SlideRow:
     status: str
     error: str | None
     size_bytes: int | None
+    tiling_key: str | None = None
 
 
 _SLIDE_COLUMNS = (
-    "slide_id, cohort, patient_id, path, sha256, kind, width, height, mpp, status, error, size_bytes"
+    "slide_id, cohort, patient_id, path, sha256, kind, width, height, mpp, status, error, "
+    "size_bytes, tiling_key"
 )
 
 
@@ -702,6 +744,14 @@ def register_slide(
         return slide_id
 
 
+def find_slide(store: Store, cohort: str, path: str) -> SlideRow | None:
+    """The slide registered for ``path`` in ``cohort``, or None."""
+    row = store.cursor().execute(
+        f"SELECT {_SLIDE_COLUMNS} FROM slides WHERE cohort = ? AND path = ?", [cohort, path]
+    ).fetchone()
+    return None if row is None else SlideRow(*row)
+
+
 def list_slides(store: Store, cohort: str | None = None) -> list[SlideRow]:
     """Slides, by cohort, patient and path."""
     sql = f"SELECT {_SLIDE_COLUMNS} FROM slides"
@@ -740,6 +790,138 @@ def tumor_regions_frame(store: Store, slide_id: int | None = None) -> pd.DataFra
         sql += " WHERE slide_id = ?"
         params.append(slide_id)
     return store.cursor().execute(sql + " ORDER BY slide_id, y, x", params).df()
+
+
+# --------------------------------------------------------------------------
+# Patches and ingest runs
+# --------------------------------------------------------------------------
+
+# patch_id = slide_id * PATCH_ID_BASE + row number in grid order: stable across
+# reruns of the same tiling, and unique without a sequence.
+PATCH_ID_BASE = 1 << 24
+
+PATCH_COLUMNS = (
+    "g_col", "g_row", "x", "y", "size", "qc_pass", "qc_reason", "foreground_fraction",
+    "thick_fraction", "background_fraction", "mean_intensity", "dark_fraction",
+    "bright_fraction", "blur_variance", "nuclei_fraction",
+)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def start_ingest_run(
+    store: Store, cohort: str, *, source: str, manifest: str | None, config: dict[str, Any]
+) -> int:
+    """Record the start of an ingest run with its tiling and QC settings; returns its id."""
+    with store.transaction() as cur:
+        row = cur.execute(
+            """INSERT INTO ingest_runs (cohort, source, manifest, config, started_at)
+               VALUES (?, ?, ?, ?, ?) RETURNING run_id""",
+            [cohort, source, manifest, json.dumps(config), _now()],
+        ).fetchone()
+    return int(row[0])  # type: ignore[index]
+
+
+def finish_ingest_run(store: Store, run_id: int, status: str, summary: dict[str, Any]) -> None:
+    """Record how an ingest run ended (``done`` or ``failed``) and its counts."""
+    with store.transaction() as cur:
+        cur.execute(
+            "UPDATE ingest_runs SET finished_at = ?, status = ?, summary = ? WHERE run_id = ?",
+            [_now(), status, json.dumps(summary), run_id],
+        )
+
+
+def ingest_runs_frame(store: Store, cohort: str | None = None) -> pd.DataFrame:
+    """Ingest runs, newest first, with their settings (``config``) and counts (``summary``)."""
+    sql = "SELECT * FROM ingest_runs"
+    params: list[Any] = []
+    if cohort is not None:
+        sql += " WHERE cohort = ?"
+        params.append(cohort)
+    return store.cursor().execute(sql + " ORDER BY run_id DESC", params).df()
+
+
+def write_slide_patches(
+    store: Store,
+    slide_id: int,
+    patches: pd.DataFrame,
+    *,
+    tiling_key: str,
+    tiling: dict[str, Any],
+    run_id: int | None,
+) -> int:
+    """Replace a slide's patches and mark it ``tiled``, in one transaction.
+
+    ``patches`` has :data:`PATCH_COLUMNS`, rows in grid order. A crash before
+    the commit leaves the slide as it was, so a rerun redoes it whole.
+    """
+    missing = [c for c in PATCH_COLUMNS if c not in patches.columns]
+    if missing:
+        raise ValueError(f"patch table lacks columns {missing}")
+    if len(patches) >= PATCH_ID_BASE:
+        raise ValueError(f"{len(patches)} patches exceed one slide's id range")
+    frame = patches.loc[:, list(PATCH_COLUMNS)].reset_index(drop=True)
+    frame.insert(0, "patch_id", slide_id * PATCH_ID_BASE + frame.index.to_numpy(dtype="int64"))
+    frame.insert(1, "slide_id", slide_id)
+    frame["qc_reason"] = frame["qc_reason"].astype(object).where(frame["qc_reason"].notna(), None)
+    with store.transaction() as cur:
+        cur.execute("DELETE FROM patches WHERE slide_id = ?", [slide_id])
+        if len(frame):
+            cur.register("_new_patches", frame)
+            try:
+                cur.execute("INSERT INTO patches BY NAME SELECT * FROM _new_patches")
+            finally:
+                cur.unregister("_new_patches")
+        cur.execute(
+            """UPDATE slides SET status = 'tiled', error = NULL, tiling_key = ?, tiling = ?,
+                   tiled_at = ?, run_id = ? WHERE slide_id = ?""",
+            [tiling_key, json.dumps(tiling), _now(), run_id, slide_id],
+        )
+    return len(frame)
+
+
+def mark_slide_failed(store: Store, slide_id: int, reason: str, *, run_id: int | None) -> None:
+    """Mark a slide ``failed`` with a reason a person understands; drop its patches."""
+    with store.transaction() as cur:
+        cur.execute("DELETE FROM patches WHERE slide_id = ?", [slide_id])
+        cur.execute(
+            """UPDATE slides SET status = 'failed', error = ?, tiling_key = NULL, run_id = ?
+               WHERE slide_id = ?""",
+            [reason, run_id, slide_id],
+        )
+
+
+def patches_frame(store: Store, slide_id: int) -> pd.DataFrame:
+    """A slide's patches with every metric, in grid order."""
+    return store.cursor().execute(
+        "SELECT * FROM patches WHERE slide_id = ? ORDER BY patch_id", [slide_id]
+    ).df()
+
+
+def qc_counts(store: Store, cohort: str | None = None, slide_id: int | None = None) -> pd.DataFrame:
+    """Patches per slide and quality-control outcome.
+
+    Columns: cohort, slide_id, patient_id, path, status, error, qc_reason
+    (None for patches that passed, and for slides without patches), patches.
+    """
+    sql = """
+        SELECT s.cohort, s.slide_id, s.patient_id, s.path, s.status, s.error,
+               p.qc_reason, count(p.patch_id) AS patches
+        FROM slides s LEFT JOIN patches p USING (slide_id)"""
+    where: list[str] = []
+    params: list[Any] = []
+    if cohort is not None:
+        where.append("s.cohort = ?")
+        params.append(cohort)
+    if slide_id is not None:
+        where.append("s.slide_id = ?")
+        params.append(slide_id)
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " GROUP BY ALL ORDER BY s.cohort, s.patient_id, s.path, p.qc_reason NULLS FIRST"
+    return store.cursor().execute(sql, params).df()
 
 
 # --------------------------------------------------------------------------

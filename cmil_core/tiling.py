@@ -587,10 +587,20 @@ def _box_fractions(
     return np.clip(inside / (th_side * th_side), 0.0, 1.0)
 
 
+# A patch smaller than this many level-0 pixels means the resolution is wrong
+# (e.g. a TIFF's 72-dpi default read as microns per pixel), not a real slide.
+MIN_PATCH_L0_PX = 8
+
+
 def _geometry(slide: Slide, config: TilingConfig) -> tuple[int, int, int, int, tuple[int, int]]:
     """``size, stride, n_cols, n_rows, l0_origin`` of the full grid (checks mpp and slide size)."""
     mpp = _require_mpp(slide)
     size = config.patch_l0_px(mpp)
+    if size < MIN_PATCH_L0_PX:
+        raise InputError(
+            f"{slide.path.name}: at {mpp:g} um/px a {config.patch_um:g} um patch is only {size} px; "
+            "that resolution is not a microscope's: pass the right --mpp"
+        )
     stride = max(1, round(size * (1.0 - config.overlap)))
     if slide.width < size or slide.height < size:
         raise InputError(

@@ -125,6 +125,9 @@ def test_first_launch_builds_the_demo_with_progress(
     at = _until(at, "Study overview")
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Cohorts"] == "3" and metrics["Patients"] == "30"
+    with store.open_store(tmp_path / "data" / "cmil.duckdb", read_only=True) as st:
+        passed = int(store.cohort_overview(st)["patches_passed"].sum())
+    assert passed > 0 and metrics["Patches passing QC"] == f"{passed:,}"
     table = at.dataframe[0].value
     assert table["Cohort"].tolist() == ["training", "external_a", "external_b"]
     assert "Synthetic demo study (small" in at.info[0].value

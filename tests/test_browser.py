@@ -122,7 +122,7 @@ def test_first_launch_shows_progress_in_page_and_terminal(tmp_path: Path, browse
         page.get_by_role("heading", name="Study overview").wait_for(timeout=180_000)
         page.get_by_text("external_b · 24 slides").wait_for(timeout=30_000)
         log = server.log.read_text()
-        assert "[2/2] slides" in log and "46/46" in log, log[-2000:]
+        assert "[2/3] slides: 46/46" in log and "[3/3] patches: 46/46" in log, log[-2000:]
         # The demo's worker processes must not run the app again (app.py's __main__ guard).
         assert "missing ScriptRunContext" not in log and "Session state does not" not in log
         assert (tmp_path / "data" / "cmil.duckdb").exists()

@@ -55,6 +55,16 @@ def test_small_demo_fills_every_table_it_can(small_demo: Path) -> None:
     assert counts["slides"] == n_wsi + spec.patients[2] * spec.fov_count
     assert counts["demo_tumor_regions"] > 0
     assert status is not None and status["complete"] and status["seed"] == 7
+    # The demo ingests its own slides: every slide tiled, most patches pass QC, some do not.
+    with store.open_store(small_demo, read_only=True) as st:
+        slides = store.list_slides(st)
+        overview = store.cohort_overview(st)
+        runs = store.ingest_runs_frame(st)
+    assert {s.status for s in slides} == {"tiled"}
+    assert (overview["patches"] > 0).all()
+    passed, total = overview["patches_passed"].sum(), overview["patches"].sum()
+    assert 0.5 < passed / total < 1.0
+    assert sorted(runs["cohort"]) == ["external_a", "external_b", "training"]
 
 
 def test_scanned_slides_are_pyramidal_tiffs_openslide_reads(small_demo: Path) -> None:
@@ -144,6 +154,10 @@ def test_interrupted_demo_resumes_to_the_same_study(tmp_path: Path, small_demo: 
         assert 10 <= store.table_counts(st)["slides"] < 46
     summary = generate_demo(db, size="small", seed=7, workers=1)
     assert summary.reused >= 10 and summary.generated + summary.reused == 46
+    with store.open_store(small_demo, read_only=True) as st:
+        full_overview = store.cohort_overview(st)
+    assert summary.patches == int(full_overview["patches"].sum())
+    assert summary.patches_passed == int(full_overview["patches_passed"].sum())
     resumed, full = _store_rows(db), _store_rows(small_demo)
     pd.testing.assert_frame_equal(resumed[0], full[0])
     key = ["cohort", "patient_id", "sha256", "width", "height", "mpp", "status"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import pandas as pd
 import pytest
 
 from cmil_core import store
@@ -39,7 +41,7 @@ def _patients() -> list[PatientRow]:
 
 def test_new_store_has_the_contract_tables(db_path: Path) -> None:
     with open_store(db_path) as st:
-        assert store.schema_version(st) == store.SCHEMA_VERSION == 1
+        assert store.schema_version(st) == store.SCHEMA_VERSION == 2
         for table, columns in CONTRACT.items():
             have = [r[0] for r in st.cursor().execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
@@ -86,7 +88,8 @@ def test_slides_register_update_and_changed_file(db_path: Path) -> None:
         sid = store.register_slide(st, sha256="aaa", tumor_regions=[(1, 2, 3, 4)], **kw)
         assert store.register_slide(st, sha256="aaa", **kw) == sid  # same file: same id
         st.cursor().execute(
-            "INSERT INTO patches VALUES (1, ?, 0, 0, 224, true, NULL, 0.1, 50, 180, 0.2)", [sid])
+            "INSERT INTO patches (patch_id, slide_id, x, y, size, qc_pass) "
+            "VALUES (1, ?, 0, 0, 224, true)", [sid])
         assert store.table_counts(st)["patches"] == 1
         assert store.tumor_regions_frame(st, sid)[["x", "y", "width", "height"]].values.tolist() == [[1, 2, 3, 4]]
         # The file changed: its patches and ground truth go, the slide is pending again.
@@ -122,19 +125,38 @@ def test_meta_values(db_path: Path) -> None:
 def test_forward_migration_keeps_data(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with open_store(db_path) as st:
         store.import_patients(st, "A", _patients(), role="train", center=None)
+    current = store.SCHEMA_VERSION
 
     def add_column(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE patients ADD COLUMN note TEXT DEFAULT 'migrated'")
 
     monkeypatch.setattr(store, "_MIGRATIONS", store._MIGRATIONS + (add_column,))
-    monkeypatch.setattr(store, "SCHEMA_VERSION", 2)
-    with pytest.raises(StoreError, match="schema version 1, this program uses 2"):
+    monkeypatch.setattr(store, "SCHEMA_VERSION", current + 1)
+    with pytest.raises(StoreError, match=f"schema version {current}, this program uses {current + 1}"):
         open_store(db_path, read_only=True)
     with open_store(db_path) as st:
-        assert store.schema_version(st) == 2
+        assert store.schema_version(st) == current + 1
         notes = st.cursor().execute("SELECT DISTINCT note FROM patients").fetchall()
         assert notes == [("migrated",)]
         assert len(store.patients_frame(st)) == 3
+
+
+def test_version_1_store_is_upgraded_in_place(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store written before ingest existed (schema 1) gains its tables and columns."""
+    with monkeypatch.context() as m:
+        m.setattr(store, "_MIGRATIONS", store._MIGRATIONS[:1])
+        m.setattr(store, "SCHEMA_VERSION", 1)
+        with open_store(db_path) as st:
+            store.import_patients(st, "A", _patients(), role="train", center=None)
+            store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
+                                 kind="k", width=1, height=1, mpp=0.5, size_bytes=1)
+            assert store.schema_version(st) == 1
+    with open_store(db_path) as st:
+        assert store.schema_version(st) == 2
+        assert len(store.patients_frame(st)) == 3
+        (slide,) = store.list_slides(st)
+        assert slide.tiling_key is None and slide.status == "pending"
+        assert store.ingest_runs_frame(st).empty
 
 
 def test_store_from_a_newer_program_is_refused(db_path: Path) -> None:
@@ -252,3 +274,43 @@ def test_data_dir_moves_the_default_store(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.delenv("CMIL_DB", raising=False)
     monkeypatch.setenv("CMIL_DATA_DIR", str(tmp_path))
     assert store.default_db_path() == tmp_path / "cmil.duckdb"
+
+
+def _patch_table(n: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "g_col": range(n), "g_row": [0] * n, "x": [224 * i for i in range(n)], "y": [0] * n,
+        "size": [224] * n, "qc_pass": [i % 2 == 0 for i in range(n)],
+        "qc_reason": [None if i % 2 == 0 else "blurred" for i in range(n)],
+        **{c: [0.5] * n for c in ("foreground_fraction", "thick_fraction", "background_fraction",
+                                  "mean_intensity", "dark_fraction", "bright_fraction",
+                                  "blur_variance", "nuclei_fraction")},
+    })
+
+
+def test_slide_patches_replace_and_failures(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        sid = store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
+                                   kind="k", width=1000, height=224, mpp=0.5, size_bytes=1)
+        run = store.start_ingest_run(st, "A", source="/slides", manifest=None, config={"k": 1})
+        assert store.write_slide_patches(st, sid, _patch_table(4), tiling_key="key1",
+                                         tiling={"grid": 1}, run_id=run) == 4
+        frame = store.patches_frame(st, sid)
+        assert frame["patch_id"].tolist() == [sid * store.PATCH_ID_BASE + i for i in range(4)]
+        assert frame["qc_reason"].tolist()[:2] == [None, "blurred"]
+        assert store.find_slide(st, "A", "/a.tiff").tiling_key == "key1"  # type: ignore[union-attr]
+        # Rewriting replaces, never duplicates.
+        store.write_slide_patches(st, sid, _patch_table(3), tiling_key="key2", tiling={},
+                                  run_id=run)
+        assert store.table_counts(st)["patches"] == 3
+        counts = store.qc_counts(st, "A")
+        assert dict(zip(counts["qc_reason"], counts["patches"])) == {None: 2, "blurred": 1}
+        store.mark_slide_failed(st, sid, "a.tiff: cannot read pixels", run_id=run)
+        slide = store.find_slide(st, "A", "/a.tiff")
+        assert slide is not None and slide.status == "failed" and slide.tiling_key is None
+        assert store.table_counts(st)["patches"] == 0
+        store.finish_ingest_run(st, run, "done", {"slides": 1})
+        runs = store.ingest_runs_frame(st, "A")
+        assert runs["status"].tolist() == ["done"] and json.loads(runs["config"][0]) == {"k": 1}
+        with pytest.raises(ValueError, match="lacks columns"):
+            store.write_slide_patches(st, sid, _patch_table(2).drop(columns=["x"]),
+                                      tiling_key="k", tiling={}, run_id=None)

@@ -404,3 +404,11 @@ def test_unknown_config_key_and_bad_batching(fixtures_dir: Path) -> None:
         grid = make_grid(slide, TilingConfig(), detect_foreground(slide))
         with pytest.raises(InputError, match="batch_size=0"):
             iter_patch_batches(slide, grid, batch_size=0)  # checked eagerly, not at next()
+
+
+def test_a_resolution_no_microscope_has_is_refused(fixtures_dir: Path) -> None:
+    # boxes.tiff carries TIFF resolution tags worth 352 um/px: a patch would be 1 pixel.
+    with open_slide(fixtures_dir / "slides" / "boxes.tiff") as slide:
+        assert slide.mpp is not None and slide.mpp > 300
+        with pytest.raises(InputError, match=r"boxes.tiff: at 352.* um/px a 112 um patch is only 1 px"):
+            tile_slide(slide, TilingConfig(), QCThresholds())

@@ -1,0 +1,338 @@
+"""Resumable pipeline stages: slides to quality-checked patches (``ingest``).
+
+:func:`ingest` takes a cohort's slides (a folder, a zip, optionally a
+manifest), and for each slide, one at a time:
+
+1. registers it (path, sha256, size, kind, width, height, mpp);
+2. skips it when it is already tiled from the same file (sha256) with the
+   same settings (the *tiling key*: patch size, QC thresholds, metric
+   version and the slide's mpp);
+3. otherwise finds the smear, lays the patch grid, measures every patch and
+   writes the patches and the slide's ``tiled`` status in one transaction;
+4. on any problem with that slide (cannot be opened or read, no resolution,
+   patient not in the cohort...) marks it ``failed`` with the reason, and goes
+   on with the next one.
+
+The unit of work is a slide and each is committed on its own, so a killed run
+loses at most the slide it was on, and a rerun resumes: finished slides are
+skipped, a changed file is redone, nothing is duplicated. The store is opened
+for each write only, so the dashboard can read between slides. The settings
+of every run are stored in ``ingest_runs``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmil_core import store as store_mod
+from cmil_core.discovery import SlideSource, discover_slides
+from cmil_core.errors import InputError
+from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
+from cmil_core.quality import METRICS_VERSION, QCThresholds
+from cmil_core.slides import file_sha256, open_slide
+from cmil_core.tiling import TilingConfig, tile_slide
+
+__all__ = ["IngestSummary", "SlideOutcome", "format_ingest_summary", "ingest", "tiling_key"]
+
+PASSED = "passed"
+
+
+@dataclass(frozen=True)
+class SlideOutcome:
+    """What happened to one slide in a run."""
+
+    path: str
+    patient_id: str
+    status: str  # "tiled", "skipped" (already tiled), "failed"
+    reason: str | None = None
+    patches: int = 0
+    passed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class IngestSummary:
+    cohort: str
+    run_id: int
+    folder: str
+    slides: list[SlideOutcome]
+
+    @property
+    def counts(self) -> Counter[str]:
+        """Patches by outcome over the cohort's slides in this run: ``passed`` or the reason."""
+        total: Counter[str] = Counter()
+        for s in self.slides:
+            total[PASSED] += s.passed
+            total.update(s.rejected)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "cohort": self.cohort,
+            "run_id": self.run_id,
+            "folder": self.folder,
+            "slides": [asdict(s) for s in self.slides],
+            "status_counts": dict(Counter(s.status for s in self.slides)),
+            "patch_counts": dict(self.counts),
+        }
+
+
+def tiling_key(config: TilingConfig, thresholds: QCThresholds, mpp: float) -> str:
+    """A hash of everything that decides a slide's patches besides its pixels."""
+    payload = {
+        "config": config.to_dict(),
+        "thresholds": thresholds.to_dict(),
+        "metrics_version": METRICS_VERSION,
+        "mpp": round(mpp, 9),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _opened(db: store_mod.Store | str | os.PathLike[str]) -> Iterator[store_mod.Store]:
+    """The store for one unit of work: the caller's, or opened and closed here."""
+    if isinstance(db, store_mod.Store):
+        yield db
+        return
+    with store_mod.open_store(db) as st:
+        yield st
+
+
+def _outcome_from_table(source: SlideSource, table: Any) -> SlideOutcome:
+    reasons = Counter(r for r in table["qc_reason"].tolist() if r is not None)
+    passed = int(table["qc_pass"].sum())
+    return SlideOutcome(
+        str(source.path), source.patient_id, "tiled", None, len(table), passed, dict(reasons)
+    )
+
+
+def _outcome_from_store(store: store_mod.Store, slide: store_mod.SlideRow) -> SlideOutcome:
+    rows = store_mod.qc_counts(store, slide.cohort, slide_id=slide.slide_id)
+    rejected = {
+        str(r.qc_reason): int(r.patches) for r in rows.itertuples() if r.qc_reason is not None
+    }
+    passed = int(rows.loc[rows["qc_reason"].isna(), "patches"].sum())
+    return SlideOutcome(
+        slide.path, slide.patient_id or "", "skipped", None, passed + sum(rejected.values()),
+        passed, rejected,
+    )
+
+
+def ingest(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    slides: str | os.PathLike[str],
+    *,
+    manifest: str | os.PathLike[str] | None = None,
+    mpp: float | None = None,
+    config: TilingConfig | None = None,
+    thresholds: QCThresholds | None = None,
+    progress: ProgressCallback = no_progress,
+    extract_dir: str | os.PathLike[str] | None = None,
+    workers: int = 2,
+) -> IngestSummary:
+    """Register, tile and quality-check a cohort's slides; see the module docstring.
+
+    ``mpp`` (``--mpp``) replaces the resolution the files give; a manifest's
+    ``mpp`` column wins over both, slide by slide. A zip is extracted into ``extract_dir`` (default: ``slides/<cohort>/<zip
+    name>`` beside the store). Raises :class:`InputError` before writing
+    anything when the cohort does not exist, the folder has no slides, or a
+    manifest is wrong; a bad slide only fails itself.
+    """
+    config = config or TilingConfig()
+    thresholds = thresholds or QCThresholds()
+    if mpp is not None and not 0 < mpp < 1000:
+        raise InputError(f"--mpp {mpp} is not a resolution in microns per pixel")
+    with _opened(db) as st:
+        db_path = st.path
+        known = {c.cohort for c in store_mod.list_cohorts(st)}
+        if cohort not in known:
+            raise InputError(
+                f"cohort '{cohort}' does not exist in {db_path}: import its clinical table "
+                "first (python -m cmil_core import-cohort)"
+            )
+        patients = set(store_mod.patients_frame(st, cohort)["patient_id"])
+    source_path = Path(slides)
+    if extract_dir is None and source_path.is_file():
+        extract_dir = Path(db_path).resolve().parent / "slides" / cohort / source_path.stem
+    folder, sources = discover_slides(slides, manifest=manifest, extract_to=extract_dir)
+    if manifest is not None:
+        unknown = sorted({s.patient_id for s in sources} - patients)
+        if unknown:
+            shown = ", ".join(f"'{p}'" for p in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise InputError(
+                f"{Path(manifest).name}: patient_id {shown}{more} not in cohort '{cohort}'; "
+                "nothing ingested"
+            )
+
+    settings = {
+        "tiling": config.to_dict(),
+        "thresholds": thresholds.to_dict(),
+        "metrics_version": METRICS_VERSION,
+        "mpp_override": mpp,
+    }
+    with _opened(db) as st:
+        run_id = store_mod.start_ingest_run(
+            st, cohort, source=str(folder), manifest=str(manifest) if manifest else None,
+            config=settings,
+        )
+    report = stage_reporter(progress, stage=f"slides of {cohort}", index=1, stages=1)
+    outcomes: list[SlideOutcome] = []
+    try:
+        for i, source in enumerate(sources):
+            report(i, len(sources), source.path.name)
+
+            def patch_progress(done: int, total: int, i: int = i, name: str = source.path.name) -> None:
+                report(i, len(sources), f"{name}: {done}/{total} patches")
+
+            outcomes.append(
+                _ingest_one(db, cohort, source, patients, mpp, config, thresholds, run_id,
+                            workers, patch_progress)
+            )
+        report(len(sources), len(sources), "done")
+    except BaseException:
+        with _opened(db) as st:
+            partial = IngestSummary(cohort, run_id, str(folder), outcomes).to_dict()
+            store_mod.finish_ingest_run(st, run_id, "interrupted", partial)
+        raise
+    summary = IngestSummary(cohort, run_id, str(folder), outcomes)
+    with _opened(db) as st:
+        store_mod.finish_ingest_run(st, run_id, "done", summary.to_dict())
+    return summary
+
+
+def _ingest_one(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    source: SlideSource,
+    patients: set[str],
+    mpp_override: float | None,
+    config: TilingConfig,
+    thresholds: QCThresholds,
+    run_id: int,
+    workers: int,
+    patch_progress: Any = None,
+) -> SlideOutcome:
+    path = str(source.path)
+    name = source.path.name
+    try:
+        sha = file_sha256(source.path)
+        size_bytes = source.path.stat().st_size
+    except OSError as exc:
+        return _fail_unregistered(db, cohort, source, f"{name}: cannot be read ({exc.strerror})",
+                                  run_id)
+    wanted_mpp = source.mpp if source.mpp is not None else mpp_override
+    try:
+        slide = open_slide(source.path, mpp=wanted_mpp)
+    except InputError as exc:
+        return _record_failure(db, cohort, source, sha, size_bytes, None, str(exc), run_id)
+    with slide:
+        if slide.mpp is None:
+            return _record_failure(
+                db, cohort, source, sha, size_bytes, slide,
+                f"{name}: the file gives no resolution; pass --mpp (microns per pixel) "
+                "or an mpp column in the manifest", run_id,
+            )
+        key = tiling_key(config, thresholds, slide.mpp)
+        with _opened(db) as st:
+            known = store_mod.find_slide(st, cohort, path)
+            if (
+                known is not None and known.status == "tiled" and known.sha256 == sha
+                and known.tiling_key == key and known.patient_id == source.patient_id
+            ):
+                return _outcome_from_store(st, known)
+            slide_id = store_mod.register_slide(
+                st, cohort=cohort, patient_id=source.patient_id, path=path, sha256=sha,
+                kind=slide.kind, width=slide.width, height=slide.height, mpp=slide.mpp,
+                size_bytes=size_bytes,
+            )
+        if source.patient_id not in patients:
+            reason = (
+                f"{name}: patient '{source.patient_id}' (from the {source.origin} rule) is not "
+                f"in cohort '{cohort}'; add the patient to the clinical table or use a manifest"
+            )
+            with _opened(db) as st:
+                store_mod.mark_slide_failed(st, slide_id, reason, run_id=run_id)
+            return SlideOutcome(path, source.patient_id, "failed", reason)
+        try:
+            table = tile_slide(slide, config, thresholds, patch_progress, workers=workers)
+        except InputError as exc:
+            with _opened(db) as st:
+                store_mod.mark_slide_failed(st, slide_id, str(exc), run_id=run_id)
+            return SlideOutcome(path, source.patient_id, "failed", str(exc))
+        tiling = dict(table.attrs.get("tiling", {}))
+        with _opened(db) as st:
+            store_mod.write_slide_patches(
+                st, slide_id, table, tiling_key=key, tiling=tiling, run_id=run_id
+            )
+    return _outcome_from_table(source, table)
+
+
+def _record_failure(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    source: SlideSource,
+    sha: str | None,
+    size_bytes: int | None,
+    slide: Any,
+    reason: str,
+    run_id: int,
+) -> SlideOutcome:
+    with _opened(db) as st:
+        slide_id = store_mod.register_slide(
+            st, cohort=cohort, patient_id=source.patient_id, path=str(source.path), sha256=sha,
+            kind=getattr(slide, "kind", None), width=getattr(slide, "width", None),
+            height=getattr(slide, "height", None), mpp=getattr(slide, "mpp", None),
+            size_bytes=size_bytes,
+        )
+        store_mod.mark_slide_failed(st, slide_id, reason, run_id=run_id)
+    return SlideOutcome(str(source.path), source.patient_id, "failed", reason)
+
+
+def _fail_unregistered(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    source: SlideSource,
+    reason: str,
+    run_id: int,
+) -> SlideOutcome:
+    return _record_failure(db, cohort, source, None, None, None, reason, run_id)
+
+
+def format_ingest_summary(summary: IngestSummary) -> str:
+    """Per-slide and cohort counts of patches kept and rejected by reason, for a terminal."""
+    statuses = Counter(s.status for s in summary.slides)
+    lines = [
+        f"cohort '{summary.cohort}' (run {summary.run_id}): {len(summary.slides)} slides: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(statuses.items()))
+    ]
+    reasons = sorted({r for s in summary.slides for r in s.rejected})
+    header = ["slide", "patient", "status", "patches", "passed", *reasons]
+    rows = []
+    for s in summary.slides:
+        if s.status == "failed":
+            continue
+        rows.append([Path(s.path).name, s.patient_id, s.status, str(s.patches), str(s.passed),
+                     *(str(s.rejected.get(r, 0)) for r in reasons)])
+    counts = summary.counts
+    total_patches = sum(counts.values())
+    rows.append(["all slides", "", "", str(total_patches), str(counts[PASSED]),
+                 *(str(counts[r]) for r in reasons)])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines.append(fmt.format(*header))
+    lines.extend(fmt.format(*r) for r in rows)
+    failed = [s for s in summary.slides if s.status == "failed"]
+    if failed:
+        lines.append(f"failed slides ({len(failed)}):")
+        lines.extend(f"  {s.reason}" for s in failed)
+    return "\n".join(lines)
