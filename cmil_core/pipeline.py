@@ -246,7 +246,7 @@ def _ingest_one(
         with _opened(db) as st:
             known = store_mod.find_slide(st, cohort, path)
             if (
-                known is not None and known.status == "tiled" and known.sha256 == sha
+                known is not None and known.status in ("tiled", "encoded") and known.sha256 == sha
                 and known.tiling_key == key and known.patient_id == source.patient_id
             ):
                 return _outcome_from_store(st, known)

@@ -75,6 +75,13 @@ __all__ = [
     "import_patients",
     "list_cohorts",
     "list_models",
+    "ModelRow",
+    "add_model",
+    "get_model",
+    "passed_patches",
+    "patient_scores_frame",
+    "set_slides_status",
+    "write_scores",
     "list_slides",
     "open_store",
     "patients_frame",
@@ -274,11 +281,18 @@ def _migration_2(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
+    """Scoring: raw attention logits beside the normalised attention, and a model's cutoff."""
+    con.execute("ALTER TABLE patch_scores ADD COLUMN attention_raw DOUBLE")
+    con.execute("ALTER TABLE models ADD COLUMN cutoff DOUBLE")
+
+
 # One function per version step: _MIGRATIONS[k] takes a store from version k
 # to version k + 1. Append; never edit a released step.
 _MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
     _migration_1,
     _migration_2,
+    _migration_3,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -931,9 +945,124 @@ def qc_counts(store: Store, cohort: str | None = None, slide_id: int | None = No
 def list_models(store: Store) -> pd.DataFrame:
     """Models, newest first."""
     return store.cursor().execute(
-        """SELECT model_id, created_at, aggregator, encoder, train_cohorts
-           FROM models ORDER BY created_at DESC"""
+        """SELECT model_id, created_at, aggregator, encoder, train_cohorts, cutoff
+           FROM models ORDER BY created_at DESC, model_id DESC"""
     ).df()
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model_id: str
+    created_at: datetime
+    aggregator: str
+    encoder: str
+    train_cohorts: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    artifact_path: str
+    cutoff: float | None
+
+
+def add_model(store: Store, model: ModelRow) -> None:
+    """Record a trained model (its artifacts are already on disk)."""
+    with store.transaction() as cur:
+        cur.execute(
+            "INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [model.model_id, model.created_at, model.aggregator, model.encoder,
+             model.train_cohorts, json.dumps(model.config), json.dumps(model.metrics),
+             model.artifact_path, model.cutoff],
+        )
+
+
+def get_model(store: Store, model_id: str) -> ModelRow | None:
+    """A model's row, with config and metrics decoded; None when unknown."""
+    row = store.cursor().execute(
+        """SELECT model_id, created_at, aggregator, encoder, train_cohorts, config, metrics,
+                  artifact_path, cutoff FROM models WHERE model_id = ?""",
+        [model_id],
+    ).fetchone()
+    if row is None:
+        return None
+    values = list(row)
+    values[5] = json.loads(values[5]) if values[5] else {}
+    values[6] = json.loads(values[6]) if values[6] else {}
+    return ModelRow(*values)
+
+
+def write_scores(
+    store: Store,
+    model_id: str,
+    cohort: str,
+    patients: pd.DataFrame,
+    patches: pd.DataFrame,
+) -> None:
+    """Replace a model's scores for one cohort, in one transaction.
+
+    ``patients``: patient_id, score, risk_group. ``patches``: patch_id,
+    probability, attention, attention_raw (patches of this cohort's slides).
+    """
+    p = patients.loc[:, ["patient_id", "score", "risk_group"]].copy()
+    p.insert(0, "cohort", cohort)
+    p.insert(0, "model_id", model_id)
+    q = patches.loc[:, ["patch_id", "probability", "attention", "attention_raw"]].copy()
+    q.insert(0, "model_id", model_id)
+    with store.transaction() as cur:
+        cur.execute(
+            "DELETE FROM patient_scores WHERE model_id = ? AND cohort = ?", [model_id, cohort]
+        )
+        cur.execute(
+            """DELETE FROM patch_scores WHERE model_id = ? AND patch_id IN (
+                   SELECT patch_id FROM patches JOIN slides USING (slide_id)
+                   WHERE slides.cohort = ?)""",
+            [model_id, cohort],
+        )
+        for name, frame, table in (("_p", p, "patient_scores"), ("_q", q, "patch_scores")):
+            if len(frame):
+                cur.register(name, frame)
+                try:
+                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")
+                finally:
+                    cur.unregister(name)
+
+
+def patient_scores_frame(store: Store, model_id: str, cohort: str | None = None) -> pd.DataFrame:
+    """A model's patient scores joined with labels and survival."""
+    sql = """SELECT s.cohort, s.patient_id, s.score, s.risk_group, p.bm_metastasis,
+                    p.os_months, p.os_event, p.efs_months, p.efs_event
+             FROM patient_scores s JOIN patients p USING (cohort, patient_id)
+             WHERE s.model_id = ?"""
+    params: list[Any] = [model_id]
+    if cohort is not None:
+        sql += " AND s.cohort = ?"
+        params.append(cohort)
+    return store.cursor().execute(sql + " ORDER BY s.cohort, s.patient_id", params).df()
+
+
+def passed_patches(store: Store, cohort: str) -> pd.DataFrame:
+    """Patches that passed quality control on the cohort's tiled slides, in slide and grid order.
+
+    Columns: slide_id, patient_id, path, sha256, mpp, tiling_key, patch_id, x, y, size.
+    """
+    return store.cursor().execute(
+        """SELECT s.slide_id, s.patient_id, s.path, s.sha256, s.mpp, s.tiling_key,
+                  p.patch_id, p.x, p.y, p.size
+           FROM patches p JOIN slides s USING (slide_id)
+           WHERE s.cohort = ? AND s.status IN ('tiled', 'encoded') AND p.qc_pass
+           ORDER BY s.slide_id, p.patch_id""",
+        [cohort],
+    ).df()
+
+
+def set_slides_status(store: Store, slide_ids: Sequence[int], status: str) -> None:
+    """Move slides to ``status`` (e.g. ``encoded`` once their features are on disk)."""
+    if status not in SLIDE_STATUSES:
+        raise ValueError(f"status {status!r} is not one of {', '.join(SLIDE_STATUSES)}")
+    if not slide_ids:
+        return
+    with store.transaction() as cur:
+        cur.executemany(
+            "UPDATE slides SET status = ? WHERE slide_id = ?", [(status, int(i)) for i in slide_ids]
+        )
 
 
 # --------------------------------------------------------------------------

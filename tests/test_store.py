@@ -41,7 +41,7 @@ def _patients() -> list[PatientRow]:
 
 def test_new_store_has_the_contract_tables(db_path: Path) -> None:
     with open_store(db_path) as st:
-        assert store.schema_version(st) == store.SCHEMA_VERSION == 2
+        assert store.schema_version(st) == store.SCHEMA_VERSION == 3
         for table, columns in CONTRACT.items():
             have = [r[0] for r in st.cursor().execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
@@ -152,7 +152,7 @@ def test_version_1_store_is_upgraded_in_place(db_path: Path, monkeypatch: pytest
                                  kind="k", width=1, height=1, mpp=0.5, size_bytes=1)
             assert store.schema_version(st) == 1
     with open_store(db_path) as st:
-        assert store.schema_version(st) == 2
+        assert store.schema_version(st) == store.SCHEMA_VERSION
         assert len(store.patients_frame(st)) == 3
         (slide,) = store.list_slides(st)
         assert slide.tiling_key is None and slide.status == "pending"
@@ -314,3 +314,34 @@ def test_slide_patches_replace_and_failures(db_path: Path) -> None:
         with pytest.raises(ValueError, match="lacks columns"):
             store.write_slide_patches(st, sid, _patch_table(2).drop(columns=["x"]),
                                       tiling_key="k", tiling={}, run_id=None)
+
+
+def test_models_and_scores_round_trip(db_path: Path) -> None:
+    from datetime import datetime
+
+    with open_store(db_path) as st:
+        store.import_patients(st, "A", _patients(), role="train", center=None)
+        sid = store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
+                                   kind="k", width=1000, height=224, mpp=0.5, size_bytes=1)
+        store.write_slide_patches(st, sid, _patch_table(4), tiling_key="k", tiling={}, run_id=None)
+        passed = store.passed_patches(st, "A")
+        assert passed["patch_id"].tolist() == [sid * store.PATCH_ID_BASE + i for i in (0, 2)]
+        model = store.ModelRow("m1", datetime(2026, 1, 1), "attention", "smallcnn", "A",
+                               {"seed": 0}, {"cv_auc": 0.9}, "/models/m1", 0.42)
+        store.add_model(st, model)
+        assert store.get_model(st, "m1") == model
+        assert store.get_model(st, "nope") is None
+        patients = pd.DataFrame({"patient_id": ["P1", "P2"], "score": [0.9, 0.1],
+                                 "risk_group": ["high", "low"]})
+        patches = pd.DataFrame({"patch_id": passed["patch_id"], "probability": [0.8, 0.2],
+                                "attention": [0.7, 0.3], "attention_raw": [1.0, 0.1]})
+        for _ in range(2):  # rescoring replaces, never duplicates
+            store.write_scores(st, "m1", "A", patients, patches)
+        counts = store.table_counts(st)
+        assert counts["patient_scores"] == 2 and counts["patch_scores"] == 2
+        scores = store.patient_scores_frame(st, "m1")
+        assert scores[["patient_id", "score", "risk_group", "bm_metastasis"]].values.tolist() == [
+            ["P1", 0.9, "high", 1], ["P2", 0.1, "low", 0]]
+        store.set_slides_status(st, [sid], "encoded")
+        assert store.list_slides(st)[0].status == "encoded"
+        assert len(store.passed_patches(st, "A")) == 2  # encoded slides still count
