@@ -14,7 +14,6 @@ import streamlit as st
 
 from cmil_core.demo import demo_status, generate_demo
 from cmil_core.progress import TerminalProgress
-from pages import _common
 
 FIRST_LAUNCH_SIZE = os.environ.get("CMIL_DEMO_SIZE", "full")
 
@@ -97,7 +96,9 @@ def main() -> None:
     st.set_page_config(page_title="cMIL dashboard", page_icon="🔬", layout="wide")
     job = _common.job_runner().get(_common.DEMO_JOB)
     state = _common.store_state()
-    if job is not None and job.running or (job is not None and job.state == "failed" and state != "ready"):
+    if job is not None and job.state in ("running", "failed"):
+        # A failed build stays on this page with its reason and a retry button:
+        # restarting it by itself would loop on the same failure.
         page = st.Page(building_page, title="Building the demo", icon="⏳")
     elif _common.using_default_store() and (state == "missing" or _demo_unfinished()):
         # First launch, or a launch after a demo build was interrupted: (re)start
@@ -125,6 +126,9 @@ def main() -> None:
 
 
 # Streamlit runs this file as __main__. The demo's worker processes (spawn)
-# import it again as __mp_main__: they must not draw pages or start jobs.
+# import it again as __mp_main__: they must not draw pages, start jobs, or set
+# up Streamlit's caches (pages._common), so all of that happens only here.
 if __name__ == "__main__":
+    from pages import _common
+
     main()

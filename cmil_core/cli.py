@@ -103,6 +103,42 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from cmil_core.modeling import train
+    from cmil_core.progress import TerminalProgress
+
+    model_id = train(
+        args.db, args.cohort, aggregator=args.aggregator, encoder=args.encoder,
+        weights=args.weights, seed=args.seed, folds=args.folds, progress=TerminalProgress(),
+    )
+    print(model_id)  # the contract: the model id is the last line of standard output
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from cmil_core.modeling import score
+    from cmil_core.progress import TerminalProgress
+
+    done = score(args.db, args.model, args.cohort or None, progress=TerminalProgress())
+    for cohort, n in done.items():
+        print(f"{cohort}: {n} patients scored with {args.model}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cmil_core import store
+    from cmil_core.evaluation import discrimination, format_evaluation, localisation
+
+    with store.open_store(args.db, read_only=True) as st:
+        rows = discrimination(st, args.model)
+        loc = localisation(st, args.model) if store.table_counts(st)["demo_tumor_regions"] else None
+    if args.json:
+        print(json.dumps({"cohorts": rows, "localisation": loc}, indent=2))
+    else:
+        print(format_evaluation(rows, loc))
+    return 0
+
+
 def _print_result(result: dict[str, object], as_json: bool, formatter: Callable[[dict], str]) -> int:  # type: ignore[type-arg]
     if as_json:
         print(json.dumps(result, indent=2, allow_nan=False))
@@ -224,6 +260,35 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, default=0.0, help="patch overlap, 0 to 0.9")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("train", help="train a cMIL model on a training cohort")
+    _add_db(p, required=True)
+    p.add_argument("--cohort", required=True, help="training cohort (its slides ingested)")
+    p.add_argument("--aggregator", choices=["histogram", "attention"], default="attention",
+                   help="histogram: the study's patch classifier + histogram/TF-IDF + logistic "
+                        "regression; attention: gated attention MIL")
+    p.add_argument("--encoder", default="smallcnn",
+                   choices=["smallcnn", "resnet18", "resnet34", "resnet50", "torchscript"],
+                   help="patch encoder (default smallcnn: fast on a CPU)")
+    p.add_argument("--weights", metavar="FILE",
+                   help="local encoder weights: a torchvision-format state dict, or a TorchScript "
+                        "file with --encoder torchscript; without it a seeded initialisation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (patient-stratified)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("score", help="score cohorts with a trained model")
+    _add_db(p, required=True)
+    p.add_argument("--model", required=True, metavar="ID", help="model id printed by train")
+    p.add_argument("--cohort", action="append", metavar="NAME",
+                   help="cohort to score (repeat; default: every cohort)")
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("evaluate", help="a model's AUC per cohort (and, on the demo, localisation)")
+    _add_db(p, required=True)
+    p.add_argument("--model", required=True, metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("roc", help="ROC, AUC with 95%% CI, Youden cutoff metrics, DeLong tests")
     p.add_argument("--csv", required=True, metavar="FILE", help="one row per patient")

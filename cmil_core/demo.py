@@ -51,6 +51,7 @@ from cmil_core import _smear
 from cmil_core import store as store_mod
 from cmil_core.cohort_import import import_cohort
 from cmil_core.errors import InputError
+from cmil_core.modeling import score, train
 from cmil_core.pipeline import ingest
 from cmil_core.progress import Progress, ProgressCallback, no_progress, stage_reporter
 from cmil_core.slides import file_sha256, open_slide
@@ -70,7 +71,10 @@ __all__ = [
 
 # Bump when the generator's output changes, so old demo folders are redone.
 # 2: the demo also ingests its slides (patches with quality control).
-DEMO_VERSION = 2
+# 3: and trains and scores a model.
+DEMO_VERSION = 3
+# Models the demo trains on its training centre, then scores every cohort with.
+DEMO_AGGREGATORS: tuple[str, ...] = ("attention",)
 _META_KEY = "demo"
 
 
@@ -440,7 +444,9 @@ def generate_demo(
     """Generate the demo study into the store ``db`` (default store when None).
 
     Stages, reported to ``progress``: clinical tables, slides, patches (the
-    same ``ingest`` a user runs, with each cohort's manifest). A store that
+    same ``ingest`` a user runs, with each cohort's manifest), training (the
+    same ``train``, on the training centre) and scoring of every cohort. A
+    store that
     already holds the same finished demo is left as it is (``skipped``),
     unless ``force``.
     """
@@ -452,7 +458,7 @@ def generate_demo(
     db_path = Path(db) if db is not None else store_mod.default_db_path()
     out_dir = Path(folder) if folder is not None else default_demo_dir(db_path)
     stamp: dict[str, object] = {"size": size, "seed": seed, "version": DEMO_VERSION}
-    stages = 3
+    stages = 5
 
     with store_mod.open_store(db_path) as store:
         status = demo_status(store)
@@ -526,6 +532,20 @@ def generate_demo(
                 manifest=out_dir / f"{cohort.cohort}_manifest.csv", progress=patch_progress,
             )
             offset += sum(1 for j in jobs if COHORTS[j.cohort_index] is cohort)
+        # Stages 4 and 5: train on the training centre, score every cohort.
+        models = store_mod.list_models(store)
+        trained = {
+            row.aggregator: row.model_id for row in models.itertuples()
+            if row.train_cohorts == COHORTS[0].cohort
+        }
+        for aggregator in DEMO_AGGREGATORS:
+            model_id = trained.get(aggregator)
+            if model_id is None:
+                model_id = train(
+                    store, COHORTS[0].cohort, aggregator=aggregator, seed=seed,
+                    progress=_as_stage(progress, "training", 4, stages),
+                )
+            score(store, model_id, progress=_as_stage(progress, "scoring", 5, stages))
         store_mod.set_meta(
             store, _META_KEY,
             json.dumps(
@@ -540,6 +560,16 @@ def generate_demo(
         {c: len(p) for c, p in patients.items()}, len(jobs), len(todo), reused,
         counts["demo_tumor_regions"], *totals,
     )
+
+
+def _as_stage(progress: ProgressCallback, name: str, index: int, stages: int) -> ProgressCallback:
+    """Show a sub-job's events as stage ``index`` of the demo."""
+
+    def forward(event: Progress) -> None:
+        progress(Progress(f"{name} ({event.stage})", index, stages, event.done, event.total,
+                          event.message))
+
+    return forward
 
 
 def _patch_totals(store: store_mod.Store) -> tuple[int, int]:

@@ -95,10 +95,13 @@ def test_overview_of_a_demo_store(tmp_path: Path, browser_page: Page) -> None:
         # Generous timeouts: CI machines are shared, and the first page run imports a lot.
         page.get_by_role("heading", name="Study overview").wait_for(timeout=120_000)
         page.get_by_text("external_b · 24 slides").wait_for(timeout=60_000)
-        body = page.inner_text("body")
-        for text in ("training", "external_a", "external_b", "Patients", "30",
+        # Streamlit draws in steps: wait for each thing a user would look for.
+        for text in ("training · 14 slides", "external_a · 8 slides", "Patients",
                      "Synthetic demo study (small, seed 0)", str(db)):
-            assert text in body, text
+            page.get_by_text(text, exact=False).first.wait_for(timeout=30_000)
+        metric = page.locator("[data-testid='stMetric']", has_text="Patients")
+        assert metric.inner_text().split() == ["Patients", "30"]
+        body = page.inner_text("body")
         # The thumbnail strips: six per cohort, real images that loaded.
         page.wait_for_function(
             "document.querySelectorAll('img').length >= 18 && "
@@ -122,9 +125,12 @@ def test_first_launch_shows_progress_in_page_and_terminal(tmp_path: Path, browse
         page.get_by_role("heading", name="Study overview").wait_for(timeout=180_000)
         page.get_by_text("external_b · 24 slides").wait_for(timeout=30_000)
         log = server.log.read_text()
-        assert "[2/3] slides: 46/46" in log and "[3/3] patches: 46/46" in log, log[-2000:]
+        for step in ("[2/5] slides: 46/46", "[3/5] patches: 46/46", "[4/5] training",
+                     "[5/5] scoring (scoring external_b)"):
+            assert step in log, log[-2000:]
         # The demo's worker processes must not run the app again (app.py's __main__ guard).
-        assert "missing ScriptRunContext" not in log and "Session state does not" not in log
+        for noise in ("missing ScriptRunContext", "Session state does not", "No runtime found"):
+            assert noise not in log, log[-2000:]
         assert (tmp_path / "data" / "cmil.duckdb").exists()
     finally:
         server.stop()

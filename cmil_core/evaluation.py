@@ -1,0 +1,134 @@
+"""How good a trained model is: discrimination per cohort and, on the demo, localisation.
+
+:func:`discrimination` gives, per cohort, the AUC of the patient score
+against the marrow-metastasis label with its DeLong 95% CI, and the
+sensitivity and specificity at the model's training cutoff.
+
+:func:`localisation` uses the demo's ground truth (``demo_tumor_regions``):
+a patch is *tumour* when at least ``min_overlap`` of its area lies inside a
+tumour box. Within metastatic patients, it reports the AUROC of the patch
+probability against that truth over all their patches pooled, and the mean
+over patients of the per-patient AUROC of the attention (attention is
+normalised within each patient, so it is compared within patients only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cmil_core import store as store_mod
+from cmil_core.errors import InputError
+from cmil_core.stats import delong_ci, metrics_at_cutoff, roc_auc
+
+__all__ = ["discrimination", "format_evaluation", "localisation", "tumour_fraction"]
+
+
+def discrimination(st: store_mod.Store, model_id: str) -> list[dict[str, Any]]:
+    """Per cohort: n, positives, AUC with DeLong CI, sensitivity/specificity at the cutoff."""
+    model = store_mod.get_model(st, model_id)
+    if model is None:
+        raise InputError(f"no model '{model_id}' in the store")
+    scores = store_mod.patient_scores_frame(st, model_id)
+    order = [c.cohort for c in store_mod.list_cohorts(st)]  # training first
+    out = []
+    for cohort in [c for c in order if c in set(scores["cohort"])]:
+        rows = scores[scores["cohort"] == cohort]
+        rows = rows.dropna(subset=["bm_metastasis"])
+        y = rows["bm_metastasis"].to_numpy(dtype=int)
+        s = rows["score"].to_numpy(dtype=float)
+        entry: dict[str, Any] = {"cohort": cohort, "n": len(rows), "n_positive": int(y.sum())}
+        if 0 < y.sum() < len(y):
+            ci = delong_ci(y, s)
+            at = metrics_at_cutoff(y, s, model.cutoff if model.cutoff is not None else 0.5)
+            entry.update(auc=roc_auc(y, s), ci_low=ci.low, ci_high=ci.high,
+                         sensitivity=at.sensitivity, specificity=at.specificity)
+        out.append(entry)
+    return out
+
+
+def tumour_fraction(patches: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
+    """Share of each patch's area inside the union of a slide's tumour boxes (level-0 pixels)."""
+    fractions = np.zeros(len(patches))
+    if boxes.empty or patches.empty:
+        return fractions
+    for slide_id, idx in patches.groupby("slide_id").indices.items():
+        b = boxes[boxes["slide_id"] == slide_id]
+        if b.empty:
+            continue
+        p = patches.iloc[idx]
+        for k, row in enumerate(p.itertuples()):
+            size = int(row.size)
+            mask = np.zeros((size, size), dtype=bool)
+            for box in b.itertuples():
+                x0 = max(int(box.x) - int(row.x), 0)
+                y0 = max(int(box.y) - int(row.y), 0)
+                x1 = min(int(box.x) + int(box.width) - int(row.x), size)
+                y1 = min(int(box.y) + int(box.height) - int(row.y), size)
+                if x1 > x0 and y1 > y0:
+                    mask[y0:y1, x0:x1] = True
+            fractions[idx[k]] = mask.mean()
+    return fractions
+
+
+def localisation(
+    st: store_mod.Store, model_id: str, *, min_overlap: float = 0.1
+) -> dict[str, Any]:
+    """AUROCs of patch scores against the demo's tumour boxes, within metastatic patients."""
+    frame = st.cursor().execute(
+        """SELECT s.cohort, s.patient_id, p.slide_id, p.x, p.y, p.size, ps.probability,
+                  ps.attention
+           FROM patch_scores ps JOIN patches p USING (patch_id) JOIN slides s USING (slide_id)
+           JOIN patients pt ON pt.cohort = s.cohort AND pt.patient_id = s.patient_id
+           WHERE ps.model_id = ? AND pt.bm_metastasis = 1""",
+        [model_id],
+    ).df()
+    boxes = store_mod.tumor_regions_frame(st)
+    if frame.empty or boxes.empty:
+        return {"patches": 0, "tumour_patches": 0, "probability_auroc": None,
+                "attention_auroc_mean": None, "patients": 0}
+    truth = tumour_fraction(frame, boxes) >= min_overlap
+    pooled = roc_auc(truth, frame["probability"].to_numpy()) if 0 < truth.sum() < len(truth) else None
+    per_patient = []
+    for _, idx in frame.groupby(["cohort", "patient_id"]).indices.items():
+        t = truth[idx]
+        a = frame["attention"].to_numpy()[idx]
+        if 0 < t.sum() < len(t) and np.isfinite(a).all():
+            per_patient.append(roc_auc(t, a))
+    return {
+        "patches": int(len(frame)),
+        "tumour_patches": int(truth.sum()),
+        "probability_auroc": pooled,
+        "attention_auroc_mean": float(np.mean(per_patient)) if per_patient else None,
+        "patients": len(per_patient),
+        "min_overlap": min_overlap,
+    }
+
+
+def _f(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def format_evaluation(rows: list[dict[str, Any]], loc: dict[str, Any] | None) -> str:
+    """A terminal table of :func:`discrimination` (and :func:`localisation`)."""
+    lines = ["cohort          n  pos  AUC [95% CI]          Se     Sp   (at the training cutoff)"]
+    for r in rows:
+        if "auc" not in r:
+            lines.append(f"{r['cohort']:<14}{r['n']:>3}  {r['n_positive']:>3}  (one class only)")
+            continue
+        lines.append(
+            f"{r['cohort']:<14}{r['n']:>3}  {r['n_positive']:>3}  {r['auc']:.3f} "
+            f"[{_f(r['ci_low'])}, {_f(r['ci_high'])}]  {_f(r['sensitivity'])}  "
+            f"{_f(r['specificity'])}"
+        )
+    if loc and loc.get("patches"):
+        fmt = _f
+        lines.append(
+            f"localisation (demo ground truth, metastatic patients): {loc['tumour_patches']} of "
+            f"{loc['patches']} patches are tumour; AUROC of patch probability {fmt(loc['probability_auroc'])}, "
+            f"mean per-patient AUROC of attention {fmt(loc['attention_auroc_mean'])} "
+            f"({loc['patients']} patients)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,312 @@
+"""Training a cMIL model on a cohort and scoring cohorts with it.
+
+:func:`train` turns a training cohort's quality-passed patches into bags (one
+per patient: the embeddings of all the patient's patches, from the encoder's
+feature files), estimates the aggregator's performance by patient-stratified
+k-fold cross-validation, fits it on the whole training cohort, fixes the
+operating cutoff (Youden, on the out-of-fold scores: the cross-validated
+scores are the honest ones, in-sample scores of a fitted model are
+optimistic), and saves everything under ``<store folder>/models/<model_id>/``:
+
+* ``model.pt``: the aggregator's fitted state (``torch.save``);
+* ``config.json``: encoder (name, weights hash, preprocessing), tiling and
+  quality settings of the training slides, aggregator parameters, seed,
+  cutoff, cross-validation folds (patient ids) and AUCs, package versions.
+
+Only the training cohort's patients ever reach the aggregator's ``fit``.
+:func:`score` rebuilds the exact pipeline from those files, scores any cohort,
+assigns risk groups with the training cutoff (``high`` when score >= cutoff),
+and stores patient and patch scores (probability and attention for every
+patch that passed quality control), replacing earlier scores of that model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cmil_core import encoders, features, mil
+from cmil_core import store as store_mod
+from cmil_core.errors import InputError
+from cmil_core.progress import Progress, ProgressCallback, no_progress
+from cmil_core.stats import youden_cutoff
+
+__all__ = ["Bags", "artifact_dir", "cohort_bags", "load_model", "score", "train"]
+
+
+@dataclass
+class Bags:
+    """A cohort's patients as bags of patch embeddings."""
+
+    cohort: str
+    patient_ids: list[str]
+    labels: list[int | None]
+    bags: list[np.ndarray]
+    patch_ids: list[np.ndarray]
+    missing: list[str]  # patients with no quality-passed patch
+
+
+def _store_dir(db: store_mod.Store | str | os.PathLike[str]) -> Path:
+    path = db.path if isinstance(db, store_mod.Store) else Path(db)
+    return Path(path).expanduser().resolve().parent
+
+
+def artifact_dir(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> Path:
+    """Where a model's files live: ``<store folder>/models/<model_id>``."""
+    return _store_dir(db) / "models" / model_id
+
+
+def _features_root(db: store_mod.Store | str | os.PathLike[str]) -> Path:
+    return _store_dir(db) / "features"
+
+
+def cohort_bags(
+    st: store_mod.Store,
+    cohort: str,
+    encoder: encoders.Encoder,
+    *,
+    progress: ProgressCallback = no_progress,
+    stage: tuple[str, int, int] = ("features", 1, 1),
+) -> Bags:
+    """Embed (or reuse the feature files of) a cohort's passed patches, grouped by patient."""
+    patches = store_mod.passed_patches(st, cohort)
+    patients = store_mod.patients_frame(st, cohort)
+    root = _features_root(st)
+    name, index, stages = stage
+    by_slide = list(patches.groupby("slide_id", sort=True))
+    per_patient: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for done, (slide_id, rows) in enumerate(by_slide):
+        first = rows.iloc[0]
+        progress(Progress(name, index, stages, done, len(by_slide), Path(first["path"]).name))
+        ff = features.slide_features(
+            first["path"], rows[["patch_id", "x", "y", "size"]], encoder, root,
+            tiling_key=str(first["tiling_key"]), mpp=float(first["mpp"]),
+            slide_sha256=str(first["sha256"]),
+        )
+        per_patient.setdefault(str(first["patient_id"]), []).append(
+            (np.asarray(ff.features), np.asarray(ff.patch_ids))
+        )
+    progress(Progress(name, index, stages, len(by_slide), len(by_slide), cohort))
+    store_mod.set_slides_status(st, [int(s) for s, _ in by_slide], "encoded")
+    ids, labels, bags, pids, missing = [], [], [], [], []
+    for row in patients.itertuples():
+        parts = per_patient.get(row.patient_id)
+        if not parts:
+            missing.append(row.patient_id)
+            continue
+        ids.append(row.patient_id)
+        labels.append(None if pd.isna(row.bm_metastasis) else int(row.bm_metastasis))
+        bags.append(np.concatenate([f for f, _ in parts]).astype(np.float32))
+        pids.append(np.concatenate([p for _, p in parts]))
+    return Bags(cohort, ids, labels, bags, pids, missing)
+
+
+def _versions() -> dict[str, str]:
+    import duckdb
+    import sklearn
+
+    from cmil_core import __version__
+
+    return {
+        "cmil_core": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "scikit-learn": sklearn.__version__, "duckdb": duckdb.__version__,
+    }
+
+
+def train(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    *,
+    aggregator: str = "attention",
+    encoder: str = "smallcnn",
+    weights: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    folds: int = 5,
+    params: dict[str, Any] | None = None,
+    progress: ProgressCallback = no_progress,
+) -> str:
+    """Train a model on ``cohort``; returns the new model id (see the module docstring)."""
+    if aggregator not in ("histogram", "attention"):
+        raise InputError(f"--aggregator {aggregator!r} is not histogram or attention")
+    enc = encoders.load_encoder(encoder, weights, seed=seed)
+    own = not isinstance(db, store_mod.Store)
+    st = store_mod.open_store(db) if own else db  # type: ignore[arg-type]
+    try:
+        cohorts = {c.cohort: c for c in store_mod.list_cohorts(st)}
+        if cohort not in cohorts:
+            raise InputError(f"cohort '{cohort}' does not exist in {st.path}")
+        stages = 3
+        data = cohort_bags(st, cohort, enc, progress=progress, stage=("features", 1, stages))
+        labelled = [i for i, y in enumerate(data.labels) if y is not None]
+        bags = [data.bags[i] for i in labelled]
+        labels = [int(data.labels[i]) for i in labelled]  # type: ignore[arg-type]
+        if len(set(labels)) < 2:
+            raise InputError(
+                f"cohort '{cohort}' needs patients of both classes with patches to train on "
+                f"(has {sum(labels)} positive and {len(labels) - sum(labels)} negative)"
+            )
+
+        def report(stage: str, index: int) -> Any:
+            def cb(done: int, total: int, message: str = "") -> None:
+                progress(Progress(stage, index, stages, done, total, message))
+            return cb
+
+        smaller = min(sum(labels), len(labels) - sum(labels))
+        if smaller < 2 or folds < 2:
+            raise InputError(
+                f"cohort '{cohort}': cross-validation needs --folds >= 2 and at least 2 patients "
+                f"of each class with patches (the smaller class has {smaller})"
+            )
+        k = min(folds, smaller)  # stratified folds need a patient of each class in each fold
+        cv = mil.cross_validate(
+            aggregator, bags, labels, k=k, seed=seed, params=params,
+            progress=report("cross-validation", 2),
+        )
+        model = mil.make_aggregator(aggregator, **(params or {})).fit(
+            bags, labels, seed=seed, progress=report("training", 3)
+        )
+        cutoff = float(youden_cutoff(np.asarray(labels), cv.oof_scores))
+        if not np.isfinite(cutoff):
+            cutoff = 0.5
+        created = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+        model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}"
+        folder = artifact_dir(st, model_id)
+        suffix = 1
+        while folder.exists():
+            suffix += 1
+            model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}-{suffix}"
+            folder = artifact_dir(st, model_id)
+        training_ids = [data.patient_ids[i] for i in labelled]
+        config = {
+            "model_id": model_id,
+            "aggregator": aggregator,
+            "aggregator_config": model.config(),
+            "encoder": enc.spec.to_dict(),
+            "encoder_key": enc.spec.key,
+            "train_cohort": cohort,
+            "seed": seed,
+            "cutoff": cutoff,
+            "cutoff_method": "youden on out-of-fold training scores",
+            "tiling": _tiling_settings(st, cohort),
+            "cv": {
+                "k": len(cv.folds), "auc": cv.auc, "fold_aucs": cv.fold_aucs,
+                "folds": [[training_ids[i] for i in fold] for fold in cv.folds],
+            },
+            "patients": {"trained_on": len(labels), "without_patches": data.missing},
+            "versions": _versions(),
+        }
+        tmp = folder.with_name(folder.name + ".part")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"config": model.config(), "state": model.state()}, tmp / "model.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        os.replace(tmp, folder)
+        metrics = {"cv_auc": cv.auc, "cv_fold_aucs": cv.fold_aucs, "cv_k": k,
+                   "n_train": len(labels), "n_positive": int(sum(labels)),
+                   "warnings": list(cv.warnings)}
+        store_mod.add_model(
+            st,
+            store_mod.ModelRow(model_id, created, aggregator, enc.spec.name, cohort, config,
+                               metrics, str(folder), cutoff),
+        )
+        return model_id
+    finally:
+        if own:
+            st.close()
+
+
+def _tiling_settings(st: store_mod.Store, cohort: str) -> list[dict[str, Any]]:
+    runs = store_mod.ingest_runs_frame(st, cohort)
+    return [json.loads(c) for c in runs["config"].dropna().unique()]
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    aggregator: mil.Aggregator
+    encoder: encoders.Encoder
+    cutoff: float
+    config: dict[str, Any]
+
+
+def load_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> LoadedModel:
+    """Rebuild a trained model (aggregator and encoder) from its files."""
+    own = not isinstance(db, store_mod.Store)
+    st = store_mod.open_store(db, read_only=True) if own else db  # type: ignore[arg-type]
+    try:
+        row = store_mod.get_model(st, model_id)
+    finally:
+        if own:
+            st.close()
+    if row is None:
+        raise InputError(f"no model '{model_id}' in the store (see the models list)")
+    folder = Path(row.artifact_path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        saved = torch.load(folder / "model.pt", weights_only=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"model '{model_id}': its files in {folder} cannot be read ({exc})") from exc
+    aggregator = mil.aggregator_from_state(saved["config"], saved["state"])
+    encoder = encoders.encoder_from_spec(config["encoder"])
+    return LoadedModel(model_id, aggregator, encoder, float(config["cutoff"]), config)
+
+
+def score(
+    db: store_mod.Store | str | os.PathLike[str],
+    model_id: str,
+    cohorts: Sequence[str] | None = None,
+    *,
+    progress: ProgressCallback = no_progress,
+) -> dict[str, int]:
+    """Score ``cohorts`` (default: all) with a model; returns patients scored per cohort."""
+    own = not isinstance(db, store_mod.Store)
+    st = store_mod.open_store(db) if own else db  # type: ignore[arg-type]
+    try:
+        model = load_model(st, model_id)
+        known = [c.cohort for c in store_mod.list_cohorts(st)]
+        wanted = list(cohorts) if cohorts else known
+        unknown = [c for c in wanted if c not in known]
+        if unknown:
+            raise InputError(f"no cohort {', '.join(repr(c) for c in unknown)} in the store")
+        done: dict[str, int] = {}
+        for index, cohort in enumerate(wanted, start=1):
+            data = cohort_bags(st, cohort, model.encoder, progress=progress,
+                               stage=(f"scoring {cohort}", index, len(wanted)))
+            predictions = model.aggregator.predict(data.bags) if data.bags else []
+            scores = np.array([p.score for p in predictions], dtype=float)
+            patients = pd.DataFrame({
+                "patient_id": data.patient_ids,
+                "score": scores,
+                "risk_group": np.where(scores >= model.cutoff, "high", "low"),
+            })
+            patches = pd.DataFrame({
+                "patch_id": np.concatenate(data.patch_ids) if data.patch_ids else [],
+                "probability": _column(predictions, "probability"),
+                "attention": _column(predictions, "attention"),
+                "attention_raw": _column(predictions, "attention_raw"),
+            })
+            store_mod.write_scores(st, model_id, cohort, patients, patches)
+            done[cohort] = len(patients)
+        return done
+    finally:
+        if own:
+            st.close()
+
+
+def _column(predictions: Sequence[mil.BagPrediction], name: str) -> np.ndarray:
+    """One per-patch output of every bag, end to end; NaN where an aggregator has none."""
+    parts = []
+    for p in predictions:
+        values = getattr(p, name)
+        parts.append(np.full(len(p.probability), np.nan) if values is None
+                     else np.asarray(values, dtype=float))
+    return np.concatenate(parts) if parts else np.array([], dtype=float)
