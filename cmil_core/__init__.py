@@ -1,15 +1,18 @@
 """cmil_core: the pipeline of the cMIL study, without any user interface.
 
-Ma et al., "cMIL: ...", J Transl Med 2026, doi:10.1186/s12967-026-08069-2.
+Ma et al., J Transl Med 2026, doi:10.1186/s12967-026-08069-2.
 
 Modules, one per topic (see DESIGN.md):
 
 - ``store``: the DuckDB results store, the only place that writes SQL;
-- ``cohort_import``: validation and import of clinical tables;
-- ``tables``: reading delimited text tables (delimiter, encoding, decimal comma);
+- ``tables`` and ``cohort_import``: reading and validating clinical tables;
+- ``slides``, ``discovery``, ``tiling``, ``quality``, ``pipeline``: from slide
+  files to quality-checked patches (``ingest``);
+- ``encoders``, ``features``, ``mil``, ``modeling``, ``evaluation``: patch
+  embeddings, the MIL aggregators, ``train`` and ``score``;
+- ``stats``, ``survival``, ``study``: discrimination, survival and summaries;
 - ``demo``: the synthetic demo study generator (``_smear`` draws its pixels);
-- ``stats`` and ``survival``: discrimination and survival statistics;
-- ``progress``: progress reporting shared by the command line and the pages;
+- ``jobs``, ``progress``: background jobs and progress reporting;
 - ``cli``: ``python -m cmil_core``, argument parsing only.
 
 Nothing in this package imports Streamlit.

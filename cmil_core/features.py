@@ -68,9 +68,7 @@ import re
 import tempfile
 import time
 import zipfile
-from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -85,7 +83,7 @@ from numpy.lib.npyio import NpzFile
 from cmil_core.encoders import Encoder, EncoderSpec, extract
 from cmil_core.errors import InputError
 from cmil_core.slides import Slide, file_sha256, open_slide
-from cmil_core.tiling import read_patch
+from cmil_core.tiling import map_ordered, read_patch
 
 __all__ = [
     "FEATURES_FORMAT",
@@ -361,21 +359,8 @@ def _read_batches(
             out[j] = read_patch(slide, x, y, size, output_px)
         return out
 
-    starts = range(0, n, batch_size)
-    if workers <= 1:
-        yield from map(read, starts)
-        return
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmil-features-read")
-    pending: deque[Future[npt.NDArray[np.uint8]]] = deque()
-    try:
-        for start in starts:
-            pending.append(pool.submit(read, start))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    # workers <= 1 reads in this thread, like map(); more threads read ahead in order.
+    return map_ordered(read, range(0, n, batch_size), workers if workers > 1 else 0)
 
 
 def _matches(ff: FeatureFile, encoder_key: str, slide_sha256: str, tiling_key: str,

@@ -144,6 +144,7 @@ __all__ = [
     "Foreground",
     "PatchGrid",
     "TilingConfig",
+    "map_ordered",
     "detect_foreground",
     "iter_patch_batches",
     "make_grid",
@@ -395,7 +396,7 @@ def _read_thumbnail(slide: Slide, l0_per_th: float, th_w: int, th_h: int,
         )
         return th_r0, np.asarray(img)
 
-    for th_r0, rgb in _map_ordered(strip, range(0, th_h, rows), workers):
+    for th_r0, rgb in map_ordered(strip, range(0, th_h, rows), workers):
         out[th_r0 : th_r0 + rgb.shape[0]] = rgb
     return out
 
@@ -752,7 +753,7 @@ def _chunks(n: int, batch_size: int) -> Iterator[npt.NDArray[np.int64]]:
         yield np.arange(start, min(n, start + batch_size), dtype=np.int64)
 
 
-def _map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def map_ordered(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
     """``map(fn, items)`` on a thread pool, in order, at most ``2 * workers`` items in flight."""
     if workers <= 0:
         yield from map(fn, items)
@@ -791,7 +792,7 @@ def iter_patch_batches(
     Arguments are checked here, before the first batch is asked for.
     """
     _check_batching(batch_size, workers)
-    return _map_ordered(lambda idx: (idx, _read_cells(slide, grid, idx)),
+    return map_ordered(lambda idx: (idx, _read_cells(slide, grid, idx)),
                         _chunks(len(grid), batch_size), workers)
 
 
@@ -827,7 +828,7 @@ def measure_grid(
         return idx, patch_metrics(_read_cells(slide, grid, idx), glass_rgb)
 
     done = 0
-    for idx, values in _map_ordered(measure, _chunks(n, batch_size), workers):
+    for idx, values in map_ordered(measure, _chunks(n, batch_size), workers):
         for name in METRIC_COLUMNS:
             metrics[name][idx] = values[name]
         done += idx.size

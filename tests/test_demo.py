@@ -60,7 +60,9 @@ def test_small_demo_fills_every_table_it_can(small_demo: Path) -> None:
         slides = store.list_slides(st)
         overview = store.cohort_overview(st)
         runs = store.ingest_runs_frame(st)
-    assert {s.status for s in slides} == {"tiled"}
+    # Tiled, then encoded by the demo's model (a slide with no passed patch stays tiled).
+    assert {s.status for s in slides} <= {"tiled", "encoded"}
+    assert sum(s.status == "encoded" for s in slides) > 40
     assert (overview["patches"] > 0).all()
     passed, total = overview["patches_passed"].sum(), overview["patches"].sum()
     assert 0.5 < passed / total < 1.0
