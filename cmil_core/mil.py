@@ -502,6 +502,16 @@ class Aggregator(ABC):
         }
         return self
 
+    def patch_logit_module(self) -> nn.Module:
+        """A differentiable module: raw embeddings ``[n, D]`` (float32) -> per-patch logits ``[n]``.
+
+        The patch-level classifier of a fitted aggregator, with its input
+        standardisation, for gradient-based explanations (Grad-CAM through
+        the encoder): the histogram's patch head, or attention MIL's instance
+        classifier applied to each patch's embedding on its own.
+        """
+        raise NotImplementedError
+
     def predict(self, bags: Sequence[np.ndarray]) -> list[BagPrediction]:
         """Score every bag on its own; one :class:`BagPrediction` per bag, in order."""
         if self.n_features_ is None:
@@ -581,6 +591,18 @@ class Aggregator(ABC):
 # ----------------------------------------------------------------------------
 # Histogram MIL: the study's recipe
 # ----------------------------------------------------------------------------
+
+
+class _Standardise(nn.Module):
+    """(x - mean) / std with the training cohort's embedding moments."""
+
+    def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.from_numpy(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("std", torch.from_numpy(np.asarray(std, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
 
 
 class _PatchHead(nn.Module):
@@ -729,6 +751,12 @@ class HistogramMIL(Aggregator):
     def _standardise(self, x: np.ndarray) -> torch.Tensor:
         assert self._mean is not None and self._std is not None
         return torch.from_numpy((x.astype(np.float32) - self._mean) / self._std)
+
+    def patch_logit_module(self) -> nn.Module:
+        if self._head is None or self._mean is None or self._std is None:
+            raise InputError("the histogram aggregator is not fitted")
+        head = copy.deepcopy(self._head).eval()
+        return nn.Sequential(_Standardise(self._mean, self._std), head)
 
     def _patch_probabilities(self, bag: np.ndarray, head: _PatchHead | None = None) -> FloatArray:
         """Probabilities of every patch of one bag under ``head`` (default: the fitted one)."""
@@ -1077,6 +1105,13 @@ class AttentionMIL(Aggregator):
     def _standardise(self, x: np.ndarray) -> torch.Tensor:
         assert self._mean is not None and self._std is not None
         return torch.from_numpy((x.astype(np.float32) - self._mean) / self._std)
+
+    def patch_logit_module(self) -> nn.Module:
+        if self._net is None or self._mean is None or self._std is None:
+            raise InputError("the attention aggregator is not fitted")
+        net = copy.deepcopy(self._net).eval()
+        return nn.Sequential(_Standardise(self._mean, self._std), net.embed, net.classifier,
+                             nn.Flatten(0))
 
     def _forward_eval(self, bag: np.ndarray) -> tuple[float, FloatArray, FloatArray, FloatArray]:
         """(bag logit, raw attention, softmax attention, instance probability) of one bag."""
