@@ -50,6 +50,8 @@ def building_page() -> None:
             st.progress(0.0, text="Starting…")
         else:
             st.progress(event.overall, text=event.describe())
+        for line in job.finished_stages:
+            st.markdown(f"✅ {line}")
         if job.state == "done":
             st.rerun(scope="app")
 
@@ -114,7 +116,7 @@ def main() -> None:
     if page is not None:
         st.navigation([page], position="hidden").run()
         return
-    _common.sidebar()
+    st.session_state["model_id"] = _common.sidebar()
     nav = st.navigation(
         {
             "Study": [

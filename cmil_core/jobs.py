@@ -9,6 +9,9 @@ page only reads a job's state. At most one job of a given name runs at once.
 >>> job = runner.start("add", lambda a, b, progress: a + b, 2, 3)
 >>> job.wait(5).state, job.result
 ('done', 5)
+
+A job's ``finished_stages`` lists the stages it has completed, in order, each
+as its last progress line: what is ready so far.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Job:
     name: str
     state: str = "running"  # running, done, failed
     progress: Progress | None = None
+    finished_stages: list[str] = field(default_factory=list)  # "what is ready so far"
     result: Any = None
     error: str | None = None
     details: str | None = None  # traceback of an unexpected failure, for the logs
@@ -81,6 +85,11 @@ class JobRunner:
             self._jobs[name] = job
 
         def progress(event: Progress) -> None:
+            previous = job.progress
+            if previous is not None and (previous.index, previous.stage) != (
+                event.index, event.stage
+            ):
+                job.finished_stages.append(previous.describe())
             job.progress = event
             if extra_progress is not None:
                 extra_progress(event)
@@ -88,6 +97,8 @@ class JobRunner:
         def run() -> None:
             try:
                 job.result = func(*args, progress=progress, **kwargs)
+                if job.progress is not None:
+                    job.finished_stages.append(job.progress.describe())
                 job.state = "done"
             except InputError as exc:
                 job.error = str(exc)

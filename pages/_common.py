@@ -78,6 +78,12 @@ def store_state() -> str:
     return "ready" if cohorts else "empty"
 
 
+def selected_model() -> str | None:
+    """The model chosen in the sidebar (None when the store has none)."""
+    value = st.session_state.get("model_id")
+    return None if value is None else str(value)
+
+
 def sidebar() -> str | None:
     """Draw the shared sidebar; returns the chosen model id (None when there is none)."""
     with st.sidebar:
@@ -100,6 +106,6 @@ def sidebar() -> str | None:
             row.model_id: f"{row.model_id} · {row.aggregator} · {row.train_cohorts}"
             for row in models.itertuples()
         }
-        choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key="model_id")
+        choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key="model_picker")
         st.query_params["model"] = choice
         return str(choice)

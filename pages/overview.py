@@ -8,6 +8,7 @@ import streamlit as st
 
 from cmil_core import store as store_mod
 from cmil_core.demo import demo_status
+from cmil_core.evaluation import discrimination
 from cmil_core.slides import SlideError, open_slide
 from cmil_core.study import study_overview
 from pages import _common
@@ -90,6 +91,40 @@ st.caption(
 left, _ = st.columns([1, 1])
 with left:
     st.plotly_chart(label_chart(overview), width="stretch")
+
+model_id = _common.selected_model()
+if model_id is not None:
+    model = _common.query(f"model:{model_id}", lambda st_: store_mod.get_model(st_, model_id))
+    rows = _common.query(f"discrimination:{model_id}", lambda st_: discrimination(st_, model_id))
+    st.subheader("Model")
+    if model is not None:
+        cv = model.metrics.get("cv_auc")
+        st.caption(
+            f"{model.model_id}: {model.aggregator} aggregator on {model.encoder} features, "
+            f"trained on {model.train_cohorts}"
+            + (f" (cross-validated AUC {cv:.3f})" if cv is not None else "")
+            + f"; risk groups at the training cutoff {model.cutoff:.3f}."
+        )
+    table = pd.DataFrame(
+        {
+            "Cohort": r["cohort"],
+            "Patients scored": r["n"],
+            "AUC (95% CI)": (
+                f"{r['auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
+                if r.get("auc") is not None and r.get("ci_low") is not None
+                else "—"
+            ),
+            "Sensitivity": "—" if r.get("sensitivity") is None else f"{r['sensitivity']:.2f}",
+            "Specificity": "—" if r.get("specificity") is None else f"{r['specificity']:.2f}",
+        }
+        for r in rows
+    )
+    st.dataframe(table, hide_index=True)
+    st.caption(
+        "AUC with DeLong 95% CI; sensitivity and specificity at the cutoff fixed on the "
+        "training cohort. The training row is in-sample (optimistic); the external centres "
+        "are the honest estimate."
+    )
 
 slides = _common.query("slides", store_mod.list_slides)
 patients = _common.query("patients", store_mod.patients_frame)

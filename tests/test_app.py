@@ -132,6 +132,17 @@ def test_first_launch_builds_the_demo_with_progress(
     assert table["Cohort"].tolist() == ["training", "external_a", "external_b"]
     assert "Synthetic demo study (small" in at.info[0].value
     assert len(at.get("image")) == 18  # six thumbnails per cohort
+    # The demo is scored: the sidebar picks its model and the overview shows its AUCs.
+    with store.open_store(tmp_path / "data" / "cmil.duckdb", read_only=True) as st:
+        (model_id,) = store.list_models(st)["model_id"]
+        scored = store.patient_scores_frame(st, model_id)
+    assert at.sidebar.selectbox[0].value == model_id
+    auc = at.dataframe[1].value
+    assert auc["Cohort"].tolist() == ["training", "external_a", "external_b"]
+    shown = dict(zip(auc["Cohort"], auc["Patients scored"]))
+    assert shown == scored.groupby("cohort").size().to_dict() == {
+        "training": 14, "external_a": 8, "external_b": 8}
+    assert all(" (" in text for text in auc["AUC (95% CI)"])
 
 
 @pytest.mark.slow
