@@ -475,7 +475,11 @@ def generate_demo(
                 skipped=True,
             )
         if status is not None and any(status.get(k) != v for k, v in stamp.items()):
-            # Another demo (size or seed) lives here: remove its cohorts first.
+            # Another demo (size or seed) lives here: remove its models and cohorts first.
+            demo_cohorts = {c.cohort for c in COHORTS}
+            for row in store_mod.list_models(store).itertuples():
+                if row.train_cohorts in demo_cohorts:
+                    store_mod.delete_model(store, row.model_id)
             for cohort in COHORTS:
                 store_mod.delete_cohort(store, cohort.cohort)
         store_mod.set_meta(store, _META_KEY, json.dumps({**stamp, "complete": False}))

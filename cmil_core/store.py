@@ -77,6 +77,7 @@ __all__ = [
     "list_models",
     "ModelRow",
     "add_model",
+    "delete_model",
     "get_model",
     "passed_patches",
     "patient_scores_frame",
@@ -972,6 +973,14 @@ def add_model(store: Store, model: ModelRow) -> None:
              model.train_cohorts, json.dumps(model.config), json.dumps(model.metrics),
              model.artifact_path, model.cutoff],
         )
+
+
+def delete_model(store: Store, model_id: str) -> None:
+    """Remove a model's row and all its scores (its files are the caller's to remove)."""
+    with store.transaction() as cur:
+        cur.execute("DELETE FROM patch_scores WHERE model_id = ?", [model_id])
+        cur.execute("DELETE FROM patient_scores WHERE model_id = ?", [model_id])
+        cur.execute("DELETE FROM models WHERE model_id = ?", [model_id])
 
 
 def get_model(store: Store, model_id: str) -> ModelRow | None:

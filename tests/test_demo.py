@@ -128,6 +128,11 @@ def test_same_seed_same_bytes_other_seed_other_study(small_demo: Path, tmp_path:
     pd.testing.assert_frame_equal(first[0], second[0])
     other = tmp_path / "other" / "cmil.duckdb"
     generate_demo(other, size="small", seed=8, workers=1)
+    # Another seed in the same store replaces the demo, its model included.
+    generate_demo(again, size="small", seed=8, workers=1)
+    with store.open_store(again, read_only=True) as st:
+        assert len(store.list_models(st)) == 1
+        assert store.table_counts(st)["patients"] == 30
     a = (small_demo.parent / "demo" / "training_clinical.csv").read_bytes()
     b = (other.parent / "demo" / "training_clinical.csv").read_bytes()
     assert a != b

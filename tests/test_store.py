@@ -342,6 +342,13 @@ def test_models_and_scores_round_trip(db_path: Path) -> None:
         scores = store.patient_scores_frame(st, "m1")
         assert scores[["patient_id", "score", "risk_group", "bm_metastasis"]].values.tolist() == [
             ["P1", 0.9, "high", 1], ["P2", 0.1, "low", 0]]
+        store.add_model(st, store.ModelRow("m2", datetime(2026, 1, 2), "histogram", "smallcnn",
+                                           "A", {}, {}, "/models/m2", 0.5))
+        store.write_scores(st, "m2", "A", patients, patches)
+        store.delete_model(st, "m2")
+        assert store.get_model(st, "m2") is None and store.get_model(st, "m1") is not None
+        counts = store.table_counts(st)
+        assert counts["patient_scores"] == 2 and counts["patch_scores"] == 2  # m1's only
         store.set_slides_status(st, [sid], "encoded")
         assert store.list_slides(st)[0].status == "encoded"
         assert len(store.passed_patches(st, "A")) == 2  # encoded slides still count
