@@ -502,6 +502,17 @@ class Aggregator(ABC):
         }
         return self
 
+    # The training cohort's embedding moments, set by ``fit`` (both aggregators
+    # standardise their input with them).
+    _mean: FloatArray | None = None
+    _std: FloatArray | None = None
+
+    def _standardise(self, x: np.ndarray) -> torch.Tensor:
+        """(x - mean) / std with the training moments, as a float32 tensor."""
+        if self._mean is None or self._std is None:
+            raise InputError(f"the {self.name} aggregator is not fitted")
+        return torch.from_numpy((x.astype(np.float32) - self._mean) / self._std)
+
     def patch_logit_module(self) -> nn.Module:
         """A differentiable module: raw embeddings ``[n, D]`` (float32) -> per-patch logits ``[n]``.
 
@@ -747,10 +758,6 @@ class HistogramMIL(Aggregator):
         self._intercept: float = 0.0
 
     # -- stage (a) ------------------------------------------------------------
-
-    def _standardise(self, x: np.ndarray) -> torch.Tensor:
-        assert self._mean is not None and self._std is not None
-        return torch.from_numpy((x.astype(np.float32) - self._mean) / self._std)
 
     def patch_logit_module(self) -> nn.Module:
         if self._head is None or self._mean is None or self._std is None:
@@ -1101,10 +1108,6 @@ class AttentionMIL(Aggregator):
         self._net: _GatedAttentionNet | None = None
         self._mean: FloatArray | None = None
         self._std: FloatArray | None = None
-
-    def _standardise(self, x: np.ndarray) -> torch.Tensor:
-        assert self._mean is not None and self._std is not None
-        return torch.from_numpy((x.astype(np.float32) - self._mean) / self._std)
 
     def patch_logit_module(self) -> nn.Module:
         if self._net is None or self._mean is None or self._std is None:
