@@ -122,6 +122,10 @@ def main() -> None:
             "Study": [
                 st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
             ],
+            "Results": [
+                st.Page("pages/discrimination.py", title="Discrimination", icon="📈",
+                        url_path="roc"),
+            ],
         }
     )
     nav.run()

@@ -21,9 +21,12 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
-from cmil_core.stats import delong_ci, metrics_at_cutoff, roc_auc
+from cmil_core.stats import delong_ci, metrics_at_cutoff, roc_auc, roc_curve
 
-__all__ = ["discrimination", "format_evaluation", "localisation", "tumour_fraction"]
+__all__ = [
+    "discrimination", "format_evaluation", "localisation", "metrics_table", "roc_curves",
+    "tumour_fraction",
+]
 
 
 def discrimination(st: store_mod.Store, model_id: str) -> list[dict[str, Any]]:
@@ -47,6 +50,36 @@ def discrimination(st: store_mod.Store, model_id: str) -> list[dict[str, Any]]:
                          sensitivity=at.sensitivity, specificity=at.specificity)
         out.append(entry)
     return out
+
+
+def roc_curves(st: store_mod.Store, model_id: str) -> list[dict[str, Any]]:
+    """Per cohort with both classes: ``cohort, fpr, tpr`` (lists), ``auc, ci_low, ci_high``."""
+    scores = store_mod.patient_scores_frame(st, model_id).dropna(subset=["bm_metastasis"])
+    out = []
+    for row in discrimination(st, model_id):
+        if "auc" not in row:
+            continue
+        rows = scores[scores["cohort"] == row["cohort"]]
+        curve = roc_curve(rows["bm_metastasis"].to_numpy(dtype=int), rows["score"].to_numpy())
+        out.append({**row, "fpr": curve.fpr.tolist(), "tpr": curve.tpr.tolist()})
+    return out
+
+
+def metrics_table(st: store_mod.Store, model_id: str) -> pd.DataFrame:
+    """Sensitivity, specificity, PPV and NPV with Wilson 95% CIs at the training cutoff, per cohort."""
+    model = store_mod.get_model(st, model_id)
+    if model is None:
+        raise InputError(f"no model '{model_id}' in the store")
+    cutoff = model.cutoff if model.cutoff is not None else 0.5
+    scores = store_mod.patient_scores_frame(st, model_id).dropna(subset=["bm_metastasis"])
+    order = [c.cohort for c in store_mod.list_cohorts(st)]
+    rows = []
+    for cohort in [c for c in order if c in set(scores["cohort"])]:
+        part = scores[scores["cohort"] == cohort]
+        m = metrics_at_cutoff(part["bm_metastasis"].to_numpy(dtype=int),
+                              part["score"].to_numpy(), cutoff).to_dict()
+        rows.append({"cohort": cohort, "n": len(part), **m})
+    return pd.DataFrame(rows)
 
 
 def tumour_fraction(patches: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:

@@ -158,3 +158,42 @@ def test_empty_store_builds_the_demo_on_request(
     at = _until(at, "Study overview")
     with store.open_store(db_path, read_only=True) as st:
         assert store.table_counts(st)["patients"] == 30
+
+
+@pytest.fixture(scope="module")
+def scored_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cmil_core.demo import generate_demo
+
+    db = tmp_path_factory.mktemp("scored") / "cmil.duckdb"
+    generate_demo(db, size="small", seed=2)
+    return db
+
+
+@pytest.mark.slow
+def test_discrimination_page_shows_the_models_numbers(
+    scored_demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from cmil_core.evaluation import metrics_table, roc_curves
+
+    monkeypatch.setenv("CMIL_DB", str(scored_demo))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    at.switch_page("pages/discrimination.py")
+    _run(at)
+    assert at.title[0].value == "Discrimination"
+    with store.open_store(scored_demo, read_only=True) as st:
+        (model_id,) = store.list_models(st)["model_id"]
+        curves = roc_curves(st, model_id)
+        table = metrics_table(st, model_id)
+    assert model_id in at.caption[0].value and "fixed on the training cohort" in at.caption[0].value
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)
+    names = [trace["name"] for trace in figure["data"]]
+    assert names[0] == "chance"
+    assert names[1:] == [f"{c['cohort']}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})"
+                         for c in curves]
+    shown = at.dataframe[0].value.set_index("Cohort")
+    for row in table.itertuples():
+        assert shown.loc[row.cohort, "Patients"] == row.n
+        assert shown.loc[row.cohort, "TP / FN / TN / FP"] == f"{row.tp} / {row.fn} / {row.tn} / {row.fp}"
+        assert shown.loc[row.cohort, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
