@@ -125,6 +125,7 @@ def main() -> None:
             "Results": [
                 st.Page("pages/discrimination.py", title="Discrimination", icon="📈",
                         url_path="roc"),
+                st.Page("pages/survival.py", title="Survival", icon="📉", url_path="km"),
             ],
         }
     )

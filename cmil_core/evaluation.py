@@ -22,10 +22,11 @@ import pandas as pd
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.stats import delong_ci, metrics_at_cutoff, roc_auc, roc_curve
+from cmil_core.survival import kaplan_meier_table, survival_analysis
 
 __all__ = [
-    "discrimination", "format_evaluation", "localisation", "metrics_table", "roc_curves",
-    "tumour_fraction",
+    "discrimination", "format_evaluation", "localisation", "metrics_table", "risk_survival",
+    "roc_curves", "tumour_fraction",
 ]
 
 
@@ -80,6 +81,38 @@ def metrics_table(st: store_mod.Store, model_id: str) -> pd.DataFrame:
                               part["score"].to_numpy(), cutoff).to_dict()
         rows.append({"cohort": cohort, "n": len(part), **m})
     return pd.DataFrame(rows)
+
+
+ENDPOINTS = {"os": ("os_months", "os_event", "overall survival"),
+             "efs": ("efs_months", "efs_event", "event-free survival")}
+
+
+def risk_survival(st: store_mod.Store, model_id: str, endpoint: str = "os") -> list[dict[str, Any]]:
+    """Per cohort: Kaplan-Meier by cMIL risk group (training cutoff), log-rank and Cox HR.
+
+    Each entry: ``cohort``, ``curves`` (the long table of
+    :func:`~cmil_core.survival.kaplan_meier_table`), ``result`` (the
+    :func:`~cmil_core.survival.survival_analysis` dict: groups, logrank, cox
+    with "high" against "low", at_risk). Cohorts without follow-up, or with a
+    single risk group, come with ``note`` instead.
+    """
+    if endpoint not in ENDPOINTS:
+        raise InputError(f"endpoint {endpoint!r} is not one of {', '.join(ENDPOINTS)}")
+    time, event, _ = ENDPOINTS[endpoint]
+    scores = store_mod.patient_scores_frame(st, model_id)
+    order = [c.cohort for c in store_mod.list_cohorts(st)]
+    out: list[dict[str, Any]] = []
+    for cohort in [c for c in order if c in set(scores["cohort"])]:
+        part = scores[scores["cohort"] == cohort].dropna(subset=[time, event])
+        entry: dict[str, Any] = {"cohort": cohort, "n": len(part)}
+        if part.empty or part[event].sum() == 0 or part["risk_group"].nunique() < 2:
+            entry["note"] = "no follow-up, no events, or a single risk group"
+        else:
+            frame = part[[time, event, "risk_group"]]
+            entry["curves"] = kaplan_meier_table(frame, time, event, "risk_group")
+            entry["result"] = survival_analysis(frame, time, event, group="risk_group")
+        out.append(entry)
+    return out
 
 
 def tumour_fraction(patches: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:

@@ -10,9 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import pandas as pd
 import plotly.graph_objects as go
 
-__all__ = ["COHORT_COLOURS", "roc_figure"]
+__all__ = ["COHORT_COLOURS", "RISK_COLOURS", "km_figure", "roc_figure"]
+
+RISK_COLOURS = {"high": "#B2182B", "low": "#2166AC"}
 
 # Calm, colour-blind-safe (Okabe-Ito) colours, training first.
 COHORT_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
@@ -44,4 +47,71 @@ def roc_figure(curves: Sequence[dict[str, Any]], *, title: str = "ROC by cohort"
         legend=dict(x=0.45, y=0.05, bgcolor="rgba(255,255,255,0.8)"),
         template="plotly_white",
     )
+    return fig
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def km_figure(
+    curves: pd.DataFrame,
+    result: dict[str, Any],
+    *,
+    title: str,
+    time_label: str = "months",
+) -> go.Figure:
+    """Kaplan-Meier step curves per group with log-log 95% bands, censor marks,
+    log-rank p and hazard ratio in the title, and the number at risk under the axis.
+
+    ``curves``: :func:`cmil_core.survival.kaplan_meier_table`; ``result``:
+    :func:`cmil_core.survival.survival_analysis` of the same patients.
+    """
+    fig = go.Figure()
+    groups = list(dict.fromkeys(curves["group"]))
+    for k, group in enumerate(groups):
+        part = curves[curves["group"] == group]
+        colour = RISK_COLOURS.get(str(group), COHORT_COLOURS[k % len(COHORT_COLOURS)])
+        fig.add_trace(go.Scatter(
+            x=list(part["time"]) + list(part["time"])[::-1],
+            y=list(part["ci_high"]) + list(part["ci_low"])[::-1],
+            fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0, shape="hv"),
+            hoverinfo="skip", showlegend=False, name=f"{group} 95% CI",
+        ))
+        fig.add_trace(go.Scatter(
+            x=part["time"], y=part["survival"], mode="lines", line=dict(color=colour, shape="hv",
+            width=2.5), name=f"{group} risk (n = {int(part['at_risk'].iloc[0])})",
+            hovertemplate="%{x:.1f} " + time_label + ": %{y:.2f}<extra></extra>",
+        ))
+        censored = part[part["censored"] > 0]
+        fig.add_trace(go.Scatter(
+            x=censored["time"], y=censored["survival"], mode="markers",
+            marker=dict(symbol="line-ns-open", size=9, color=colour), showlegend=False,
+            hoverinfo="skip", name=f"{group} censored",
+        ))
+    logrank = result.get("logrank") or {}
+    cox = result.get("cox") or {}
+    extra = f"log-rank {_p_text(logrank.get('p'))}"
+    if cox.get("hr") is not None and cox.get("ci"):
+        extra += f"; HR {cox['group']} vs {cox['reference']} {cox['hr']:.2f} ({cox['ci'][0]:.2f}-{cox['ci'][1]:.2f})"
+    at_risk = result.get("at_risk") or {}
+    rows = [
+        f"{g['group']}: " + "  ".join(str(n) for n in g["at_risk"]) for g in at_risk.get("groups", [])
+    ]
+    times = "  ".join(f"{t:g}" for t in at_risk.get("times", []))
+    fig.update_layout(
+        title=dict(text=f"{title}<br><sup>{extra}</sup>"), height=460, template="plotly_white",
+        margin=dict(l=10, r=10, t=70, b=110),
+        xaxis=dict(title=time_label, rangemode="tozero"),
+        yaxis=dict(title="survival probability", range=[0, 1.02]),
+        legend=dict(x=0.02, y=0.05, bgcolor="rgba(255,255,255,0.8)"),
+    )
+    if rows:
+        fig.add_annotation(
+            text=f"Number at risk at {times} {time_label}<br>" + "<br>".join(rows),
+            xref="paper", yref="paper", x=0, y=-0.28, showarrow=False, align="left",
+            font=dict(size=11, family="monospace"),
+        )
     return fig

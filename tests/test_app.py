@@ -197,3 +197,32 @@ def test_discrimination_page_shows_the_models_numbers(
         assert shown.loc[row.cohort, "Patients"] == row.n
         assert shown.loc[row.cohort, "TP / FN / TN / FP"] == f"{row.tp} / {row.fn} / {row.tn} / {row.fp}"
         assert shown.loc[row.cohort, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
+
+
+@pytest.mark.slow
+def test_survival_page_draws_each_cohort_with_its_log_rank(
+    scored_demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from cmil_core.evaluation import risk_survival
+
+    monkeypatch.setenv("CMIL_DB", str(scored_demo))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    at.switch_page("pages/survival.py")
+    _run(at)
+    assert at.title[0].value == "Survival"
+    with store.open_store(scored_demo, read_only=True) as st:
+        (model_id,) = store.list_models(st)["model_id"]
+        entries = risk_survival(st, model_id, "os")
+    drawn = [e for e in entries if "result" in e]
+    charts = at.get("plotly_chart")
+    assert len(charts) == len(drawn) > 0
+    for chart, entry in zip(charts, drawn):
+        title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
+        assert title.startswith(f"{entry['cohort']}: overall survival by cMIL risk group")
+        p = entry["result"]["logrank"]["p"]
+        assert ("p < 0.001" if p < 0.001 else f"p = {p:.3f}") in title
+    at.radio[0].set_value("efs")
+    _run(at)
+    assert "event-free survival" in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"]

@@ -18,3 +18,24 @@ def test_roc_figure_legend_and_axes() -> None:
     assert list(fig.data[1].x) == [0, 0.2, 1] and list(fig.data[1].y) == [0, 0.8, 1]
     assert fig.layout.xaxis.title.text == "1 - specificity"
     assert fig.layout.yaxis.title.text == "sensitivity"
+
+
+def test_km_figure_shows_the_test_results_and_numbers_at_risk() -> None:
+    import pandas as pd
+    from lifelines.datasets import load_g3
+
+    from cmil_core.plots import km_figure
+    from cmil_core.survival import kaplan_meier_table, survival_analysis
+
+    g3 = load_g3()
+    curves = kaplan_meier_table(g3, "time", "event", "group")
+    result = survival_analysis(g3, "time", "event", group="group", at_risk_times=[0, 20, 40])
+    fig = km_figure(curves, result, title="g3")
+    title = fig.layout.title.text
+    assert title.startswith("g3") and "log-rank p = 0.014" in title  # survdiff p = 0.0138
+    assert "HR RIT vs Control" in title
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert {t.name for t in lines} == {"Control risk (n = 6)", "RIT risk (n = 11)"}
+    note = fig.layout.annotations[0].text
+    assert "Number at risk at 0  20  40 months" in note and "RIT: 11  11  9" in note
+    assert isinstance(curves, pd.DataFrame)
