@@ -829,8 +829,16 @@ def _now() -> datetime:
 def start_ingest_run(
     store: Store, cohort: str, *, source: str, manifest: str | None, config: dict[str, Any]
 ) -> int:
-    """Record the start of an ingest run with its tiling and QC settings; returns its id."""
+    """Record the start of an ingest run with its tiling and QC settings; returns its id.
+
+    Runs of the cohort still marked ``running`` were killed (a finished or
+    failed run always records its end): they become ``interrupted``.
+    """
     with store.transaction() as cur:
+        cur.execute(
+            "UPDATE ingest_runs SET status = 'interrupted' WHERE cohort = ? AND status = 'running'",
+            [cohort],
+        )
         row = cur.execute(
             """INSERT INTO ingest_runs (cohort, source, manifest, config, started_at)
                VALUES (?, ?, ?, ?, ?) RETURNING run_id""",
