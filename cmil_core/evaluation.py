@@ -22,11 +22,11 @@ import pandas as pd
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.stats import delong_ci, metrics_at_cutoff, roc_auc, roc_curve
-from cmil_core.survival import kaplan_meier_table, survival_analysis
+from cmil_core.survival import kaplan_meier_table, risk_cutoff, risk_groups, survival_analysis
 
 __all__ = [
-    "discrimination", "format_evaluation", "localisation", "metrics_table", "risk_survival",
-    "roc_curves", "tumour_fraction",
+    "CUTOFF_METHODS", "discrimination", "format_evaluation", "localisation", "metrics_table",
+    "risk_survival", "roc_curves", "survival_cutoff", "tumour_fraction",
 ]
 
 
@@ -87,10 +87,47 @@ ENDPOINTS = {"os": ("os_months", "os_event", "overall survival"),
              "efs": ("efs_months", "efs_event", "event-free survival")}
 
 
-def risk_survival(st: store_mod.Store, model_id: str, endpoint: str = "os") -> list[dict[str, Any]]:
-    """Per cohort: Kaplan-Meier by cMIL risk group (training cutoff), log-rank and Cox HR.
+CUTOFF_METHODS = {
+    "model": "the model's cutoff (Youden on out-of-fold training scores)",
+    "youden": "training Youden (in-sample training scores)",
+    "median": "training median",
+    "maxstat": "maxstat on training (maximally selected log-rank, groups of 10 % or more)",
+}
 
-    Each entry: ``cohort``, ``curves`` (the long table of
+
+def survival_cutoff(
+    st: store_mod.Store, model_id: str, method: str | float = "model", endpoint: str = "os"
+) -> dict[str, Any]:
+    """The risk-group cutoff, always fixed on the model's training cohort.
+
+    ``method``: a key of :data:`CUTOFF_METHODS` or a number. Returns
+    ``{"method", "value", "description", ...}`` (maxstat adds its statistic
+    and its search-corrected p).
+    """
+    model = store_mod.get_model(st, model_id)
+    if model is None:
+        raise InputError(f"no model '{model_id}' in the store")
+    if not isinstance(method, str):
+        return {"method": "number", "value": float(method), "description": f"the number {method:g}"}
+    if method not in CUTOFF_METHODS:
+        raise InputError(f"cutoff {method!r} is not one of {', '.join(CUTOFF_METHODS)} or a number")
+    description = CUTOFF_METHODS[method]
+    if method == "model":
+        return {"method": method, "value": model.cutoff, "description": description}
+    time, event, _ = ENDPOINTS[endpoint]
+    train = store_mod.patient_scores_frame(st, model_id, model.train_cohorts)
+    chosen = risk_cutoff(train, "score", method, time=time, event=event, label="bm_metastasis")
+    return {**chosen.to_dict(), "description": description}
+
+
+def risk_survival(
+    st: store_mod.Store, model_id: str, endpoint: str = "os", cutoff: str | float = "model"
+) -> list[dict[str, Any]]:
+    """Per cohort: Kaplan-Meier by cMIL risk group, log-rank and Cox HR.
+
+    Risk groups: score >= the cutoff of :func:`survival_cutoff` (fixed on the
+    training cohort, applied unchanged). Each entry: ``cohort``, ``cutoff``,
+    ``curves`` (the long table of
     :func:`~cmil_core.survival.kaplan_meier_table`), ``result`` (the
     :func:`~cmil_core.survival.survival_analysis` dict: groups, logrank, cox
     with "high" against "low", at_risk). Cohorts without follow-up, or with a
@@ -99,12 +136,14 @@ def risk_survival(st: store_mod.Store, model_id: str, endpoint: str = "os") -> l
     if endpoint not in ENDPOINTS:
         raise InputError(f"endpoint {endpoint!r} is not one of {', '.join(ENDPOINTS)}")
     time, event, _ = ENDPOINTS[endpoint]
+    chosen = survival_cutoff(st, model_id, cutoff, endpoint)
     scores = store_mod.patient_scores_frame(st, model_id)
     order = [c.cohort for c in store_mod.list_cohorts(st)]
     out: list[dict[str, Any]] = []
     for cohort in [c for c in order if c in set(scores["cohort"])]:
-        part = scores[scores["cohort"] == cohort].dropna(subset=[time, event])
-        entry: dict[str, Any] = {"cohort": cohort, "n": len(part)}
+        part = scores[scores["cohort"] == cohort].dropna(subset=[time, event]).copy()
+        entry: dict[str, Any] = {"cohort": cohort, "n": len(part), "cutoff": chosen}
+        part["risk_group"] = risk_groups(part["score"], chosen["value"]) if len(part) else []
         if part.empty or part[event].sum() == 0 or part["risk_group"].nunique() < 2:
             entry["note"] = "no follow-up, no events, or a single risk group"
         else:

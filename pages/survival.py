@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cmil_core import store as store_mod
-from cmil_core.evaluation import ENDPOINTS, risk_survival
+from cmil_core.evaluation import CUTOFF_METHODS, ENDPOINTS, risk_survival
 from cmil_core.plots import km_figure
 from pages import _common
 
@@ -15,16 +14,31 @@ if model_id is None:
     st.info("No model yet: train one (`python -m cmil_core train --db STORE --cohort TRAINING`).")
     st.stop()
 
-endpoint = st.radio("Endpoint", list(ENDPOINTS), horizontal=True,
-                    format_func=lambda e: ENDPOINTS[e][2])
-model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
-entries = _common.query(f"survival:{model_id}:{endpoint}",
-                        lambda s: risk_survival(s, model_id, endpoint))
+left, right = st.columns(2)
+endpoint = left.radio("Endpoint", list(ENDPOINTS), horizontal=True,
+                      format_func=lambda e: ENDPOINTS[e][2])
+choices = [*CUTOFF_METHODS, "number"]
+method = right.selectbox("Risk-group cutoff, fixed on the training cohort", choices,
+                         format_func=lambda m: CUTOFF_METHODS.get(m, "a number I choose"),
+                         key="survival_cutoff")
+cutoff: str | float = method
+if method == "number":
+    cutoff = right.number_input("Cutoff (score)", min_value=0.0, max_value=1.0, value=0.5,
+                                step=0.01)
+entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}",
+                        lambda s: risk_survival(s, model_id, endpoint, cutoff))
+chosen = entries[0]["cutoff"] if entries else {"value": float("nan"), "description": method}
+extra = ""
+if chosen.get("p_corrected") is not None:
+    extra = f" (max log-rank |Z| {chosen['statistic']:.2f}, search-corrected p {chosen['p_corrected']:.3g})"
 st.caption(
-    f"Model {model_id}. Risk groups: score at or above {model.cutoff:.3f} is high, the cutoff "
-    "fixed on the training cohort (Youden on out-of-fold training scores) and applied "
-    "unchanged; Kaplan-Meier with log-log 95% bands, log-rank test, Cox hazard ratio (Efron)."
+    f"Model {model_id}. Risk groups: score at or above {chosen['value']:.3f} is high: "
+    f"{chosen['description']}{extra}, applied unchanged to every cohort. Kaplan-Meier with "
+    "log-log 95% bands, log-rank test, Cox hazard ratio (Efron ties)."
 )
+if method in ("youden", "median", "maxstat"):
+    st.warning("This cutoff was chosen on the training cohort: its own curves are optimistic; "
+               "judge the external cohorts.")
 for entry in entries:
     if "note" in entry:
         st.markdown(f"**{entry['cohort']}**: {entry['note']}.")
@@ -32,5 +46,5 @@ for entry in entries:
     st.plotly_chart(
         km_figure(entry["curves"], entry["result"],
                   title=f"{entry['cohort']}: {ENDPOINTS[endpoint][2]} by cMIL risk group"),
-        width="stretch", key=f"km-{entry['cohort']}-{endpoint}",
+        width="stretch", key=f"km-{entry['cohort']}-{endpoint}-{cutoff}",
     )

@@ -226,3 +226,28 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
     at.radio[0].set_value("efs")
     _run(at)
     assert "event-free survival" in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"]
+
+
+@pytest.mark.slow
+def test_survival_cutoff_choices_are_fixed_on_training(
+    scored_demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cmil_core.evaluation import survival_cutoff
+    from cmil_core.survival import risk_cutoff
+
+    monkeypatch.setenv("CMIL_DB", str(scored_demo))
+    with store.open_store(scored_demo, read_only=True) as st:
+        (model_id,) = store.list_models(st)["model_id"]
+        model = store.get_model(st, model_id)
+        train = store.patient_scores_frame(st, model_id, "training")
+        median = survival_cutoff(st, model_id, "median")
+        assert survival_cutoff(st, model_id, "model")["value"] == model.cutoff
+        assert survival_cutoff(st, model_id, 0.3)["value"] == 0.3
+    assert median["value"] == pytest.approx(risk_cutoff(train, "score", "median").value)
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    at.switch_page("pages/survival.py")
+    _run(at)
+    at.selectbox(key="survival_cutoff").set_value("median")
+    _run(at)
+    assert f"score at or above {median['value']:.3f} is high: training median" in at.caption[0].value
+    assert "optimistic" in at.warning[0].value
