@@ -21,11 +21,20 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
-from cmil_core.stats import delong_ci, metrics_at_cutoff, roc_auc, roc_curve
+from cmil_core.stats import (
+    brier_score,
+    calibration_bins,
+    calibration_smooth,
+    decision_curve,
+    delong_ci,
+    metrics_at_cutoff,
+    roc_auc,
+    roc_curve,
+)
 from cmil_core.survival import kaplan_meier_table, risk_cutoff, risk_groups, survival_analysis
 
 __all__ = [
-    "CUTOFF_METHODS", "discrimination", "format_evaluation", "localisation", "metrics_table",
+    "CUTOFF_METHODS", "calibration", "discrimination", "format_evaluation", "localisation", "metrics_table",
     "risk_survival", "roc_curves", "survival_cutoff", "tumour_fraction",
 ]
 
@@ -81,6 +90,28 @@ def metrics_table(st: store_mod.Store, model_id: str) -> pd.DataFrame:
                               part["score"].to_numpy(), cutoff).to_dict()
         rows.append({"cohort": cohort, "n": len(part), **m})
     return pd.DataFrame(rows)
+
+
+def calibration(st: store_mod.Store, model_id: str) -> list[dict[str, Any]]:
+    """Per cohort with both classes: Brier score, binned and smoothed calibration, decision curve.
+
+    Keys: ``cohort, n, brier, bins`` (:func:`~cmil_core.stats.calibration_bins`,
+    5 quantile bins), ``smooth`` (:func:`~cmil_core.stats.calibration_smooth`),
+    ``decision`` (:func:`~cmil_core.stats.decision_curve`).
+    """
+    scores = store_mod.patient_scores_frame(st, model_id).dropna(subset=["bm_metastasis"])
+    order = [c.cohort for c in store_mod.list_cohorts(st)]
+    out = []
+    for cohort in [c for c in order if c in set(scores["cohort"])]:
+        part = scores[scores["cohort"] == cohort]
+        y = part["bm_metastasis"].to_numpy(dtype=int)
+        p = part["score"].to_numpy(dtype=float)
+        out.append({
+            "cohort": cohort, "n": len(part), "brier": brier_score(y, p),
+            "bins": calibration_bins(y, p, n_bins=5), "smooth": calibration_smooth(y, p),
+            "decision": decision_curve(y, p),
+        })
+    return out
 
 
 ENDPOINTS = {"os": ("os_months", "os_event", "overall survival"),

@@ -13,7 +13,10 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
-__all__ = ["COHORT_COLOURS", "RISK_COLOURS", "km_figure", "roc_figure"]
+__all__ = [
+    "COHORT_COLOURS", "RISK_COLOURS", "calibration_figure", "decision_figure", "km_figure",
+    "roc_figure",
+]
 
 RISK_COLOURS = {"high": "#B2182B", "low": "#2166AC"}
 
@@ -114,4 +117,49 @@ def km_figure(
             xref="paper", yref="paper", x=0, y=-0.28, showarrow=False, align="left",
             font=dict(size=11, family="monospace"),
         )
+    return fig
+
+
+def calibration_figure(entries: Sequence[dict[str, Any]]) -> go.Figure:
+    """Observed against predicted: quantile bins with Wilson CIs, and the smoothed curve, per cohort."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="ideal",
+                             line=dict(color="#b0b0b0", dash="dot"), hoverinfo="skip"))
+    for k, e in enumerate(entries):
+        colour = COHORT_COLOURS[k % len(COHORT_COLOURS)]
+        bins = e["bins"]
+        fig.add_trace(go.Scatter(
+            x=bins["mean_predicted"], y=bins["observed"], mode="markers",
+            name=f"{e['cohort']} (Brier {e['brier']:.3f})", marker=dict(color=colour, size=9),
+            error_y=dict(type="data", symmetric=False,
+                         array=bins["observed_high"] - bins["observed"],
+                         arrayminus=bins["observed"] - bins["observed_low"]),
+        ))
+        fig.add_trace(go.Scatter(x=e["smooth"]["predicted"], y=e["smooth"]["observed"],
+                                 mode="lines", line=dict(color=colour), showlegend=False,
+                                 hoverinfo="skip", name=f"{e['cohort']} smoothed"))
+    fig.update_layout(title="Calibration", height=420, template="plotly_white",
+                      xaxis=dict(title="predicted (cMIL score)", range=[0, 1]),
+                      yaxis=dict(title="observed share with metastasis", range=[0, 1.02]),
+                      margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def decision_figure(entries: Sequence[dict[str, Any]]) -> go.Figure:
+    """Net benefit of the model per cohort, against treating all and treating none."""
+    fig = go.Figure()
+    for k, e in enumerate(entries):
+        d = e["decision"]
+        fig.add_trace(go.Scatter(x=d["threshold"], y=d["net_benefit_model"], mode="lines",
+                                 name=e["cohort"],
+                                 line=dict(color=COHORT_COLOURS[k % len(COHORT_COLOURS)])))
+        fig.add_trace(go.Scatter(x=d["threshold"], y=d["net_benefit_all"], mode="lines",
+                                 name=f"{e['cohort']}: treat all", line=dict(
+                                     color=COHORT_COLOURS[k % len(COHORT_COLOURS)], dash="dash",
+                                     width=1)))
+    fig.add_hline(y=0, line=dict(color="#808080", width=1), annotation_text="treat none")
+    fig.update_layout(title="Decision curve", height=420, template="plotly_white",
+                      xaxis=dict(title="threshold probability", range=[0, 1]),
+                      yaxis=dict(title="net benefit", range=[-0.1, 0.6]),
+                      margin=dict(l=10, r=10, t=50, b=10))
     return fig

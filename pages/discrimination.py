@@ -6,8 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from cmil_core import store as store_mod
-from cmil_core.evaluation import metrics_table, roc_curves
-from cmil_core.plots import roc_figure
+from cmil_core.evaluation import calibration, metrics_table, roc_curves
+from cmil_core.plots import calibration_figure, decision_figure, roc_figure
 from pages import _common
 
 st.title("Discrimination")
@@ -50,4 +50,16 @@ st.caption("Wilson 95% confidence intervals.")
 st.download_button(
     "Download the metrics (CSV)", table.to_csv(index=False).encode(),
     file_name=f"{model_id}_metrics_at_cutoff.csv", mime="text/csv",
+)
+
+st.subheader("Calibration and clinical usefulness")
+entries = _common.query(f"calibration:{model_id}", lambda s: calibration(s, model_id))
+left, right = st.columns(2)
+left.plotly_chart(calibration_figure(entries), width="stretch")
+right.plotly_chart(decision_figure(entries), width="stretch")
+st.caption(
+    "Calibration: patients in five equal-sized bins of the score, observed share with marrow "
+    "metastasis (Wilson 95% CI) against the mean score, and a kernel-smoothed curve. Decision "
+    "curve: net benefit of acting on the score at each threshold probability (Vickers & Elkin "
+    "2006), against acting for everyone (dashed) or no one."
 )

@@ -197,6 +197,21 @@ def test_discrimination_page_shows_the_models_numbers(
         assert shown.loc[row.cohort, "Patients"] == row.n
         assert shown.loc[row.cohort, "TP / FN / TN / FP"] == f"{row.tp} / {row.fn} / {row.tn} / {row.fp}"
         assert shown.loc[row.cohort, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
+    # Calibration: the legend carries each cohort's Brier score, as stats computes it.
+    from cmil_core.stats import brier_score
+
+    calibration = json.loads(at.get("plotly_chart")[1].proto.spec)
+    legend = [t["name"] for t in calibration["data"] if t.get("mode") == "markers"]
+    with store.open_store(scored_demo, read_only=True) as st:
+        scores = store.patient_scores_frame(st, model_id)
+    expected = []
+    for cohort in table["cohort"]:
+        part = scores[scores["cohort"] == cohort]
+        brier = brier_score(part["bm_metastasis"].astype(int), part["score"])
+        expected.append(f"{cohort} (Brier {brier:.3f})")
+    assert legend == expected
+    decision = json.loads(at.get("plotly_chart")[2].proto.spec)
+    assert decision["layout"]["title"]["text"] == "Decision curve"
 
 
 @pytest.mark.slow

@@ -39,3 +39,23 @@ def test_km_figure_shows_the_test_results_and_numbers_at_risk() -> None:
     note = fig.layout.annotations[0].text
     assert "Number at risk at 0  20  40 months" in note and "RIT: 11  11  9" in note
     assert isinstance(curves, pd.DataFrame)
+
+
+def test_calibration_and_decision_figures_plot_what_they_are_given() -> None:
+    import numpy as np
+
+    from cmil_core.plots import calibration_figure, decision_figure
+    from cmil_core.stats import brier_score, calibration_bins, calibration_smooth, decision_curve
+
+    rng = np.random.default_rng(0)
+    p = rng.random(200)
+    y = (rng.random(200) < p).astype(int)
+    entry = {"cohort": "A", "n": 200, "brier": brier_score(y, p), "bins": calibration_bins(y, p, 5),
+             "smooth": calibration_smooth(y, p), "decision": decision_curve(y, p)}
+    cal = calibration_figure([entry])
+    markers = [t for t in cal.data if t.mode == "markers"]
+    assert markers[0].name == f"A (Brier {entry['brier']:.3f})"
+    assert list(markers[0].y) == list(entry["bins"]["observed"])
+    dec = decision_figure([entry])
+    assert [t.name for t in dec.data] == ["A", "A: treat all"]
+    assert list(dec.data[0].y) == list(entry["decision"]["net_benefit_model"])
