@@ -169,6 +169,17 @@ def scored_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
+def _page(db: Path, monkeypatch: pytest.MonkeyPatch, page: str) -> tuple[AppTest, str]:
+    """The app on ``db``, switched to ``page``; with the id of the store's only model."""
+    monkeypatch.setenv("CMIL_DB", str(db))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    at.switch_page(page)
+    _run(at)
+    with store.open_store(db, read_only=True) as st:
+        (model_id,) = store.list_models(st)["model_id"]
+    return at, str(model_id)
+
+
 @pytest.mark.slow
 def test_discrimination_page_shows_the_models_numbers(
     scored_demo: Path, monkeypatch: pytest.MonkeyPatch
@@ -177,13 +188,9 @@ def test_discrimination_page_shows_the_models_numbers(
 
     from cmil_core.evaluation import metrics_table, roc_curves
 
-    monkeypatch.setenv("CMIL_DB", str(scored_demo))
-    at = _run(AppTest.from_file(APP, default_timeout=60))
-    at.switch_page("pages/discrimination.py")
-    _run(at)
+    at, model_id = _page(scored_demo, monkeypatch, "pages/discrimination.py")
     assert at.title[0].value == "Discrimination"
     with store.open_store(scored_demo, read_only=True) as st:
-        (model_id,) = store.list_models(st)["model_id"]
         curves = roc_curves(st, model_id)
         table = metrics_table(st, model_id)
     assert model_id in at.caption[0].value and "fixed on the training cohort" in at.caption[0].value
@@ -222,13 +229,9 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
 
     from cmil_core.evaluation import risk_survival
 
-    monkeypatch.setenv("CMIL_DB", str(scored_demo))
-    at = _run(AppTest.from_file(APP, default_timeout=60))
-    at.switch_page("pages/survival.py")
-    _run(at)
+    at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     assert at.title[0].value == "Survival"
     with store.open_store(scored_demo, read_only=True) as st:
-        (model_id,) = store.list_models(st)["model_id"]
         entries = risk_survival(st, model_id, "os")
     drawn = [e for e in entries if "result" in e]
     charts = at.get("plotly_chart")
@@ -250,18 +253,14 @@ def test_survival_cutoff_choices_are_fixed_on_training(
     from cmil_core.evaluation import survival_cutoff
     from cmil_core.survival import risk_cutoff
 
-    monkeypatch.setenv("CMIL_DB", str(scored_demo))
+    at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     with store.open_store(scored_demo, read_only=True) as st:
-        (model_id,) = store.list_models(st)["model_id"]
         model = store.get_model(st, model_id)
         train = store.patient_scores_frame(st, model_id, "training")
         median = survival_cutoff(st, model_id, "median")
         assert survival_cutoff(st, model_id, "model")["value"] == model.cutoff
         assert survival_cutoff(st, model_id, 0.3)["value"] == 0.3
     assert median["value"] == pytest.approx(risk_cutoff(train, "score", "median").value)
-    at = _run(AppTest.from_file(APP, default_timeout=60))
-    at.switch_page("pages/survival.py")
-    _run(at)
     at.selectbox(key="survival_cutoff").set_value("median")
     _run(at)
     assert f"score at or above {median['value']:.3f} is high: training median" in at.caption[0].value
