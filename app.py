@@ -117,18 +117,23 @@ def main() -> None:
         st.navigation([page], position="hidden").run()
         return
     st.session_state["model_id"] = _common.sidebar()
-    nav = st.navigation(
-        {
-            "Study": [
-                st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
-            ],
-            "Results": [
-                st.Page("pages/discrimination.py", title="Discrimination", icon="📈",
-                        url_path="roc"),
-                st.Page("pages/survival.py", title="Survival", icon="📉", url_path="km"),
-            ],
-        }
-    )
+    sections = {
+        "Study": [
+            st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
+            # cohorts page goes here
+        ],
+        "Results": [
+            st.Page("pages/discrimination.py", title="Discrimination", icon="📈",
+                    url_path="roc"),
+            st.Page("pages/survival.py", title="Survival", icon="📉", url_path="km"),
+            # patients page goes here
+            # report page goes here
+        ],
+        "Models": [
+            # models page goes here
+        ],
+    }
+    nav = st.navigation({name: pages for name, pages in sections.items() if pages})
     nav.run()
 
 

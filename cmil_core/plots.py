@@ -13,15 +13,13 @@ from typing import Any
 import pandas as pd
 import plotly.graph_objects as go
 
+from cmil_core.palette import COHORT_COLOURS, RISK_COLOURS
+
 __all__ = [
     "COHORT_COLOURS", "RISK_COLOURS", "calibration_figure", "decision_figure", "km_figure",
     "roc_figure",
 ]
 
-RISK_COLOURS = {"high": "#B2182B", "low": "#2166AC"}
-
-# Calm, colour-blind-safe (Okabe-Ito) colours, training first.
-COHORT_COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9")
 
 
 def roc_figure(curves: Sequence[dict[str, Any]], *, title: str = "ROC by cohort") -> go.Figure:
