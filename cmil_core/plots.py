@@ -12,33 +12,51 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
-from cmil_core.palette import COHORT_COLOURS, RISK_COLOURS
+from cmil_core.palette import CHANCE_GREY, COHORT_COLOURS, RISK_COLOURS, cohort_colour
 
 __all__ = [
-    "COHORT_COLOURS", "RISK_COLOURS", "calibration_figure", "decision_figure", "km_figure",
+    "calibration_figure", "decision_figure", "forest_figure", "km_figure", "qc_histogram_figure",
     "roc_figure",
 ]
 
 
 
-def roc_figure(curves: Sequence[dict[str, Any]], *, title: str = "ROC by cohort") -> go.Figure:
+def roc_figure(
+    curves: Sequence[dict[str, Any]],
+    *,
+    cohorts: Sequence[str] | None = None,
+    title: str = "ROC by cohort",
+) -> go.Figure:
     """ROC curves overlaid, one per cohort, with "AUC 0.83 (0.74-0.91)" in the legend.
 
     ``curves``: dicts with ``cohort, fpr, tpr, auc, ci_low, ci_high`` (as
-    :func:`cmil_core.evaluation.roc_curves` gives).
+    :func:`cmil_core.evaluation.roc_curves` gives) and, optionally, ``band``
+    (:func:`cmil_core.stats.roc_ci_band`: the bootstrap 95% CI of the
+    sensitivity at each specificity), drawn shaded. ``cohorts``: the store's
+    cohort order, which fixes each cohort's colour on every page.
     """
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance",
-                             line=dict(color="#b0b0b0", dash="dot"), hoverinfo="skip"))
+                             line=dict(color=CHANCE_GREY, dash="dot"), hoverinfo="skip"))
     for k, c in enumerate(curves):
+        colour = cohort_colour(c["cohort"], cohorts, k)
+        band = c.get("band")
+        if band:
+            fpr = [1.0 - sp for sp in band["specificity"]]
+            fig.add_trace(go.Scatter(
+                x=fpr + fpr[::-1], y=list(band["se_high"]) + list(band["se_low"])[::-1],
+                fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0),
+                hoverinfo="skip", showlegend=False, name=f"{c['cohort']} 95% CI band",
+            ))
         ci = ""
         if c.get("ci_low") is not None and c.get("ci_high") is not None:
             ci = f" ({c['ci_low']:.2f}-{c['ci_high']:.2f})"
         fig.add_trace(go.Scatter(
             x=c["fpr"], y=c["tpr"], mode="lines", line_shape="linear",
             name=f"{c['cohort']}: AUC {c['auc']:.2f}{ci}",
-            line=dict(color=COHORT_COLOURS[k % len(COHORT_COLOURS)], width=2.5),
+            line=dict(color=colour, width=2.5),
             hovertemplate="1 - specificity %{x:.2f}<br>sensitivity %{y:.2f}<extra></extra>",
         ))
     fig.update_layout(
@@ -70,61 +88,73 @@ def km_figure(
     ``curves``: :func:`cmil_core.survival.kaplan_meier_table`; ``result``:
     :func:`cmil_core.survival.survival_analysis` of the same patients.
     """
-    fig = go.Figure()
+    at_risk = result.get("at_risk") or {}
+    risk_rows = at_risk.get("groups", [])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        row_heights=[0.78, 0.22])
     groups = list(dict.fromkeys(curves["group"]))
+    colours = {}
     for k, group in enumerate(groups):
         part = curves[curves["group"] == group]
-        colour = RISK_COLOURS.get(str(group), COHORT_COLOURS[k % len(COHORT_COLOURS)])
+        colour = colours[str(group)] = RISK_COLOURS.get(str(group), COHORT_COLOURS[k % len(COHORT_COLOURS)])
         fig.add_trace(go.Scatter(
             x=list(part["time"]) + list(part["time"])[::-1],
             y=list(part["ci_high"]) + list(part["ci_low"])[::-1],
             fill="toself", fillcolor=colour, opacity=0.15, line=dict(width=0, shape="hv"),
             hoverinfo="skip", showlegend=False, name=f"{group} 95% CI",
-        ))
+        ), row=1, col=1)
         fig.add_trace(go.Scatter(
             x=part["time"], y=part["survival"], mode="lines", line=dict(color=colour, shape="hv",
             width=2.5), name=f"{group} risk (n = {int(part['at_risk'].iloc[0])})",
             hovertemplate="%{x:.1f} " + time_label + ": %{y:.2f}<extra></extra>",
-        ))
+        ), row=1, col=1)
         censored = part[part["censored"] > 0]
         fig.add_trace(go.Scatter(
             x=censored["time"], y=censored["survival"], mode="markers",
             marker=dict(symbol="line-ns-open", size=9, color=colour), showlegend=False,
             hoverinfo="skip", name=f"{group} censored",
-        ))
+        ), row=1, col=1)
+    # The number-at-risk table: one text row per group, each number placed at its
+    # time on the shared x-axis, so it sits exactly under the tick it belongs to.
+    times = list(at_risk.get("times", []))
+    labels = []
+    for g in risk_rows:
+        label = f"{g['group']}"
+        labels.append(label)
+        fig.add_trace(go.Scatter(
+            x=times, y=[label] * len(times), mode="text", text=[str(n) for n in g["at_risk"]],
+            textfont=dict(color=colours.get(str(g["group"]), "#333333"), size=12),
+            showlegend=False, hoverinfo="skip", name=f"{g['group']} at risk",
+        ), row=2, col=1)
     logrank = result.get("logrank") or {}
     cox = result.get("cox") or {}
     extra = f"log-rank {_p_text(logrank.get('p'))}"
     if cox.get("hr") is not None and cox.get("ci"):
         extra += f"; HR {cox['group']} vs {cox['reference']} {cox['hr']:.2f} ({cox['ci'][0]:.2f}-{cox['ci'][1]:.2f})"
-    at_risk = result.get("at_risk") or {}
-    rows = [
-        f"{g['group']}: " + "  ".join(str(n) for n in g["at_risk"]) for g in at_risk.get("groups", [])
-    ]
-    times = "  ".join(f"{t:g}" for t in at_risk.get("times", []))
     fig.update_layout(
-        title=dict(text=f"{title}<br><sup>{extra}</sup>"), height=460, template="plotly_white",
-        margin=dict(l=10, r=10, t=70, b=110),
-        xaxis=dict(title=time_label, rangemode="tozero"),
-        yaxis=dict(title="survival probability", range=[0, 1.02]),
-        legend=dict(x=0.02, y=0.05, bgcolor="rgba(255,255,255,0.8)"),
+        title=dict(text=f"{title}<br><sup>{extra}</sup>"), height=520, template="plotly_white",
+        margin=dict(l=10, r=10, t=70, b=10),
+        legend=dict(x=0.02, y=0.3, bgcolor="rgba(255,255,255,0.8)"),
     )
-    if rows:
-        fig.add_annotation(
-            text=f"Number at risk at {times} {time_label}<br>" + "<br>".join(rows),
-            xref="paper", yref="paper", x=0, y=-0.28, showarrow=False, align="left",
-            font=dict(size=11, family="monospace"),
-        )
+    fig.update_yaxes(title="survival probability", range=[0, 1.02], row=1, col=1)
+    fig.update_yaxes(title="at risk", type="category", categoryorder="array",
+                     categoryarray=labels[::-1], showgrid=False, row=2, col=1)
+    fig.update_xaxes(rangemode="tozero", row=1, col=1)
+    fig.update_xaxes(title=time_label, tickvals=times or None, row=2, col=1)
+    if times:
+        fig.update_xaxes(tickvals=times, row=1, col=1)
     return fig
 
 
-def calibration_figure(entries: Sequence[dict[str, Any]]) -> go.Figure:
+def calibration_figure(
+    entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | None = None
+) -> go.Figure:
     """Observed against predicted: quantile bins with Wilson CIs, and the smoothed curve, per cohort."""
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="ideal",
-                             line=dict(color="#b0b0b0", dash="dot"), hoverinfo="skip"))
+                             line=dict(color=CHANCE_GREY, dash="dot"), hoverinfo="skip"))
     for k, e in enumerate(entries):
-        colour = COHORT_COLOURS[k % len(COHORT_COLOURS)]
+        colour = cohort_colour(e["cohort"], cohorts, k)
         bins = e["bins"]
         fig.add_trace(go.Scatter(
             x=bins["mean_predicted"], y=bins["observed"], mode="markers",
@@ -143,21 +173,91 @@ def calibration_figure(entries: Sequence[dict[str, Any]]) -> go.Figure:
     return fig
 
 
-def decision_figure(entries: Sequence[dict[str, Any]]) -> go.Figure:
+def decision_figure(
+    entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | None = None
+) -> go.Figure:
     """Net benefit of the model per cohort, against treating all and treating none."""
     fig = go.Figure()
     for k, e in enumerate(entries):
         d = e["decision"]
+        colour = cohort_colour(e["cohort"], cohorts, k)
         fig.add_trace(go.Scatter(x=d["threshold"], y=d["net_benefit_model"], mode="lines",
-                                 name=e["cohort"],
-                                 line=dict(color=COHORT_COLOURS[k % len(COHORT_COLOURS)])))
+                                 name=e["cohort"], line=dict(color=colour)))
         fig.add_trace(go.Scatter(x=d["threshold"], y=d["net_benefit_all"], mode="lines",
-                                 name=f"{e['cohort']}: treat all", line=dict(
-                                     color=COHORT_COLOURS[k % len(COHORT_COLOURS)], dash="dash",
-                                     width=1)))
+                                 name=f"{e['cohort']}: treat all",
+                                 line=dict(color=colour, dash="dash", width=1)))
     fig.add_hline(y=0, line=dict(color="#808080", width=1), annotation_text="treat none")
     fig.update_layout(title="Decision curve", height=420, template="plotly_white",
                       xaxis=dict(title="threshold probability", range=[0, 1]),
                       yaxis=dict(title="net benefit", range=[-0.1, 0.6]),
                       margin=dict(l=10, r=10, t=50, b=10))
+    return fig
+
+
+def qc_histogram_figure(
+    hist: pd.DataFrame, metric: str, *, cohorts: Sequence[str] | None = None
+) -> go.Figure:
+    """Distribution of one quality metric per cohort: share of the cohort's patches per bin.
+
+    ``hist``: :func:`cmil_core.store.qc_metric_histogram`. Shares, not counts,
+    so that cohorts of different sizes compare (a stain or scanner shift
+    between centres shows as a shifted curve); the rejected share is dotted.
+    """
+    fig = go.Figure()
+    order = list(dict.fromkeys(hist["cohort"]))
+    if cohorts is not None:
+        order = [c for c in cohorts if c in order] + [c for c in order if c not in cohorts]
+    for k, cohort in enumerate(order):
+        part = hist[hist["cohort"] == cohort]
+        colour = cohort_colour(str(cohort), cohorts, k)
+        total = float((part["kept"] + part["rejected"]).sum()) or 1.0
+        middle = (part["bin_low"] + part["bin_high"]) / 2
+        fig.add_trace(go.Scatter(
+            x=middle, y=(part["kept"] + part["rejected"]) / total, mode="lines",
+            line=dict(color=colour, shape="hvh", width=2), name=f"{cohort}: all patches",
+            hovertemplate="%{x:.3g}: %{y:.1%}<extra></extra>",
+        ))
+        fig.add_trace(go.Scatter(
+            x=middle, y=part["rejected"] / total, mode="lines",
+            line=dict(color=colour, shape="hvh", width=1, dash="dot"), name=f"{cohort}: rejected",
+            hovertemplate="%{x:.3g}: %{y:.1%} rejected<extra></extra>",
+        ))
+    fig.update_layout(title=f"{metric.replace('_', ' ')} per cohort", height=340,
+                      template="plotly_white", margin=dict(l=10, r=10, t=50, b=10),
+                      xaxis=dict(title=metric), yaxis=dict(title="share of patches", tickformat=".0%"))
+    return fig
+
+
+def _hr_text(row: dict[str, Any]) -> str:
+    ci = row.get("ci") or [None, None]
+    if row.get("hr") is None or ci[0] is None:
+        return "HR n/a"
+    return f"HR {row['hr']:.2f} ({ci[0]:.2f}-{ci[1]:.2f}), {_p_text(row.get('p'))}"
+
+
+def forest_figure(result: dict[str, Any], *, title: str) -> go.Figure:
+    """Hazard ratios with 95% CIs on a log axis, one row per Cox coefficient.
+
+    ``result``: :func:`cmil_core.survival.cox_analysis`; each row is labelled
+    with its name and "HR 2.10 (1.30-3.40), p = 0.002".
+    """
+    rows = [r for r in result.get("coefficients", []) if r.get("hr") is not None]
+    labels = [f"{r['name']}  ·  {_hr_text(r)}" for r in rows]
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=[r["hr"] for r in rows], y=labels, mode="markers", name="hazard ratio",
+        marker=dict(symbol="square", size=11, color="#333333"),
+        error_x=dict(type="data", symmetric=False,
+                     array=[r["ci"][1] - r["hr"] for r in rows],
+                     arrayminus=[r["hr"] - r["ci"][0] for r in rows], color="#333333"),
+        showlegend=False, hovertemplate="%{y}<extra></extra>",
+    ))
+    fig.add_vline(x=1, line=dict(color="#808080", dash="dash", width=1))
+    fig.update_layout(
+        title=dict(text=f"{title}<br><sup>n = {result.get('n')}, events = {result.get('events')}; "
+                        f"Cox proportional hazards, Efron ties</sup>"),
+        height=140 + 45 * len(rows), template="plotly_white", margin=dict(l=10, r=10, t=70, b=10),
+        xaxis=dict(title="hazard ratio (log scale)", type="log"),
+        yaxis=dict(autorange="reversed"),
+    )
     return fig

@@ -947,6 +947,59 @@ def qc_counts(store: Store, cohort: str | None = None, slide_id: int | None = No
     return store.cursor().execute(sql, params).df()
 
 
+QC_METRICS = (
+    "background_fraction", "mean_intensity", "dark_fraction", "bright_fraction",
+    "blur_variance", "nuclei_fraction", "thick_fraction",
+)
+
+
+def qc_summary(store: Store) -> pd.DataFrame:
+    """Patches per cohort and quality-control outcome, computed in the database.
+
+    Columns: cohort, qc_reason (None for patches kept), patches. Cohorts
+    without patches are absent.
+    """
+    return store.cursor().execute(
+        """SELECT s.cohort, p.qc_reason, count(*) AS patches
+           FROM patches p JOIN slides s USING (slide_id)
+           GROUP BY ALL ORDER BY s.cohort, p.qc_reason NULLS FIRST"""
+    ).df()
+
+
+def qc_metric_histogram(store: Store, metric: str, bins: int = 30) -> pd.DataFrame:
+    """Histogram of one patch metric per cohort, kept and rejected patches apart.
+
+    Bins are equal-width between the 0.5th and 99.5th percentiles over all
+    patches (values outside are counted in the end bins), so that one extreme
+    patch does not squash the picture; binned in the database, never loading
+    the patches. Columns: cohort, bin_low, bin_high, kept, rejected.
+    """
+    if metric not in QC_METRICS:
+        raise InputError(f"unknown quality metric {metric!r}; one of: {', '.join(QC_METRICS)}")
+    if not 1 <= bins <= 1000:
+        raise InputError(f"bins must be between 1 and 1000, not {bins}")
+    cur = store.cursor()
+    low, high = cur.execute(
+        f"SELECT quantile_cont({metric}, 0.005), quantile_cont({metric}, 0.995) FROM patches"
+    ).fetchone()
+    if low is None or high is None:
+        return pd.DataFrame(columns=["cohort", "bin_low", "bin_high", "kept", "rejected"])
+    width = (high - low) / bins if high > low else 1.0
+    frame = cur.execute(
+        f"""SELECT s.cohort,
+                   least(greatest(floor((p.{metric} - ?) / ?), 0), ?)::INTEGER AS bin,
+                   count(*) FILTER (WHERE p.qc_pass) AS kept,
+                   count(*) FILTER (WHERE NOT p.qc_pass) AS rejected
+            FROM patches p JOIN slides s USING (slide_id)
+            WHERE p.{metric} IS NOT NULL AND NOT isnan(p.{metric})
+            GROUP BY ALL ORDER BY s.cohort, bin""",
+        [low, width, bins - 1],
+    ).df()
+    frame["bin_low"] = low + frame.pop("bin") * width
+    frame["bin_high"] = frame["bin_low"] + width
+    return frame[["cohort", "bin_low", "bin_high", "kept", "rejected"]]
+
+
 # --------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------

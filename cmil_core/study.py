@@ -15,8 +15,9 @@ import pandas as pd
 from lifelines import KaplanMeierFitter
 
 from cmil_core import store as store_mod
+from cmil_core.quality import QC_REASONS
 
-__all__ = ["median_followup", "study_overview"]
+__all__ = ["median_followup", "qc_table", "study_overview"]
 
 
 def median_followup(months: pd.Series, event: pd.Series) -> float | None:
@@ -49,3 +50,31 @@ def study_overview(store: store_mod.Store) -> pd.DataFrame:
     labelled = counts["positives"] + counts["negatives"]
     counts["positive_share"] = np.where(labelled > 0, counts["positives"] / labelled.where(labelled > 0, 1), np.nan)
     return counts
+
+
+def qc_table(store: store_mod.Store) -> pd.DataFrame:
+    """Quality control per cohort: patches, kept (with share), and rejected by reason.
+
+    One row per cohort with patches; columns ``cohort, patches, kept,
+    kept_share`` and one column per rejection reason in the order the rules
+    are checked (:data:`cmil_core.quality.QC_REASONS`), then any other reason
+    found in the store.
+    """
+    summary = store_mod.qc_summary(store)
+    if summary.empty:
+        return pd.DataFrame(columns=["cohort", "patches", "kept", "kept_share", *QC_REASONS])
+    summary["reason"] = summary["qc_reason"].astype(object).where(summary["qc_reason"].notna(), "kept")
+    wide = summary.pivot_table(index="cohort", columns="reason", values="patches",
+                               aggfunc="sum", fill_value=0)
+    order = [c.cohort for c in store_mod.list_cohorts(store) if c.cohort in wide.index]
+    wide = wide.reindex(order)
+    extra = sorted(set(wide.columns) - {"kept", *QC_REASONS})
+    for column in ("kept", *QC_REASONS):
+        if column not in wide.columns:
+            wide[column] = 0
+    out = wide[["kept", *QC_REASONS, *extra]].astype(int)
+    out.insert(0, "patches", out.sum(axis=1))
+    out.insert(2, "kept_share", out["kept"] / out["patches"])
+    out = out.reset_index()
+    out.columns.name = None
+    return out

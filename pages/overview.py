@@ -10,7 +10,8 @@ from cmil_core import store as store_mod
 from cmil_core.demo import demo_status
 from cmil_core.evaluation import discrimination
 from cmil_core.slides import SlideError, open_slide
-from cmil_core.study import study_overview
+from cmil_core.plots import qc_histogram_figure
+from cmil_core.study import qc_table, study_overview
 from pages import _common
 
 ROLE_NAMES = {"train": "Training", "validation": "External validation", "test": "External test"}
@@ -91,6 +92,30 @@ st.caption(
 left, _ = st.columns([1, 1])
 with left:
     st.plotly_chart(label_chart(overview), width="stretch")
+
+st.subheader("Quality control")
+qc = _common.query("qc", qc_table)
+if qc.empty:
+    st.caption("No patches yet: ingest slides (`python -m cmil_core ingest`) to see quality control.")
+else:
+    reasons = [c for c in qc.columns if c not in ("cohort", "patches", "kept", "kept_share")]
+    shown_qc = pd.DataFrame({
+        "Cohort": qc["cohort"],
+        "Patches": qc["patches"],
+        "Kept": [f"{k:,} ({share:.0%})" for k, share in zip(qc["kept"], qc["kept_share"])],
+        **{f"Rejected: {reason}": qc[reason] for reason in reasons},
+    })
+    st.dataframe(shown_qc, hide_index=True, width="stretch")
+    st.caption(
+        "Each rejected patch is counted under the first rule it fails (background, thick "
+        "smear, too dark, too bright, blurred, no nucleated cell). Compare the metric "
+        "distributions between centres before trusting the thresholds on a new cohort."
+    )
+    metric = st.selectbox("Metric distribution", store_mod.QC_METRICS, key="qc_metric",
+                          format_func=lambda m: m.replace("_", " "))
+    hist = _common.query(f"qc_hist:{metric}", lambda st_: store_mod.qc_metric_histogram(st_, metric))
+    st.plotly_chart(qc_histogram_figure(hist, metric, cohorts=overview["cohort"].tolist()),
+                    width="stretch")
 
 model_id = _common.selected_model()
 if model_id is not None:

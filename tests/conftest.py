@@ -36,3 +36,15 @@ def is_plain_json(value: Any) -> bool:
     if isinstance(value, float):
         return math.isfinite(value)
     return value is None or type(value) in (str, int, bool)
+
+
+def plotly_values(value: Any) -> list[Any]:
+    """A plotly array as a list: plotly 7 sends numeric arrays as base64 typed arrays."""
+    import base64
+
+    import numpy as np
+
+    if isinstance(value, dict) and "bdata" in value:
+        array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        return array.reshape(value["shape"]).tolist() if "shape" in value else array.tolist()
+    return list(value)

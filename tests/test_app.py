@@ -137,7 +137,7 @@ def test_first_launch_builds_the_demo_with_progress(
         (model_id,) = store.list_models(st)["model_id"]
         scored = store.patient_scores_frame(st, model_id)
     assert at.sidebar.selectbox[0].value == model_id
-    auc = at.dataframe[1].value
+    auc = next(d.value for d in at.dataframe if "AUC (95% CI)" in d.value.columns)
     assert auc["Cohort"].tolist() == ["training", "external_a", "external_b"]
     shown = dict(zip(auc["Cohort"], auc["Patients scored"]))
     assert shown == scored.groupby("cohort").size().to_dict() == {
@@ -265,3 +265,35 @@ def test_survival_cutoff_choices_are_fixed_on_training(
     _run(at)
     assert f"score at or above {median['value']:.3f} is high: training median" in at.caption[0].value
     assert "optimistic" in at.warning[0].value
+
+
+@pytest.mark.slow
+def test_overview_shows_quality_control_per_cohort(
+    scored_demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from cmil_core.study import qc_table
+
+    monkeypatch.setenv("CMIL_DB", str(scored_demo))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    with store.open_store(scored_demo, read_only=True) as st:
+        expected = qc_table(st).set_index("cohort")
+        hist = store.qc_metric_histogram(st, "blur_variance")
+    shown = next(d.value for d in at.dataframe if "Kept" in d.value.columns).set_index("Cohort")
+    assert shown.index.tolist() == ["training", "external_a", "external_b"]
+    for cohort, row in expected.iterrows():
+        assert shown.loc[cohort, "Patches"] == row["patches"]
+        assert shown.loc[cohort, "Kept"] == f"{int(row['kept']):,} ({row['kept_share']:.0%})"
+        assert shown.loc[cohort, "Rejected: background"] == row["background"]
+    at.selectbox(key="qc_metric").set_value("blur_variance")
+    _run(at)
+    from conftest import plotly_values
+
+    figure = next(f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
+                  if f["layout"]["title"]["text"] == "blur variance per cohort")
+    trace = next(t for t in figure["data"] if t["name"] == "training: all patches")
+    totals = plotly_values(trace["y"])
+    part = hist[hist["cohort"] == "training"]
+    assert len(totals) == len(part)
+    assert sum(totals) == pytest.approx(1.0)

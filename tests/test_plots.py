@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pandas as pd
+
 from cmil_core.plots import roc_figure
 
 
@@ -36,8 +38,13 @@ def test_km_figure_shows_the_test_results_and_numbers_at_risk() -> None:
     assert "HR RIT vs Control" in title
     lines = [t for t in fig.data if t.mode == "lines"]
     assert {t.name for t in lines} == {"Control risk (n = 6)", "RIT risk (n = 11)"}
-    note = fig.layout.annotations[0].text
-    assert "Number at risk at 0  20  40 months" in note and "RIT: 11  11  9" in note
+    # The at-risk table: each group's counts sit at the x-axis ticks they belong to.
+    rows = {t.name: t for t in fig.data if t.mode == "text"}
+    assert list(rows["RIT at risk"].x) == [0, 20, 40] == list(fig.layout.xaxis2.tickvals)
+    assert list(rows["RIT at risk"].text) == ["11", "11", "9"]
+    assert rows["RIT at risk"].xaxis == "x2" and fig.layout.xaxis.matches == "x2"  # shared axis
+    expected = {g["group"]: [str(n) for n in g["at_risk"]] for g in result["at_risk"]["groups"]}
+    assert {name.removesuffix(" at risk"): list(t.text) for name, t in rows.items()} == expected
     assert isinstance(curves, pd.DataFrame)
 
 
@@ -59,3 +66,47 @@ def test_calibration_and_decision_figures_plot_what_they_are_given() -> None:
     dec = decision_figure([entry])
     assert [t.name for t in dec.data] == ["A", "A: treat all"]
     assert list(dec.data[0].y) == list(entry["decision"]["net_benefit_model"])
+
+
+def test_roc_band_is_drawn_and_colours_follow_the_store_order() -> None:
+    from cmil_core.palette import COHORT_COLOURS
+
+    band = {"specificity": [0.0, 0.5, 1.0], "se_low": [1.0, 0.6, 0.0], "se_high": [1.0, 0.9, 0.3]}
+    curves = [{"cohort": "ext", "fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1], "auc": 0.7,
+               "ci_low": 0.6, "ci_high": 0.8, "band": band}]
+    fig = roc_figure(curves, cohorts=["train", "ext"])
+    shaded = next(t for t in fig.data if t.name == "ext 95% CI band")
+    # Upper edge along 1 - specificity, then the lower edge back.
+    assert list(shaded.x) == [1.0, 0.5, 0.0, 0.0, 0.5, 1.0]
+    assert list(shaded.y) == [1.0, 0.9, 0.3, 0.0, 0.6, 1.0]
+    line = next(t for t in fig.data if t.name == "ext: AUC 0.70 (0.60-0.80)")
+    # "ext" is the store's second cohort: it keeps the second colour even when drawn alone.
+    assert line.line.color == COHORT_COLOURS[1] and shaded.fillcolor == COHORT_COLOURS[1]
+
+
+def test_forest_figure_has_one_row_per_coefficient_with_its_hazard_ratio() -> None:
+    from lifelines.datasets import load_rossi
+
+    from cmil_core.plots import forest_figure
+    from cmil_core.survival import cox_analysis
+
+    result = cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio"])
+    fig = forest_figure(result, title="rossi")
+    (points,) = fig.data
+    assert list(points.x) == [r["hr"] for r in result["coefficients"]]
+    fin = next(r for r in result["coefficients"] if r["name"] == "fin")
+    # R coxph on rossi, fin+age+prio (Efron): coef(fin) = -0.347, HR 0.71.
+    assert f"fin  ·  HR {fin['hr']:.2f} ({fin['ci'][0]:.2f}-{fin['ci'][1]:.2f})" in points.y[0]
+    assert fig.layout.xaxis.type == "log" and "n = 432, events = 114" in fig.layout.title.text
+
+
+def test_qc_histogram_shows_shares_per_cohort() -> None:
+    from cmil_core.plots import qc_histogram_figure
+
+    hist = pd.DataFrame({"cohort": ["a", "a", "b"], "bin_low": [0.0, 1.0, 0.0],
+                         "bin_high": [1.0, 2.0, 1.0], "kept": [3, 1, 2], "rejected": [0, 4, 0]})
+    fig = qc_histogram_figure(hist, "blur_variance", cohorts=["a", "b"])
+    traces = {t.name: t for t in fig.data}
+    assert list(traces["a: all patches"].y) == [0.375, 0.625]
+    assert list(traces["a: rejected"].y) == [0.0, 0.5]
+    assert list(traces["b: all patches"].y) == [1.0]

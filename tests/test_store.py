@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pytest
 
 from cmil_core import store
+from cmil_core.errors import InputError
 from cmil_core.store import PatientRow, StoreBusyError, StoreError, open_store
 
 CONTRACT = {
@@ -352,3 +354,27 @@ def test_models_and_scores_round_trip(db_path: Path) -> None:
         store.set_slides_status(st, [sid], "encoded")
         assert store.list_slides(st)[0].status == "encoded"
         assert len(store.passed_patches(st, "A")) == 2  # encoded slides still count
+
+
+def test_qc_summary_and_metric_histogram_per_cohort(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        for cohort, n in (("A", 6), ("B", 3)):
+            sid = store.register_slide(st, cohort=cohort, patient_id="P1", path=f"/{cohort}.tiff",
+                                       sha256="s", kind="k", width=2000, height=224, mpp=0.5,
+                                       size_bytes=1)
+            table = _patch_table(n)
+            table["blur_variance"] = [10.0 * (i + 1) for i in range(n)]  # 10, 20, ...
+            store.write_slide_patches(st, sid, table, tiling_key="k", tiling={}, run_id=None)
+        summary = store.qc_summary(st)
+        got = {(r.cohort, r.qc_reason): r.patches for r in summary.itertuples()}
+        # _patch_table keeps even rows and rejects odd ones as "blurred".
+        assert got == {("A", None): 3, ("A", "blurred"): 3, ("B", None): 2, ("B", "blurred"): 1}
+        hist = store.qc_metric_histogram(st, "blur_variance", bins=5)
+        # Every patch is counted once, in its cohort, as kept or rejected.
+        totals = hist.groupby("cohort")[["kept", "rejected"]].sum()
+        assert totals.loc["A"].tolist() == [3, 3] and totals.loc["B"].tolist() == [2, 1]
+        assert (hist["bin_high"] > hist["bin_low"]).all()
+        # Bins lie between the 0.5th and 99.5th percentiles of all 9 values (10..60).
+        assert hist["bin_low"].min() == pytest.approx(np.quantile([10, 20, 30, 40, 50, 60, 10, 20, 30], 0.005))
+        with pytest.raises(InputError, match="unknown quality metric"):
+            store.qc_metric_histogram(st, "x; DROP TABLE patches", bins=5)
