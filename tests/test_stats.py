@@ -579,3 +579,95 @@ def test_infinite_score_is_rejected():
 def test_array_function_failures(call, message):
     with pytest.raises(InputError, match=message):
         call()
+
+
+# ----------------------------------------------------------------------------
+# ROC confidence band (pROC's ci.se)
+# ----------------------------------------------------------------------------
+
+
+def _proc_se_at(curve: stats.RocCurve, sp: float) -> float:
+    """pROC's coords(roc, sp, input = "specificity", ret = "sensitivity"), brute force."""
+    spec = 1.0 - curve.fpr
+    exact = np.isclose(spec, sp, atol=1e-9)
+    if exact.any():
+        return float(curve.tpr[exact].max())
+    k = int(np.flatnonzero(spec > sp)[-1])  # last point above sp; the next one is below
+    share = (spec[k] - sp) / (spec[k] - spec[k + 1])
+    return float(curve.tpr[k] + share * (curve.tpr[k + 1] - curve.tpr[k]))
+
+
+def test_roc_band_equals_brute_force_over_the_same_resamples():
+    rng = np.random.default_rng(5)
+    y = rng.random(40) < 0.4
+    s = rng.integers(0, 8, 40).astype(float)  # ties: vertical and diagonal steps
+    sp = np.arange(21) / 20.0
+    band = stats.roc_ci_band(y, s, specificities=sp, n_boot=60, seed=4)
+    pos_rows, neg_rows = np.flatnonzero(y), np.flatnonzero(~y)
+    ((pos_idx, neg_idx),) = list(stats._resample_chunks(y.sum(), (~y).sum(), 60, 4))
+    se = np.empty((60, sp.size))
+    for b in range(60):
+        rows = np.r_[pos_rows[pos_idx[b]], neg_rows[neg_idx[b]]]
+        curve = stats.roc_curve(y[rows], s[rows])
+        se[b] = [_proc_se_at(curve, v) for v in sp]
+    low, median, high = np.quantile(se, [0.025, 0.5, 0.975], axis=0)
+    np.testing.assert_allclose(band["se_low"], low, atol=1e-12)
+    np.testing.assert_allclose(band["se_median"], median, atol=1e-12)
+    np.testing.assert_allclose(band["se_high"], high, atol=1e-12)
+
+
+def test_roc_band_hand_checked_tiny_case():
+    # One positive (0.3), two negatives (0.1, 0.5): the negatives resample to
+    # {0.1, 0.1} (p = 1/4: perfect curve, Se = 1 everywhere), {0.1, 0.5}
+    # (p = 1/2: Se = 0 above Sp 0.5, 1 from Sp 0.5 down) or {0.5, 0.5}
+    # (p = 1/4: Se = 0 except 1 at Sp 0).
+    band = stats.roc_ci_band([0, 0, 1], [0.1, 0.5, 0.3],
+                             specificities=[0.0, 0.25, 0.5, 0.75, 1.0], n_boot=2000, seed=1)
+    assert band["specificity"] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert band["se_median"] == [1.0, 1.0, 1.0, 0.0, 0.0]  # P(Se = 1) = 3/4, 3/4, 3/4, 1/4, 1/4
+    assert band["se_low"] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert band["se_high"] == [1.0] * 5
+    # Tied scores: the curve is the diagonal, read off by linear interpolation.
+    tied = stats.roc_ci_band([0, 1], [0.3, 0.3], specificities=[0.0, 0.3, 1.0], n_boot=50)
+    assert tied["se_low"] == tied["se_high"] == pytest.approx([1.0, 0.7, 0.0])
+
+
+def test_roc_band_on_asah_holds_the_observed_curve(asah):
+    y, s = _poor(asah), asah["s100b"].to_numpy()
+    band = stats.roc_ci_band(y, s)  # pROC: ci.se(roc(aSAH$outcome, aSAH$s100b), seq(0, 1, .01))
+    assert band["specificity"] == pytest.approx(np.arange(101) / 100)
+    assert (band["n_boot"], band["level"]) == (2000, 0.95)
+    low, med, high = (np.array(band[k]) for k in ("se_low", "se_median", "se_high"))
+    assert np.all(low <= med) and np.all(med <= high)
+    assert (low[0], med[0], high[0]) == (1.0, 1.0, 1.0)  # Sp 0: every curve has Se 1
+    observed = np.array([_proc_se_at(stats.roc_curve(y, s), v) for v in band["specificity"]])
+    inside = (low - 1e-12 <= observed) & (observed <= high + 1e-12)
+    assert inside.mean() >= 0.95
+    assert np.all(np.diff(med) <= 1e-12)  # sensitivity falls as specificity rises
+    assert is_plain_json(band)
+
+
+def test_roc_band_narrows_with_more_patients_and_is_seeded(asah):
+    y, s = _poor(asah), asah["s100b"].to_numpy()
+    one = stats.roc_ci_band(y, s, n_boot=500, seed=7)
+    four = stats.roc_ci_band(np.tile(y, 4), np.tile(s, 4), n_boot=500, seed=7)
+    width = lambda b: np.mean(np.array(b["se_high"]) - np.array(b["se_low"]))  # noqa: E731
+    assert width(four) < 0.65 * width(one)  # about 1/sqrt(4) = 0.5
+    assert stats.roc_ci_band(y, s, n_boot=500, seed=7) == one
+    assert stats.roc_ci_band(y, s, n_boot=500, seed=8) != one
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"specificities": [0.5, 1.2]}, r"within \[0, 1\]"),
+        ({"specificities": []}, "non-empty"),
+        ({"n_boot": 0}, "positive integer"),
+        ({"level": 95}, "strictly between 0 and 1"),
+    ],
+)
+def test_roc_band_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(InputError, match=message):
+        stats.roc_ci_band([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], **kwargs)
+    with pytest.raises(InputError, match="only negative cases"):
+        stats.roc_ci_band([0, 0], [0.1, 0.2])
