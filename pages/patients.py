@@ -1,0 +1,326 @@
+"""Patients: the review queue, and per patient the score, slides, attention and Grad-CAM.
+
+Links: ``?patient=<cohort>/<patient_id>&model=<model_id>`` opens a patient
+under a model (patient ids are unique only within a cohort; cohort names
+cannot hold ``/``, so the first slash separates them: see
+:func:`cmil_core.patients.patient_ref`). Selecting a row of the list sets
+``patient`` in the address bar, so the page can be bookmarked or shared.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from cmil_core import store as store_mod
+from cmil_core.errors import InputError
+from cmil_core.patients import (
+    MAX_PATCH_PX,
+    attention_patches,
+    importance_column,
+    overlay,
+    parse_patient_ref,
+    patch_gradcam,
+    patient_detail,
+    patient_list,
+    patient_ref,
+    read_patch,
+    read_patches,
+    rejected_patches,
+    slide_heatmap,
+)
+from pages import _common
+
+GALLERY_K = 8
+HEATMAP_SIDE = 1024
+COLUMN_NAMES = {
+    "attention": "attention", "attention_raw": "raw attention", "probability": "probability",
+}
+
+
+def md_text(value: object) -> str:
+    """A user string made safe for markdown: every ASCII punctuation mark escaped."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
+
+
+def yes_no(label: Any) -> str:
+    return "unknown" if label is None or pd.isna(label) else ("yes" if int(label) == 1 else "no")
+
+
+# --------------------------------------------------------------------------- cached reads
+# Keyed on the store's path and fingerprint (a changed store reads again), the
+# model, and the slide's content hash (pixels come from the slide file).
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def heatmap_images(db: str, stamp: tuple[int, int, int], model_id: str, slide_id: int,
+                   by: str) -> tuple[np.ndarray, np.ndarray]:
+    return _common.read(lambda s: slide_heatmap(s, model_id, slide_id, HEATMAP_SIDE, by=by))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def gallery(db: str, stamp: tuple[int, int, int], model_id: str, cohort: str, patient_id: str,
+            by: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return _common.read(
+        lambda s: attention_patches(s, model_id, patient=(cohort, patient_id), k=GALLERY_K, by=by)
+    )
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def patch_pixels(path: str, sha256: str | None, mpp: float | None,
+                 coords: tuple[tuple[int, int, int], ...], out_px: int) -> list[np.ndarray]:
+    return read_patches(path, mpp, list(coords), out_px)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def gradcam_map(db: str, stamp: tuple[int, int, int], model_id: str, path: str,
+                sha256: str | None, mpp: float | None, x: int, y: int, size: int,
+                px: int) -> tuple[np.ndarray, np.ndarray]:
+    image = read_patch(path, mpp, x, y, size, px)
+    return image, patch_gradcam(str(_common.db_path()), model_id, image)
+
+
+def read_images(frame: pd.DataFrame, slides: pd.DataFrame, out_px: int) -> list[np.ndarray]:
+    """The patches of ``frame`` (any slides), read from their slide files, in the frame's order."""
+    images: dict[int, np.ndarray] = {}
+    by_id = slides.set_index("slide_id")
+    for slide_id, rows in frame.groupby("slide_id", sort=False):
+        slide = by_id.loc[slide_id]
+        coords = tuple((int(r.x), int(r.y), int(r.size)) for r in rows.itertuples())
+        sha = None if pd.isna(slide["sha256"]) else str(slide["sha256"])
+        mpp = None if pd.isna(slide["mpp"]) else float(slide["mpp"])
+        for pid, img in zip(rows["patch_id"], patch_pixels(str(slide["path"]), sha, mpp, coords,
+                                                           out_px), strict=True):
+            images[int(pid)] = img
+    return [images[int(p)] for p in frame["patch_id"]]
+
+
+# --------------------------------------------------------------------------- the list
+
+
+st.title("Patients")
+model_id = _common.selected_model()
+if model_id is None:
+    st.info(
+        "No model yet: train one (`python -m cmil_core train --db STORE --cohort TRAINING`) "
+        "and score the cohorts (`python -m cmil_core score --db STORE --model ID`)."
+    )
+    st.stop()
+
+model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
+listing = _common.query(f"patient_list:{model_id}", lambda s: patient_list(s, model_id))
+if listing.empty:
+    st.info(
+        f"Model {md_text(model_id)} has scored no patient yet: "
+        "`python -m cmil_core score --db STORE --model ID`."
+    )
+    st.stop()
+
+by = _common.query(f"importance:{model_id}", lambda s: importance_column(s, model_id))
+n_fn = int((listing["review"] == "false negative").sum())
+n_fp = int((listing["review"] == "false positive").sum())
+cutoff = float(model.cutoff if model.cutoff is not None else model.config["cutoff"])
+st.caption(
+    f"{len(listing)} patients scored by model {md_text(model_id)}. Review queue first: "
+    f"{n_fn} false negatives, then {n_fp} false positives at the operating cutoff "
+    f"{cutoff:.3f} (fixed on the training cohort), each from the most confidently wrong; "
+    "then every other patient by score. Select a row to open the patient."
+)
+shown = pd.DataFrame({
+    "Review": ["⚑ " + r if r else "" for r in listing["review"]],
+    "Cohort": listing["cohort"],
+    "Patient": listing["patient_id"],
+    "cMIL score": listing["score"],
+    "BM metastasis": [yes_no(v) for v in listing["label"]],
+    "Risk group": listing["risk_group"],
+})
+event = st.dataframe(
+    shown, key="patient_table", on_select="rerun", selection_mode="single-row",
+    hide_index=True, height=280,
+    column_config={"cMIL score": st.column_config.NumberColumn(format="%.3f")},
+)
+rows = list(event.selection.rows) if event is not None else []
+# Apply a selection once, when it changes: a link opened later is not overridden by it.
+if rows and rows != st.session_state.get("_patients_applied_rows"):
+    chosen = listing.iloc[rows[0]]
+    st.query_params["patient"] = patient_ref(str(chosen["cohort"]), str(chosen["patient_id"]))
+st.session_state["_patients_applied_rows"] = rows
+
+# --------------------------------------------------------------------------- one patient
+
+wanted = st.query_params.get("patient")
+if not wanted:
+    st.info("Select a patient in the list above (the review queue comes first).")
+    st.stop()
+try:
+    cohort, patient_id = parse_patient_ref(wanted)
+    detail = _common.query(
+        f"patient:{model_id}:{wanted}", lambda s: patient_detail(s, model_id, cohort, patient_id)
+    )
+except InputError as exc:
+    st.warning("This link names no patient of the store:")
+    st.text(str(exc))
+    st.stop()
+
+st.divider()
+st.subheader(f"Patient {md_text(patient_id)} · {md_text(cohort)}")
+metrics = st.columns(4)
+if detail["score"] is None:
+    metrics[0].metric("cMIL score", "—")
+    metrics[1].metric("Risk group", "—")
+else:
+    metrics[0].metric("cMIL score", f"{detail['score']:.3f}")
+    metrics[1].metric("Risk group", str(detail["risk_group"]))
+metrics[2].metric("BM metastasis", yes_no(detail["label"]))
+metrics[3].metric("Patches kept / rejected",
+                  f"{detail['patches_kept']:,} / {detail['patches_rejected']:,}")
+if detail["review"] == "false negative":
+    st.warning(f"False negative: marrow metastasis, but scored below the training cutoff "
+               f"({detail['cutoff']:.3f}).")
+elif detail["review"] == "false positive":
+    st.warning(f"False positive: no marrow metastasis, but scored at or above the training "
+               f"cutoff ({detail['cutoff']:.3f}).")
+
+left, right = st.columns([1, 2])
+with left:
+    st.markdown("**Clinical variables**")
+    clinical = pd.DataFrame({
+        "Variable": list(detail["clinical"]),
+        "Value": ["—" if v is None else str(v) for v in detail["clinical"].values()],
+    })
+    st.dataframe(clinical, hide_index=True, width="stretch")
+    slides = detail["slides"]
+    st.markdown(f"**Slides ({len(slides)})**")
+    if len(slides):
+        st.dataframe(
+            slides[["slide_id", "name", "kind", "width", "height", "mpp", "status",
+                    "patches_kept", "patches_rejected"]],
+            hide_index=True, width="stretch",
+        )
+
+slides = detail["slides"]
+if slides.empty:
+    right.info("No slide is registered for this patient: ingest the cohort's slides "
+               "(`python -m cmil_core ingest --db STORE --cohort NAME --slides DIR`).")
+    st.stop()
+if detail["score"] is None:
+    right.info(
+        "This model did not score this patient: no patch passed quality control, or the "
+        "cohort was not scored (`python -m cmil_core score --db STORE --model ID`)."
+    )
+
+with right:
+    slide_ids = slides["slide_id"].tolist()
+    names = dict(zip(slides["slide_id"], slides["name"]))
+    if len(slide_ids) > 1:
+        slide_id = st.selectbox("Slide", slide_ids, format_func=lambda i: f"{i}: {names[i]}",
+                                key=f"slide:{wanted}")
+    else:
+        slide_id = slide_ids[0]
+    opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05)
+    try:
+        thumb, heat = heatmap_images(str(_common.db_path()), _common.fingerprint(), model_id,
+                                     int(slide_id), by)
+    except InputError as exc:
+        st.warning("This slide cannot be shown:")
+        st.text(str(exc))
+    else:
+        st.image(overlay(thumb, heat, opacity, "inferno"), width="stretch")
+        if np.isnan(heat).all():
+            st.caption("No scored patch on this slide (none passed quality control).")
+        else:
+            st.caption(
+                f"Patch {COLUMN_NAMES[by]} as a rank percentile within the slide "
+                "(inferno: dark = lowest, yellow = highest); glass and rejected patches stay "
+                "uncoloured."
+            )
+
+# --------------------------------------------------------------------------- galleries
+
+top, bottom = gallery(str(_common.db_path()), _common.fingerprint(), model_id, cohort,
+                      patient_id, by)
+several = len(slides) > 1
+name = COLUMN_NAMES[by]
+
+
+def captions(frame: pd.DataFrame) -> list[str]:
+    return [
+        f"{name} {getattr(r, by):.3f} · ({r.x}, {r.y})"
+        + (f" · slide {r.slide_id}" if several else "")
+        for r in frame.itertuples()
+    ]
+
+
+if top.empty:
+    st.info("No scored patch for this patient.")
+else:
+    px = int(model.config.get("encoder", {}).get("input_px", 224))
+    st.markdown(f"**The {len(top)} patches of highest {name}**")
+    try:
+        st.image(read_images(top, slides, px), caption=captions(top), width=120)
+        if bottom.empty:
+            st.caption(f"All of this patient's {len(top)} scored patches are shown above.")
+        else:
+            st.markdown(f"**The {len(bottom)} patches of lowest {name}**")
+            st.image(read_images(bottom, slides, px), caption=captions(bottom), width=120)
+    except InputError as exc:
+        st.warning("The patches cannot be read from the slide file:")
+        st.text(str(exc))
+    st.caption("Coordinates: the patch's top-left corner in level-0 pixels of its slide; "
+               "pixels read from the slide file on demand.")
+
+    both = pd.concat([top.assign(rank="high"), bottom.assign(rank="low")], ignore_index=True)
+    labels = {
+        int(r.patch_id): f"{r.rank} {name} {getattr(r, by):.3f} · ({r.x}, {r.y})"
+        + (f" · slide {r.slide_id}" if several else "")
+        for r in both.itertuples()
+    }
+    choice = st.selectbox("Inspect a patch", list(labels), index=None, format_func=labels.get,
+                          placeholder="Choose a patch of the galleries", key=f"patch:{wanted}")
+    if choice is not None:
+        row = both[both["patch_id"] == choice].iloc[0]
+        slide = slides[slides["slide_id"] == row["slide_id"]].iloc[0]
+        path = str(slide["path"])
+        sha = None if pd.isna(slide["sha256"]) else str(slide["sha256"])
+        mpp = None if pd.isna(slide["mpp"]) else float(slide["mpp"])
+        x, y, size = int(row["x"]), int(row["y"]), int(row["size"])
+        full_px = min(size, MAX_PATCH_PX)
+        show_cam = st.toggle("Grad-CAM overlay", key="gradcam")
+        a, b = st.columns(2)
+        try:
+            (full,) = patch_pixels(path, sha, mpp, ((x, y, size),), full_px)
+            a.image(full, caption=f"level-0 x {x}, y {y}, {size} × {size} px (full resolution)",
+                    width="stretch")
+            if show_cam:
+                image, cam = gradcam_map(str(_common.db_path()), _common.fingerprint(), model_id,
+                                         path, sha, mpp, x, y, size, px)
+                b.image(overlay(image, cam, 0.45, "jet"),
+                        caption=f"Grad-CAM at the encoder's {px} px input: red = pixels that "
+                                "pushed the patch towards tumour", width="stretch")
+        except InputError as exc:
+            st.warning("Grad-CAM cannot be shown for this patch:" if show_cam
+                       else "This patch cannot be read:")
+            st.text(str(exc))
+
+# --------------------------------------------------------------------------- rejected patches
+
+counts = slides.set_index("slide_id")["patches_rejected"]
+with st.expander(f"Rejected patches of slide {slide_id} ({int(counts.get(slide_id, 0))})"):
+    rejected = _common.query(f"rejected:{slide_id}", lambda s: rejected_patches(s, int(slide_id)))
+    if rejected.empty:
+        st.write("Quality control rejected no patch of this slide.")
+    else:
+        sample = rejected.groupby("qc_reason", sort=True).head(2).head(8)
+        try:
+            st.image(read_images(sample, slides, 160),
+                     caption=[f"{r.qc_reason} · ({r.x}, {r.y})" for r in sample.itertuples()],
+                     width=120)
+        except InputError as exc:
+            st.text(str(exc))
+        st.dataframe(rejected.drop(columns=["slide_id"]), hide_index=True, width="stretch")
+        if len(rejected) < int(counts.get(slide_id, 0)):
+            st.caption(f"The first {len(rejected)} rejected patches, by reason.")
