@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
@@ -40,7 +43,10 @@ __all__ = [
     "ImportResult",
     "Problem",
     "TableError",
+    "TablePreview",
     "import_cohort",
+    "preview_table",
+    "problems_frame",
     "validate_table",
 ]
 
@@ -345,3 +351,117 @@ def import_cohort(
         if own:
             st.close()
     return result
+
+
+# --- previews and problem tables for the dashboard ---
+
+_CONTRACT_COLUMNS = (
+    "patient_id", "bm_metastasis", "os_months", "os_event", "efs_months", "efs_event",
+)
+_ROW_IN_MESSAGE = re.compile(r"\brow (\d+)\b")
+_COLUMN_IN_MESSAGE = re.compile(r"\bcolumn '([^']*)'")
+
+
+@dataclass(frozen=True)
+class TablePreview:
+    """A clinical table that passed validation, as the import would store it.
+
+    ``frame`` holds the parsed values, one row per patient, indexed by the
+    file's row number: the contract columns the file has (typed: labels and
+    events as 0/1, times as numbers), then the clinical columns as read.
+    ``mapping`` lists which column of the file became which contract column.
+    A clinical column mixing text and numbers is shown as text.
+    """
+
+    source: str
+    patients: int
+    positives: int
+    negatives: int
+    unlabelled: int
+    columns: dict[str, str]
+    clinical_columns: list[str]
+    frame: pd.DataFrame
+    mapping: pd.DataFrame
+
+
+def preview_table(data: bytes, name: str) -> TablePreview:
+    """Validate an uploaded clinical table (bytes and file name) without writing anything.
+
+    Raises :class:`TableError` (every problem, with row and column) or
+    :class:`InputError` (an unreadable file) exactly as :func:`import_cohort`
+    would; :func:`problems_frame` turns either into a table.
+
+    >>> p = preview_table(b"ID,BM status,age\\nP1,yes,3\\nP2,no,5\\n", "c.csv")
+    >>> p.patients, p.positives, p.columns
+    (2, 1, {'patient_id': 'ID', 'bm_metastasis': 'BM status'})
+    >>> int(p.frame.loc[3, "bm_metastasis"]), int(p.frame.loc[3, "age"])
+    (0, 5)
+    """
+    table = read_table(name, data=data, name=name)
+    patients, mapping = validate_table(table)
+    fields = [f for f in _CONTRACT_COLUMNS if f in mapping or f == "patient_id"]
+    clinical = [h for i, h in enumerate(table.header) if i not in mapping.values()]
+    columns: dict[str, object] = {}
+    for fld in fields:
+        values = [getattr(p, fld) for p in patients]
+        is_int = fld in ("bm_metastasis", "os_event", "efs_event")
+        columns[fld] = pd.array(values, dtype="Int64" if is_int else None) if fld != "patient_id" \
+            else values
+    for name_ in clinical:
+        values = [(p.clinical or {}).get(name_) for p in patients]
+        if not all(v is None or isinstance(v, (int, float)) for v in values):
+            # Text and numbers mixed (e.g. "4S" among stages 1-4): keep it all as text.
+            values = [None if v is None else str(v) for v in values]
+        columns[name_] = values
+    frame = pd.DataFrame(columns, index=pd.Index(table.row_numbers, name="row"))
+    mapping_frame = pd.DataFrame(
+        {
+            "contract column": list(_CONTRACT_COLUMNS) + ["clinical"] * len(clinical),
+            "column in the file": [
+                table.header[mapping[f]] if f in mapping else None for f in _CONTRACT_COLUMNS
+            ] + clinical,
+        }
+    )
+    return TablePreview(
+        source=name,
+        patients=len(patients),
+        positives=sum(p.bm_metastasis == 1 for p in patients),
+        negatives=sum(p.bm_metastasis == 0 for p in patients),
+        unlabelled=sum(p.bm_metastasis is None for p in patients),
+        columns={fld: table.header[i] for fld, i in mapping.items()},
+        clinical_columns=clinical,
+        frame=frame,
+        mapping=mapping_frame,
+    )
+
+
+def problems_frame(error: InputError) -> pd.DataFrame:
+    """The problems of a refused table as rows of (row, column, problem).
+
+    A :class:`TableError` gives one row per problem (a last row says when the
+    list was cut at :data:`MAX_PROBLEMS`). Any other :class:`InputError` (an
+    empty, binary or ragged file) gives one row; its row and column are read
+    from the message's ``row N`` and ``column 'X'`` when it names them. Row
+    numbers are the file's lines as a spreadsheet shows them (header = 1).
+    """
+    rows: list[tuple[int | None, str | None, str]] = []
+    if isinstance(error, TableError):
+        rows = [(p.row, p.column, p.message) for p in error.problems]
+        if error.truncated:
+            rows.append(
+                (None, None, f"more problems not listed (the first {MAX_PROBLEMS} are shown)")
+            )
+    else:
+        message = str(error)
+        row = _ROW_IN_MESSAGE.search(message)
+        column = _COLUMN_IN_MESSAGE.search(message)
+        source, sep, rest = message.partition(": ")
+        text = rest if sep and " " not in source.strip() else message
+        rows = [(int(row.group(1)) if row else None, column.group(1) if column else None, text)]
+    return pd.DataFrame(
+        {
+            "row": pd.array([r[0] for r in rows], dtype="Int64"),
+            "column": [r[1] for r in rows],
+            "problem": [r[2] for r in rows],
+        }
+    )

@@ -19,15 +19,27 @@ member, refusing absolute paths, ``..``, links and anything that would land
 outside the target, and bounding the total size and the compression ratio
 (zip bombs). Files OpenSlide or Pillow may read are recognised by suffix
 (:data:`SLIDE_SUFFIXES`); hidden files and partial downloads are skipped.
+
+The dashboard reads server folders only under one root, the folder named by
+the environment variable ``CMIL_SLIDE_ROOT`` (:func:`configured_slide_root`;
+unset: server folders are off and only uploads are offered).
+:func:`resolve_under_root` resolves what a user types (relative to that root)
+and refuses anything that lands outside it, through ``..`` or a symbolic
+link. Uploads are written under ``<store folder>/uploads/<cohort>/``
+(:func:`upload_folder`, :func:`save_upload`) and zips extracted there by
+:func:`extract_zip`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import stat
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from cmil_core.errors import InputError
 from cmil_core.tables import read_frame
@@ -35,11 +47,17 @@ from cmil_core.tables import read_frame
 __all__ = [
     "MAX_ZIP_BYTES",
     "MAX_ZIP_RATIO",
+    "SLIDE_ROOT_ENV",
     "SLIDE_SUFFIXES",
     "SlideSource",
+    "configured_slide_root",
     "discover_slides",
     "extract_zip",
+    "folders_under_root",
     "patient_from_path",
+    "resolve_under_root",
+    "save_upload",
+    "upload_folder",
 ]
 
 # OpenSlide's formats plus plain images.
@@ -261,3 +279,128 @@ def discover_slides(
             f"{root}: no slide files found (looked for {', '.join(sorted(SLIDE_SUFFIXES))})"
         )
     return root, sorted(sources, key=lambda s: (s.patient_id, str(s.path)))
+
+
+# --- server folders under a root, and uploads (the dashboard's slide sources) ---
+
+SLIDE_ROOT_ENV = "CMIL_SLIDE_ROOT"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def configured_slide_root() -> Path | None:
+    """The folder the dashboard may ingest server folders from: ``$CMIL_SLIDE_ROOT``.
+
+    None when the variable is unset or empty (server folders are then off);
+    :class:`InputError` when it names something that is not a folder.
+    """
+    text = os.environ.get(SLIDE_ROOT_ENV, "").strip()
+    if not text:
+        return None
+    root = Path(text).expanduser()
+    if not root.is_dir():
+        raise InputError(f"{SLIDE_ROOT_ENV}={text}: no such folder on the server")
+    return root.resolve()
+
+
+def resolve_under_root(root: str | os.PathLike[str], relative: str | os.PathLike[str]) -> Path:
+    """The folder (or zip) ``relative`` names under ``root``, resolved; never anything outside it.
+
+    ``relative`` is read relative to ``root`` (an absolute path is accepted
+    only if it lies under ``root``). The path is resolved first, following
+    ``..`` and symbolic links, and then must lie under the resolved root: a
+    link inside the root that points out of it is refused like ``../x``.
+    Raises :class:`InputError` for a path outside the root, one that does not
+    exist, or one that is neither a folder nor a zip.
+
+    >>> import tempfile; base = Path(tempfile.mkdtemp()); (base / "A").mkdir()
+    >>> resolve_under_root(base, "A") == (base / "A").resolve()
+    True
+    >>> resolve_under_root(base, "../etc")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    cmil_core.errors.InputError: '../etc' is outside the slide folder root ...
+    """
+    text = os.fspath(relative).strip()
+    if "\0" in text:
+        raise InputError(f"{text!r} is not a valid path")
+    base = Path(root).expanduser().resolve()
+    if not base.is_dir():
+        raise InputError(f"{root}: the slide folder root is not a folder")
+    target = (base / text).resolve() if text else base
+    if not target.is_relative_to(base):
+        raise InputError(
+            f"'{text}' is outside the slide folder root {base}; only folders under it can be used"
+        )
+    if not target.exists():
+        raise InputError(f"'{text}': no such folder under {base}")
+    if not (target.is_dir() or (target.is_file() and target.suffix.lower() == ".zip")):
+        raise InputError(f"'{text}' is neither a folder nor a .zip archive")
+    return target
+
+
+def folders_under_root(
+    root: str | os.PathLike[str], *, depth: int = 2, limit: int = 200
+) -> list[str]:
+    """Sub-folders of ``root`` (relative, POSIX style, at most ``depth`` deep, at most ``limit``).
+
+    Hidden folders and links are skipped: what is listed is what
+    :func:`resolve_under_root` accepts.
+    """
+    base = Path(root).resolve()
+    found: list[str] = []
+    for dirpath, dirnames, _ in os.walk(base, followlinks=False):
+        here = Path(dirpath)
+        level = len(here.relative_to(base).parts)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink()
+        )
+        if level >= depth:
+            dirnames[:] = []
+        for d in dirnames:
+            found.append((here / d).relative_to(base).as_posix())
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def _safe_name(name: str, fallback: str) -> str:
+    """A file or folder name with nothing but letters, digits, ``.``, ``_`` and ``-``."""
+    cleaned = _UNSAFE_NAME.sub("_", name).strip("._") or fallback
+    return cleaned[:120]
+
+
+def upload_folder(db: str | os.PathLike[str], cohort: str) -> Path:
+    """Where a cohort's uploaded files go: ``<store folder>/uploads/<cohort>/`` (not created)."""
+    base = Path(db).expanduser().resolve().parent / "uploads"
+    return base / _safe_name(cohort, "cohort")
+
+
+def save_upload(source: bytes | BinaryIO, name: str, folder: str | os.PathLike[str]) -> Path:
+    """Write an uploaded file into ``folder`` under a cleaned-up version of its ``name``.
+
+    Only the last part of ``name`` is kept, with characters other than
+    letters, digits, ``.``, ``_`` and ``-`` replaced, so an upload cannot
+    choose where it lands. Written to a ``.part`` file first and renamed, so a
+    half-written file never looks complete. Returns the file's path.
+    """
+    base_name = PurePosixPath(name.replace("\\", "/")).name
+    stem, dot, suffix = base_name.rpartition(".")
+    safe = _safe_name(stem if dot else base_name, "upload")
+    if dot:
+        safe += "." + _safe_name(suffix, "bin")
+    target_dir = Path(folder)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    dest = target_dir / safe
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with open(tmp, "wb") as out:
+            if isinstance(source, (bytes, bytearray, memoryview)):
+                out.write(source)
+            else:
+                source.seek(0)
+                shutil.copyfileobj(source, out, 1 << 20)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
+    return dest

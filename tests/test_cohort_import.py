@@ -201,3 +201,93 @@ def test_cli_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and err.count("\n") == 1
+
+
+# --- previews and problem tables (the Cohorts page) ---
+
+def test_preview_parses_values_and_names_the_mapping() -> None:
+    from cmil_core.cohort_import import preview_table
+
+    data = b"Patient ID;BM status;OS time;OS status;Stage\nP1;Positive;12,5;1;4\nP2;negative;40;0;4S\n"
+    preview = preview_table(data, "centre.csv")
+    assert (preview.patients, preview.positives, preview.negatives, preview.unlabelled) == (2, 1, 1, 0)
+    assert preview.columns == {"patient_id": "Patient ID", "bm_metastasis": "BM status",
+                               "os_months": "OS time", "os_event": "OS status"}
+    assert preview.clinical_columns == ["Stage"]
+    frame = preview.frame
+    assert frame.index.tolist() == [2, 3]  # the spreadsheet's row numbers
+    assert frame["patient_id"].tolist() == ["P1", "P2"]
+    assert frame["bm_metastasis"].tolist() == [1, 0]
+    assert frame["os_months"].tolist() == [12.5, 40.0]  # decimal comma read
+    assert frame["os_event"].tolist() == [1, 0]
+    assert "efs_months" not in frame.columns
+    assert frame["Stage"].tolist() == ["4", "4S"]  # text and numbers mixed: text
+    mapping = dict(zip(preview.mapping["contract column"], preview.mapping["column in the file"]))
+    assert mapping["bm_metastasis"] == "BM status" and mapping["efs_months"] is None
+    assert mapping["clinical"] == "Stage"
+
+
+def test_preview_equals_what_the_import_stores(tmp_path: Path, db_path: Path) -> None:
+    from cmil_core.cohort_import import preview_table
+
+    data = GOOD[1][1]
+    preview = preview_table(data, "full.csv")
+    import_cohort(db_path, "A", None, data=data, name="full.csv", role="train")
+    with store.open_store(db_path, read_only=True) as st:
+        stored = store.patients_frame(st, "A").set_index("patient_id")
+    shown = preview.frame.set_index("patient_id")
+    assert shown.index.tolist() == stored.index.tolist() == ["P1", "P2", "P3"]
+    for column in ("bm_metastasis", "os_months", "os_event", "efs_months", "efs_event"):
+        assert [None if pd.isna(v) else float(v) for v in shown[column]] == \
+            [None if pd.isna(v) else float(v) for v in stored[column]], column
+    assert stored.loc["P1", "clinical"] == {"age": 3.5, "sex": "M"}
+    assert shown.loc["P1", "age"] == 3.5 and shown.loc["P1", "sex"] == "M"
+
+
+def test_problems_frame_lists_row_column_and_problem() -> None:
+    from cmil_core.cohort_import import preview_table, problems_frame
+
+    data = b"patient_id,bm_metastasis,os_months,os_event\nP1,maybe,-1,1\nP1,1,5,7\n"
+    with pytest.raises(TableError) as info:
+        preview_table(data, "t.csv")
+    frame = problems_frame(info.value)
+    assert frame.columns.tolist() == ["row", "column", "problem"]
+    assert list(zip(frame["row"], frame["column"])) == [
+        (2, "bm_metastasis"), (2, "os_months"), (3, "patient_id"), (3, "os_event")]
+    assert frame["problem"][0].startswith("'maybe' is not a metastasis status")
+    assert frame["problem"][2] == "patient_id 'P1' repeats row 2"
+
+
+@pytest.mark.parametrize(
+    ("data", "row", "column", "fragment"),
+    [
+        (b"patient_id,age\nP1,3\nP2,4,5\n", 3, None, "row 3 has 3 fields"),
+        (b"", None, None, "the file is empty"),
+        (b"name,age\nP1,3\n", 1, None, "no patient_id column"),
+        (b"patient_id,age,Age\nP1,1,2\n", 1, "Age", "repeats 'age'"),
+    ],
+)
+def test_problems_frame_of_unreadable_files(data: bytes, row: int | None, column: str | None,
+                                            fragment: str) -> None:
+    from cmil_core.cohort_import import preview_table, problems_frame
+
+    with pytest.raises(InputError) as info:
+        preview_table(data, "t.csv")
+    frame = problems_frame(info.value)
+    assert len(frame) == 1
+    assert (None if pd.isna(frame["row"][0]) else int(frame["row"][0])) == row
+    assert frame["column"][0] == column
+    assert fragment in frame["problem"][0]
+    assert not frame["problem"][0].startswith("t.csv")  # the file is named once, by the page
+
+
+def test_problems_frame_says_when_the_list_was_cut() -> None:
+    from cmil_core.cohort_import import preview_table, problems_frame
+
+    rows = b"".join(b"P%d,maybe\n" % i for i in range(200))
+    with pytest.raises(TableError) as info:
+        preview_table(b"patient_id,bm_metastasis\n" + rows, "t.csv")
+    frame = problems_frame(info.value)
+    assert len(frame) == MAX_PROBLEMS + 1
+    assert "more problems not listed" in frame["problem"].iloc[-1]
+    assert frame["row"].iloc[0] == 2 and pd.isna(frame["row"].iloc[-1])

@@ -147,3 +147,111 @@ def test_corrupt_zip(tmp_path: Path) -> None:
     bad = _touch(tmp_path / "bad.zip", b"PK\x03\x04 this is not really a zip")
     with pytest.raises(InputError, match="bad.zip: not a readable zip archive"):
         discover_slides(bad, extract_to=tmp_path / "out")
+
+
+# --- server folders under CMIL_SLIDE_ROOT, and uploads ---
+
+@pytest.fixture
+def slide_root(tmp_path: Path) -> Path:
+    """A slide root with a patient folder, a zip, a link out of it and a link within it."""
+    root = tmp_path / "root"
+    _touch(root / "centre" / "P1" / "a.jpg")
+    _touch(root / "centre.zip", b"PK")
+    _touch(tmp_path / "secret" / "P9" / "x.jpg")
+    (root / "escape").symlink_to(tmp_path / "secret", target_is_directory=True)
+    (root / "inside").symlink_to(root / "centre", target_is_directory=True)
+    _touch(root / "notes.txt")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("relative", "expected"),
+    [("centre", "centre"), ("centre/P1", "centre/P1"), ("./centre/../centre", "centre"),
+     ("centre.zip", "centre.zip"), ("inside", "centre"), ("", ".")],
+)
+def test_resolve_under_root_accepts_what_lies_under_it(
+    slide_root: Path, relative: str, expected: str
+) -> None:
+    from cmil_core.discovery import resolve_under_root
+
+    assert resolve_under_root(slide_root, relative) == (slide_root / expected).resolve()
+
+
+@pytest.mark.parametrize(
+    ("relative", "message"),
+    [
+        ("..", "outside the slide folder root"),
+        ("../secret", "outside the slide folder root"),
+        ("centre/../../secret/P9", "outside the slide folder root"),
+        ("escape", "outside the slide folder root"),  # a link out of the root
+        ("escape/P9", "outside the slide folder root"),
+        ("/etc", "outside the slide folder root"),
+        ("missing", "no such folder under"),
+        ("notes.txt", "neither a folder nor a .zip"),
+        ("cen\0tre", "not a valid path"),
+    ],
+)
+def test_resolve_under_root_refuses_everything_else(
+    slide_root: Path, relative: str, message: str
+) -> None:
+    from cmil_core.discovery import resolve_under_root
+
+    with pytest.raises(InputError, match=message):
+        resolve_under_root(slide_root, relative)
+
+
+def test_absolute_path_under_the_root_is_accepted(slide_root: Path) -> None:
+    from cmil_core.discovery import resolve_under_root
+
+    inside = slide_root / "centre" / "P1"
+    assert resolve_under_root(slide_root, str(inside)) == inside.resolve()
+
+
+def test_configured_slide_root(slide_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cmil_core.discovery import configured_slide_root, folders_under_root
+
+    monkeypatch.delenv("CMIL_SLIDE_ROOT", raising=False)
+    assert configured_slide_root() is None
+    monkeypatch.setenv("CMIL_SLIDE_ROOT", "  ")
+    assert configured_slide_root() is None
+    monkeypatch.setenv("CMIL_SLIDE_ROOT", str(slide_root))
+    assert configured_slide_root() == slide_root.resolve()
+    monkeypatch.setenv("CMIL_SLIDE_ROOT", str(slide_root / "notes.txt"))
+    with pytest.raises(InputError, match="CMIL_SLIDE_ROOT=.*no such folder"):
+        configured_slide_root()
+    # Links are not listed, hidden folders neither; depth is bounded.
+    _touch(slide_root / ".cache" / "x.jpg")
+    _touch(slide_root / "centre" / "P1" / "deep" / "y.jpg")
+    assert folders_under_root(slide_root) == ["centre", "centre/P1"]
+    assert folders_under_root(slide_root, depth=1) == ["centre"]
+
+
+def test_uploads_land_in_the_stores_folder_under_a_clean_name(tmp_path: Path) -> None:
+    import io
+
+    from cmil_core.discovery import save_upload, upload_folder
+
+    db = tmp_path / "store" / "cmil.duckdb"
+    assert upload_folder(db, "Centre B") == tmp_path / "store" / "uploads" / "Centre_B"
+    assert upload_folder(db, "..") == tmp_path / "store" / "uploads" / "cohort"
+    folder = upload_folder(db, "B")
+    saved = save_upload(b"zipdata", "../../etc/evil name.zip", folder)
+    assert saved == folder / "evil_name.zip" and saved.read_bytes() == b"zipdata"
+    saved = save_upload(io.BytesIO(b"again"), "C:\\Users\\me\\photos.ZIP", folder)
+    assert saved == folder / "photos.ZIP" and saved.read_bytes() == b"again"
+    assert sorted(p.name for p in folder.iterdir()) == ["evil_name.zip", "photos.ZIP"]  # no .part
+
+
+def test_an_uploaded_zip_is_found_after_saving(tmp_path: Path, fixtures_dir: Path) -> None:
+    from cmil_core.discovery import save_upload, upload_folder
+
+    buffer = tmp_path / "src.zip"
+    smears = sorted((fixtures_dir / "smears" / "bccd").glob("*.jpg"))[:2]
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i, path in enumerate(smears):
+            zf.write(path, f"NB{i}/{path.name}")
+    folder = upload_folder(tmp_path / "cmil.duckdb", "B")
+    saved = save_upload(buffer.read_bytes(), "centre b.zip", folder)
+    root, sources = discover_slides(saved, extract_to=saved.with_suffix(""))
+    assert root == (folder / "centre_b").resolve()
+    assert [s.patient_id for s in sources] == ["NB0", "NB1"]

@@ -1,0 +1,300 @@
+"""Cohorts: import a clinical table, attach and ingest slides, delete a cohort.
+
+Writes that take milliseconds (an import, a deletion) run here; ingest runs as
+a background job (``ingest:<cohort>``) in the process-wide job runner, so it
+keeps going when the user changes page, and its progress is read back on
+every visit. Server folders are only offered under ``$CMIL_SLIDE_ROOT``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import streamlit as st
+
+from cmil_core import discovery
+from cmil_core import pipeline
+from cmil_core import store as store_mod
+from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
+from cmil_core.errors import InputError
+from cmil_core.jobs import Job
+from pages import _common
+
+ROLES = {"train": "Training", "validation": "External validation", "test": "External test"}
+FLASH = "cohorts_flash"
+SEEN = "cohorts_jobs_seen"
+
+
+def md(value: object) -> str:
+    """A user string (file, cohort, path, error) made safe for markdown: shown as typed."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
+
+
+def flash(kind: str, text: str) -> None:
+    """A message shown once, after the rerun that refreshes the page."""
+    st.session_state[FLASH] = (kind, text)
+
+
+def show_flash() -> None:
+    message = st.session_state.pop(FLASH, None)
+    if message is not None:
+        kind, text = message
+        getattr(st, kind)(text)
+
+
+def ingest_job_name(cohort: str) -> str:
+    return f"ingest:{cohort}"
+
+
+def cohort_rows(overview: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "Cohort": overview["cohort"],
+            "Role": [ROLES.get(r, r) for r in overview["role"]],
+            "Centre": [c if isinstance(c, str) and c else "—" for c in overview["center"]],
+            "Patients": overview["patients"],
+            "Slides": overview["slides"],
+            "Slides failed": overview["slides_failed"],
+            "Patches passing QC": overview["patches_passed"],
+        }
+    )
+
+
+st.title("Cohorts")
+show_flash()
+db = _common.db_path()
+overview = _common.query("overview_rows", store_mod.cohort_overview)
+cohorts = overview["cohort"].tolist()
+runner = _common.job_runner()
+
+st.dataframe(cohort_rows(overview), hide_index=True, width="stretch")
+st.caption(
+    "One row per cohort. Slides appear after ingest; a failed slide keeps its reason "
+    "(see the ingest summary below, or the store's slides table)."
+)
+
+# ---------------------------------------------------------------------------
+st.header("Import a clinical table")
+st.caption(
+    "A CSV, semicolon or tab-separated table with one row per patient. Required: "
+    "patient_id. Optional: bm_metastasis (1/0, yes/no, positive/negative), os_months + "
+    "os_event, efs_months + efs_event; common spellings are recognised, and every other "
+    "column is kept as a clinical variable. Validated on upload; nothing is imported "
+    "until you confirm. Same as `python -m cmil_core import-cohort`."
+)
+upload_round = st.session_state.get("cohort_upload_round", 0)
+uploaded = st.file_uploader(
+    "Clinical table", type=["csv", "tsv", "txt"], key=f"cohort_table_{upload_round}"
+)
+if uploaded is not None:
+    data = uploaded.getvalue()
+    try:
+        preview = preview_table(data, uploaded.name)
+    except InputError as exc:
+        st.error(f"{md(uploaded.name)} cannot be imported; nothing was imported. Problems:")
+        st.dataframe(problems_frame(exc), hide_index=True, width="stretch")
+        st.caption("Rows are numbered as a spreadsheet shows them: the header is row 1.")
+    else:
+        st.success(
+            f"{md(uploaded.name)}: {preview.patients} patients, {preview.positives} with bone-marrow "
+            f"metastasis, {preview.negatives} without, {preview.unlabelled} unknown."
+        )
+        left, right = st.columns([1, 2])
+        left.markdown("**Columns detected**")
+        left.dataframe(preview.mapping, hide_index=True)
+        right.markdown("**Rows as they will be stored** (first 200)")
+        right.dataframe(preview.frame.head(200))
+        stem = uploaded.name.rsplit(".", 1)[0]
+        name = st.text_input("Cohort name", value=stem, max_chars=64,
+                             key=f"import_cohort_name_{upload_round}")
+        role = st.selectbox("Role", list(ROLES), format_func=ROLES.get,
+                            key=f"import_role_{upload_round}")
+        center = st.text_input("Centre", key=f"import_center_{upload_round}")
+        exists = name.strip() in cohorts
+        if exists:
+            st.error(
+                f"A cohort named '{md(name.strip())}' already exists. Choose another name, or delete "
+                "that cohort first (below)."
+            )
+        if st.button("Import", type="primary", disabled=exists or not name.strip(),
+                     key="import_confirm"):
+            try:
+                result = import_cohort(
+                    db, name, None, data=data, name=uploaded.name, role=role,
+                    center=center.strip() or None,
+                )
+            except (InputError, store_mod.StoreError) as exc:
+                st.error(f"Nothing was imported: {md(exc)}")
+            else:
+                flash(
+                    "success",
+                    f"Imported cohort '{md(result.cohort)}' ({ROLES[role].lower()}) from "
+                    f"{md(result.source)}: {result.patients} patients ({result.positives} with "
+                    f"bone-marrow metastasis, {result.negatives} without, {result.unlabelled} "
+                    f"unknown); {len(result.clinical_columns)} clinical columns kept.",
+                )
+                st.session_state["cohort_upload_round"] = upload_round + 1
+                st.rerun()
+
+# ---------------------------------------------------------------------------
+st.header("Attach slides and run ingest")
+if not cohorts:
+    st.info("Import a clinical table first: slides are attached to a cohort's patients.")
+else:
+    st.caption(
+        "Slides belong to patients by folder (one folder per patient: `P001/field01.jpg`), "
+        "or by file name up to the first `_` (`P001_slide2.svs`). Ingest registers each "
+        "slide, lays the patch grid and runs quality control; a bad slide is marked failed "
+        "with its reason and the others go on; rerunning resumes. Same as "
+        "`python -m cmil_core ingest`."
+    )
+    target = st.selectbox("Cohort", cohorts, key="ingest_cohort")
+    source_kind = st.radio(
+        "Slides from", ["server", "zip"], horizontal=True, key="ingest_source",
+        format_func={"server": "A folder on the server", "zip": "A zip upload"}.get,
+    )
+    mpp = st.number_input(
+        "Resolution, µm per pixel (for photographs whose files carry none)", min_value=0.01,
+        max_value=100.0, value=None, step=0.05, format="%.3f", key="ingest_mpp",
+        placeholder="as the files say",
+    )
+    job_name = ingest_job_name(target)
+    current = runner.get(job_name)
+    busy = current is not None and current.running
+    path = None
+    extract_dir = None
+    if source_kind == "server":
+        try:
+            root = discovery.configured_slide_root()
+        except InputError as exc:
+            root = None
+            st.error(md(exc))
+        if root is None:
+            st.info(
+                "Server folders are off: the dashboard only reads folders under the folder "
+                f"named by the environment variable `{discovery.SLIDE_ROOT_ENV}`. Set it "
+                "(e.g. `CMIL_SLIDE_ROOT=/data/slides ./run.sh`) and restart the dashboard, "
+                "or upload a zip."
+            )
+        else:
+            folders = discovery.folders_under_root(root)
+            relative = st.text_input(
+                f"Folder (or .zip) relative to {md(root)}", key="ingest_folder",
+                placeholder=folders[0] if folders else "",
+            )
+            if folders:
+                st.caption("Folders there: " + ", ".join(md(f) for f in folders[:30])
+                           + (" …" if len(folders) > 30 else ""))
+            if relative.strip():
+                try:
+                    path = discovery.resolve_under_root(root, relative)
+                except InputError as exc:
+                    st.error(f"Refused: {md(exc)}")
+    else:
+        zipped = st.file_uploader("Zip of slides or photographs", type=["zip"],
+                                  key="ingest_zip")
+        if zipped is not None:
+            folder = discovery.upload_folder(db, target)
+            st.caption(f"Saved and extracted under {md(folder)} on the server when you run ingest.")
+    if st.button("Run ingest", type="primary", disabled=busy, key="ingest_run"):
+        if source_kind == "zip":
+            if zipped is None:
+                st.error("Upload a zip first.")
+            else:
+                saved = discovery.save_upload(zipped, zipped.name,
+                                              discovery.upload_folder(db, target))
+                path = saved
+                extract_dir = saved.with_suffix("")
+        elif path is None:
+            st.error("Give a folder under the slide root first.")
+        if path is not None:
+            runner.start(job_name, pipeline.ingest, str(db), target, str(path), mpp=mpp,
+                         extract_dir=None if extract_dir is None else str(extract_dir))
+            st.session_state.setdefault(SEEN, {})[job_name] = "running"
+    if busy:
+        st.caption(f"Ingest of {md(target)} is running; its progress is below.")
+
+
+def ingest_summary(job: Job) -> None:
+    summary: pipeline.IngestSummary = job.result
+    slides = summary.slides
+    counts = {s: sum(o.status == s for o in slides) for s in ("tiled", "skipped", "failed")}
+    passed = sum(o.passed for o in slides)
+    text = (
+        f"Ingest of {md(summary.cohort)} finished: {len(slides)} slides, {counts['tiled']} tiled, "
+        f"{counts['skipped']} already done, {counts['failed']} failed; "
+        f"{sum(o.patches for o in slides)} patches, {passed} passed quality control."
+    )
+    (st.warning if counts["failed"] else st.success)(text)
+    failed = [o for o in slides if o.status == "failed"]
+    if failed:
+        st.dataframe(
+            pd.DataFrame({"Slide": [o.path for o in failed],
+                          "Patient": [o.patient_id for o in failed],
+                          "Reason": [o.reason for o in failed]}),
+            hide_index=True, width="stretch",
+        )
+
+
+@st.fragment(run_every=1.0)
+def watch_ingest() -> None:
+    """The ingest jobs of this store's cohorts; reruns the page once when one ends."""
+    seen: dict[str, object] = st.session_state.setdefault(SEEN, {})
+    jobs = [j for c in cohorts if (j := runner.get(ingest_job_name(c))) is not None]
+    if not jobs:
+        return
+    st.subheader("Ingest jobs")
+    ended = False
+    for job in jobs:
+        cohort = job.name.split(":", 1)[1]
+        before = seen.get(job.name)
+        seen[job.name] = "running" if job.running else job.finished_at
+        ended = ended or (before == "running" and not job.running)
+        if job.running:
+            event = job.progress
+            st.progress(0.0 if event is None else event.overall,
+                        text=f"{md(cohort)}: "
+                        + ("starting…" if event is None else md(event.describe())))
+        elif job.state == "failed":
+            st.error(f"Ingest of {md(cohort)} failed: {md(job.error)}")
+        else:
+            ingest_summary(job)
+    if ended:
+        st.rerun(scope="app")  # the cohort table above shows the new slides
+
+
+watch_ingest()
+
+# ---------------------------------------------------------------------------
+st.header("Delete a cohort")
+if cohorts:
+    doomed = st.selectbox("Cohort to delete", cohorts, key="delete_cohort")
+    row = overview.set_index("cohort").loc[doomed]
+    st.caption(
+        f"Removes {md(doomed)}'s {row['patients']} patients, {row['slides']} slides, "
+        f"{row['patches']} patches and every score of them from the store. Slide files on "
+        "disk and models trained on it are kept."
+    )
+    typed = st.text_input("Type the cohort name to confirm", key="delete_confirm")
+    job = runner.get(ingest_job_name(doomed))
+    running = job is not None and job.running
+    if running:
+        st.warning(f"Ingest of {md(doomed)} is running; wait for it to end before deleting.")
+    if st.button("Delete cohort", disabled=typed.strip() != doomed or running,
+                 key="delete_button"):
+        scored = _common.read(store_mod.model_score_counts)
+        n_scores = int(scored.loc[scored["cohort"] == doomed, "patients"].sum())
+        try:
+            with store_mod.open_store(db) as handle:
+                store_mod.delete_cohort(handle, doomed)
+        except store_mod.StoreError as exc:
+            st.error(f"Nothing was deleted: {md(exc)}")
+        else:
+            flash(
+                "success",
+                f"Deleted cohort '{md(doomed)}': {row['patients']} patients, {row['slides']} "
+                f"slides, {row['patches']} patches and {n_scores} patient scores. Slide files "
+                "on disk were not touched.",
+            )
+            st.rerun()

@@ -1,0 +1,282 @@
+"""Models: what is trained, with its cross-validated metrics; train, score and delete.
+
+Training (``train``) and scoring (``score:<model>``) run as background jobs in
+the process-wide job runner: they open the store read-write in their own
+thread and keep going when the user changes page; this page reads their
+progress on every visit, every second. Reads are cached per store
+fingerprint (``_common.query``), so a finished job's results appear without
+clearing any cache.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from cmil_core import mil, modeling
+from cmil_core import store as store_mod
+from cmil_core.errors import InputError
+from pages import _common
+
+TRAIN_JOB = "train"
+SEEN = "models_jobs_seen"
+FLASH = "models_flash"
+ENCODERS = ("smallcnn", "resnet18", "resnet34", "resnet50")
+AGGREGATOR_HELP = {
+    "histogram": "the study's cMIL: patch classifier → probability histogram + TF-IDF → "
+                 "logistic regression",
+    "attention": "gated attention MIL (Ilse et al. 2018)",
+}
+# The hyper-parameters offered here, per aggregator; the rest keep their defaults
+# (python -m cmil_core train --param NAME=VALUE sets any of them).
+SHOWN_PARAMS = {
+    "histogram": ("max_epochs", "lr", "dropout", "hidden", "n_bins", "C"),
+    "attention": ("max_epochs", "lr", "dropout", "embed_dim", "attention_dim"),
+}
+
+
+def score_job_name(model_id: str) -> str:
+    return f"score:{model_id}"
+
+
+def md(value: object) -> str:
+    """A user string (model id, cohort, path, error) made safe for markdown: shown as typed."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
+
+
+def flash(kind: str, text: str) -> None:
+    st.session_state[FLASH] = (kind, text)
+
+
+def show_flash() -> None:
+    message = st.session_state.pop(FLASH, None)
+    if message is not None:
+        getattr(st, message[0])(message[1])
+
+
+def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame) -> pd.DataFrame:
+    records = []
+    for m in rows:
+        cv = m.metrics.get("cv_auc")
+        folds = m.metrics.get("cv_fold_aucs") or []
+        mine = scored[scored["model_id"] == m.model_id]
+        records.append(
+            {
+                "Model": m.model_id,
+                "Created (UTC)": m.created_at,
+                "Aggregator": m.aggregator,
+                "Encoder": m.encoder,
+                "Training cohort": m.train_cohorts,
+                "Patients trained on (BM+)": (
+                    f"{m.metrics.get('n_train', '?')} ({m.metrics.get('n_positive', '?')})"
+                ),
+                "CV AUC": None if cv is None else round(float(cv), 3),
+                "CV folds": m.metrics.get("cv_k"),
+                "Fold AUCs": ", ".join("—" if a is None else f"{a:.2f}" for a in folds),
+                "Cutoff": None if m.cutoff is None else round(float(m.cutoff), 3),
+                "Seed": m.config.get("seed"),
+                "Scored": ", ".join(f"{r.cohort} ({r.patients})" for r in mine.itertuples())
+                or "—",
+            }
+        )
+    return pd.DataFrame(records)
+
+
+def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: int, folds: int,
+                  params: dict[str, Any]) -> str:
+    words = ["python", "-m", "cmil_core", "train", "--db", str(db), "--cohort", cohort,
+             "--aggregator", aggregator, "--encoder", encoder, "--seed", str(seed),
+             "--folds", str(folds)]
+    for key, value in params.items():
+        words += ["--param", f"{key}={value}"]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+st.title("Models")
+show_flash()
+db = _common.db_path()
+runner = _common.job_runner()
+models = _common.query("models", store_mod.list_models)
+ids = models["model_id"].tolist()
+rows = _common.query(
+    "model_rows", lambda s: [r for i in store_mod.list_models(s)["model_id"]
+                             if (r := store_mod.get_model(s, i)) is not None]
+)
+scored = _common.query("model_score_counts", store_mod.model_score_counts)
+cohorts = _common.query("cohorts", store_mod.list_cohorts)
+
+if rows:
+    st.dataframe(model_table(rows, scored), hide_index=True, width="stretch")
+    st.caption(
+        "CV AUC: patient-stratified k-fold cross-validation on the training cohort "
+        "(out-of-fold scores; the honest in-centre estimate). Cutoff: Youden on those "
+        "out-of-fold scores, fixed then and applied unchanged to every cohort. "
+        "Scored: patients scored per cohort. Every model's full configuration is its "
+        "config.json, below."
+    )
+    with st.expander("Configuration (config.json) of a model"):
+        chosen = st.selectbox("Model", ids, key="config_model")
+        match = next((r for r in rows if r.model_id == chosen), None)
+        if match is not None:
+            st.caption(f"Files: {md(match.artifact_path)}")
+            st.json(match.config, expanded=1)
+else:
+    st.info("No model trained yet: train one below.")
+
+# ---------------------------------------------------------------------------
+st.header("Train a model")
+train_job = runner.get(TRAIN_JOB)
+training_now = train_job is not None and train_job.running
+if not cohorts:
+    st.info("Import a cohort and ingest its slides first (Cohorts page).")
+else:
+    names = [c.cohort for c in cohorts]  # training cohorts come first
+    roles = {c.cohort: c.role for c in cohorts}
+    cohort = st.selectbox("Training cohort", names, key="train_cohort",
+                          format_func=lambda c: f"{c} ({roles[c]})")
+    aggregator = st.radio("Aggregator", list(AGGREGATOR_HELP), horizontal=True,
+                          index=list(AGGREGATOR_HELP).index("attention"),  # the CLI's default
+                          captions=list(AGGREGATOR_HELP.values()), key="train_aggregator")
+    cols = st.columns(3)
+    encoder = cols[0].selectbox("Patch encoder", ENCODERS, key="train_encoder",
+                                help="smallcnn is fast on a CPU; ResNets use a seeded "
+                                     "initialisation unless weights are given on the command line")
+    seed = int(cols[1].number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, step=1,
+                                    key="train_seed"))
+    folds = int(cols[2].number_input("Cross-validation folds", min_value=2, max_value=20,
+                                     value=5, step=1, key="train_folds"))
+    spec = mil.AGGREGATORS[aggregator].PARAMS
+    params: dict[str, Any] = {}
+    param_cols = st.columns(len(SHOWN_PARAMS[aggregator]))
+    for col, key in zip(param_cols, SHOWN_PARAMS[aggregator]):
+        default, kind, low, high = spec[key]
+        if kind == "int":
+            params[key] = int(col.number_input(key, min_value=int(low), max_value=int(high),
+                                               value=int(default), step=1,
+                                               key=f"train_{aggregator}_{key}"))
+        else:
+            params[key] = float(col.number_input(key, min_value=float(low), max_value=float(high),
+                                                 value=float(default), format="%g",
+                                                 key=f"train_{aggregator}_{key}"))
+    st.caption("Same on the command line:")
+    st.code(train_command(db, cohort, aggregator, encoder, seed, folds, params), language="bash")
+    if st.button("Train", type="primary", disabled=training_now, key="train_button"):
+        runner.start(TRAIN_JOB, modeling.train, str(db), cohort, aggregator=aggregator,
+                     encoder=encoder, seed=seed, folds=folds, params=params)
+        st.session_state.setdefault(SEEN, {})[TRAIN_JOB] = "running"
+    if training_now:
+        st.caption("A model is being trained (progress below); one training runs at a time.")
+
+# ---------------------------------------------------------------------------
+st.header("Score cohorts")
+if not ids:
+    st.caption("Train a model first.")
+else:
+    picked = _common.selected_model()
+    model_id = st.selectbox("Model", ids, index=ids.index(picked) if picked in ids else 0,
+                            key="score_model")
+    targets = st.multiselect("Cohorts", [c.cohort for c in cohorts],
+                             default=[c.cohort for c in cohorts], key="score_cohorts")
+    job = runner.get(score_job_name(model_id))
+    busy = job is not None and job.running
+    if st.button("Score", type="primary", disabled=busy or not targets, key="score_button"):
+        runner.start(score_job_name(model_id), modeling.score, str(db), model_id, targets)
+        st.session_state.setdefault(SEEN, {})[score_job_name(model_id)] = "running"
+    words = ["python", "-m", "cmil_core", "score", "--db", str(db), "--model", model_id]
+    if set(targets) != {c.cohort for c in cohorts}:
+        for name in targets:
+            words += ["--cohort", name]
+    st.caption("Risk groups use the model's training cutoff. Rescoring replaces the model's "
+               "earlier scores of those cohorts. Same on the command line:")
+    st.code(" ".join(shlex.quote(w) for w in words), language="bash")
+
+
+# ---------------------------------------------------------------------------
+def describe_done(job_name: str, result: object) -> None:
+    if job_name == TRAIN_JOB:
+        model = _common.query(f"model:{result}", lambda s: store_mod.get_model(s, str(result)))
+        if model is None:  # deleted since
+            st.info(f"Trained model {md(result)} (since deleted).")
+            return
+        cv = model.metrics.get("cv_auc")
+        st.success(
+            f"Trained model {md(model.model_id)} on {md(model.train_cohorts)} "
+            f"({model.metrics.get('n_train')} patients): cross-validated AUC "
+            + ("—" if cv is None else f"{cv:.3f}")
+            + f" over {model.metrics.get('cv_k')} folds; cutoff {model.cutoff:.3f}. "
+            "Score cohorts with it below."
+        )
+        for warning in model.metrics.get("warnings") or []:
+            st.warning(md(warning))
+    else:
+        done: dict[str, int] = result  # type: ignore[assignment]
+        counts = ", ".join(f"{md(c)}: {n} patients" for c, n in done.items())
+        st.success(f"Scored with {md(job_name.split(':', 1)[1])}: {counts}.")
+
+
+@st.fragment(run_every=1.0)
+def watch_jobs() -> None:
+    """Training and scoring jobs, live; reruns the page once when one ends."""
+    seen: dict[str, object] = st.session_state.setdefault(SEEN, {})
+    names = [TRAIN_JOB] + [score_job_name(m) for m in ids]
+    jobs = [j for n in names if (j := runner.get(n)) is not None]
+    if not jobs:
+        return
+    st.header("Jobs")
+    ended = False
+    for job in jobs:
+        before = seen.get(job.name)
+        seen[job.name] = "running" if job.running else job.finished_at
+        ended = ended or (before == "running" and not job.running)
+        label = ("Training" if job.name == TRAIN_JOB
+                 else f"Scoring with {md(job.name.split(':', 1)[1])}")
+        if job.running:
+            event = job.progress
+            st.progress(0.0 if event is None else event.overall,
+                        text=f"{label}: "
+                        + ("starting…" if event is None else md(event.describe())))
+            for line in job.finished_stages:
+                st.caption(f"✓ {md(line)}")
+        elif job.state == "failed":
+            st.error(f"{label} failed: {md(job.error)}")
+        else:
+            describe_done(job.name, job.result)
+    if ended:
+        st.rerun(scope="app")  # the model list and the sidebar show what was produced
+
+
+watch_jobs()
+
+# ---------------------------------------------------------------------------
+st.header("Delete a model")
+if ids:
+    doomed = st.selectbox("Model to delete", ids, key="delete_model")
+    n_scored = int(scored.loc[scored["model_id"] == doomed, "patients"].sum())
+    folder = modeling.artifact_dir(db, doomed)
+    st.caption(f"Removes the model, its {n_scored} patient scores and its files in "
+               f"{md(folder)}.")
+    typed = st.text_input("Type the model id to confirm", key="delete_model_confirm")
+    job = runner.get(score_job_name(doomed))
+    running = job is not None and job.running
+    if running:
+        st.warning(f"{md(doomed)} is scoring cohorts; wait for it to end before deleting it.")
+    if st.button("Delete model", disabled=typed.strip() != doomed or running,
+                 key="delete_model_button"):
+        try:
+            with store_mod.open_store(db) as handle:
+                store_mod.delete_model(handle, doomed)
+        except (InputError, store_mod.StoreError) as exc:
+            st.error(f"Nothing was deleted: {md(exc)}")
+        else:
+            # Only the model's own folder under the store's models/ is ever removed.
+            if folder.is_dir() and folder.resolve().parent == (db.resolve().parent / "models"):
+                shutil.rmtree(folder)
+            flash("success", f"Deleted model {md(doomed)}, its {n_scored} patient scores "
+                             f"and its files in {md(folder)}.")
+            st.rerun()
