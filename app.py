@@ -120,17 +120,17 @@ def main() -> None:
     sections = {
         "Study": [
             st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
-            # cohorts page goes here
+            st.Page("pages/cohorts.py", title="Cohorts", icon="🗂️", url_path="cohorts"),
         ],
         "Results": [
             st.Page("pages/discrimination.py", title="Discrimination", icon="📈",
                     url_path="roc"),
             st.Page("pages/survival.py", title="Survival", icon="📉", url_path="km"),
-            # patients page goes here
-            # report page goes here
+            st.Page("pages/patients.py", title="Patients", icon="🧑‍⚕️", url_path="patients"),
+            st.Page("pages/report.py", title="Report", icon="📄", url_path="report"),
         ],
         "Models": [
-            # models page goes here
+            st.Page("pages/models.py", title="Models", icon="🧠", url_path="models"),
         ],
     }
     nav = st.navigation({name: pages for name, pages in sections.items() if pages})

@@ -103,13 +103,33 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _param(text: str) -> tuple[str, int | float]:
+    """``NAME=VALUE`` of ``--param``: an aggregator hyper-parameter and its number."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=VALUE (e.g. max_epochs=20)")
+    try:
+        return name, int(value)
+    except ValueError:
+        pass
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}': {value!r} is not a number") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from cmil_core.mil import make_aggregator
     from cmil_core.modeling import train
     from cmil_core.progress import TerminalProgress
 
+    params = dict(args.param or [])
+    make_aggregator(args.aggregator, **params)  # refuse a bad --param before any work
     model_id = train(
         args.db, args.cohort, aggregator=args.aggregator, encoder=args.encoder,
-        weights=args.weights, seed=args.seed, folds=args.folds, progress=TerminalProgress(),
+        weights=args.weights, seed=args.seed, folds=args.folds, params=params or None,
+        progress=TerminalProgress(),
     )
     print(model_id)  # the contract: the model id is the last line of standard output
     return 0
@@ -215,6 +235,27 @@ def _cmd_cox(args: argparse.Namespace) -> int:
     return _print_result(result, args.json, format_cox)
 
 
+def _report_cutoff(text: str) -> str | float:
+    if text in ("model", "youden", "median", "maxstat"):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not model, youden, median, maxstat or a number"
+        ) from None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cmil_core.progress import TerminalProgress
+    from cmil_core.report import write_report
+
+    path = write_report(args.db, args.model, args.out, endpoint=args.endpoint,
+                        cutoff=args.cutoff, progress=TerminalProgress())
+    print(path)
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="python -m cmil_core",
@@ -275,6 +316,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         "file with --encoder torchscript; without it a seeded initialisation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (patient-stratified)")
+    p.add_argument("--param", type=_param, action="append", metavar="NAME=VALUE",
+                   help="aggregator hyper-parameter (repeat), e.g. --param max_epochs=20 "
+                        "--param lr=0.001; histogram: hidden, dropout, lr, max_epochs, n_bins, C, "
+                        "...; attention: embed_dim, attention_dim, dropout, lr, max_epochs, ... "
+                        "(the model's config.json lists them all)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("score", help="score cohorts with a trained model")
@@ -329,6 +375,18 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="comma-separated columns; text columns are coded against a reference")
     p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
     p.set_defaults(func=_cmd_cox)
+
+    p = sub.add_parser("report", help="every table and figure of a model: HTML, JSON, CSV, PNG, SVG")
+    _add_db(p, required=True)
+    p.add_argument("--model", required=True, metavar="ID")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder to write (new, empty, or a previous report, which is replaced)")
+    p.add_argument("--endpoint", choices=["os", "efs"], default="os",
+                   help="survival endpoint: overall or event-free survival")
+    p.add_argument("--cutoff", type=_report_cutoff, default="model",
+                   metavar="model|youden|median|maxstat|NUMBER",
+                   help="risk-group cutoff, fixed on the training cohort (default: the model's)")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -228,10 +228,17 @@ def qc_histogram_figure(
     return fig
 
 
-def _hr_text(row: dict[str, Any]) -> str:
+def _estimable(row: dict[str, Any]) -> bool:
+    """A hazard ratio with a finite, positive CI (not a separated covariate)."""
     ci = row.get("ci") or [None, None]
-    if row.get("hr") is None or ci[0] is None:
-        return "HR n/a"
+    values = [row.get("hr"), *ci]
+    return all(v is not None and 0 < v < 1e6 for v in values)
+
+
+def _hr_text(row: dict[str, Any]) -> str:
+    if not _estimable(row):
+        return "HR not estimable"
+    ci = row["ci"]
     return f"HR {row['hr']:.2f} ({ci[0]:.2f}-{ci[1]:.2f}), {_p_text(row.get('p'))}"
 
 
@@ -239,9 +246,12 @@ def forest_figure(result: dict[str, Any], *, title: str) -> go.Figure:
     """Hazard ratios with 95% CIs on a log axis, one row per Cox coefficient.
 
     ``result``: :func:`cmil_core.survival.cox_analysis`; each row is labelled
-    with its name and "HR 2.10 (1.30-3.40), p = 0.002".
+    with its name and "HR 2.10 (1.30-3.40), p = 0.002". Coefficients without a
+    finite CI (separation) are listed under the plot instead of drawn.
     """
-    rows = [r for r in result.get("coefficients", []) if r.get("hr") is not None]
+    coefficients = result.get("coefficients", [])
+    rows = [r for r in coefficients if _estimable(r)]
+    dropped = [r["name"] for r in coefficients if not _estimable(r)]
     labels = [f"{r['name']}  ·  {_hr_text(r)}" for r in rows]
     fig = go.Figure()
     fig.add_trace(go.Scatter(
@@ -253,6 +263,11 @@ def forest_figure(result: dict[str, Any], *, title: str) -> go.Figure:
         showlegend=False, hovertemplate="%{y}<extra></extra>",
     ))
     fig.add_vline(x=1, line=dict(color="#808080", dash="dash", width=1))
+    if dropped:
+        # Usually separation: every event on one side of a binary covariate.
+        fig.add_annotation(text="not estimable (no events on one side?): " + ", ".join(dropped),
+                           xref="paper", yref="paper", x=0, y=-0.25, showarrow=False,
+                           align="left", font=dict(size=11))
     fig.update_layout(
         title=dict(text=f"{title}<br><sup>n = {result.get('n')}, events = {result.get('events')}; "
                         f"Cox proportional hazards, Efron ties</sup>"),

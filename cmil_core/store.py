@@ -1177,3 +1177,83 @@ def cohort_overview(store: Store) -> pd.DataFrame:
         ORDER BY CASE c.role WHEN 'train' THEN 0 WHEN 'validation' THEN 1 ELSE 2 END, c.cohort
         """
     ).df()
+
+
+# --- patient review (patients page) ---
+
+__all__ += ["get_slide", "patient_slides", "rejected_patches_frame", "scored_patches_frame"]
+
+
+def get_slide(store: Store, slide_id: int) -> SlideRow | None:
+    """One slide's row by id, or None."""
+    row = store.cursor().execute(
+        f"SELECT {_SLIDE_COLUMNS} FROM slides WHERE slide_id = ?", [int(slide_id)]
+    ).fetchone()
+    return None if row is None else SlideRow(*row)
+
+
+def patient_slides(store: Store, cohort: str, patient_id: str) -> list[SlideRow]:
+    """A patient's slides, by path."""
+    rows = store.cursor().execute(
+        f"SELECT {_SLIDE_COLUMNS} FROM slides WHERE cohort = ? AND patient_id = ? ORDER BY path",
+        [cohort, patient_id],
+    ).fetchall()
+    return [SlideRow(*r) for r in rows]
+
+
+def scored_patches_frame(
+    store: Store,
+    model_id: str,
+    *,
+    slide_id: int | None = None,
+    cohort: str | None = None,
+    patient_id: str | None = None,
+) -> pd.DataFrame:
+    """A model's patch scores on one slide, or on all of one patient's slides.
+
+    Give ``slide_id``, or ``cohort`` and ``patient_id``. Columns: patch_id,
+    slide_id, x, y, size (level-0 pixels), probability, attention,
+    attention_raw; in slide and grid order.
+    """
+    sql = """SELECT p.patch_id, p.slide_id, p.x, p.y, p.size,
+                    c.probability, c.attention, c.attention_raw
+             FROM patch_scores c JOIN patches p USING (patch_id) JOIN slides s USING (slide_id)
+             WHERE c.model_id = ?"""
+    params: list[Any] = [model_id]
+    if slide_id is not None:
+        sql += " AND p.slide_id = ?"
+        params.append(int(slide_id))
+    else:
+        if cohort is None or patient_id is None:
+            raise ValueError("scored_patches_frame needs slide_id, or cohort and patient_id")
+        sql += " AND s.cohort = ? AND s.patient_id = ?"
+        params += [cohort, patient_id]
+    return store.cursor().execute(sql + " ORDER BY p.slide_id, p.patch_id", params).df()
+
+
+def rejected_patches_frame(store: Store, slide_id: int, limit: int | None = None) -> pd.DataFrame:
+    """A slide's patches that failed quality control, by reason then grid order.
+
+    Columns: patch_id, slide_id, x, y, size, qc_reason, and the quality
+    metrics. ``limit`` caps the rows (None: all).
+    """
+    sql = """SELECT patch_id, slide_id, x, y, size, qc_reason, background_fraction,
+                    thick_fraction, mean_intensity, dark_fraction, bright_fraction,
+                    blur_variance, nuclei_fraction
+             FROM patches WHERE slide_id = ? AND NOT qc_pass
+             ORDER BY qc_reason, patch_id"""
+    params: list[Any] = [int(slide_id)]
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return store.cursor().execute(sql, params).df()
+
+
+# --- cohorts and models pages ---
+
+def model_score_counts(store: Store) -> pd.DataFrame:
+    """Patients scored per model and cohort: columns model_id, cohort, patients."""
+    return store.cursor().execute(
+        """SELECT model_id, cohort, count(*) AS patients FROM patient_scores
+           GROUP BY model_id, cohort ORDER BY model_id, cohort"""
+    ).df()

@@ -8,6 +8,7 @@ sees new results as soon as the store changes.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -109,3 +110,52 @@ def sidebar() -> str | None:
         choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key="model_picker")
         st.query_params["model"] = choice
         return str(choice)
+
+
+MIME = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv"}
+
+
+def downloads(stem: str, figure: Callable[[], Any] | None = None,
+              table: pd.DataFrame | None = None) -> None:
+    """A row of download buttons: the figure as PNG and SVG (drawn on click), the table as CSV.
+
+    ``figure`` builds the publication version (:mod:`cmil_core.figures`,
+    matplotlib); it runs only when the user clicks, so pages stay fast.
+    """
+    from cmil_core import figures
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "figure"
+    cols = st.columns([1, 1, 1, 5] if figure is not None else [1, 7], gap="small")
+    k = 0
+    if figure is not None:
+        for fmt in figures.FORMATS:
+            cols[k].download_button(
+                fmt.upper(), data=lambda fmt=fmt: figures.to_bytes(figure(), fmt),
+                file_name=f"{safe}.{fmt}", mime=MIME[fmt], on_click="ignore",
+                key=f"download-{safe}-{fmt}", icon=":material/download:",
+            )
+            k += 1
+    if table is not None:
+        cols[k].download_button(
+            "CSV", data=table.to_csv(index=False).encode(), file_name=f"{safe}.csv",
+            mime=MIME["csv"], on_click="ignore", key=f"download-{safe}-csv",
+            icon=":material/download:",
+        )
+
+
+def cutoff_picker(key: str) -> tuple[str, str | float]:
+    """Endpoint and risk-group cutoff chosen by the user: ``(endpoint, method or number)``."""
+    from cmil_core.evaluation import CUTOFF_METHODS, ENDPOINTS
+
+    left, right = st.columns(2)
+    endpoint = left.radio("Endpoint", list(ENDPOINTS), horizontal=True,
+                          format_func=lambda e: ENDPOINTS[e][2], key=f"{key}_endpoint")
+    choices = [*CUTOFF_METHODS, "number"]
+    method = right.selectbox("Risk-group cutoff, fixed on the training cohort", choices,
+                             format_func=lambda m: CUTOFF_METHODS.get(m, "a number I choose"),
+                             key=f"{key}_cutoff")
+    if method == "number":
+        return endpoint, float(right.number_input(
+            "Cutoff (score)", min_value=0.0, max_value=1.0, value=0.5, step=0.01,
+            key=f"{key}_cutoff_number"))
+    return endpoint, method

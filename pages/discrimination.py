@@ -1,35 +1,58 @@
-"""Discrimination: ROC curves per cohort and metrics at the training cutoff, for the chosen model."""
+"""Discrimination: ROC curves per cohort, metrics at the training cutoff, AUC comparisons,
+calibration and the decision curve, for the chosen model."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
+from cmil_core import figures
 from cmil_core import store as store_mod
-from cmil_core.evaluation import calibration, metrics_table, roc_curves
+from cmil_core.evaluation import (
+    calibration,
+    cohort_comparisons,
+    metrics_table,
+    model_comparisons,
+    roc_curves,
+)
 from cmil_core.plots import calibration_figure, decision_figure, roc_figure
 from pages import _common
 
 st.title("Discrimination")
 model_id = _common.selected_model()
 if model_id is None:
-    st.info("No model yet: train one (`python -m cmil_core train --db STORE --cohort TRAINING`).")
+    st.info("No model yet: train one on the Models page "
+            "(or `python -m cmil_core train --db STORE --cohort TRAINING`).")
     st.stop()
 
 model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
-curves = _common.query(f"roc:{model_id}", lambda s: roc_curves(s, model_id))
+curves = _common.query(f"roc-band:{model_id}", lambda s: roc_curves(s, model_id, band=True))
 table = _common.query(f"metrics:{model_id}", lambda s: metrics_table(s, model_id))
+cohorts = _common.query("cohorts", store_mod.list_cohorts)
+order = [c.cohort for c in cohorts]
+if not curves:
+    st.info(f"Model {model_id} has no scored cohort with both classes yet: score the cohorts "
+            "on the Models page, or import labels (bm_metastasis) for them.")
+    st.stop()
 
 st.caption(
-    f"Model {model_id}. Patient score against bone-marrow metastasis; AUC with DeLong 95% CI. "
-    f"The operating cutoff ({model.cutoff:.3f}) was fixed on the training cohort "
-    "and is applied unchanged to every cohort."
+    f"Model {model_id}. Patient score against bone-marrow metastasis; AUC with DeLong 95% CI, "
+    "shaded band: stratified-bootstrap 95% CI of the sensitivity at each specificity (2000 "
+    f"resamples, as pROC's ci.se). The operating cutoff ({model.cutoff:.3f}) was fixed on the "
+    "training cohort and is applied unchanged to every cohort."
 )
-st.plotly_chart(roc_figure(curves), width="stretch")
+st.plotly_chart(roc_figure(curves, cohorts=order), width="stretch")
+_common.downloads(f"{model_id}_roc", lambda: figures.roc(curves, cohorts=order),
+                  pd.DataFrame([{k: c.get(k) for k in ("cohort", "n", "n_positive", "auc",
+                                                       "ci_low", "ci_high")} for c in curves]))
 
 
 def ci(low: object, high: object) -> str:
     return "" if low is None or pd.isna(low) else f" ({low:.2f}-{high:.2f})"
+
+
+def rate(value: object, interval: object) -> str:
+    return "—" if value is None or pd.isna(value) else f"{value:.2f}{ci(*interval)}"
 
 
 shown = pd.DataFrame(
@@ -37,26 +60,74 @@ shown = pd.DataFrame(
         "Cohort": r.cohort,
         "Patients": r.n,
         "TP / FN / TN / FP": f"{r.tp} / {r.fn} / {r.tn} / {r.fp}",
-        "Sensitivity": f"{r.sensitivity:.2f}{ci(*r.sensitivity_ci)}" if r.sensitivity is not None else "—",
-        "Specificity": f"{r.specificity:.2f}{ci(*r.specificity_ci)}" if r.specificity is not None else "—",
-        "PPV": f"{r.ppv:.2f}{ci(*r.ppv_ci)}" if r.ppv is not None else "—",
-        "NPV": f"{r.npv:.2f}{ci(*r.npv_ci)}" if r.npv is not None else "—",
+        "Sensitivity": rate(r.sensitivity, r.sensitivity_ci),
+        "Specificity": rate(r.specificity, r.specificity_ci),
+        "PPV": rate(r.ppv, r.ppv_ci),
+        "NPV": rate(r.npv, r.npv_ci),
     }
     for r in table.itertuples()
 )
 st.subheader("At the training cutoff")
 st.dataframe(shown, hide_index=True, width="stretch")
 st.caption("Wilson 95% confidence intervals.")
-st.download_button(
-    "Download the metrics (CSV)", table.to_csv(index=False).encode(),
-    file_name=f"{model_id}_metrics_at_cutoff.csv", mime="text/csv",
-)
+_common.downloads(f"{model_id}_metrics_at_cutoff", table=table)
+
+
+def p_text(p: object) -> str:
+    if p is None or pd.isna(p):
+        return "—"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def comparison_table(frame: pd.DataFrame, first: str) -> pd.DataFrame:
+    return pd.DataFrame({
+        first: frame["cohort"] if first == "Cohort" else frame["a"] + " vs " + frame["b"],
+        "Patients": frame["n"],
+        "AUC": [f"{a:.3f} vs {b:.3f}" for a, b in zip(frame["auc_a"], frame["auc_b"])],
+        "Difference (95% CI)": [
+            f"{d:+.3f}" + ("" if pd.isna(lo) else f" ({lo:+.3f} to {hi:+.3f})")
+            for d, lo, hi in zip(frame["difference"], frame["diff_ci_low"], frame["diff_ci_high"])
+        ],
+        "p (DeLong)": [p_text(p) for p in frame["p"]],
+    })
+
+
+st.subheader("Comparing AUCs")
+between = _common.query(f"cohort-tests:{model_id}", lambda s: cohort_comparisons(s, model_id))
+st.markdown("**Between cohorts** (different patients: unpaired DeLong test)")
+if between.empty:
+    st.caption("Needs two cohorts with both classes.")
+else:
+    st.dataframe(comparison_table(between, "Cohorts"), hide_index=True, width="stretch")
+    _common.downloads(f"{model_id}_auc_between_cohorts", table=between)
+
+models = _common.query("models", store_mod.list_models)
+others = [m for m in models["model_id"] if m != model_id]
+st.markdown("**Between models** (same patients: paired DeLong test)")
+if not others:
+    st.caption("Train a second model (Models page) to compare it with this one on the same patients.")
+else:
+    other = st.selectbox("Compare with", others, key="compare_model")
+    paired = _common.query(f"model-tests:{model_id}:{other}",
+                           lambda s: model_comparisons(s, model_id, other))
+    if paired.empty:
+        st.caption(f"{model_id} and {other} share no scored cohort with both classes.")
+    else:
+        st.dataframe(comparison_table(paired, "Cohort"), hide_index=True, width="stretch")
+        st.caption(f"AUC of {model_id} vs {other}, on the patients both scored.")
+        _common.downloads(f"{model_id}_vs_{other}_auc", table=paired)
 
 st.subheader("Calibration and clinical usefulness")
 entries = _common.query(f"calibration:{model_id}", lambda s: calibration(s, model_id))
 left, right = st.columns(2)
-left.plotly_chart(calibration_figure(entries), width="stretch")
-right.plotly_chart(decision_figure(entries), width="stretch")
+with left:
+    st.plotly_chart(calibration_figure(entries, cohorts=order), width="stretch")
+    _common.downloads(f"{model_id}_calibration",
+                      lambda: figures.calibration(entries, cohorts=order))
+with right:
+    st.plotly_chart(decision_figure(entries, cohorts=order), width="stretch")
+    _common.downloads(f"{model_id}_decision_curve",
+                      lambda: figures.decision(entries, cohorts=order))
 st.caption(
     "Calibration: patients in five equal-sized bins of the score, observed share with marrow "
     "metastasis (Wilson 95% CI) against the mean score, and a kernel-smoothed curve. Decision "

@@ -1,33 +1,31 @@
-"""Survival by cMIL risk group: Kaplan-Meier, log-rank and hazard ratios per cohort."""
+"""Survival by cMIL risk group: Kaplan-Meier, log-rank and hazard ratios per cohort and pooled
+over the validation cohorts, and the risk group adjusted for clinical factors (Cox)."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
-from cmil_core.evaluation import CUTOFF_METHODS, ENDPOINTS, risk_survival
-from cmil_core.plots import km_figure
+from cmil_core import figures
+from cmil_core.errors import InputError
+from cmil_core.evaluation import CLINICAL_COVARIATES, ENDPOINTS, clinical_cox, risk_survival
+from cmil_core.plots import forest_figure, km_figure
 from pages import _common
 
 st.title("Survival")
 model_id = _common.selected_model()
 if model_id is None:
-    st.info("No model yet: train one (`python -m cmil_core train --db STORE --cohort TRAINING`).")
+    st.info("No model yet: train one on the Models page "
+            "(or `python -m cmil_core train --db STORE --cohort TRAINING`).")
     st.stop()
 
-left, right = st.columns(2)
-endpoint = left.radio("Endpoint", list(ENDPOINTS), horizontal=True,
-                      format_func=lambda e: ENDPOINTS[e][2])
-choices = [*CUTOFF_METHODS, "number"]
-method = right.selectbox("Risk-group cutoff, fixed on the training cohort", choices,
-                         format_func=lambda m: CUTOFF_METHODS.get(m, "a number I choose"),
-                         key="survival_cutoff")
-cutoff: str | float = method
-if method == "number":
-    cutoff = right.number_input("Cutoff (score)", min_value=0.0, max_value=1.0, value=0.5,
-                                step=0.01)
+endpoint, cutoff = _common.cutoff_picker("survival")
 entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}",
                         lambda s: risk_survival(s, model_id, endpoint, cutoff))
-chosen = entries[0]["cutoff"] if entries else {"value": float("nan"), "description": method}
+if not entries:
+    st.info(f"Model {model_id} has not scored any cohort yet: score them on the Models page.")
+    st.stop()
+chosen = entries[0]["cutoff"]
 extra = ""
 if chosen.get("p_corrected") is not None:
     extra = f" (max log-rank |Z| {chosen['statistic']:.2f}, search-corrected p {chosen['p_corrected']:.3g})"
@@ -36,15 +34,56 @@ st.caption(
     f"{chosen['description']}{extra}, applied unchanged to every cohort. Kaplan-Meier with "
     "log-log 95% bands, log-rank test, Cox hazard ratio (Efron ties)."
 )
-if method in ("youden", "median", "maxstat"):
+if cutoff in ("youden", "median", "maxstat"):
     st.warning("This cutoff was chosen on the training cohort: its own curves are optimistic; "
                "judge the external cohorts.")
-for entry in entries:
-    if "note" in entry:
-        st.markdown(f"**{entry['cohort']}**: {entry['note']}.")
-        continue
-    st.plotly_chart(
-        km_figure(entry["curves"], entry["result"],
-                  title=f"{entry['cohort']}: {ENDPOINTS[endpoint][2]} by cMIL risk group"),
-        width="stretch", key=f"km-{entry['cohort']}-{endpoint}-{cutoff}",
-    )
+name = ENDPOINTS[endpoint][2]
+drawn = [e for e in entries if "note" not in e]
+if not drawn:
+    st.info(f"No cohort has {name} follow-up with events in both risk groups. Import "
+            f"{ENDPOINTS[endpoint][0]} and {ENDPOINTS[endpoint][1]} columns with the clinical "
+            "table (Cohorts page) to see survival.")
+columns = st.columns(2)
+for k, entry in enumerate(entries):
+    with columns[k % 2]:
+        if "note" in entry:
+            st.markdown(f"**{entry['cohort']}**")
+            st.caption(f"Not drawn: {entry['note']}.")
+            continue
+        title = f"{entry['cohort']}: {name} by cMIL risk group"
+        if entry.get("pooled"):
+            title += f" ({' + '.join(entry['pooled'])})"
+        st.plotly_chart(km_figure(entry["curves"], entry["result"], title=title), width="stretch",
+                        key=f"km-{entry['cohort']}-{endpoint}-{cutoff}")
+        _common.downloads(
+            f"{model_id}_km_{entry['cohort']}_{endpoint}",
+            lambda entry=entry, title=title: figures.km(entry["curves"], entry["result"], title=title),
+            entry["curves"],
+        )
+
+st.subheader("Adjusted for clinical factors")
+factors = [label for label, _, _ in CLINICAL_COVARIATES.values()]
+picked = st.multiselect("Clinical factors in the Cox model", factors, default=factors,
+                        key="cox_factors")
+try:
+    cox = _common.query(f"cox:{model_id}:{endpoint}:{cutoff}:{sorted(picked)}",
+                        lambda s: clinical_cox(s, model_id, endpoint, cutoff, factors=picked))
+except InputError as exc:
+    st.info(f"No Cox model: {exc}")
+    st.stop()
+title = f"{name}: cMIL risk group and clinical factors"
+st.plotly_chart(forest_figure(cox, title=title), width="stretch")
+st.caption(
+    f"Multivariable Cox model on the validation cohorts pooled ({', '.join(cox['cohorts'])}): "
+    f"{cox['n']} patients, {cox['events']} events, concordance "
+    f"{cox['concordance']:.2f}. "
+    + "; ".join(f"{c['name']}: {c['definition']}" for c in cox["covariates"]) + "."
+)
+for note in cox.get("warnings", []):
+    st.warning(note)
+left_out = [f"{e['column']} ({e['reason']})" for e in cox.get("excluded", [])
+            if e["reason"] != "not chosen"]
+if left_out:
+    st.caption("Left out: " + ", ".join(left_out) + ".")
+_common.downloads(f"{model_id}_cox_{endpoint}", lambda: figures.forest(cox, title=title),
+                  pd.DataFrame(cox["coefficients"]))

@@ -197,8 +197,22 @@ def test_discrimination_page_shows_the_models_numbers(
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     names = [trace["name"] for trace in figure["data"]]
     assert names[0] == "chance"
-    assert names[1:] == [f"{c['cohort']}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})"
-                         for c in curves]
+    assert names[1:] == [
+        name for c in curves for name in (
+            f"{c['cohort']} 95% CI band",
+            f"{c['cohort']}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})")]
+    # Every figure and table offers its download.
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert labels[:3] == ["PNG", "SVG", "CSV"] and labels.count("PNG") == 3  # ROC, calibration, decision
+    # Unpaired DeLong between cohorts, as evaluation computes it.
+    from cmil_core.evaluation import cohort_comparisons
+
+    with store.open_store(scored_demo, read_only=True) as st:
+        tests = cohort_comparisons(st, model_id)
+    between = next(d.value for d in at.dataframe if "Cohorts" in d.value.columns)
+    assert between["Cohorts"].tolist() == [f"{a} vs {b}" for a, b in zip(tests["a"], tests["b"])]
+    assert between["p (DeLong)"].tolist() == [
+        "< 0.001" if p < 0.001 else f"{p:.3f}" for p in tests["p"]]
     shown = at.dataframe[0].value.set_index("Cohort")
     for row in table.itertuples():
         assert shown.loc[row.cohort, "Patients"] == row.n
@@ -208,6 +222,7 @@ def test_discrimination_page_shows_the_models_numbers(
     from cmil_core.stats import brier_score
 
     calibration = json.loads(at.get("plotly_chart")[1].proto.spec)
+    assert calibration["layout"]["title"]["text"] == "Calibration"
     legend = [t["name"] for t in calibration["data"] if t.get("mode") == "markers"]
     with store.open_store(scored_demo, read_only=True) as st:
         scores = store.patient_scores_frame(st, model_id)
@@ -234,14 +249,25 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
     with store.open_store(scored_demo, read_only=True) as st:
         entries = risk_survival(st, model_id, "os")
     drawn = [e for e in entries if "result" in e]
-    charts = at.get("plotly_chart")
+    charts = {c.key: c for c in at.get("plotly_chart") if c.key}
     assert len(charts) == len(drawn) > 0
-    for chart, entry in zip(charts, drawn):
+    assert drawn[-1]["cohort"] == "pooled validation"
+    for entry in drawn:
+        chart = charts[f"km-{entry['cohort']}-os-model"]
         title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
         assert title.startswith(f"{entry['cohort']}: overall survival by cMIL risk group")
         p = entry["result"]["logrank"]["p"]
         assert ("p < 0.001" if p < 0.001 else f"p = {p:.3f}") in title
-    at.radio[0].set_value("efs")
+    # The multivariable Cox model: the forest plot shows clinical_cox's hazard ratios.
+    from cmil_core.evaluation import clinical_cox
+
+    with store.open_store(scored_demo, read_only=True) as st:
+        cox = clinical_cox(st, model_id, "os", "model")
+    forest = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    assert "cMIL risk group and clinical factors" in forest["layout"]["title"]["text"]
+    rows = forest["data"][0]["y"]
+    assert rows[0].startswith("cMIL high risk  ·  HR " + f"{cox['coefficients'][0]['hr']:.2f}")
+    at.radio(key="survival_endpoint").set_value("efs")
     _run(at)
     assert "event-free survival" in json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"]
 

@@ -181,3 +181,86 @@ def test_python_dash_m_entry_point() -> None:
     assert done.returncode == 0
     for command in ("demo", "import-cohort", "roc", "survival", "cox"):
         assert command in done.stdout
+
+
+def test_train_passes_aggregator_parameters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--param NAME=VALUE`` reaches modeling.train as numbers (what the Models page offers)."""
+    from cmil_core import modeling
+
+    calls: list[dict] = []
+
+    def fake_train(db: str, cohort: str, **kwargs: object) -> str:
+        calls.append({"db": db, "cohort": cohort, **kwargs})
+        return "A-histogram-1"
+
+    monkeypatch.setattr(modeling, "train", fake_train)
+    code = main(["train", "--db", str(tmp_path / "s.duckdb"), "--cohort", "A",
+                 "--aggregator", "histogram", "--folds", "3", "--seed", "7",
+                 "--param", "max_epochs=12", "--param", "lr=0.002", "--param", "n_bins=20"])
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "A-histogram-1"
+    (call,) = calls
+    assert call["params"] == {"max_epochs": 12, "lr": 0.002, "n_bins": 20}
+    assert type(call["params"]["max_epochs"]) is int
+    assert (call["aggregator"], call["folds"], call["seed"]) == ("histogram", 3, 7)
+
+
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        ("max_epochs", "is not NAME=VALUE"),
+        ("lr=fast", "'fast' is not a number"),
+        ("depth=3", "unknown parameter 'depth' for the attention aggregator"),
+        ("max_epochs=2.5", "max_epochs=2.5 must be an integer"),
+        ("dropout=3", "dropout=3.0 must lie in [0, 0.95]"),
+    ],
+)
+def test_bad_train_parameters_are_refused_before_any_work(
+    tmp_path: Path, param: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "never.duckdb"
+    try:
+        code = main(["train", "--db", str(db), "--cohort", "A", "--param", param])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert message in err
+    assert not db.exists()  # refused before the store was opened
+
+
+def test_report_writes_the_folder_and_prints_the_html_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_report import build_scored_store  # a scored store in a second, no slides
+
+    db = tmp_path / "cmil.duckdb"
+    model_id = build_scored_store(db, evil=False)
+    out = tmp_path / "paper"
+    code = main(["report", "--db", str(db), "--model", model_id, "--out", str(out),
+                 "--endpoint", "efs", "--cutoff", "0.5"])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == str(out / "report.html") and Path(printed).exists()
+    meta = json.loads((out / "report.json").read_text())
+    assert meta["endpoint"]["key"] == "efs"
+    assert meta["cutoff"] == {"method": "number", "value": 0.5, "description": "the number 0.5"}
+    assert (out / "figures" / "km_external_b.svg").exists()
+    # bad arguments and input: one error line, exit 2, nothing written
+    for argv, message in [
+        (["--cutoff", "best"], "'best' is not model, youden, median, maxstat or a number"),
+        (["--endpoint", "pfs"], "invalid choice: 'pfs'"),
+        (["--model", "nope"], "no model 'nope'"),
+    ]:
+        base = {"--db": str(db), "--model": model_id, "--out": str(tmp_path / "other")}
+        base.update(dict(zip(argv[::2], argv[1::2], strict=True)))
+        try:
+            code = main(["report", *[x for kv in base.items() for x in kv]])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+        assert message in err
+    assert not (tmp_path / "other").exists()

@@ -110,3 +110,15 @@ def test_qc_histogram_shows_shares_per_cohort() -> None:
     assert list(traces["a: all patches"].y) == [0.375, 0.625]
     assert list(traces["a: rejected"].y) == [0.0, 0.5]
     assert list(traces["b: all patches"].y) == [1.0]
+
+
+def test_forest_figure_lists_a_separated_covariate_instead_of_drawing_it() -> None:
+    from cmil_core.plots import forest_figure
+
+    result = {"n": 16, "events": 10, "coefficients": [
+        {"name": "cMIL high risk", "coef": 0.62, "se": 0.68, "hr": 1.85, "ci": [0.49, 7.05], "p": 0.37},
+        {"name": "age > 18 months", "coef": 17.3, "se": 3469.0, "hr": 3.3e7, "ci": [0.0, None], "p": 0.996},
+    ]}
+    fig = forest_figure(result, title="t")
+    assert list(fig.data[0].y) == ["cMIL high risk  ·  HR 1.85 (0.49-7.05), p = 0.370"]
+    assert "age > 18 months" in fig.layout.annotations[-1].text
