@@ -62,10 +62,12 @@ def empty_page() -> None:
     st.title("This store is empty")
     st.write(f"No cohort in `{_common.db_path()}` yet. To fill it:")
     st.markdown(
-        "- import a clinical table: `python -m cmil_core import-cohort --db STORE "
-        "--cohort NAME --csv clinical.csv --role train`\n"
+        "- import a clinical table on the **Cohorts** page (in the menu), or with "
+        "`python -m cmil_core import-cohort --db STORE --cohort NAME --csv clinical.csv "
+        "--role train`\n"
         "- or build the synthetic demo study here:"
     )
+    st.page_link("pages/cohorts.py", label="Import a cohort", icon="🗂️")
     size = st.radio("Demo size", ["small", "full"], horizontal=True,
                     captions=["about 30 patients, under a minute", "the paper's 359 patients"])
     if st.button("Build the demo study", type="primary"):
@@ -108,7 +110,12 @@ def main() -> None:
         start_demo(FIRST_LAUNCH_SIZE)
         page = st.Page(building_page, title="Building the demo", icon="⏳")
     elif state in ("missing", "empty"):
-        page = st.Page(empty_page, title="Get started", icon="📥")
+        # An empty store: the way in is importing a cohort, or the demo.
+        st.navigation([
+            st.Page(empty_page, title="Get started", icon="📥", default=True),
+            st.Page("pages/cohorts.py", title="Cohorts", icon="🗂️", url_path="cohorts"),
+        ]).run()
+        return
     elif state == "busy":
         page = st.Page(busy_page, title="Store busy", icon="⏳")
     else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -310,3 +311,22 @@ def _column(predictions: Sequence[mil.BagPrediction], name: str) -> np.ndarray:
         parts.append(np.full(len(p.probability), np.nan) if values is None
                      else np.asarray(values, dtype=float))
     return np.concatenate(parts) if parts else np.array([], dtype=float)
+
+
+def delete_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> Path:
+    """Remove a model: its row and scores (one transaction), then its files.
+
+    Only ``<store folder>/models/<model_id>`` is removed, and only when it is
+    a folder directly under ``models/`` (a model id is never a path). The row
+    goes first: a crash in between leaves an orphan folder, never a model
+    without its files. Returns the folder.
+    """
+    folder = artifact_dir(db, model_id)
+    with store_mod.using(db) as st:
+        if store_mod.get_model(st, model_id) is None:
+            raise InputError(f"no model '{model_id}' in the store")
+        store_mod.delete_model(st, model_id)
+    models_root = (_store_dir(db) / "models").resolve()
+    if folder.is_dir() and folder.resolve().parent == models_root:
+        shutil.rmtree(folder)
+    return folder

@@ -26,8 +26,6 @@ import hashlib
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,16 +94,6 @@ def tiling_key(config: TilingConfig, thresholds: QCThresholds, mpp: float) -> st
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-@contextmanager
-def _opened(db: store_mod.Store | str | os.PathLike[str]) -> Iterator[store_mod.Store]:
-    """The store for one unit of work: the caller's, or opened and closed here."""
-    if isinstance(db, store_mod.Store):
-        yield db
-        return
-    with store_mod.open_store(db) as st:
-        yield st
-
-
 def _outcome_from_table(source: SlideSource, table: Any) -> SlideOutcome:
     reasons = Counter(r for r in table["qc_reason"].tolist() if r is not None)
     passed = int(table["qc_pass"].sum())
@@ -151,7 +139,7 @@ def ingest(
     thresholds = thresholds or QCThresholds()
     if mpp is not None and not 0 < mpp < 1000:
         raise InputError(f"--mpp {mpp} is not a resolution in microns per pixel")
-    with _opened(db) as st:
+    with store_mod.using(db) as st:
         db_path = st.path
         known = {c.cohort for c in store_mod.list_cohorts(st)}
         if cohort not in known:
@@ -180,7 +168,7 @@ def ingest(
         "metrics_version": METRICS_VERSION,
         "mpp_override": mpp,
     }
-    with _opened(db) as st:
+    with store_mod.using(db) as st:
         run_id = store_mod.start_ingest_run(
             st, cohort, source=str(folder), manifest=str(manifest) if manifest else None,
             config=settings,
@@ -200,12 +188,12 @@ def ingest(
             )
         report(len(sources), len(sources), "done")
     except BaseException:
-        with _opened(db) as st:
+        with store_mod.using(db) as st:
             partial = IngestSummary(cohort, run_id, str(folder), outcomes).to_dict()
             store_mod.finish_ingest_run(st, run_id, "interrupted", partial)
         raise
     summary = IngestSummary(cohort, run_id, str(folder), outcomes)
-    with _opened(db) as st:
+    with store_mod.using(db) as st:
         store_mod.finish_ingest_run(st, run_id, "done", summary.to_dict())
     return summary
 
@@ -243,7 +231,7 @@ def _ingest_one(
                 "or an mpp column in the manifest", run_id,
             )
         key = tiling_key(config, thresholds, slide.mpp)
-        with _opened(db) as st:
+        with store_mod.using(db) as st:
             known = store_mod.find_slide(st, cohort, path)
             if (
                 known is not None and known.status in ("tiled", "encoded") and known.sha256 == sha
@@ -260,17 +248,17 @@ def _ingest_one(
                 f"{name}: patient '{source.patient_id}' (from the {source.origin} rule) is not "
                 f"in cohort '{cohort}'; add the patient to the clinical table or use a manifest"
             )
-            with _opened(db) as st:
+            with store_mod.using(db) as st:
                 store_mod.mark_slide_failed(st, slide_id, reason, run_id=run_id)
             return SlideOutcome(path, source.patient_id, "failed", reason)
         try:
             table = tile_slide(slide, config, thresholds, patch_progress, workers=workers)
         except InputError as exc:
-            with _opened(db) as st:
+            with store_mod.using(db) as st:
                 store_mod.mark_slide_failed(st, slide_id, str(exc), run_id=run_id)
             return SlideOutcome(path, source.patient_id, "failed", str(exc))
         tiling = dict(table.attrs.get("tiling", {}))
-        with _opened(db) as st:
+        with store_mod.using(db) as st:
             store_mod.write_slide_patches(
                 st, slide_id, table, tiling_key=key, tiling=tiling, run_id=run_id
             )
@@ -287,7 +275,7 @@ def _record_failure(
     reason: str,
     run_id: int,
 ) -> SlideOutcome:
-    with _opened(db) as st:
+    with store_mod.using(db) as st:
         slide_id = store_mod.register_slide(
             st, cohort=cohort, patient_id=source.patient_id, path=str(source.path), sha256=sha,
             kind=getattr(slide, "kind", None), width=getattr(slide, "width", None),

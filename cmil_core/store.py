@@ -93,6 +93,10 @@ __all__ = [
     "store_fingerprint",
     "table_counts",
     "tumor_regions_frame",
+    "QC_METRICS",
+    "qc_metric_histogram",
+    "qc_summary",
+    "using",
 ]
 
 SLIDE_STATUSES = ("pending", "tiled", "encoded", "failed")
@@ -519,6 +523,16 @@ def open_store(
 # --------------------------------------------------------------------------
 # Meta
 # --------------------------------------------------------------------------
+
+@contextmanager
+def using(db: Store | str | os.PathLike[str], *, read_only: bool = False) -> Iterator[Store]:
+    """The store for one unit of work: the caller's own (left open), or opened and closed here."""
+    if isinstance(db, Store):
+        yield db
+        return
+    with open_store(db, read_only=read_only) as st:
+        yield st
+
 
 def schema_version(store: Store) -> int:
     """The schema version of an open store."""

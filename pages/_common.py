@@ -17,7 +17,7 @@ import pandas as pd
 import streamlit as st
 
 from cmil_core import store as store_mod
-from cmil_core.jobs import JobRunner
+from cmil_core.jobs import Job, JobRunner
 
 T = TypeVar("T")
 
@@ -159,3 +159,50 @@ def cutoff_picker(key: str) -> tuple[str, str | float]:
             "Cutoff (score)", min_value=0.0, max_value=1.0, value=0.5, step=0.01,
             key=f"{key}_cutoff_number"))
     return endpoint, method
+
+
+def md(value: object) -> str:
+    """A user string (file, cohort, patient, path, error) made safe for markdown: shown as typed."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
+
+
+FLASH = "flash_message"
+
+
+def flash(kind: str, text: str) -> None:
+    """A message (``success``, ``info``, ``warning``, ``error``) shown once, after the next rerun."""
+    st.session_state[FLASH] = (kind, text)
+
+
+def show_flash() -> None:
+    message = st.session_state.pop(FLASH, None)
+    if message is not None:
+        kind, text = message
+        getattr(st, kind)(text)
+
+
+def show_jobs(
+    jobs: list[Job], label: Callable[[Job], str], finished: Callable[[Job], None], seen_key: str
+) -> bool:
+    """Each job's state: a live progress bar, its failure, or ``finished(job)``.
+
+    Returns True when a job has ended since this session last looked (the
+    caller reruns the page so that it shows what the job produced).
+    """
+    seen: dict[str, object] = st.session_state.setdefault(seen_key, {})
+    ended = False
+    for job in jobs:
+        before = seen.get(job.name)
+        seen[job.name] = "running" if job.running else job.finished_at
+        ended = ended or (before == "running" and not job.running)
+        if job.running:
+            event = job.progress
+            st.progress(0.0 if event is None else event.overall,
+                        text=f"{label(job)}: " + ("starting…" if event is None else md(event.describe())))
+            for line in job.finished_stages:
+                st.caption(f"✓ {md(line)}")
+        elif job.state == "failed":
+            st.error(f"{label(job)} failed: {md(job.error)}")
+        else:
+            finished(job)
+    return ended

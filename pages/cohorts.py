@@ -8,7 +8,6 @@ every visit. Server folders are only offered under ``$CMIL_SLIDE_ROOT``.
 
 from __future__ import annotations
 
-import re
 
 import pandas as pd
 import streamlit as st
@@ -20,27 +19,10 @@ from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
 from cmil_core.errors import InputError
 from cmil_core.jobs import Job
 from pages import _common
+from pages._common import flash, md, show_flash
 
 ROLES = {"train": "Training", "validation": "External validation", "test": "External test"}
-FLASH = "cohorts_flash"
 SEEN = "cohorts_jobs_seen"
-
-
-def md(value: object) -> str:
-    """A user string (file, cohort, path, error) made safe for markdown: shown as typed."""
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
-
-
-def flash(kind: str, text: str) -> None:
-    """A message shown once, after the rerun that refreshes the page."""
-    st.session_state[FLASH] = (kind, text)
-
-
-def show_flash() -> None:
-    message = st.session_state.pop(FLASH, None)
-    if message is not None:
-        kind, text = message
-        getattr(st, kind)(text)
 
 
 def ingest_job_name(cohort: str) -> str:
@@ -64,6 +46,8 @@ def cohort_rows(overview: pd.DataFrame) -> pd.DataFrame:
 st.title("Cohorts")
 show_flash()
 db = _common.db_path()
+if not db.exists():
+    store_mod.open_store(db).close()  # the store the user named: created empty, to import into
 overview = _common.query("overview_rows", store_mod.cohort_overview)
 cohorts = overview["cohort"].tolist()
 runner = _common.job_runner()
@@ -240,27 +224,12 @@ def ingest_summary(job: Job) -> None:
 @st.fragment(run_every=1.0)
 def watch_ingest() -> None:
     """The ingest jobs of this store's cohorts; reruns the page once when one ends."""
-    seen: dict[str, object] = st.session_state.setdefault(SEEN, {})
     jobs = [j for c in cohorts if (j := runner.get(ingest_job_name(c))) is not None]
     if not jobs:
         return
     st.subheader("Ingest jobs")
-    ended = False
-    for job in jobs:
-        cohort = job.name.split(":", 1)[1]
-        before = seen.get(job.name)
-        seen[job.name] = "running" if job.running else job.finished_at
-        ended = ended or (before == "running" and not job.running)
-        if job.running:
-            event = job.progress
-            st.progress(0.0 if event is None else event.overall,
-                        text=f"{md(cohort)}: "
-                        + ("starting…" if event is None else md(event.describe())))
-        elif job.state == "failed":
-            st.error(f"Ingest of {md(cohort)} failed: {md(job.error)}")
-        else:
-            ingest_summary(job)
-    if ended:
+    if _common.show_jobs(jobs, lambda job: f"Ingest of {md(job.name.split(':', 1)[1])}",
+                         ingest_summary, SEEN):
         st.rerun(scope="app")  # the cohort table above shows the new slides
 
 

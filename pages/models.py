@@ -10,9 +10,7 @@ clearing any cache.
 
 from __future__ import annotations
 
-import re
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +20,12 @@ import streamlit as st
 from cmil_core import mil, modeling
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
+from cmil_core.jobs import Job
 from pages import _common
+from pages._common import flash, md, show_flash
 
 TRAIN_JOB = "train"
 SEEN = "models_jobs_seen"
-FLASH = "models_flash"
 ENCODERS = ("smallcnn", "resnet18", "resnet34", "resnet50")
 AGGREGATOR_HELP = {
     "histogram": "the study's cMIL: patch classifier → probability histogram + TF-IDF → "
@@ -40,25 +39,8 @@ SHOWN_PARAMS = {
     "attention": ("max_epochs", "lr", "dropout", "embed_dim", "attention_dim"),
 }
 
-
 def score_job_name(model_id: str) -> str:
     return f"score:{model_id}"
-
-
-def md(value: object) -> str:
-    """A user string (model id, cohort, path, error) made safe for markdown: shown as typed."""
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
-
-
-def flash(kind: str, text: str) -> None:
-    st.session_state[FLASH] = (kind, text)
-
-
-def show_flash() -> None:
-    message = st.session_state.pop(FLASH, None)
-    if message is not None:
-        getattr(st, message[0])(message[1])
-
 
 def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame) -> pd.DataFrame:
     records = []
@@ -87,7 +69,6 @@ def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame) -> pd.Data
         )
     return pd.DataFrame(records)
 
-
 def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: int, folds: int,
                   params: dict[str, Any]) -> str:
     words = ["python", "-m", "cmil_core", "train", "--db", str(db), "--cohort", cohort,
@@ -96,7 +77,6 @@ def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: in
     for key, value in params.items():
         words += ["--param", f"{key}={value}"]
     return " ".join(shlex.quote(w) for w in words)
-
 
 st.title("Models")
 show_flash()
@@ -196,7 +176,6 @@ else:
                "earlier scores of those cohorts. Same on the command line:")
     st.code(" ".join(shlex.quote(w) for w in words), language="bash")
 
-
 # ---------------------------------------------------------------------------
 def describe_done(job_name: str, result: object) -> None:
     if job_name == TRAIN_JOB:
@@ -219,37 +198,19 @@ def describe_done(job_name: str, result: object) -> None:
         counts = ", ".join(f"{md(c)}: {n} patients" for c, n in done.items())
         st.success(f"Scored with {md(job_name.split(':', 1)[1])}: {counts}.")
 
+def job_label(job: Job) -> str:
+    return "Training" if job.name == TRAIN_JOB else f"Scoring with {md(job.name.split(':', 1)[1])}"
 
 @st.fragment(run_every=1.0)
 def watch_jobs() -> None:
     """Training and scoring jobs, live; reruns the page once when one ends."""
-    seen: dict[str, object] = st.session_state.setdefault(SEEN, {})
     names = [TRAIN_JOB] + [score_job_name(m) for m in ids]
     jobs = [j for n in names if (j := runner.get(n)) is not None]
     if not jobs:
         return
     st.header("Jobs")
-    ended = False
-    for job in jobs:
-        before = seen.get(job.name)
-        seen[job.name] = "running" if job.running else job.finished_at
-        ended = ended or (before == "running" and not job.running)
-        label = ("Training" if job.name == TRAIN_JOB
-                 else f"Scoring with {md(job.name.split(':', 1)[1])}")
-        if job.running:
-            event = job.progress
-            st.progress(0.0 if event is None else event.overall,
-                        text=f"{label}: "
-                        + ("starting…" if event is None else md(event.describe())))
-            for line in job.finished_stages:
-                st.caption(f"✓ {md(line)}")
-        elif job.state == "failed":
-            st.error(f"{label} failed: {md(job.error)}")
-        else:
-            describe_done(job.name, job.result)
-    if ended:
+    if _common.show_jobs(jobs, job_label, lambda job: describe_done(job.name, job.result), SEEN):
         st.rerun(scope="app")  # the model list and the sidebar show what was produced
-
 
 watch_jobs()
 
@@ -269,14 +230,10 @@ if ids:
     if st.button("Delete model", disabled=typed.strip() != doomed or running,
                  key="delete_model_button"):
         try:
-            with store_mod.open_store(db) as handle:
-                store_mod.delete_model(handle, doomed)
+            modeling.delete_model(db, doomed)
         except (InputError, store_mod.StoreError) as exc:
             st.error(f"Nothing was deleted: {md(exc)}")
         else:
-            # Only the model's own folder under the store's models/ is ever removed.
-            if folder.is_dir() and folder.resolve().parent == (db.resolve().parent / "models"):
-                shutil.rmtree(folder)
             flash("success", f"Deleted model {md(doomed)}, its {n_scored} patient scores "
                              f"and its files in {md(folder)}.")
             st.rerun()

@@ -9,7 +9,6 @@ cannot hold ``/``, so the first slash separates them: see
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -34,17 +33,13 @@ from cmil_core.patients import (
     slide_heatmap,
 )
 from pages import _common
+from pages._common import md
 
 GALLERY_K = 8
 HEATMAP_SIDE = 1024
 COLUMN_NAMES = {
     "attention": "attention", "attention_raw": "raw attention", "probability": "probability",
 }
-
-
-def md_text(value: object) -> str:
-    """A user string made safe for markdown: every ASCII punctuation mark escaped."""
-    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", str(value))
 
 
 def yes_no(label: Any) -> str:
@@ -115,7 +110,7 @@ model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, mode
 listing = _common.query(f"patient_list:{model_id}", lambda s: patient_list(s, model_id))
 if listing.empty:
     st.info(
-        f"Model {md_text(model_id)} has scored no patient yet: "
+        f"Model {md(model_id)} has scored no patient yet: "
         "`python -m cmil_core score --db STORE --model ID`."
     )
     st.stop()
@@ -125,7 +120,7 @@ n_fn = int((listing["review"] == "false negative").sum())
 n_fp = int((listing["review"] == "false positive").sum())
 cutoff = float(model.cutoff if model.cutoff is not None else model.config["cutoff"])
 st.caption(
-    f"{len(listing)} patients scored by model {md_text(model_id)}. Review queue first: "
+    f"{len(listing)} patients scored by model {md(model_id)}. Review queue first: "
     f"{n_fn} false negatives, then {n_fp} false positives at the operating cutoff "
     f"{cutoff:.3f} (fixed on the training cohort), each from the most confidently wrong; "
     "then every other patient by score. Select a row to open the patient."
@@ -167,7 +162,7 @@ except InputError as exc:
     st.stop()
 
 st.divider()
-st.subheader(f"Patient {md_text(patient_id)} · {md_text(cohort)}")
+st.subheader(f"Patient {md(patient_id)} · {md(cohort)}")
 metrics = st.columns(4)
 if detail["score"] is None:
     metrics[0].metric("cMIL score", "—")

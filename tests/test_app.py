@@ -323,3 +323,17 @@ def test_overview_shows_quality_control_per_cohort(
     part = hist[hist["cohort"] == "training"]
     assert len(totals) == len(part)
     assert sum(totals) == pytest.approx(1.0)
+
+
+def test_an_empty_store_leads_to_the_cohorts_page(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CMIL_DB", str(db_path))  # not created yet
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    assert at.title[0].value == "This store is empty"
+    at.switch_page("pages/cohorts.py")
+    _run(at)
+    assert at.title[0].value == "Cohorts"
+    assert db_path.exists()  # created empty, ready for the import
+    with store.open_store(db_path, read_only=True) as st:
+        assert store.list_cohorts(st) == []

@@ -142,3 +142,20 @@ def test_bad_requests(demo_db: Path) -> None:
         modeling.train(demo_db, "nope")
     with pytest.raises(InputError, match="no cohort 'x'"):
         modeling.score(demo_db, _model_id(demo_db), ["x"])
+
+
+def test_delete_model_removes_its_row_scores_and_files_only(demo_db: Path) -> None:
+    doomed = modeling.train(demo_db, "training", aggregator="histogram", seed=9, folds=3)
+    modeling.score(demo_db, doomed, ["external_a"])
+    kept = _model_id(demo_db)
+    folder = modeling.artifact_dir(demo_db, doomed)
+    assert (folder / "model.pt").exists()
+    assert modeling.delete_model(demo_db, doomed) == folder
+    assert not folder.exists()
+    assert modeling.artifact_dir(demo_db, kept).is_dir()  # another model's files stay
+    with store.open_store(demo_db, read_only=True) as st:
+        assert store.get_model(st, doomed) is None
+        assert store.patient_scores_frame(st, doomed).empty
+        assert not store.patient_scores_frame(st, kept).empty
+    with pytest.raises(InputError, match=f"no model '{doomed}'"):
+        modeling.delete_model(demo_db, doomed)
