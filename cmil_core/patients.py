@@ -386,8 +386,13 @@ def patch_gradcam(
     db: store_mod.Store | str | os.PathLike[str],
     model_id: str,
     image: npt.NDArray[np.uint8],
+    *,
+    model: Any = None,
 ) -> npt.NDArray[np.float32]:
     """Grad-CAM of one patch under a model: float32 ``[H, W]`` in [0, 1], the image's size.
+
+    ``model``: the model already loaded (:func:`cmil_core.modeling.load_model`),
+    to skip reading it again; else it is loaded from the store's artifacts.
 
     ``image``: RGB uint8 ``[H, W, 3]`` (e.g. :func:`read_patch`), resized to
     the encoder's input inside. High values mark the pixels that pushed the
@@ -404,7 +409,8 @@ def patch_gradcam(
         raise InputError(
             f"Grad-CAM needs an RGB uint8 image [H, W, 3], not {arr.dtype} {arr.shape}"
         )
-    model = load_model(db, model_id)
+    if model is None:
+        model = load_model(db, model_id)
     if model.encoder.spec.torchscript:
         raise InputError(
             f"model {model_id!r}: its encoder is a TorchScript file, whose layers Grad-CAM "

@@ -39,6 +39,14 @@ def job_runner() -> JobRunner:
     return JobRunner()
 
 
+@st.cache_resource(max_entries=4, show_spinner="Loading the model…")
+def loaded_model(db: str, model_id: str, stamp: tuple[int, int, int]) -> Any:
+    """A model's encoder and aggregator, loaded once per store state (shared by sessions)."""
+    from cmil_core.modeling import load_model
+
+    return load_model(db, model_id)
+
+
 class StoreUnavailable(Exception):
     """The store cannot be read now (busy, or not there yet)."""
 

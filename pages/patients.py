@@ -76,7 +76,7 @@ def gradcam_map(db: str, stamp: tuple[int, int, int], model_id: str, path: str,
                 sha256: str | None, mpp: float | None, x: int, y: int, size: int,
                 px: int) -> tuple[np.ndarray, np.ndarray]:
     image = read_patch(path, mpp, x, y, size, px)
-    return image, patch_gradcam(str(_common.db_path()), model_id, image)
+    return image, patch_gradcam(db, model_id, image, model=_common.loaded_model(db, model_id, stamp))
 
 
 def read_images(frame: pd.DataFrame, slides: pd.DataFrame, out_px: int) -> list[np.ndarray]:
