@@ -93,8 +93,11 @@ __all__ = [
     "store_fingerprint",
     "table_counts",
     "tumor_regions_frame",
+    "AUDIT_ACTIONS",
     "QC_METRICS",
+    "audit_frame",
     "qc_metric_histogram",
+    "record_audit",
     "qc_summary",
     "using",
 ]
@@ -292,12 +295,30 @@ def _migration_3(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("ALTER TABLE models ADD COLUMN cutoff DOUBLE")
 
 
+def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
+    """Access: an audit trail of what changed the study or left it (who, when, what, which)."""
+    con.execute("CREATE SEQUENCE audit_id_seq START 1")
+    con.execute(
+        """
+        CREATE TABLE audit (
+            audit_id BIGINT PRIMARY KEY DEFAULT nextval('audit_id_seq'),
+            happened_at TIMESTAMP NOT NULL,
+            who TEXT NOT NULL,
+            action TEXT NOT NULL,
+            cohort TEXT,
+            model_id TEXT,
+            details JSON
+        )"""
+    )
+
+
 # One function per version step: _MIGRATIONS[k] takes a store from version k
 # to version k + 1. Append; never edit a released step.
 _MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -959,6 +980,36 @@ def qc_counts(store: Store, cohort: str | None = None, slide_id: int | None = No
         sql += " WHERE " + " AND ".join(where)
     sql += " GROUP BY ALL ORDER BY s.cohort, s.patient_id, s.path, p.qc_reason NULLS FIRST"
     return store.cursor().execute(sql, params).df()
+
+
+# --------------------------------------------------------------------------
+# Audit trail
+# --------------------------------------------------------------------------
+
+#: What the audit table records (one row per finished action).
+AUDIT_ACTIONS = ("import", "delete-cohort", "ingest", "train", "score", "delete-model",
+                 "export", "restore")
+
+
+def record_audit(
+    store: Store, who: str, action: str, *, cohort: str | None = None,
+    model_id: str | None = None, details: dict[str, Any] | None = None,
+) -> None:
+    """Append one row to the audit trail (call it in the action's own transaction when there is one)."""
+    if action not in AUDIT_ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}; one of {', '.join(AUDIT_ACTIONS)}")
+    store.cursor().execute(
+        "INSERT INTO audit (happened_at, who, action, cohort, model_id, details) VALUES (?, ?, ?, ?, ?, ?)",
+        [_now(), who or "unknown", action, cohort, model_id,
+         None if details is None else json.dumps(details, default=str)],
+    )
+
+
+def audit_frame(store: Store, limit: int = 1000) -> pd.DataFrame:
+    """The audit trail, newest first: audit_id, happened_at, who, action, cohort, model_id, details."""
+    return store.cursor().execute(
+        "SELECT * FROM audit ORDER BY audit_id DESC LIMIT ?", [int(limit)]
+    ).df()
 
 
 QC_METRICS = (

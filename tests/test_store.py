@@ -43,7 +43,7 @@ def _patients() -> list[PatientRow]:
 
 def test_new_store_has_the_contract_tables(db_path: Path) -> None:
     with open_store(db_path) as st:
-        assert store.schema_version(st) == store.SCHEMA_VERSION == 3
+        assert store.schema_version(st) == store.SCHEMA_VERSION == 4
         for table, columns in CONTRACT.items():
             have = [r[0] for r in st.cursor().execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
@@ -378,3 +378,15 @@ def test_qc_summary_and_metric_histogram_per_cohort(db_path: Path) -> None:
         assert hist["bin_low"].min() == pytest.approx(np.quantile([10, 20, 30, 40, 50, 60, 10, 20, 30], 0.005))
         with pytest.raises(InputError, match="unknown quality metric"):
             store.qc_metric_histogram(st, "x; DROP TABLE patches", bins=5)
+
+
+def test_audit_trail_records_actions_newest_first(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        store.record_audit(st, "ana@example.org", "import", cohort="A", details={"patients": 3})
+        store.record_audit(st, "ben", "train", model_id="m1")
+        with pytest.raises(ValueError, match="unknown audit action"):
+            store.record_audit(st, "ben", "peek")
+        trail = store.audit_frame(st)
+    assert trail["action"].tolist() == ["train", "import"]
+    assert trail["who"].tolist() == ["ben", "ana@example.org"]
+    assert trail["cohort"].tolist()[1] == "A" and json.loads(trail["details"][1]) == {"patients": 3}
