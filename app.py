@@ -70,7 +70,8 @@ def empty_page() -> None:
     st.page_link("pages/cohorts.py", label="Import a cohort", icon="🗂️")
     size = st.radio("Demo size", ["small", "full"], horizontal=True,
                     captions=["about 30 patients, under a minute", "the paper's 359 patients"])
-    if st.button("Build the demo study", type="primary"):
+    if st.button("Build the demo study", type="primary", disabled=not _common.can_edit()) and \
+            _common.require_editor("demo"):
         start_demo(size)
         st.rerun()
 
@@ -98,6 +99,8 @@ def _demo_unfinished() -> bool:
 
 def main() -> None:
     st.set_page_config(page_title="cMIL dashboard", page_icon="🔬", layout="wide")
+    if _common.access_gate():  # sign-in configured and this visitor has no role (yet)
+        return
     job = _common.job_runner().get(_common.DEMO_JOB)
     state = _common.store_state()
     if job is not None and job.state in ("running", "failed"):
@@ -111,6 +114,7 @@ def main() -> None:
         page = st.Page(building_page, title="Building the demo", icon="⏳")
     elif state in ("missing", "empty"):
         # An empty store: the way in is importing a cohort, or the demo.
+        _common.sidebar_access()
         st.navigation([
             st.Page(empty_page, title="Get started", icon="📥", default=True),
             st.Page("pages/cohorts.py", title="Cohorts", icon="🗂️", url_path="cohorts"),
@@ -124,6 +128,7 @@ def main() -> None:
         st.navigation([page], position="hidden").run()
         return
     st.session_state["model_id"] = _common.sidebar()
+    _common.sidebar_access()
     sections = {
         "Study": [
             st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
@@ -140,6 +145,10 @@ def main() -> None:
             st.Page("pages/models.py", title="Models", icon="🧠", url_path="models"),
         ],
     }
+    if _common.can_edit():  # the audit trail names colleagues: editors only
+        sections["Admin"] = [
+            st.Page("pages/audit.py", title="Audit trail", icon="🧾", url_path="audit"),
+        ]
     nav = st.navigation({name: pages for name, pages in sections.items() if pages})
     nav.run()
 

@@ -31,11 +31,64 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def _check_store_path(db: str | None, *, must_exist: bool = False) -> None:
+    """Refuse a --db that is a folder or a file that is not a DuckDB store; with
+    ``must_exist`` (commands that read or extend a store), also one that names no
+    file: a typo, refused before an empty store is created for it."""
+    if db is None:
+        return
+    path = os.path.expanduser(db)
+    if os.path.isdir(path):
+        raise InputError(f"--db {db}: is a folder; give the store file (e.g. {db}/cmil.duckdb)")
+    if os.path.isfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+        if head and head[8:12] != b"DUCK":
+            raise InputError(f"--db {db}: not a DuckDB store file")
+    elif must_exist:
+        raise InputError(
+            f"--db {db}: no store here; create one with import-cohort (or demo) first"
+        )
+
+
+def _one_line(message: str) -> str:
+    """The message with control characters (a newline inside a value) escaped."""
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message)
+
+
+def _folds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{value}: cross-validation needs at least 2 folds")
+    return value
+
+
+def _model_id(text: str) -> str:
+    if not text.strip() or len(text) > 200 or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"'{_one_line(text[:40])}{'…' if len(text) > 40 else ''}' ({len(text)} characters) "
+            "is not a model id; see the Models page or train's last line"
+        )
+    return text
+
+
 def _add_db(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--db", required=required, metavar="PATH",
         help="results store (DuckDB file); default $CMIL_DB or data/cmil.duckdb",
     )
+
+
+def _audit(args: argparse.Namespace, action: str, **fields: object) -> None:
+    """Record a finished command in the store's audit trail, as the operating-system user."""
+    from cmil_core.access import cli_user, record
+
+    problem = record(args.db, cli_user(), action, **fields)  # type: ignore[arg-type]
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -69,6 +122,10 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
         args.db, args.cohort, args.csv, role=args.role, center=args.center,
         replace=args.replace, dry_run=args.dry_run,
     )
+    if not args.dry_run:
+        _audit(args, "import", cohort=result.cohort,
+               details={"source": result.source, "patients": result.patients,
+                        "replace": bool(args.replace), "via": "cli"})
     if args.json:
         data = asdict(result)
         data.pop("rows")
@@ -92,10 +149,14 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     from cmil_core.tiling import TilingConfig
 
     config = TilingConfig(patch_um=args.patch_um, overlap=args.overlap)
+    _check_store_path(args.db, must_exist=True)
     summary = ingest(
         args.db, args.cohort, args.slides, manifest=args.manifest, mpp=args.mpp,
         config=config, thresholds=QCThresholds(), progress=TerminalProgress(),
     )
+    from cmil_core.access import ingest_details
+
+    _audit(args, "ingest", cohort=args.cohort, details={**ingest_details(summary), "via": "cli"})
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))
     else:
@@ -126,11 +187,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     params = dict(args.param or [])
     make_aggregator(args.aggregator, **params)  # refuse a bad --param before any work
+    _check_store_path(args.db, must_exist=True)
     model_id = train(
         args.db, args.cohort, aggregator=args.aggregator, encoder=args.encoder,
         weights=args.weights, seed=args.seed, folds=args.folds, params=params or None,
         progress=TerminalProgress(),
     )
+    _audit(args, "train", cohort=args.cohort, model_id=model_id,
+           details={"aggregator": args.aggregator, "encoder": args.encoder, "seed": args.seed,
+                    "folds": args.folds, "params": params, "via": "cli"})
     print(model_id)  # the contract: the model id is the last line of standard output
     return 0
 
@@ -139,7 +204,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from cmil_core.modeling import score
     from cmil_core.progress import TerminalProgress
 
+    _check_store_path(args.db, must_exist=True)
     done = score(args.db, args.model, args.cohort or None, progress=TerminalProgress())
+    for cohort, n in done.items():
+        _audit(args, "score", cohort=cohort, model_id=args.model,
+               details={"patients": n, "via": "cli"})
     for cohort, n in done.items():
         print(f"{cohort}: {n} patients scored with {args.model}")
     return 0
@@ -149,6 +218,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cmil_core import store
     from cmil_core.evaluation import discrimination, format_evaluation, localisation
 
+    _check_store_path(args.db, must_exist=True)
     with store.open_store(args.db, read_only=True) as st:
         rows = discrimination(st, args.model)
         loc = localisation(st, args.model) if store.table_counts(st)["demo_tumor_regions"] else None
@@ -250,10 +320,59 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from cmil_core.progress import TerminalProgress
     from cmil_core.report import write_report
 
+    _check_store_path(args.db, must_exist=True)
     path = write_report(args.db, args.model, args.out, endpoint=args.endpoint,
-                        cutoff=args.cutoff, progress=TerminalProgress())
+                        cutoff=args.cutoff, progress=TerminalProgress(),
+                        pseudonymise=args.pseudonymise)
+    _audit(args, "export", model_id=args.model,
+           details={"kind": "report", "out": str(path.parent), "endpoint": args.endpoint,
+                    "cutoff": args.cutoff, "pseudonymised": bool(args.pseudonymise),
+                    "via": "cli"})
     print(path)
     return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from cmil_core.maintenance import check_store, format_check
+    from cmil_core.store import default_db_path
+
+    report = check_store(args.db or default_db_path(), hash_files=not args.no_hash,
+                         repair=args.repair)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_check(report))
+    return 0 if report.ok else 1
+
+
+def _cmd_backup(args: argparse.Namespace) -> int:
+    from cmil_core.maintenance import backup_store
+    from cmil_core.store import default_db_path
+
+    summary = backup_store(args.db or default_db_path(), args.out, features=not args.no_features,
+                           force=args.force)
+    if args.json:
+        print(json.dumps(asdict(summary), indent=2))
+    else:
+        print(f"{summary.archive}: backup of {summary.db} ({summary.members} files, "
+              f"{summary.bytes / 1e6:.1f} MB before compression; {summary.models} model(s)"
+              f"{'' if summary.features else ', without feature files'})")
+    return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    from cmil_core.maintenance import format_check, restore_store
+    from cmil_core.store import default_db_path
+
+    summary = restore_store(args.backup, args.db or default_db_path(), force=args.force,
+                            hash_files=not args.no_hash)
+    if args.json:
+        data = asdict(summary)
+        data["check"] = summary.check.to_dict()
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{summary.db}: restored from {summary.backup} (made {summary.created_at} of "
+              f"{summary.source}; {summary.members} files, {summary.models} model(s)"
+              f"{'' if summary.features else ', without feature files'})")
+        print(format_check(summary.check))
+    return 0 if summary.check.ok else 1
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -315,7 +434,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="local encoder weights: a torchvision-format state dict, or a TorchScript "
                         "file with --encoder torchscript; without it a seeded initialisation")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--folds", type=int, default=5, help="cross-validation folds (patient-stratified)")
+    p.add_argument("--folds", type=_folds, default=5,
+                   help="cross-validation folds (patient-stratified)")
     p.add_argument("--param", type=_param, action="append", metavar="NAME=VALUE",
                    help="aggregator hyper-parameter (repeat), e.g. --param max_epochs=20 "
                         "--param lr=0.001; histogram: hidden, dropout, lr, max_epochs, n_bins, C, "
@@ -325,14 +445,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score cohorts with a trained model")
     _add_db(p, required=True)
-    p.add_argument("--model", required=True, metavar="ID", help="model id printed by train")
+    p.add_argument("--model", required=True, type=_model_id, metavar="ID",
+                   help="model id printed by train")
     p.add_argument("--cohort", action="append", metavar="NAME",
                    help="cohort to score (repeat; default: every cohort)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("evaluate", help="a model's AUC per cohort (and, on the demo, localisation)")
     _add_db(p, required=True)
-    p.add_argument("--model", required=True, metavar="ID")
+    p.add_argument("--model", required=True, type=_model_id, metavar="ID")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -378,7 +499,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="every table and figure of a model: HTML, JSON, CSV, PNG, SVG")
     _add_db(p, required=True)
-    p.add_argument("--model", required=True, metavar="ID")
+    p.add_argument("--model", required=True, type=_model_id, metavar="ID")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder to write (new, empty, or a previous report, which is replaced)")
     p.add_argument("--endpoint", choices=["os", "efs"], default="os",
@@ -386,7 +507,39 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", type=_report_cutoff, default="model",
                    metavar="model|youden|median|maxstat|NUMBER",
                    help="risk-group cutoff, fixed on the training cohort (default: the model's)")
+    p.add_argument("--pseudonymise", action="store_true",
+                   help="replace every patient id by a salted hash (HMAC-SHA256; salt from "
+                        "$CMIL_PSEUDONYM_SALT, else a random one not kept)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("check", help="check the store: orphans, counts, slide, feature and model "
+                                     "files, leftovers of killed runs; exit 1 on a problem")
+    _add_db(p)
+    p.add_argument("--no-hash", action="store_true",
+                   help="skip hashing slide files and reading feature and model files whole")
+    p.add_argument("--repair", action="store_true",
+                   help="fix what is safe: delete orphan rows, model folders without a row and "
+                        "leftover temporary files; then check again")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser("backup", help="one archive of the store, models, features and reports")
+    _add_db(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="archive to write (a zip)")
+    p.add_argument("--no-features", action="store_true",
+                   help="leave out the feature files (recomputed when needed)")
+    p.add_argument("--force", action="store_true", help="replace an existing archive")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_backup)
+
+    p = sub.add_parser("restore", help="restore a backup archive as the store --db, then check it")
+    p.add_argument("--backup", required=True, metavar="FILE", help="archive written by backup")
+    _add_db(p)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing store (and its models, reports and features)")
+    p.add_argument("--no-hash", action="store_true", help="check without hashing slide files")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func=_cmd_restore)
     return parser
 
 
@@ -396,12 +549,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        _check_store_path(getattr(args, "db", None))
         return func(args)
     except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except (CmilError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
         if os.environ.get("CMIL_DEBUG"):
             traceback.print_exc()
         return 1

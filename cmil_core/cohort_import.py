@@ -20,7 +20,27 @@ dashes into ``_``; :data:`COLUMN_ALIASES` lists the accepted variants (``id``,
 
 Every problem is collected (up to :data:`MAX_PROBLEMS`) with its row and
 column; when there is any, nothing is written and :class:`TableError` carries
-them all, with a one-line summary as its message.
+them all, with a one-line summary as its message. Values are quoted in
+messages with control characters escaped and long values cut
+(:func:`shown`), so a message stays one readable line.
+
+Identifiers (patient ids and cohort names) end up in every export: CSV
+tables opened in spreadsheets, the HTML report, links. :func:`identifier_problem`
+refuses, at import, any identifier that
+
+* holds a control or invisible formatting character (newline, tab, NUL,
+  right-to-left override...): it would break CSV rows and log lines, or make
+  two different ids look the same;
+* starts with ``=``, ``+``, ``-`` or ``@``: a spreadsheet opening an exported
+  CSV would run it as a formula (CSV injection, e.g. ``=cmd|' /C calc'!A0``).
+  Refusing these at the door means no export ever carries one, so exports
+  write ids unchanged (no quote prefix that would alter the data);
+* holds ``<`` or ``>``: ids are not markup (pages and the report escape
+  everything anyway; this keeps ids plain everywhere else too).
+
+Other clinical cells are kept as text and never evaluated; a clinical value
+that looks like a formula is stored as is (it is data, and the study's CSV
+exports carry ids, scores and statistics, not clinical free text).
 """
 
 from __future__ import annotations
@@ -28,13 +48,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from cmil_core import store as store_mod
-from cmil_core.errors import InputError
+from cmil_core.errors import InputError, shown
 from cmil_core.tables import MISSING_VALUES, TextTable, parse_number, read_table
 
 __all__ = [
@@ -44,9 +65,11 @@ __all__ = [
     "Problem",
     "TableError",
     "TablePreview",
+    "identifier_problem",
     "import_cohort",
     "preview_table",
     "problems_frame",
+    "shown",
     "validate_table",
 ]
 
@@ -68,6 +91,30 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
 _TRUE = frozenset({"1", "1.0", "yes", "y", "positive", "pos", "true", "t", "+"})
 _FALSE = frozenset({"0", "0.0", "no", "n", "negative", "neg", "false", "f", "-"})
 _ROLES = ("train", "validation", "test")
+MAX_COHORT_LENGTH = 64
+# First characters a spreadsheet reads as the start of a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@")
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def identifier_problem(text: str) -> str | None:
+    """Why ``text`` cannot be a patient id or cohort name, or None when it can.
+
+    See the module docstring for the policy.
+
+    >>> identifier_problem("NB-001") is None
+    True
+    >>> identifier_problem("=HYPERLINK(1)")
+    "starts with '=', which a spreadsheet would run as a formula"
+    """
+    bad = next((ch for ch in text if unicodedata.category(ch) in _INVISIBLE), None)
+    if bad is not None:
+        return f"holds the control character {ascii(bad)[1:-1]} (U+{ord(bad):04X})"
+    if text.startswith(_FORMULA_START):
+        return f"starts with '{text[0]}', which a spreadsheet would run as a formula"
+    if "<" in text or ">" in text:
+        return "holds '<' or '>'; identifiers are plain text, not markup"
+    return None
 
 
 @dataclass(frozen=True)
@@ -83,7 +130,7 @@ class Problem:
         if self.row is not None:
             where.append(f"row {self.row}")
         if self.column is not None:
-            where.append(f"column '{self.column}'")
+            where.append(f"column '{shown(self.column)}'")
         return f"{', '.join(where)}: {self.message}" if where else self.message
 
 
@@ -94,12 +141,12 @@ class TableError(InputError):
         self.source = source
         self.problems = problems
         self.truncated = truncated
-        shown = "; ".join(str(p) for p in problems[:3])
+        listed = "; ".join(str(p) for p in problems[:3])
         more = len(problems) - 3
         total = f"{len(problems)}{'+' if truncated else ''}"
         noun = "problem" if len(problems) == 1 else "problems"
         tail = f"; and {more}{'+' if truncated else ''} more" if more > 0 else ""
-        super().__init__(f"{source}: {total} {noun}, nothing imported: {shown}{tail}")
+        super().__init__(f"{source}: {total} {noun}, nothing imported: {listed}{tail}")
 
 
 @dataclass
@@ -135,7 +182,7 @@ def _map_columns(table: TextTable, problems: list[Problem]) -> dict[str, int]:
             continue
         norm = _normalise(raw)
         if norm in seen:
-            problems.append(Problem(1, raw, f"the column name repeats '{seen[norm]}'"))
+            problems.append(Problem(1, raw, f"the column name repeats '{shown(seen[norm])}'"))
             continue
         seen[norm] = raw
         fld = alias_to_field.get(norm)
@@ -144,7 +191,8 @@ def _map_columns(table: TextTable, problems: list[Problem]) -> dict[str, int]:
         if fld in mapping:
             other = table.header[mapping[fld]]
             problems.append(
-                Problem(1, raw, f"both '{other}' and '{raw}' would be {fld}; keep one")
+                Problem(1, raw,
+                        f"both '{shown(other)}' and '{shown(raw)}' would be {fld}; keep one")
             )
             continue
         mapping[fld] = index
@@ -155,7 +203,7 @@ def _map_columns(table: TextTable, problems: list[Problem]) -> dict[str, int]:
                 None,
                 "no patient_id column (accepted names: "
                 + ", ".join(COLUMN_ALIASES["patient_id"])
-                + f"); the header is: {', '.join(table.header)}",
+                + f"); the header is: {shown(', '.join(table.header), 200)}",
             )
         )
     return mapping
@@ -237,6 +285,8 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
             add(rownum, name, "patient_id is empty")
         elif len(pid) > MAX_ID_LENGTH:
             add(rownum, name, f"patient_id is {len(pid)} characters long (at most {MAX_ID_LENGTH})")
+        elif (why := identifier_problem(pid)) is not None:
+            add(rownum, name, f"patient_id '{shown(pid)}' {why}")
         elif pid in first_seen:
             add(rownum, name, f"patient_id '{pid}' repeats row {first_seen[pid]}")
         else:
@@ -248,7 +298,7 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
             try:
                 values["bm_metastasis"] = _parse_binary(cell[1])
             except ValueError:
-                add(rownum, cell[0], f"'{cell[1]}' is not a metastasis status "
+                add(rownum, cell[0], f"'{shown(cell[1])}' is not a metastasis status "
                     "(use 1/0, yes/no, positive/negative or true/false)")
         for prefix in ("os", "efs"):
             tcell, ecell = col(f"{prefix}_months"), col(f"{prefix}_event")
@@ -266,13 +316,15 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
                         else "is not finite" if reason == "not finite"
                         else "is not a number"
                     )
-                    add(rownum, tcell[0], f"'{tcell[1]}' {why} (a time in months is expected)")
+                    add(rownum, tcell[0],
+                        f"'{shown(tcell[1])}' {why} (a time in months is expected)")
             if ecell is not None:
                 try:
                     e_value = _parse_event(ecell[1])
                 except ValueError:
                     e_ok = False
-                    add(rownum, ecell[0], f"'{ecell[1]}' is not an event indicator (use 1 or 0)")
+                    add(rownum, ecell[0],
+                        f"'{shown(ecell[1])}' is not an event indicator (use 1 or 0)")
             if t_ok and e_ok:
                 if e_value is not None and t_value is None:
                     where = tcell[0] if tcell else f"{prefix}_months"
@@ -321,8 +373,13 @@ def import_cohort(
     writes nothing.
     """
     cohort = cohort.strip()
-    if not cohort or len(cohort) > 64 or any(ch in cohort for ch in "/\\\0"):
-        raise InputError(f"cohort name {cohort!r} is not allowed (1-64 characters, no slashes)")
+    if not cohort or len(cohort) > MAX_COHORT_LENGTH or any(ch in cohort for ch in "/\\\0"):
+        raise InputError(
+            f"cohort name '{shown(cohort)}' is not allowed "
+            f"(1-{MAX_COHORT_LENGTH} characters, no slashes)"
+        )
+    if (why := identifier_problem(cohort)) is not None:
+        raise InputError(f"cohort name '{shown(cohort)}' is not allowed: it {why}")
     if role not in _ROLES:
         raise InputError(f"role {role!r} is not one of {', '.join(_ROLES)}")
     source = name or Path(str(csv_path)).name

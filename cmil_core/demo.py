@@ -26,7 +26,10 @@ external validation is harder than training, as in the paper.
 
 Everything is a deterministic function of ``--seed`` (the same seed gives the
 same bytes). The generator resumes: finished slides are kept, a killed run
-restarts where it stopped, and a finished demo is not redone.
+restarts where it stopped, and a finished demo is not redone. Every file is
+written under a temporary name and renamed into place (:mod:`cmil_core._atomic`);
+a rerun removes the temporary files a killed run left, and the slide-rendering
+worker processes end with the process that started them.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import pandas as pd
 import tifffile
 from PIL import Image
 
-from cmil_core import _smear
+from cmil_core import _atomic, _smear
 from cmil_core import store as store_mod
 from cmil_core.cohort_import import import_cohort
 from cmil_core.errors import InputError
@@ -359,15 +362,29 @@ def _make_slide(job: _SlideJob) -> tuple[str, list[tuple[int, int, int, int]]]:
     """Render and write one slide file atomically; returns its path and tumour boxes."""
     style = COHORTS[job.cohort_index].style
     image, boxes = _render(job, style)
-    path = Path(job.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    if job.kind == "wsi":
-        _write_pyramid_tiff(tmp, image, job.mpp)
-    else:
-        Image.fromarray(image).save(tmp, format="JPEG", quality=92)
-    os.replace(tmp, path)
+    with _atomic.replacing(job.path) as tmp:
+        if job.kind == "wsi":
+            _write_pyramid_tiff(tmp, image, job.mpp)
+        else:
+            Image.fromarray(image).save(tmp, format="JPEG", quality=92)
     return job.path, boxes
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initialiser: end this worker when the demo process is gone.
+
+    A worker of a process pool whose parent was killed (``kill -9``) would
+    otherwise wait for work forever, an orphan holding memory.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # --------------------------------------------------------------------------
@@ -428,7 +445,8 @@ def _prepare_folder(folder: Path, stamp: dict[str, object]) -> None:
             for cohort in COHORTS:
                 shutil.rmtree(folder / cohort.cohort, ignore_errors=True)
     folder.mkdir(parents=True, exist_ok=True)
-    stamp_file.write_text(json.dumps(stamp, indent=2))
+    _atomic.remove_stale(folder, recursive=True)  # leftovers of a killed run
+    _atomic.write_text(stamp_file, json.dumps(stamp, indent=2))
 
 
 def generate_demo(
@@ -493,7 +511,8 @@ def generate_demo(
             rng = np.random.default_rng(np.random.SeedSequence([seed, 0, ci]))
             patients[cohort.cohort] = simulate_patients(rng, spec.patients[ci], cohort.prefix)
             csv_path = out_dir / f"{cohort.cohort}_clinical.csv"
-            _clinical_frame(patients[cohort.cohort]).to_csv(csv_path, index=False)
+            with _atomic.replacing(csv_path) as tmp:
+                _clinical_frame(patients[cohort.cohort]).to_csv(tmp, index=False)
             import_cohort(
                 store, cohort.cohort, csv_path, role=cohort.role, center=cohort.center,
                 replace=True,
@@ -550,6 +569,7 @@ def generate_demo(
                     progress=_as_stage(progress, "training", 4, stages),
                 )
             score(store, model_id, progress=_as_stage(progress, "scoring", 5, stages))
+        _atomic.remove_stale(out_dir, recursive=True)
         store_mod.set_meta(
             store, _META_KEY,
             json.dumps(
@@ -590,7 +610,8 @@ def _run_jobs(todo: list[_SlideJob], workers: int | None):  # type: ignore[no-un
         return
     # spawn, not fork: the dashboard process has threads, and fork copies locks.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         yield from pool.map(_make_slide, todo, chunksize=1)
 
 
@@ -626,7 +647,8 @@ def _write_manifests(folder: Path, jobs: Sequence[_SlideJob]) -> None:
             for j in jobs
             if j.cohort_index == ci
         ]
-        pd.DataFrame(rows).to_csv(folder / f"{cohort.cohort}_manifest.csv", index=False)
+        with _atomic.replacing(folder / f"{cohort.cohort}_manifest.csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def summary_dict(summary: DemoSummary) -> dict[str, object]:

@@ -28,12 +28,13 @@ with anything that changes the features; the slide is named by its content,
 not its file name; the tiling key is the caller's name for the grid and
 quality filter that chose the patches.
 
-Writing is atomic: the file is written under a temporary name in the same
-folder (``.<name>.<random>.partial``), flushed to disk, then renamed over the
-final name with ``os.replace``. A run killed at any moment leaves either the
-old file, or the new one, never half a file; a leftover ``.partial`` file is
-ignored by readers, and removed by the next successful write of that file
-once it is an hour old (a younger one may belong to a writer still at work).
+Writing is atomic (:mod:`cmil_core._atomic`): the file is written under a
+temporary name in the same folder (``.<name>.<pid>-<hex>.partial``), flushed
+to disk, then renamed over the final name with ``os.replace``. A run killed at
+any moment leaves either the old file, or the new one, never half a file; a
+leftover ``.partial`` file is ignored by readers, and removed by the next
+successful write of that file once it is stale: its writer process is gone, or
+it is an hour old (a younger one may belong to a writer still at work).
 
 Reuse
 -----
@@ -65,8 +66,6 @@ import json
 import os
 import platform
 import re
-import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -80,6 +79,7 @@ import numpy.typing as npt
 import pandas as pd
 from numpy.lib.npyio import NpzFile
 
+from cmil_core import _atomic
 from cmil_core.encoders import Encoder, EncoderSpec, extract
 from cmil_core.errors import InputError
 from cmil_core.slides import Slide, file_sha256, open_slide
@@ -306,36 +306,17 @@ def load_features(path: str | os.PathLike[str]) -> FeatureFile:
 
 
 def _remove_stale_partials(path: Path) -> None:
-    """Delete ``.partial`` leftovers of ``path`` older than an hour (crashed writers)."""
-    now = time.time()
+    """Delete stale ``.partial`` leftovers of ``path`` (writers killed while writing it)."""
     for leftover in path.parent.glob(f".{path.name}.*{_PARTIAL_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            if now - leftover.stat().st_mtime > _STALE_PARTIAL_S:
+        if _atomic.is_stale(leftover, _STALE_PARTIAL_S):
+            with contextlib.suppress(OSError):
                 leftover.unlink()
 
 
 def _write_atomic(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
     """``np.savez`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                    suffix=_PARTIAL_SUFFIX)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    with _atomic.replacing(path) as tmp, tmp.open("wb") as fh:
+        np.savez(fh, **arrays)
     _remove_stale_partials(path)
 
 

@@ -13,6 +13,10 @@ optimistic), and saves everything under ``<store folder>/models/<model_id>/``:
   quality settings of the training slides, aggregator parameters, seed,
   cutoff, cross-validation folds (patient ids) and AUCs, package versions.
 
+The folder is written under a temporary name and renamed into place before
+the ``models`` row is inserted, so a killed run never leaves a row without its
+files (at worst a folder without a row, which ``check`` reports).
+
 Only the training cohort's patients ever reach the aggregator's ``fit``.
 :func:`score` rebuilds the exact pipeline from those files, scores any cohort,
 assigns risk groups with the training cutoff (``high`` when score >= cutoff),
@@ -36,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmil_core import encoders, features, mil
+from cmil_core import _atomic, encoders, features, mil
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import Progress, ProgressCallback, no_progress
@@ -206,11 +210,16 @@ def train(
             "patients": {"trained_on": len(labels), "without_patches": data.missing},
             "versions": _versions(),
         }
-        tmp = folder.with_name(folder.name + ".part")
-        tmp.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": model.config(), "state": model.state()}, tmp / "model.pt")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, folder)
+        # Crash safety: the folder is filled under a temporary name and renamed
+        # into place, then the row is inserted. A kill before the rename leaves
+        # a stale temporary folder (removed by the next train); between rename
+        # and insert, a folder without a row, which no model refers to: a rerun
+        # makes a new model id, and `check` reports the folder (`--repair`
+        # deletes it). There is never a row without its files.
+        _atomic.remove_stale(folder.parent)
+        with _atomic.new_folder(folder) as tmp:
+            torch.save({"config": model.config(), "state": model.state()}, tmp / "model.pt")
+            (tmp / "config.json").write_text(json.dumps(config, indent=2))
         metrics = {"cv_auc": cv.auc, "cv_fold_aucs": cv.fold_aucs, "cv_k": k,
                    "n_train": len(labels), "n_positive": int(sum(labels)),
                    "warnings": list(cv.warnings)}

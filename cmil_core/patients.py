@@ -40,13 +40,14 @@ import numpy.typing as npt
 import pandas as pd
 
 from cmil_core import store as store_mod
-from cmil_core.errors import InputError
+from cmil_core.errors import InputError, shown
 
 __all__ = [
     "IMPORTANCE_COLUMNS",
     "REVIEW_LABELS",
     "attention_patches",
     "importance_column",
+    "model_from_link",
     "overlay",
     "parse_patient_ref",
     "patch_gradcam",
@@ -65,6 +66,8 @@ REVIEW_LABELS = ("false negative", "false positive")
 IMPORTANCE_COLUMNS = ("attention", "attention_raw", "probability")
 # Clinical columns of the patients table proper; the rest live in its JSON column.
 _OUTCOME_COLUMNS = ("os_months", "os_event", "efs_months", "efs_event")
+# Longest "<cohort>/<patient_id>" a link may hold: 64-character cohort, 128-character id.
+MAX_REF_LENGTH = 64 + 1 + 128
 # Largest side (pixels) a patch is read at: "full resolution" of a huge patch is capped.
 MAX_PATCH_PX = 2048
 
@@ -86,15 +89,45 @@ def patient_ref(cohort: str, patient_id: str) -> str:
 def parse_patient_ref(text: str) -> tuple[str, str]:
     """``(cohort, patient_id)`` from :func:`patient_ref`'s string.
 
+    A link is user input: one longer than any real reference
+    (:data:`MAX_REF_LENGTH`), or holding control characters, is refused with
+    an :class:`InputError` that quotes it shortened and escaped.
+
     >>> parse_patient_ref("external_b/B/07")
     ('external_b', 'B/07')
     """
-    cohort, sep, patient_id = str(text).partition("/")
+    text = str(text)
+    if len(text) > MAX_REF_LENGTH or not text.isprintable():
+        raise InputError(
+            f"patient '{shown(text)}' is not a patient reference "
+            f"(<cohort>/<patient_id>, at most {MAX_REF_LENGTH} printable characters)"
+        )
+    cohort, sep, patient_id = text.partition("/")
     if not sep or not cohort or not patient_id:
         raise InputError(
             f"patient {text!r} is not of the form <cohort>/<patient_id> (e.g. training/T001)"
         )
     return cohort, patient_id
+
+
+def model_from_link(wanted: str | None, model_ids: Sequence[str]) -> tuple[int, str | None]:
+    """Which of ``model_ids`` a ``?model=`` link picks, and a notice when it names none.
+
+    Returns (index into ``model_ids``, notice): index 0 and a one-line notice
+    (the link's value shortened and escaped) when ``wanted`` is not a model
+    of the store; no notice when there is no ``?model=`` at all.
+
+    >>> model_from_link("m2", ["m1", "m2"])
+    (1, None)
+    >>> model_from_link("nope", ["m1"])
+    (0, "The link's model 'nope' is not in this store; showing model 'm1'.")
+    """
+    if wanted is None or wanted == "":
+        return 0, None
+    if wanted in model_ids:
+        return list(model_ids).index(wanted), None
+    return 0, (f"The link's model '{shown(str(wanted))}' is not in this store; "
+               f"showing model '{model_ids[0]}'.")
 
 
 # --------------------------------------------------------------------------- checks
@@ -295,28 +328,29 @@ def attention_patches(
     slide_id, x, y, size (level-0 pixels), attention, attention_raw,
     probability. Both are empty when the model scored no patch there.
     """
-    _model(st, model_id)
     k = _positive_int("k", k)
     by = _importance(by)
     if (slide_id is None) == (patient is None):
         raise InputError("attention_patches needs a slide_id or a patient, not both")
     if slide_id is not None:
-        _slide(st, slide_id)
-        frame = store_mod.scored_patches_frame(st, model_id, slide_id=int(slide_id))
+        slide_ids = [int(slide_id)]
     else:
         assert patient is not None
-        cohort, patient_id = patient
-        frame = store_mod.scored_patches_frame(st, model_id, cohort=cohort, patient_id=patient_id)
-    if len(frame) and frame[by].isna().all():
+        slide_ids = store_mod.patient_slide_ids(st, *patient)
+    # Only these slides' rows are read: milliseconds at the study's 1.4 million
+    # patches (bench/scale.py, topk_p95_ms). An unknown model or slide has no
+    # scored patch: it is looked up only then, to say so.
+    top, bottom, scored = store_mod.extreme_patches(st, model_id, slide_ids, by=by, k=k)
+    if not scored:
+        _model(st, model_id)
+        if slide_id is not None:
+            _slide(st, slide_id)
+    elif top.empty:
         raise InputError(
             f"model {model_id!r} gives no {by} per patch (a histogram model has no attention); "
             "rank by probability instead"
         )
-    frame = frame[frame[by].notna()]
-    top = frame.sort_values([by, "patch_id"], ascending=[False, True], kind="mergesort").head(k)
-    rest = frame[~frame["patch_id"].isin(top["patch_id"])]
-    bottom = rest.sort_values([by, "patch_id"], ascending=[True, True], kind="mergesort").head(k)
-    return top.reset_index(drop=True), bottom.reset_index(drop=True)
+    return top, bottom
 
 
 def rejected_patches(st: store_mod.Store, slide_id: int, limit: int | None = 200) -> pd.DataFrame:

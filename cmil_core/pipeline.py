@@ -10,8 +10,10 @@ manifest), and for each slide, one at a time:
 3. otherwise finds the smear, lays the patch grid, measures every patch and
    writes the patches and the slide's ``tiled`` status in one transaction;
 4. on any problem with that slide (cannot be opened or read, no resolution,
-   patient not in the cohort...) marks it ``failed`` with the reason, and goes
-   on with the next one.
+   patient not in the cohort, the same file, by sha256, already registered
+   as another slide: another patient's, or a copy for the same patient that
+   would count its patches twice) marks it ``failed`` with the reason, which
+   names both patients, and goes on with the next one.
 
 The unit of work is a slide and each is committed on its own, so a killed run
 loses at most the slide it was on, and a rerun resumes: finished slides are
@@ -32,7 +34,7 @@ from typing import Any
 
 from cmil_core import store as store_mod
 from cmil_core.discovery import SlideSource, discover_slides
-from cmil_core.errors import InputError
+from cmil_core.errors import InputError, shown
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
 from cmil_core.quality import METRICS_VERSION, QCThresholds
 from cmil_core.slides import file_sha256, open_slide
@@ -155,10 +157,10 @@ def ingest(
     if manifest is not None:
         unknown = sorted({s.patient_id for s in sources} - patients)
         if unknown:
-            shown = ", ".join(f"'{p}'" for p in unknown[:5])
+            listed = ", ".join(f"'{shown(p)}'" for p in unknown[:5])
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise InputError(
-                f"{Path(manifest).name}: patient_id {shown}{more} not in cohort '{cohort}'; "
+                f"{Path(manifest).name}: patient_id {listed}{more} not in cohort '{cohort}'; "
                 "nothing ingested"
             )
 
@@ -218,6 +220,9 @@ def _ingest_one(
     except OSError as exc:
         return _fail_unregistered(db, cohort, source, f"{name}: cannot be read ({exc.strerror})",
                                   run_id)
+    duplicate = _duplicate_reason(db, cohort, source, sha)
+    if duplicate is not None:
+        return _record_failure(db, cohort, source, sha, size_bytes, None, duplicate, run_id)
     wanted_mpp = source.mpp if source.mpp is not None else mpp_override
     try:
         slide = open_slide(source.path, mpp=wanted_mpp)
@@ -263,6 +268,36 @@ def _ingest_one(
                 st, slide_id, table, tiling_key=key, tiling=tiling, run_id=run_id
             )
     return _outcome_from_table(source, table)
+
+
+def _duplicate_reason(
+    db: store_mod.Store | str | os.PathLike[str], cohort: str, source: SlideSource, sha: str
+) -> str | None:
+    """Why this file cannot be a slide: its content is already another slide's; or None.
+
+    The slide registered first keeps the content (a rerun does not turn the
+    original into a duplicate of its copy).
+    """
+    path = str(source.path)
+    with store_mod.using(db) as st:
+        own = store_mod.find_slide(st, cohort, path)
+        others = [
+            s for s in store_mod.slides_with_sha256(st, sha)
+            if (s.cohort, s.path) != (cohort, path) and s.status != "failed"
+            and (own is None or s.slide_id < own.slide_id)
+        ]
+    if not others:
+        return None
+    other = others[0]
+    name = source.path.name
+    there = f"slide {other.slide_id} ({Path(other.path).name}) of patient '{other.patient_id}' " \
+        f"in cohort '{other.cohort}'"
+    if (other.cohort, other.patient_id) == (cohort, source.patient_id):
+        return (f"{name}: the same file (sha256 {sha[:12]}) is already {there}; "
+                "a copy would count its patches twice")
+    return (f"{name}: the same file (sha256 {sha[:12]}) is already {there}; refused for "
+            f"patient '{source.patient_id}' in cohort '{cohort}' (one slide belongs to one "
+            "patient: check the file names or the manifest)")
 
 
 def _record_failure(

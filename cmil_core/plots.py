@@ -129,8 +129,10 @@ def km_figure(
     logrank = result.get("logrank") or {}
     cox = result.get("cox") or {}
     extra = f"log-rank {_p_text(logrank.get('p'))}"
-    if cox.get("hr") is not None and cox.get("ci"):
-        extra += f"; HR {cox['group']} vs {cox['reference']} {cox['hr']:.2f} ({cox['ci'][0]:.2f}-{cox['ci'][1]:.2f})"
+    if cox.get("hr") is not None:
+        extra += f"; HR {cox['group']} vs {cox['reference']} " + (
+            f"{cox['hr']:.2f} ({cox['ci'][0]:.2f}-{cox['ci'][1]:.2f})" if _estimable(cox)
+            else "not estimable (too few events in a group)")
     fig.update_layout(
         title=dict(text=f"{title}<br><sup>{extra}</sup>"), height=520, template="plotly_white",
         margin=dict(l=10, r=10, t=70, b=10),
@@ -139,7 +141,9 @@ def km_figure(
     fig.update_yaxes(title="survival probability", range=[0, 1.02], row=1, col=1)
     fig.update_yaxes(title="at risk", type="category", categoryorder="array",
                      categoryarray=labels[::-1], showgrid=False, row=2, col=1)
-    fig.update_xaxes(rangemode="tozero", row=1, col=1)
+    # A little room left of 0 so the first column of at-risk numbers is not cut in half.
+    end = max([float(curves["time"].max()) if len(curves) else 0.0, *times, 1.0])
+    fig.update_xaxes(range=[-0.05 * end, 1.03 * end], row=1, col=1)
     fig.update_xaxes(title=time_label, tickvals=times or None, row=2, col=1)
     if times:
         fig.update_xaxes(tickvals=times, row=1, col=1)

@@ -22,7 +22,14 @@ cohorts (those the model was not trained on) and adjusts the cMIL risk group
 for the clinical factors the store holds.
 
 Reproduce a report with ``python -m cmil_core report --db STORE --model ID
---out DIR [--endpoint os|efs] [--cutoff model|youden|median|maxstat|NUMBER]``.
+--out DIR [--endpoint os|efs] [--cutoff model|youden|median|maxstat|NUMBER]
+[--pseudonymise]``.
+
+With ``pseudonymise``, every patient id of the folder (tables, JSON, HTML) is
+replaced by its salted hash (:mod:`cmil_core.access`) before anything is
+written, and the patient rows are ordered by pseudonym, so that neither an id
+nor the order of the ids leaves; ``report.json`` says which kind of salt was
+used, never the salt.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cmil_core import evaluation, figures
+from cmil_core import access, evaluation, figures
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
@@ -339,6 +346,9 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
         f"({_e(cut['description'])}).</p>"
     )
     parts.append(f"<p class=\"note\">Reproduce: <code>{_e(meta['command'])}</code></p>")
+    if meta.get("pseudonymised"):
+        parts.append(f"<p class=\"note\">Patient ids are pseudonymised: "
+                     f"{_e(meta['pseudonymised']['note'])}.</p>")
 
     parts.append("<h2>Cohorts</h2>")
     ov = tables["cohort_overview"]
@@ -472,9 +482,11 @@ def _check_target(out: Path) -> None:
         )
 
 
-def _command(db_path: Path, model_id: str, out: Path, endpoint: str, cutoff: str | float) -> str:
+def _command(db_path: Path, model_id: str, out: Path, endpoint: str, cutoff: str | float,
+             pseudonymised: bool = False) -> str:
     return (f"python -m cmil_core report --db {db_path} --model {model_id} --out {out} "
-            f"--endpoint {endpoint} --cutoff {cutoff}")
+            f"--endpoint {endpoint} --cutoff {cutoff}"
+            + (" --pseudonymise" if pseudonymised else ""))
 
 
 def write_report(
@@ -485,6 +497,7 @@ def write_report(
     endpoint: str = "os",
     cutoff: str | float = "model",
     progress: ProgressCallback | None = None,
+    pseudonymise: bool | access.Pseudonymiser = False,
 ) -> Path:
     """Write the report of ``model_id`` into ``out_dir``; returns the path of its ``report.html``.
 
@@ -493,9 +506,16 @@ def write_report(
     "median", "maxstat") or a number, always fixed on the training cohort.
     ``out_dir`` is created; an existing folder must be empty or a previous
     report, which is replaced whole. ``progress`` receives
-    :class:`~cmil_core.progress.Progress` events.
+    :class:`~cmil_core.progress.Progress` events. ``pseudonymise``: replace
+    every patient id by its pseudonym (True: the salt of
+    :func:`cmil_core.access.make_pseudonymiser`, i.e. ``$CMIL_PSEUDONYM_SALT``
+    or a random one; or a :class:`~cmil_core.access.Pseudonymiser`).
     """
     db = Path(db_path)
+    masker: access.Pseudonymiser | None = (
+        pseudonymise if isinstance(pseudonymise, access.Pseudonymiser)
+        else access.make_pseudonymiser() if pseudonymise else None
+    )
     out = Path(out_dir).expanduser()
     if endpoint not in evaluation.ENDPOINTS:
         raise InputError(f"endpoint {endpoint!r} is not one of {', '.join(evaluation.ENDPOINTS)}")
@@ -524,6 +544,8 @@ def write_report(
             done += 1
 
         data = _gather(st, model, endpoint, cutoff, step)
+    if masker is not None:
+        data["scores"] = masker.frame(data["scores"])
     figs = _figures(data, endpoint, step)
     total = done + len(figs) + 1
     tables = _tables(data)
@@ -534,7 +556,10 @@ def write_report(
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "store": str(db),
-        "command": _command(db, model_id, out, endpoint, cutoff),
+        "command": _command(db, model_id, out, endpoint, cutoff, masker is not None),
+        "pseudonymised": (None if masker is None
+                          else {"method": "HMAC-SHA256", "salt": masker.source,
+                                "note": masker.describe()}),
         "model": {"model_id": model.model_id, "created_at": model.created_at,
                   "aggregator": model.aggregator, "encoder": model.encoder,
                   "train_cohorts": model.train_cohorts, "cutoff": model.cutoff},

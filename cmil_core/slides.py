@@ -41,6 +41,10 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+# Suffixes only OpenSlide reads: such a file it does not recognise is damaged.
+_OPENSLIDE_SUFFIXES = frozenset(
+    {".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+)
 # Plain images are decoded whole: refuse anything larger (decompression bombs).
 MAX_IMAGE_PIXELS = 20_000 * 20_000
 
@@ -241,10 +245,16 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         file_mpp = _mpp_from_openslide(dict(osr.properties))
         return Slide(p, f"openslide:{vendor}", mpp if mpp is not None else file_mpp, levels, osr, None)
 
+    if suffix in _OPENSLIDE_SUFFIXES:
+        raise SlideError(
+            f"{name}: OpenSlide cannot open it (not recognised as a {suffix} slide: the file "
+            "is truncated or corrupt, or a variant OpenSlide does not read)"
+        )
     if suffix not in IMAGE_SUFFIXES:
         raise SlideError(
             f"{name}: not a slide format OpenSlide reads, nor a jpg/png/bmp/tif image"
         )
+    img: Image.Image | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -257,12 +267,16 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
                 )
             file_mpp = _mpp_from_image(img)
             img.load()
-    except SlideError:
+    except BaseException as exc:
+        if img is not None:
+            img.close()  # a half-read image keeps its file open otherwise
+        if isinstance(exc, SlideError):
+            raise
+        if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise SlideError(f"{name}: refused as a decompression bomb ({exc})") from exc
+        if isinstance(exc, (OSError, ValueError, SyntaxError, EOFError)):
+            raise SlideError(f"{name}: not a readable image ({exc})") from exc
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise SlideError(f"{name}: refused as a decompression bomb ({exc})") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise SlideError(f"{name}: not a readable image ({exc})") from exc
     rgb = img.convert("RGB") if img.mode != "RGB" else img
     fmt = (img.format or suffix.lstrip(".")).lower()
     levels = _Levels(((w, h),), (1.0,))

@@ -82,6 +82,7 @@ __all__ = [
     "passed_patches",
     "patient_scores_frame",
     "set_slides_status",
+    "slides_with_sha256",
     "write_scores",
     "list_slides",
     "open_store",
@@ -380,12 +381,23 @@ def _describe_process(pid: str) -> str:
     return f"PID {pid}: {cmd[:120]}" if cmd else f"PID {pid}"
 
 
+# A writer folds its write-ahead log into the file once the log reaches this size
+# (DuckDB's default: 16 MB). Each such checkpoint rewrites the primary-key indexes
+# of patches and patch_scores whole, so at the study's 1.4 million patches,
+# written one slide at a time, checkpoints every 16 MB took as long as the writes
+# themselves (bench/scale.py); the log is still flushed at every commit, and
+# folded in when the last reference closes.
+_CHECKPOINT_WAL = "256MB"
+
+
 def _connect(path: Path, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only)
+            if read_only:
+                return duckdb.connect(str(path), read_only=True)
+            return duckdb.connect(str(path), config={"checkpoint_threshold": _CHECKPOINT_WAL})
         except duckdb.IOException as exc:
             text = str(exc)
             if "lock" not in text.lower():
@@ -802,6 +814,15 @@ def find_slide(store: Store, cohort: str, path: str) -> SlideRow | None:
     return None if row is None else SlideRow(*row)
 
 
+def slides_with_sha256(store: Store, sha256: str) -> list[SlideRow]:
+    """Every slide registered with this file content (any cohort), by slide id."""
+    return [
+        SlideRow(*r) for r in store.cursor().execute(
+            f"SELECT {_SLIDE_COLUMNS} FROM slides WHERE sha256 = ? ORDER BY slide_id", [sha256]
+        ).fetchall()
+    ]
+
+
 def list_slides(store: Store, cohort: str | None = None) -> list[SlideRow]:
     """Slides, by cohort, patient and path."""
     sql = f"SELECT {_SLIDE_COLUMNS} FROM slides"
@@ -920,24 +941,60 @@ def write_slide_patches(
         raise ValueError(f"patch table lacks columns {missing}")
     if len(patches) >= PATCH_ID_BASE:
         raise ValueError(f"{len(patches)} patches exceed one slide's id range")
-    frame = patches.loc[:, list(PATCH_COLUMNS)].reset_index(drop=True)
-    frame.insert(0, "patch_id", slide_id * PATCH_ID_BASE + frame.index.to_numpy(dtype="int64"))
-    frame.insert(1, "slide_id", slide_id)
-    frame["qc_reason"] = frame["qc_reason"].astype(object).where(frame["qc_reason"].notna(), None)
-    with store.transaction() as cur:
-        cur.execute("DELETE FROM patches WHERE slide_id = ?", [slide_id])
-        if len(frame):
-            cur.register("_new_patches", frame)
-            try:
-                cur.execute("INSERT INTO patches BY NAME SELECT * FROM _new_patches")
-            finally:
-                cur.unregister("_new_patches")
-        cur.execute(
-            """UPDATE slides SET status = 'tiled', error = NULL, tiling_key = ?, tiling = ?,
-                   tiled_at = ?, run_id = ? WHERE slide_id = ?""",
-            [tiling_key, json.dumps(tiling), _now(), run_id, slide_id],
-        )
-    return len(frame)
+    slide_id = int(slide_id)
+    table = _patch_rows_arrow(slide_id, patches)
+    # Unregistered once the transaction has ended: a failed statement aborts the
+    # transaction, in which nothing (not even unregistering) runs until it is
+    # rolled back.
+    try:
+        with store.transaction() as cur:
+            cur.register("_new_patches", table)
+            cur.execute("DELETE FROM patches WHERE slide_id = ?", [slide_id])
+            cur.execute("INSERT INTO patches BY NAME SELECT * FROM _new_patches")
+            cur.execute(
+                """UPDATE slides SET status = 'tiled', error = NULL, tiling_key = ?,
+                       tiling = ?, tiled_at = ?, run_id = ? WHERE slide_id = ?""",
+                [tiling_key, json.dumps(tiling), _now(), run_id, slide_id],
+            )
+    finally:
+        store.cursor().unregister("_new_patches")
+    return int(table.num_rows)
+
+
+# Arrow types of the patches table's columns (DuckDB then casts nothing).
+_PATCH_ARROW_TYPES = {
+    "g_col": "int32", "g_row": "int32", "x": "int32", "y": "int32", "size": "int32",
+    "qc_pass": "bool", "qc_reason": "string",
+}
+
+
+def _patch_rows_arrow(slide_id: int, patches: pd.DataFrame) -> Any:
+    """A slide's patch rows as an Arrow table: patch_id, slide_id, then :data:`PATCH_COLUMNS`.
+
+    Built column by column from the frame's arrays, in the table's own types:
+    DuckDB scans Arrow faster than a pandas frame with a text column, and
+    this runs once per slide (bench/scale.py measures it at the study's
+    1,432 slides).
+    """
+    import numpy as np
+    import pyarrow as pa
+
+    n = len(patches)
+    columns: dict[str, Any] = {
+        "patch_id": pa.array(slide_id * PATCH_ID_BASE + np.arange(n, dtype=np.int64)),
+        "slide_id": pa.array(np.full(n, slide_id, dtype=np.int32)),
+    }
+    for name in PATCH_COLUMNS:
+        kind = _PATCH_ARROW_TYPES.get(name, "float64")
+        values = patches[name]
+        if kind == "string":  # None, NaN and pd.NA become NULL
+            columns[name] = pa.array(values.to_numpy(dtype=object), type=pa.string(),
+                                     from_pandas=True)
+        elif isinstance(values.dtype, np.dtype) and values.dtype.kind in "biuf":
+            columns[name] = pa.array(values.to_numpy(), from_pandas=True).cast(kind)
+        else:  # nullable pandas dtypes, objects: pandas' own conversion
+            columns[name] = pa.Array.from_pandas(values).cast(kind)
+    return pa.table(columns)
 
 
 def mark_slide_failed(store: Store, slide_id: int, reason: str, *, run_id: int | None) -> None:
@@ -1136,28 +1193,50 @@ def write_scores(
     ``patients``: patient_id, score, risk_group. ``patches``: patch_id,
     probability, attention, attention_raw (patches of this cohort's slides).
     """
+    import numpy as np
+    import pyarrow as pa
+
     p = patients.loc[:, ["patient_id", "score", "risk_group"]].copy()
     p.insert(0, "cohort", cohort)
     p.insert(0, "model_id", model_id)
-    q = patches.loc[:, ["patch_id", "probability", "attention", "attention_raw"]].copy()
-    q.insert(0, "model_id", model_id)
-    with store.transaction() as cur:
-        cur.execute(
-            "DELETE FROM patient_scores WHERE model_id = ? AND cohort = ?", [model_id, cohort]
-        )
-        cur.execute(
-            """DELETE FROM patch_scores WHERE model_id = ? AND patch_id IN (
-                   SELECT patch_id FROM patches JOIN slides USING (slide_id)
-                   WHERE slides.cohort = ?)""",
-            [model_id, cohort],
-        )
-        for name, frame, table in (("_p", p, "patient_scores"), ("_q", q, "patch_scores")):
-            if len(frame):
-                cur.register(name, frame)
-                try:
-                    cur.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {name}")
-                finally:
-                    cur.unregister(name)
+    # Patch scores as Arrow columns (NaN becomes NULL, as from pandas), the model id
+    # a parameter rather than a text column of a million copies; stored in patch-id
+    # order, i.e. slide by slide, so that reading one patient's or one slide's
+    # scores skips the other row groups (_scored_arrays). bench/scale.py measures
+    # this write at the study's 2.8 million patch scores.
+    order = np.argsort(patches["patch_id"].to_numpy(dtype=np.int64), kind="stable")
+    q = pa.table({
+        "patch_id": pa.array(patches["patch_id"].to_numpy(dtype=np.int64)[order]),
+        **{name: pa.array(patches[name].to_numpy(dtype=np.float64, na_value=np.nan)[order],
+                          from_pandas=True)
+           for name in ("probability", "attention", "attention_raw")},
+    })
+    try:
+        with store.transaction() as cur:
+            cur.execute(
+                "DELETE FROM patient_scores WHERE model_id = ? AND cohort = ?", [model_id, cohort]
+            )
+            # The cohort's patches are those of its slides: patch_id // PATCH_ID_BASE is
+            # the slide (write_slide_patches), so no join with the patches table is needed.
+            cur.execute(
+                f"""DELETE FROM patch_scores WHERE model_id = ?
+                       AND patch_id // {PATCH_ID_BASE} IN (SELECT slide_id FROM slides
+                                                           WHERE cohort = ?)""",
+                [model_id, cohort],
+            )
+            cur.register("_p", p)
+            cur.execute("INSERT INTO patient_scores BY NAME SELECT * FROM _p")
+            cur.register("_q", q)
+            cur.execute(
+                """INSERT INTO patch_scores (model_id, patch_id, probability, attention,
+                       attention_raw)
+                   SELECT ?, patch_id, probability, attention, attention_raw FROM _q""",
+                [model_id],
+            )
+    finally:  # once the transaction has ended (an aborted one accepts nothing)
+        cur = store.cursor()
+        cur.unregister("_p")
+        cur.unregister("_q")
 
 
 def patient_scores_frame(store: Store, model_id: str, cohort: str | None = None) -> pd.DataFrame:
@@ -1246,7 +1325,8 @@ def cohort_overview(store: Store) -> pd.DataFrame:
 
 # --- patient review (patients page) ---
 
-__all__ += ["get_slide", "patient_slides", "rejected_patches_frame", "scored_patches_frame"]
+__all__ += ["get_slide", "patient_slides", "rejected_patches_frame", "scored_patches_frame",
+            "extreme_patches", "has_model", "patient_slide_ids", "RANKABLE_SCORES"]
 
 
 def get_slide(store: Store, slide_id: int) -> SlideRow | None:
@@ -1266,6 +1346,84 @@ def patient_slides(store: Store, cohort: str, patient_id: str) -> list[SlideRow]
     return [SlideRow(*r) for r in rows]
 
 
+_SCORED_COLUMNS = ("patch_id", "slide_id", "x", "y", "size", "probability", "attention",
+                   "attention_raw")
+
+
+def _scored_arrays(store: Store, model_id: str, slide_ids: Sequence[int]) -> dict[str, Any]:
+    """A model's scored patches of some slides as arrays (:data:`_SCORED_COLUMNS`),
+    in patch-id order (slide, then grid).
+
+    patch_id = slide_id * PATCH_ID_BASE + row, so one slide's patches form one
+    contiguous id range, and both tables are written in id order, slide by
+    slide (:func:`write_slide_patches`, :func:`write_scores`). Filtering both
+    on the slides' id range lets DuckDB skip, by each row group's min/max,
+    all but the row groups holding these slides; the two tables are read in
+    one statement (one snapshot) without a join, and matched here by patch id.
+    At the study's 1.4 million patches this takes about a millisecond, a
+    third of a join of the tables (bench/scale.py).
+    """
+    import numpy as np
+
+    ids = sorted({int(i) for i in slide_ids})
+    if not ids:
+        ids = [-1]  # no slide: an empty id range below
+    low, high = ids[0] * PATCH_ID_BASE, (ids[-1] + 1) * PATCH_ID_BASE - 1
+    # Both tables in one homogeneous result (no NULL: fetched as plain arrays):
+    # _kind 1 = a score (a, b, c = probability, attention, attention_raw; NaN where
+    # missing), _kind 0 = a patch (a, b, c, d = x, y, size, slide_id).
+    rows = store.cursor().execute(
+        """SELECT 1 AS _kind, patch_id, coalesce(probability, 'NaN') AS a,
+                  coalesce(attention, 'NaN') AS b, coalesce(attention_raw, 'NaN') AS c,
+                  0 AS d
+           FROM patch_scores WHERE model_id = ? AND patch_id BETWEEN ? AND ?
+           UNION ALL
+           SELECT 0, patch_id, x, y, size, slide_id
+           FROM patches WHERE patch_id BETWEEN ? AND ?""",
+        [model_id, low, high, low, high],
+    ).fetchnumpy()
+    kind = np.asarray(rows["_kind"])
+    patch_id = np.asarray(rows["patch_id"], dtype=np.int64)
+    is_score = kind == 1
+    if ids[-1] - ids[0] + 1 != len(ids):  # slides of others lie within the range
+        wanted = np.isin(patch_id // PATCH_ID_BASE, ids)
+        score_rows, patch_rows = (np.flatnonzero(is_score & wanted),
+                                  np.flatnonzero(~is_score & wanted))
+    else:
+        score_rows, patch_rows = np.flatnonzero(is_score), np.flatnonzero(~is_score)
+    # Unique on each side (primary keys); the result is sorted: patch-id order.
+    common, i, j = np.intersect1d(patch_id[score_rows], patch_id[patch_rows],
+                                  assume_unique=True, return_indices=True)
+    score_rows, patch_rows = score_rows[i], patch_rows[j]
+    a, b, c, d = (np.asarray(rows[name]) for name in "abcd")
+    return {
+        "patch_id": common,
+        "slide_id": d[patch_rows].astype(np.int32),
+        "x": a[patch_rows].astype(np.int32),
+        "y": b[patch_rows].astype(np.int32),
+        "size": c[patch_rows].astype(np.int32),
+        "probability": a[score_rows].astype(np.float64),
+        "attention": b[score_rows].astype(np.float64),
+        "attention_raw": c[score_rows].astype(np.float64),
+    }
+
+
+def patient_slide_ids(store: Store, cohort: str, patient_id: str) -> list[int]:
+    """The ids of a patient's slides, in id order."""
+    rows = store.cursor().execute(
+        "SELECT slide_id FROM slides WHERE cohort = ? AND patient_id = ? ORDER BY slide_id",
+        [cohort, patient_id],
+    ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def has_model(store: Store, model_id: str) -> bool:
+    """Whether the store holds this model (cheaper than :func:`get_model`)."""
+    row = store.cursor().execute(
+        "SELECT count(*) FROM models WHERE model_id = ?", [model_id]).fetchone()
+    return bool(row and row[0])
+
+
 def scored_patches_frame(
     store: Store,
     model_id: str,
@@ -1278,22 +1436,51 @@ def scored_patches_frame(
 
     Give ``slide_id``, or ``cohort`` and ``patient_id``. Columns: patch_id,
     slide_id, x, y, size (level-0 pixels), probability, attention,
-    attention_raw; in slide and grid order.
+    attention_raw (NaN where the model gives none); in slide and grid order.
     """
-    sql = """SELECT p.patch_id, p.slide_id, p.x, p.y, p.size,
-                    c.probability, c.attention, c.attention_raw
-             FROM patch_scores c JOIN patches p USING (patch_id) JOIN slides s USING (slide_id)
-             WHERE c.model_id = ?"""
-    params: list[Any] = [model_id]
     if slide_id is not None:
-        sql += " AND p.slide_id = ?"
-        params.append(int(slide_id))
+        ids = [int(slide_id)]
     else:
         if cohort is None or patient_id is None:
             raise ValueError("scored_patches_frame needs slide_id, or cohort and patient_id")
-        sql += " AND s.cohort = ? AND s.patient_id = ?"
-        params += [cohort, patient_id]
-    return store.cursor().execute(sql + " ORDER BY p.slide_id, p.patch_id", params).df()
+        ids = patient_slide_ids(store, cohort, patient_id)
+    return pd.DataFrame(_scored_arrays(store, model_id, ids), columns=list(_SCORED_COLUMNS))
+
+
+#: Per-patch scores :func:`extreme_patches` can rank by.
+RANKABLE_SCORES = ("attention", "attention_raw", "probability")
+
+
+def extreme_patches(
+    store: Store, model_id: str, slide_ids: Sequence[int], *, by: str, k: int
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """``(top, bottom, scored)``: some slides' ``k`` highest-``by`` patches and ``k`` lowest.
+
+    ``top``: the ``k`` scored patches of ``slide_ids`` with the highest
+    ``by`` (one of :data:`RANKABLE_SCORES`), highest first; ``bottom``: the
+    ``k`` lowest of the others, lowest first; ties by patch id; patches
+    without a value of ``by`` (NULL or NaN) are left out. Columns as
+    :func:`scored_patches_frame`. ``scored``: how many patches of those
+    slides the model scored, with or without a value of ``by``.
+    """
+    import numpy as np
+
+    if by not in RANKABLE_SCORES:
+        raise ValueError(f"by={by!r} is not one of {', '.join(RANKABLE_SCORES)}")
+    if k < 1:
+        raise ValueError(f"k={k} must be at least 1")
+    arrays = _scored_arrays(store, model_id, slide_ids)
+    values, ids = arrays[by], arrays["patch_id"]
+    valued = np.flatnonzero(~np.isnan(values))
+    # np.lexsort sorts by its last key first: by value, ties by patch id.
+    top = valued[np.lexsort((ids[valued], -values[valued]))[:k]]
+    rest = np.setdiff1d(valued, top, assume_unique=True)
+    bottom = rest[np.lexsort((ids[rest], values[rest]))[:k]]
+
+    def frame(rows: Any) -> pd.DataFrame:
+        return pd.DataFrame({name: arrays[name][rows] for name in _SCORED_COLUMNS})
+
+    return frame(top), frame(bottom), len(ids)
 
 
 def rejected_patches_frame(store: Store, slide_id: int, limit: int | None = None) -> pd.DataFrame:
@@ -1322,3 +1509,121 @@ def model_score_counts(store: Store) -> pd.DataFrame:
         """SELECT model_id, cohort, count(*) AS patients FROM patient_scores
            GROUP BY model_id, cohort ORDER BY model_id, cohort"""
     ).df()
+
+
+# --- check and backup ---
+
+__all__ += ["ORPHAN_KINDS", "delete_orphans", "model_artifacts_frame", "orphan_counts",
+            "set_model_artifact_paths", "slide_check_frame", "unknown_patient_slides"]
+
+#: Rows that refer to something no longer in the store, by kind: the SQL that
+#: selects them (``FROM`` and ``WHERE``), shared by counting and deleting.
+_ORPHANS: dict[str, tuple[str, str]] = {
+    "patches without a slide": (
+        "patches", "slide_id NOT IN (SELECT slide_id FROM slides)"),
+    "patch scores without a model": (
+        "patch_scores", "model_id NOT IN (SELECT model_id FROM models)"),
+    "patch scores without a patch": (
+        "patch_scores", "patch_id NOT IN (SELECT patch_id FROM patches)"),
+    "patient scores without a model": (
+        "patient_scores", "model_id NOT IN (SELECT model_id FROM models)"),
+    "patient scores of an unknown cohort": (
+        "patient_scores", "cohort NOT IN (SELECT cohort FROM cohorts)"),
+    "patient scores of an unknown patient": (
+        "patient_scores",
+        "(cohort, patient_id) NOT IN (SELECT (cohort, patient_id) FROM patients)"),
+    "patients of an unknown cohort": (
+        "patients", "cohort NOT IN (SELECT cohort FROM cohorts)"),
+    "tumour regions without a slide": (
+        "demo_tumor_regions", "slide_id NOT IN (SELECT slide_id FROM slides)"),
+}
+ORPHAN_KINDS = tuple(_ORPHANS)
+
+
+def orphan_counts(store: Store) -> dict[str, int]:
+    """How many rows of each kind of :data:`ORPHAN_KINDS` the store holds."""
+    cur = store.cursor()
+    return {
+        kind: int(cur.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()[0])  # type: ignore[index]
+        for kind, (table, where) in _ORPHANS.items()
+    }
+
+
+def delete_orphans(store: Store, kinds: Sequence[str] = ORPHAN_KINDS) -> dict[str, int]:
+    """Delete orphan rows of ``kinds``, in one transaction; returns the rows deleted per kind."""
+    unknown = [k for k in kinds if k not in _ORPHANS]
+    if unknown:
+        raise ValueError(f"unknown orphan kinds {unknown}")
+    deleted: dict[str, int] = {}
+    with store.transaction() as cur:
+        for kind in kinds:
+            table, where = _ORPHANS[kind]
+            n = cur.execute(f"SELECT count(*) FROM {table} WHERE {where}").fetchone()
+            cur.execute(f"DELETE FROM {table} WHERE {where}")
+            deleted[kind] = int(n[0])  # type: ignore[index]
+    return deleted
+
+
+def unknown_patient_slides(store: Store) -> pd.DataFrame:
+    """Slides (not failed) whose cohort or patient is not in the store.
+
+    Columns: cohort, patient_id, slides, cohort_known.
+    """
+    return store.cursor().execute(
+        """SELECT s.cohort, s.patient_id, count(*) AS slides,
+                  s.cohort IN (SELECT cohort FROM cohorts) AS cohort_known
+           FROM slides s
+           WHERE s.status <> 'failed' AND (s.cohort, s.patient_id) NOT IN
+                 (SELECT (cohort, patient_id) FROM patients)
+           GROUP BY ALL ORDER BY s.cohort, s.patient_id"""
+    ).df()
+
+
+def slide_check_frame(store: Store) -> pd.DataFrame:
+    """Every slide with what a consistency check needs, by cohort and path.
+
+    Columns: slide_id, cohort, patient_id, path, sha256, size_bytes, status,
+    tiling_key, patches, passed.
+    """
+    return store.cursor().execute(
+        """SELECT s.slide_id, s.cohort, s.patient_id, s.path, s.sha256, s.size_bytes, s.status,
+                  s.tiling_key, count(p.patch_id) AS patches,
+                  count(p.patch_id) FILTER (WHERE p.qc_pass) AS passed
+           FROM slides s LEFT JOIN patches p USING (slide_id)
+           GROUP BY ALL ORDER BY s.cohort, s.path"""
+    ).df()
+
+
+def model_artifacts_frame(store: Store) -> pd.DataFrame:
+    """Every model's files and encoder: model_id, artifact_path, encoder_key, scored cohorts.
+
+    ``encoder_key`` comes from the stored config (None when absent);
+    ``cohorts`` is the list of cohorts the model has scored.
+    """
+    frame = store.cursor().execute(
+        """SELECT m.model_id, m.artifact_path, m.config,
+                  list(DISTINCT s.cohort ORDER BY s.cohort) FILTER (WHERE s.cohort IS NOT NULL)
+                      AS cohorts
+           FROM models m LEFT JOIN patient_scores s USING (model_id)
+           GROUP BY ALL ORDER BY m.model_id"""
+    ).df()
+    keys = []
+    for raw in frame.pop("config"):
+        try:
+            keys.append(json.loads(raw).get("encoder_key") if raw else None)
+        except (ValueError, AttributeError):
+            keys.append(None)
+    frame["encoder_key"] = keys
+    frame["cohorts"] = [[] if c is None or c is pd.NA else list(c) for c in frame["cohorts"]]
+    return frame
+
+
+def set_model_artifact_paths(store: Store, paths: dict[str, str]) -> None:
+    """Record new folders of models' files (after a restore or a move), in one transaction."""
+    if not paths:
+        return
+    with store.transaction() as cur:
+        cur.executemany(
+            "UPDATE models SET artifact_path = ? WHERE model_id = ?",
+            [(str(path), model_id) for model_id, path in paths.items()],
+        )

@@ -11,6 +11,13 @@ a line break. That number is what error messages quote.
 
 Every cell is kept as text (stripped); the callers decide types, so that
 their messages can quote the original value.
+
+Hostile or mistaken files are refused with one line that says what the file
+is: an empty file, a binary file (a gzip or zip archive, an Excel workbook, a
+PDF or an image handed over as a table), more than :data:`MAX_TABLE_BYTES`
+bytes or :data:`MAX_COLUMNS` columns, a quote that is never closed, a ragged
+row. UTF-16 text (Excel's "Unicode text") is read when it starts with its
+byte-order mark.
 """
 
 from __future__ import annotations
@@ -23,17 +30,19 @@ from pathlib import Path
 
 import pandas as pd
 
-from cmil_core.errors import InputError
+from cmil_core.errors import InputError, shown
 
 __all__ = [
-    "MAX_TABLE_BYTES", "MISSING_VALUES", "TextTable", "numeric_columns", "parse_number",
-    "read_frame", "read_table", "to_frame",
+    "MAX_COLUMNS", "MAX_TABLE_BYTES", "MISSING_VALUES", "TextTable", "numeric_columns",
+    "parse_number", "read_frame", "read_table", "to_frame",
 ]
 
 MAX_TABLE_BYTES = 100 * 1024 * 1024
+MAX_COLUMNS = 10_000
 MISSING_VALUES = frozenset({"", "na", "n/a", "nan", "null", "none", ".", "-", "?", "missing"})
 _DELIMITERS = ",;\t|"
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d+,\d+$")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -52,9 +61,37 @@ class TextTable:
         return self.delimiter == ";"
 
 
+# What a binary file that is not a table usually is, by its first bytes.
+_MAGIC = (
+    (b"\x1f\x8b", "a gzip-compressed file; decompress it first"),
+    (b"PK\x03\x04", "a zip archive (an Excel .xlsx workbook is one); save the sheet as CSV"),
+    (b"PK\x05\x06", "an empty zip archive"),
+    (b"\xd0\xcf\x11\xe0", "an old Excel .xls workbook; save the sheet as CSV"),
+    (b"%PDF", "a PDF document"),
+    (b"\x89PNG", "a PNG image"),
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"BZh", "a bzip2-compressed file; decompress it first"),
+    (b"\xfd7zXZ", "an xz-compressed file; decompress it first"),
+    (b"7z\xbc\xaf", "a 7-zip archive"),
+)
+
+
 def _decode(data: bytes, source: str) -> tuple[str, str]:
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16"), "utf-16"
+        except UnicodeDecodeError:
+            raise InputError(f"{source}: starts as UTF-16 text but cannot be decoded") from None
+    for magic, what in _MAGIC:
+        if data.startswith(magic):
+            raise InputError(f"{source}: this is not a text table: it is {what}")
     if b"\x00" in data[:65536]:
-        raise InputError(f"{source}: this is not a text table (it contains binary data)")
+        raise InputError(
+            f"{source}: this is not a text table (it contains binary data; "
+            "UTF-16 text needs its byte-order mark, or save it as UTF-8 CSV)"
+        )
     for encoding in ("utf-8-sig", "cp1252", "latin-1"):
         try:
             return data.decode(encoding), encoding
@@ -63,8 +100,17 @@ def _decode(data: bytes, source: str) -> tuple[str, str]:
     raise InputError(f"{source}: cannot decode the file as UTF-8 or Latin-1")  # pragma: no cover
 
 
+def _lines(text: str, limit: int | None = None) -> list[str]:
+    """The file's lines as the csv reader sees them: broken at CR, LF or CRLF only.
+
+    (``str.splitlines`` also breaks at form feeds, ``\\x1c``-``\\x1e`` and
+    Unicode line separators, which a table may hold inside a cell.)
+    """
+    return _LINE_BREAK.split(text, maxsplit=limit or 0)[: limit or None]
+
+
 def _sniff_delimiter(text: str) -> str:
-    sample_lines = [line for line in text.splitlines()[:50] if line.strip()]
+    sample_lines = [line for line in _lines(text, 50) if line.strip()]
     sample = "\n".join(sample_lines)
     try:
         return csv.Sniffer().sniff(sample, delimiters=_DELIMITERS).delimiter
@@ -102,17 +148,29 @@ def read_table(path: str | Path, *, data: bytes | None = None, name: str | None 
     if len(data) > MAX_TABLE_BYTES:
         raise InputError(f"{source}: {len(data)} bytes is too large for a clinical table")
     text, encoding = _decode(data, source)
+    if "\x00" in text:
+        raise InputError(f"{source}: this is not a text table (it contains NUL characters)")
     if not text.strip():
         raise InputError(f"{source}: the file is empty")
+    first = next((line for line in _lines(text, 50) if line.strip()), None) or next(
+        line for line in _lines(text) if line.strip()
+    )
+    widest = max(first.count(d) for d in _DELIMITERS) + 1
+    if widest > MAX_COLUMNS:
+        raise InputError(
+            f"{source}: the header has about {widest} columns; at most {MAX_COLUMNS} are read"
+        )
     delimiter = _sniff_delimiter(text)
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     header: list[str] | None = None
     rows: list[list[str]] = []
     numbers: list[int] = []
+    started = 1  # the line the record being read starts on
     try:
         for record in reader:
             # csv counts physical lines; with quoted newlines a record spans several.
             row_number = reader.line_num
+            started = row_number + 1
             if header is None:
                 if not any(cell.strip() for cell in record):
                     continue
@@ -128,6 +186,11 @@ def read_table(path: str | Path, *, data: bytes | None = None, name: str | None 
             rows.append([cell.strip() for cell in record])
             numbers.append(row_number)
     except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            raise InputError(
+                f"{source}: row {started}: a quote opened in this row is never closed "
+                "(check the quoting)"
+            ) from exc
         raise InputError(f"{source}: row {reader.line_num}: cannot parse ({exc})") from exc
     if header is None:
         raise InputError(f"{source}: the file is empty")
@@ -158,7 +221,9 @@ def to_frame(table: TextTable) -> pd.DataFrame:
     seen: set[str] = set()
     for name in table.header:
         if name in seen:
-            raise InputError(f"{table.source}: column '{name}' appears twice in the header")
+            raise InputError(
+                f"{table.source}: column '{shown(name)}' appears twice in the header"
+            )
         seen.add(name)
 
     def clean(cell: str) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import discovery
+from cmil_core import access, discovery
 from cmil_core import pipeline
 from cmil_core import store as store_mod
 from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
@@ -45,6 +45,7 @@ def cohort_rows(overview: pd.DataFrame) -> pd.DataFrame:
 
 st.title("Cohorts")
 show_flash()
+editing = _common.viewer_notice()  # viewers: every write control below is disabled
 db = _common.db_path()
 if not db.exists():
     store_mod.open_store(db).close()  # the store the user named: created empty, to import into
@@ -69,7 +70,8 @@ st.caption(
 )
 upload_round = st.session_state.get("cohort_upload_round", 0)
 uploaded = st.file_uploader(
-    "Clinical table", type=["csv", "tsv", "txt"], key=f"cohort_table_{upload_round}"
+    "Clinical table", type=["csv", "tsv", "txt"], key=f"cohort_table_{upload_round}",
+    disabled=not editing,
 )
 if uploaded is not None:
     data = uploaded.getvalue()
@@ -101,8 +103,9 @@ if uploaded is not None:
                 f"A cohort named '{md(name.strip())}' already exists. Choose another name, or delete "
                 "that cohort first (below)."
             )
-        if st.button("Import", type="primary", disabled=exists or not name.strip(),
-                     key="import_confirm"):
+        if st.button("Import", type="primary", disabled=exists or not name.strip() or not editing,
+                     key="import_confirm") and _common.require_editor("import",
+                                                                     cohort=name.strip()):
             try:
                 result = import_cohort(
                     db, name, None, data=data, name=uploaded.name, role=role,
@@ -111,6 +114,9 @@ if uploaded is not None:
             except (InputError, store_mod.StoreError) as exc:
                 st.error(f"Nothing was imported: {md(exc)}")
             else:
+                _common.audit("import", cohort=result.cohort,
+                              details={"source": result.source, "patients": result.patients,
+                                       "role": role})
                 flash(
                     "success",
                     f"Imported cohort '{md(result.cohort)}' ({ROLES[role].lower()}) from "
@@ -177,11 +183,12 @@ else:
                     st.error(f"Refused: {md(exc)}")
     else:
         zipped = st.file_uploader("Zip of slides or photographs", type=["zip"],
-                                  key="ingest_zip")
+                                  key="ingest_zip", disabled=not editing)
         if zipped is not None:
             folder = discovery.upload_folder(db, target)
             st.caption(f"Saved and extracted under {md(folder)} on the server when you run ingest.")
-    if st.button("Run ingest", type="primary", disabled=busy, key="ingest_run"):
+    if st.button("Run ingest", type="primary", disabled=busy or not editing,
+                 key="ingest_run") and _common.require_editor("ingest", cohort=target):
         if source_kind == "zip":
             if zipped is None:
                 st.error("Upload a zip first.")
@@ -193,7 +200,10 @@ else:
         elif path is None:
             st.error("Give a folder under the slide root first.")
         if path is not None:
-            runner.start(job_name, pipeline.ingest, str(db), target, str(path), mpp=mpp,
+            ingest_audited = _common.audited_job(
+                pipeline.ingest, "ingest",
+                lambda summary: [(summary.cohort, None, access.ingest_details(summary))])
+            runner.start(job_name, ingest_audited, str(db), target, str(path), mpp=mpp,
                          extract_dir=None if extract_dir is None else str(extract_dir))
             st.session_state.setdefault(SEEN, {})[job_name] = "running"
     if busy:
@@ -250,8 +260,8 @@ if cohorts:
     running = job is not None and job.running
     if running:
         st.warning(f"Ingest of {md(doomed)} is running; wait for it to end before deleting.")
-    if st.button("Delete cohort", disabled=typed.strip() != doomed or running,
-                 key="delete_button"):
+    if st.button("Delete cohort", disabled=typed.strip() != doomed or running or not editing,
+                 key="delete_button") and _common.require_editor("delete-cohort", cohort=doomed):
         scored = _common.read(store_mod.model_score_counts)
         n_scores = int(scored.loc[scored["cohort"] == doomed, "patients"].sum())
         try:
@@ -260,6 +270,9 @@ if cohorts:
         except store_mod.StoreError as exc:
             st.error(f"Nothing was deleted: {md(exc)}")
         else:
+            _common.audit("delete-cohort", cohort=doomed,
+                          details={"patients": int(row["patients"]), "slides": int(row["slides"]),
+                                   "patches": int(row["patches"]), "scores": n_scores})
             flash(
                 "success",
                 f"Deleted cohort '{md(doomed)}': {row['patients']} patients, {row['slides']} "

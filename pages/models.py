@@ -80,6 +80,7 @@ def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: in
 
 st.title("Models")
 show_flash()
+editing = _common.viewer_notice()  # viewers: train, score and delete are disabled
 db = _common.db_path()
 runner = _common.job_runner()
 models = _common.query("models", store_mod.list_models)
@@ -146,8 +147,14 @@ else:
                                                  key=f"train_{aggregator}_{key}"))
     st.caption("Same on the command line:")
     st.code(train_command(db, cohort, aggregator, encoder, seed, folds, params), language="bash")
-    if st.button("Train", type="primary", disabled=training_now, key="train_button"):
-        runner.start(TRAIN_JOB, modeling.train, str(db), cohort, aggregator=aggregator,
+    if st.button("Train", type="primary", disabled=training_now or not editing,
+                 key="train_button") and _common.require_editor("train", cohort=cohort):
+        train_audited = _common.audited_job(
+            modeling.train, "train",
+            lambda new_id, c=cohort, a=aggregator, e=encoder, s=seed, f=folds, p=dict(params): [
+                (c, str(new_id), {"aggregator": a, "encoder": e, "seed": s, "folds": f,
+                                  "params": p})])
+        runner.start(TRAIN_JOB, train_audited, str(db), cohort, aggregator=aggregator,
                      encoder=encoder, seed=seed, folds=folds, params=params)
         st.session_state.setdefault(SEEN, {})[TRAIN_JOB] = "running"
     if training_now:
@@ -165,8 +172,12 @@ else:
                              default=[c.cohort for c in cohorts], key="score_cohorts")
     job = runner.get(score_job_name(model_id))
     busy = job is not None and job.running
-    if st.button("Score", type="primary", disabled=busy or not targets, key="score_button"):
-        runner.start(score_job_name(model_id), modeling.score, str(db), model_id, targets)
+    if st.button("Score", type="primary", disabled=busy or not targets or not editing,
+                 key="score_button") and _common.require_editor("score", model_id=model_id):
+        score_audited = _common.audited_job(
+            modeling.score, "score",
+            lambda done, m=model_id: [(c, m, {"patients": int(n)}) for c, n in done.items()])
+        runner.start(score_job_name(model_id), score_audited, str(db), model_id, targets)
         st.session_state.setdefault(SEEN, {})[score_job_name(model_id)] = "running"
     words = ["python", "-m", "cmil_core", "score", "--db", str(db), "--model", model_id]
     if set(targets) != {c.cohort for c in cohorts}:
@@ -227,13 +238,16 @@ if ids:
     running = job is not None and job.running
     if running:
         st.warning(f"{md(doomed)} is scoring cohorts; wait for it to end before deleting it.")
-    if st.button("Delete model", disabled=typed.strip() != doomed or running,
-                 key="delete_model_button"):
+    if st.button("Delete model", disabled=typed.strip() != doomed or running or not editing,
+                 key="delete_model_button") and _common.require_editor("delete-model",
+                                                                       model_id=doomed):
         try:
             modeling.delete_model(db, doomed)
         except (InputError, store_mod.StoreError) as exc:
             st.error(f"Nothing was deleted: {md(exc)}")
         else:
+            _common.audit("delete-model", model_id=doomed,
+                          details={"scores": n_scored, "folder": str(folder)})
             flash("success", f"Deleted model {md(doomed)}, its {n_scored} patient scores "
                              f"and its files in {md(folder)}.")
             st.rerun()

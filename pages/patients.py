@@ -144,6 +144,8 @@ if rows and rows != st.session_state.get("_patients_applied_rows"):
     chosen = listing.iloc[rows[0]]
     st.query_params["patient"] = patient_ref(str(chosen["cohort"]), str(chosen["patient_id"]))
 st.session_state["_patients_applied_rows"] = rows
+# The list as CSV; patient ids pseudonymised when the sidebar switch says so.
+_common.downloads(f"{model_id}_patients", table=shown)
 
 # --------------------------------------------------------------------------- one patient
 

@@ -50,6 +50,15 @@ if method == "number":
     cutoff = right.number_input("Cutoff (score)", min_value=0.0, max_value=1.0, value=0.5,
                                 step=0.01, key="report_cutoff_number")
 
+forced = _common.pseudonymise_forced()
+pseudonymise = st.checkbox(
+    "Pseudonymise patient ids", value=_common.pseudonymise_on(), disabled=forced,
+    help="Every patient id in the tables, report.json and report.html becomes a salted hash "
+         "(HMAC-SHA256), for sharing with collaborators. With the team's salt configured, the "
+         "same patient has the same pseudonym in every export; without it each report draws "
+         "its own salt and keeps it nowhere." + (" Always on for viewers here." if forced else ""),
+)
+
 state_key = f"report:{model_id}"
 if st.button("Write the report", type="primary"):
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -61,29 +70,44 @@ if st.button("Write the report", type="primary"):
         bar.progress(event.overall, text=event.message or event.describe())
 
     try:
+        masker = _common.pseudonymiser(pseudonymise)
         html_path = write_report(_common.db_path(), model_id, folder, endpoint=endpoint,
-                                 cutoff=cutoff, progress=show)
+                                 cutoff=cutoff, progress=show,
+                                 pseudonymise=masker if masker is not None else False)
     except InputError as exc:
         bar.empty()
-        st.error(f"The report could not be written: {exc}")
+        st.error(f"The report could not be written: {_common.md(exc)}")
     else:
         bar.progress(1.0, text="Done")
         st.session_state[state_key] = str(html_path)
+        st.session_state[f"{state_key}:pseudonymised"] = masker is not None
+        _common.audit("export", model_id=model_id,
+                      details={"kind": "report", "folder": str(folder), "endpoint": endpoint,
+                               "cutoff": cutoff, "pseudonymised": masker is not None})
 
 written = st.session_state.get(state_key)
 if written and Path(written).exists():
     html_path = Path(written)
     folder = html_path.parent
-    st.success(f"Report written to `{folder}`.")
+    masked_ids = bool(st.session_state.get(f"{state_key}:pseudonymised"))
+    st.success(f"Report written to `{folder}`"
+               + (" with pseudonymised patient ids." if masked_ids else " with real patient ids."))
     left, right = st.columns(2)
+    downloaded = {"model_id": model_id,
+                  "details": {"folder": str(folder), "pseudonymised": masked_ids}}
     left.download_button(
         "Download the report (zip)", report_zip(folder), file_name=f"{folder.name}.zip",
         mime="application/zip", type="primary", key="report_zip",
+        on_click=_common.audit, args=("export",),
+        kwargs={**downloaded, "details": {**downloaded["details"], "kind": "report zip download"}},
     )
     right.download_button(
         "Download report.html only", html_path.read_bytes(), file_name=f"{folder.name}.html",
         mime="text/html", key="report_html",
+        on_click=_common.audit, args=("export",),
+        kwargs={**downloaded, "details": {**downloaded["details"], "kind": "report html download"}},
     )
     st.caption("The same report from a terminal: "
                f"`python -m cmil_core report --db {_common.db_path()} --model {model_id} "
-               f"--out DIR --endpoint {endpoint} --cutoff {cutoff}`")
+               f"--out DIR --endpoint {endpoint} --cutoff {cutoff}"
+               + (" --pseudonymise" if masked_ids else "") + "`")

@@ -48,3 +48,23 @@ def plotly_values(value: Any) -> list[Any]:
         array = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
         return array.reshape(value["shape"]).tolist() if "shape" in value else array.tolist()
     return list(value)
+
+
+def run_app(at: Any, timeout: float = 120) -> Any:
+    """Run a Streamlit AppTest and fail on any exception the page shows.
+
+    The server hides error details from users (config.toml); tests want them.
+    """
+    from streamlit import config as streamlit_config
+
+    streamlit_config.set_option("client.showErrorDetails", "full")
+    at.run(timeout=timeout)
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def plain_text(markdown: str) -> str:
+    """A message as the user reads it: the pages escape user strings for markdown."""
+    import re
+
+    return re.sub(r"\\(.)", r"\1", markdown)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
 from cmil_core.cohort_import import import_cohort
 from cmil_core.slides import file_sha256, open_slide
+from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -44,14 +44,6 @@ def study_db(db_path: Path, tmp_path: Path, fixtures_dir: Path, monkeypatch: pyt
     _study(db_path, tmp_path, fixtures_dir)
     monkeypatch.setenv("CMIL_DB", str(db_path))
     return db_path
-
-
-def _run(at: AppTest) -> AppTest:
-    # The server hides error details from users (config.toml); tests want them.
-    streamlit_config.set_option("client.showErrorDetails", "full")
-    at.run(timeout=60)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def test_overview_counts_equal_the_store(study_db: Path) -> None:

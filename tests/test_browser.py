@@ -8,24 +8,17 @@ tests are skipped, except in CI, where they fail.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
+import re
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
 
 from cmil_core.demo import generate_demo
+from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, ROOT
+from scripts.dashboard_server import DashboardServer as Server
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -35,45 +28,6 @@ if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
 
 from playwright.sync_api import Page, sync_playwright  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = _free_port()
-        self.url = f"http://localhost:{self.port}"
-        self.log = log
-        self._fh = open(log, "w")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py",
-             "--server.port", str(self.port), "--server.headless", "true"],
-            cwd=ROOT, env={**os.environ, **env}, stdout=self._fh, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"streamlit did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._fh.close()
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +88,163 @@ def test_first_launch_shows_progress_in_page_and_terminal(tmp_path: Path, browse
         assert (tmp_path / "data" / "cmil.duckdb").exists()
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------- every page
+
+ARTIFACTS = ROOT / "tests" / "artifacts" / "screenshots"
+# Screenshot names of the pages (by sidebar label, which is also the page's h1); a
+# page added later is visited too, under a name made from its label.
+PAGE_NAMES = {
+    "Study overview": "overview", "Cohorts": "cohorts", "Discrimination": "discrimination",
+    "Survival": "survival", "Patients": "patients", "Report": "report", "Models": "models",
+}
+NAV_LABELS = "[data-testid='stSidebarNavLink'] [data-testid='stMarkdownContainer']"
+
+
+def page_name(title: str) -> str:
+    return PAGE_NAMES.get(title) or re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+
+
+def wait_idle(page: Page, timeout: float = 60_000) -> None:
+    """Wait until the script run is over and stays over for half a second.
+
+    Streamlit marks its root with ``data-test-script-state`` (``running`` while a
+    script runs) and shows a "Running..." status widget on slow runs.
+    """
+    page.evaluate("window.__cmilIdle = 0")
+    page.wait_for_function(IDLE_JS, polling=100, timeout=timeout)
+
+
+def wait_drawn(page: Page, timeout: float = 60_000) -> None:
+    """Images loaded and every Plotly chart drawn."""
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('img')].every(i => i.complete && i.naturalWidth > 0)
+              && [...document.querySelectorAll("[data-testid='stPlotlyChart']")]
+                     .every(c => c.querySelector('.main-svg'))""",
+        polling=200, timeout=timeout,
+    )
+
+
+def assert_no_error(page: Page, where: str, log: Path | None = None) -> None:
+    """No exception box (the app hides its details: they go to the server's log)."""
+    if page.locator("[data-testid='stException']").count():
+        details = log.read_text()[-4000:] if log is not None else ""
+        raise AssertionError(f"{where} shows an exception; server log:\n{details}")
+    body = page.inner_text("body")
+    for bad in ("Traceback", "Page not found"):
+        assert bad not in body, f"{where}: {bad!r} on the page:\n{body[:3000]}"
+
+
+def open_page(page: Page, title: str) -> None:
+    """Click the page's sidebar link; wait for its title and for the run to end."""
+    page.locator("[data-testid='stSidebarNavLink']").filter(
+        has=page.get_by_text(title, exact=True)).click()
+    page.get_by_role("heading", name=title, exact=True, level=1).wait_for(timeout=60_000)
+    wait_idle(page)
+
+
+def full_screenshot(page: Page, path: Path) -> None:
+    """The whole page: Streamlit scrolls inside its main block, not the document."""
+    size = page.viewport_size
+    assert size is not None
+    height = page.evaluate(
+        """() => Math.max(document.body.scrollHeight, ...[...document.querySelectorAll(
+                 "[data-testid='stMain'], [data-testid='stAppViewContainer']")]
+                 .map(e => e.scrollHeight))""")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.set_viewport_size({"width": size["width"], "height": min(int(height), 12_000)})
+    try:
+        wait_drawn(page)
+        page.screenshot(path=str(path), full_page=True)
+    finally:
+        page.set_viewport_size(size)
+
+
+def test_every_page_in_the_browser(tmp_path: Path, browser_page: Page) -> None:
+    db = tmp_path / "cmil.duckdb"
+    generate_demo(db, size="small", seed=2)
+    server = Server({"CMIL_DB": str(db)}, tmp_path / "server.log")
+    page = browser_page
+    try:
+        page.goto(server.url)
+        page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
+        wait_idle(page, timeout=120_000)
+        titles = [t.strip() for t in page.locator(NAV_LABELS).all_inner_texts()]
+        assert set(PAGE_NAMES) <= set(titles), titles
+        # The overview (the default page) last, so that it too is reached by a click.
+        titles = [t for t in titles if t != "Study overview"] + ["Study overview"]
+        for title in titles:
+            name = page_name(title)
+            open_page(page, title)
+            if name == "patients":
+                patient_page(page, server.url)
+            elif name == "survival":
+                survival_cutoff(page)
+            elif name == "discrimination":
+                discrimination_downloads(page)
+            assert_no_error(page, title, server.log)
+            wait_drawn(page)
+            full_screenshot(page, ARTIFACTS / f"{name}.png")
+            assert_no_error(page, title, server.log)
+    finally:
+        server.stop()
+
+
+def patient_page(page: Page, url: str) -> None:
+    table = page.locator("[data-testid='stDataFrame']").first
+    table.wait_for()
+    # The grid is a canvas; its accessible twin (role=row/gridcell) gives the rows' text.
+    rows = table.locator("[role='row']")
+    rows.nth(2).wait_for(state="attached")
+    first = rows.nth(1).locator("[role='gridcell']").all_inner_texts()
+    second = rows.nth(2).locator("[role='gridcell']").all_inner_texts()
+    # Columns: Review, Cohort, Patient, ...; the header row and data rows are equally tall.
+    box = table.bounding_box()
+    assert box is not None
+    header = rows.nth(0).bounding_box()
+    row_h = header["height"] if header and header["height"] > 10 else 35
+    page.mouse.click(box["x"] + 15, box["y"] + row_h * 1.5)  # the first row's checkbox
+    page.wait_for_url(re.compile(r"[?&]patient="), timeout=30_000)
+    wait_idle(page)
+    heading = f"Patient {first[2]} · {first[1]}"
+    page.get_by_role("heading", name=heading).wait_for(timeout=30_000)
+    assert "patient=" + quote(f"{first[1]}/{first[2]}", safe="") in page.url
+    page.locator("[data-testid='stMetric']", has_text="cMIL score").wait_for()
+    page.locator("[data-testid='stImage']").first.wait_for(timeout=30_000)  # the heatmap
+    assert_no_error(page, "Patients (selected)")  # the loop checks again, with the log
+
+    # A shared link opens the patient directly (a fresh load of the page).
+    model = parse_qs(urlparse(page.url).query)["model"][0]
+    link = f"{url}/patients?patient={quote(second[1] + '/' + second[2])}&model={quote(model)}"
+    page.goto(link)
+    page.get_by_role("heading", name=f"Patient {second[2]} · {second[1]}").wait_for(timeout=60_000)
+    wait_idle(page)
+    assert second[2] in page.inner_text("body")
+    assert parse_qs(urlparse(page.url).query).get("model") == [model]
+
+
+def survival_cutoff(page: Page) -> None:
+    caption = page.locator("[data-testid='stCaptionContainer']", has_text="Risk groups:").first
+    assert "training median" not in caption.inner_text()
+    page.get_by_role("combobox", name="Risk-group cutoff, fixed on the training cohort").click()
+    page.get_by_role("option", name="training median").click()
+    wait_idle(page)
+    page.locator("[data-testid='stCaptionContainer']", has_text="training median").first.wait_for(
+        timeout=30_000)
+    assert "training median" in caption.inner_text()
+
+
+def discrimination_downloads(page: Page) -> None:
+    for label, check in (
+        ("PNG", lambda b: b.startswith(b"\x89PNG\r\n\x1a\n") and len(b) > 1000),
+        ("SVG", lambda b: b"<svg" in b and b"AUC" in b and b.lstrip().startswith(b"<?xml")),
+    ):
+        button = page.locator("[data-testid='stDownloadButton']", has_text=label).first
+        with page.expect_download(timeout=60_000) as info:
+            button.locator("button, a").first.click()
+        download = info.value
+        data = Path(download.path()).read_bytes()
+        assert check(data), f"{label} download {download.suggested_filename}: {data[:200]!r}"
+        assert download.suggested_filename.endswith("." + label.lower())
+    wait_idle(page)

@@ -196,6 +196,9 @@ def test_train_passes_aggregator_parameters(
         return "A-histogram-1"
 
     monkeypatch.setattr(modeling, "train", fake_train)
+    from cmil_core import store
+
+    store.open_store(tmp_path / "s.duckdb").close()  # train refuses a --db that names no store
     code = main(["train", "--db", str(tmp_path / "s.duckdb"), "--cohort", "A",
                  "--aggregator", "histogram", "--folds", "3", "--seed", "7",
                  "--param", "max_epochs=12", "--param", "lr=0.002", "--param", "n_bins=20"])

@@ -6,10 +6,14 @@ and leave the store exactly as it was.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st_
 
 from cmil_core import store
 from cmil_core.cli import main
@@ -291,3 +295,236 @@ def test_problems_frame_says_when_the_list_was_cut() -> None:
     assert len(frame) == MAX_PROBLEMS + 1
     assert "more problems not listed" in frame["problem"].iloc[-1]
     assert frame["row"].iloc[0] == 2 and pd.isna(frame["row"].iloc[-1])
+
+
+# --- property: random tables import exactly what is valid, or nothing ---------------------
+#
+# The oracle below re-states the README's table format independently of the
+# module (only the alias table and the missing-value words are shared, as they
+# are data, not logic): which columns are recognised, which cells are valid,
+# and what each valid cell becomes in the store.
+
+_KNOWN = ("patient_id", "bm_metastasis", "os_months", "os_event", "efs_months", "efs_event")
+_MISSING = {"", "na", "n/a", "nan", "null", "none", ".", "-", "?", "missing"}
+_YES = {"1", "1.0", "yes", "y", "positive", "pos", "true", "t", "+"}
+_NO = {"0", "0.0", "no", "n", "negative", "neg", "false", "f", "-"}
+# Characters that make hostile cells: separators, quotes, line breaks, control and
+# invisible characters, markup, formula starts, accents, digits of other scripts.
+_NASTY = ",;\t|\"' \r\n\x00\x07\x1b\u202e\u200b\ufeff<>=+-@#.éß漢٣\u2028"
+
+
+def _norm(name: str) -> str:
+    out = name.strip().lstrip("\ufeff").lower()
+    for ch in " .-/()":
+        out = out.replace(ch, "_")
+    while "__" in out:
+        out = out.replace("__", "_")
+    return out.strip("_")
+
+
+def _number(text: str, semicolon: bool) -> float:
+    """What a numeric cell means (ValueError when it is none); decimal commas with ';'."""
+    import re
+
+    if semicolon and re.fullmatch(r"[+-]?\d+,\d+", text):
+        text = text.replace(",", ".")
+    return float(text)
+
+
+def _bad_id(pid: str) -> bool:
+    import unicodedata
+
+    return (
+        len(pid) > 128
+        or any(unicodedata.category(c) in {"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"} for c in pid)
+        or pid.startswith(("=", "+", "-", "@"))
+        or "<" in pid or ">" in pid
+    )
+
+
+def _expected(header: list[str], rows: list[list[str]], semicolon: bool) -> list[dict] | None:
+    """The patients the table holds, or None when it must be refused."""
+    import math
+
+    from cmil_core.cohort_import import COLUMN_ALIASES
+
+    alias = {a: f for f, names in COLUMN_ALIASES.items() for a in names}
+    if any("\x00" in cell for cell in [*header, *(c for r in rows for c in r)]):
+        return None  # a NUL character anywhere: a binary file, not a table
+    names = [h.strip() for h in header]
+    normed = [_norm(h) for h in names]
+    if any(not n for n in names) or len(set(normed)) < len(normed):
+        return None
+    fields = [alias.get(n) for n in normed]
+    known = [f for f in fields if f]
+    if len(set(known)) < len(known) or "patient_id" not in known:
+        return None
+    rows = [[c.strip() for c in r] for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        return None
+    out, seen = [], set()
+    for cells in rows:
+        cell = {f: cells[i] for i, f in enumerate(fields) if f}
+        pid = cell["patient_id"]
+        if pid.lower() in _MISSING or _bad_id(pid) or pid in seen:
+            return None
+        seen.add(pid)
+        rec: dict = {"patient_id": pid}
+        label = cell.get("bm_metastasis", "").lower()
+        if label in _YES or label in _NO:
+            rec["bm_metastasis"] = 1 if label in _YES else 0
+        elif label in _MISSING:
+            rec["bm_metastasis"] = None
+        else:
+            return None
+        for prefix in ("os", "efs"):
+            t, e = cell.get(f"{prefix}_months", ""), cell.get(f"{prefix}_event", "")
+            time = event = None
+            if t.lower() not in _MISSING:
+                try:
+                    time = _number(t, semicolon)
+                except ValueError:
+                    return None
+                if not math.isfinite(time) or time < 0:
+                    return None
+            if e.lower() not in _MISSING:
+                if e not in ("0", "1", "0.0", "1.0"):
+                    return None
+                event = int(float(e))
+            if (time is None) != (event is None):
+                return None
+            rec[f"{prefix}_months"], rec[f"{prefix}_event"] = time, event
+        clinical: dict = {}
+        for i, f in enumerate(fields):
+            if f:
+                continue
+            text = cells[i]
+            value: object = None
+            if text.lower() not in _MISSING:
+                try:
+                    number = _number(text, semicolon)
+                except ValueError:
+                    value = text
+                else:
+                    if not math.isfinite(number):
+                        value = text
+                    elif number.is_integer() and "." not in text and "," not in text:
+                        value = int(number)
+                    else:
+                        value = number
+            clinical[names[i]] = value
+        rec["clinical"] = clinical
+        out.append(rec)
+    return out
+
+
+@st_.composite
+def _tables(draw: st_.DrawFn) -> tuple[bytes, list[str], list[list[str]], bool]:
+    """A clinical table as bytes, with the header and rows it was written from.
+
+    Each table draws how hostile it is: most cells are then valid values of
+    their column, the rest junk (any text, numbers, missing words, separators,
+    quotes, line breaks, control characters), so that both outcomes are common.
+    """
+    text = st_.text(alphabet=st_.one_of(st_.characters(codec="utf-8"), st_.sampled_from(_NASTY)),
+                    max_size=12)
+    number = st_.one_of(
+        st_.integers(0, 500).map(str),
+        st_.floats(0, 1e4, allow_nan=False).map(lambda x: f"{x:.3g}"),
+        st_.sampled_from(["12,5", "0.0", "1e3", "٣"]),
+    )
+    missing = st_.sampled_from(["", " ", "NA", "n/a", "nan", "NULL", "-", "?", "."])
+    junk = st_.one_of(text, missing, st_.sampled_from(
+        ["-3", "inf", "2", "yes", "12,5", "=1+1", "<b>x</b>", "P" * 130, "1e400", "P1"]))
+    valid = {
+        "bm_metastasis": st_.one_of(st_.sampled_from(sorted(_YES | _NO) + ["YES", "Pos"]), missing),
+        "event": st_.sampled_from(["0", "1", "1.0", "0.0"]),
+    }
+    known = draw(st_.lists(st_.sampled_from(_KNOWN[1:]), unique=True, max_size=5))
+    if draw(st_.integers(0, 9)) > 0:
+        known.insert(0, "patient_id")  # most tables have their id column
+    junk_names = draw(st_.lists(text.map(lambda s: s if s.strip() else f"c{s}"), max_size=3))
+    columns: list[tuple[str, str | None]] = [(k, k) for k in known]
+    columns += [(j, None) for j in junk_names]
+    columns = draw(st_.permutations(columns)) or [("patient_id", "patient_id")]
+    header = [draw(st_.sampled_from([name, name.upper(), f" {name} "])) if kind else name
+              for name, kind in columns]
+    junk_rate = draw(st_.sampled_from([0, 0, 5, 20]))  # percent of cells that are junk
+    rows = []
+    for i in range(draw(st_.integers(0, 6))):
+        pairs = {}
+        for prefix in ("os", "efs"):
+            pairs[prefix] = draw(st_.one_of(
+                st_.tuples(number, valid["event"]), st_.tuples(missing, missing)))
+        row = []
+        for _, kind in columns:
+            if draw(st_.integers(0, 99)) < junk_rate:
+                row.append(draw(junk))
+            elif kind == "patient_id":
+                row.append(draw(st_.sampled_from([f"P{i + 1}", f"NB-{i + 1:03d}", f"é{i}"])))
+            elif kind == "bm_metastasis":
+                row.append(draw(valid["bm_metastasis"]))
+            elif kind in ("os_months", "efs_months"):
+                row.append(pairs[kind.split("_")[0]][0])
+            elif kind in ("os_event", "efs_event"):
+                row.append(pairs[kind.split("_")[0]][1])
+            else:
+                row.append(draw(st_.one_of(text, number, missing)))
+        rows.append(row)
+    delimiter = draw(st_.sampled_from([",", ";", "\t"]))
+    quote_all = draw(st_.booleans())
+
+    def field(cell: str) -> str:
+        # RFC 4180 quoting; any line break (CR or LF) inside a cell is quoted.
+        if quote_all or any(ch in cell for ch in (delimiter, '"', "\r", "\n")):
+            return '"' + cell.replace('"', '""') + '"'
+        return cell
+
+    newline = draw(st_.sampled_from(["\n", "\r\n"]))
+    text_table = "".join(delimiter.join(map(field, r)) + newline for r in [header, *rows])
+    data = text_table.encode(draw(st_.sampled_from(["utf-8", "utf-8-sig"])))
+    return data, header, rows, delimiter == ";"
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated, empty store: each example imports into a fresh copy of it."""
+    path = tmp_path_factory.mktemp("template") / "cmil.duckdb"
+    store.open_store(path).close()
+    return path
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(table=_tables())
+def test_random_tables_import_exactly_what_is_valid_or_nothing(
+    empty_store: Path, table: tuple[bytes, list[str], list[list[str]], bool],
+) -> None:
+    data, header, rows, semicolon = table
+    expected = _expected(header, rows, semicolon)
+    with tempfile.TemporaryDirectory() as folder:
+        db = Path(folder) / "cmil.duckdb"
+        shutil.copyfile(empty_store, db)
+        csv_path = _write(Path(folder), "random.csv", data)
+        try:
+            import_cohort(db, "R", csv_path, role="train")
+        except InputError as exc:  # anything else fails the test
+            assert "\n" not in str(exc)
+            with store.open_store(db, read_only=True) as st:
+                assert not any(store.table_counts(st).values())  # nothing written
+            assert expected is None, f"a valid table was refused: {exc}"
+            event("refused")
+            return
+        assert expected is not None, "an invalid table was imported"
+        event(f"imported {len(expected)} patients")
+        with store.open_store(db, read_only=True) as st:
+            frame = store.patients_frame(st, "R")
+            counts = store.table_counts(st)
+    assert counts["patients"] == len(expected) and counts["cohorts"] == 1
+    got = {r["patient_id"]: r for r in frame.to_dict("records")}
+    assert set(got) == {e["patient_id"] for e in expected}
+    for e in expected:
+        row = got[e["patient_id"]]
+        for key in _KNOWN[1:]:
+            value = None if pd.isna(row[key]) else row[key]
+            assert value == e[key], (e["patient_id"], key, value, e[key])
+        assert row["clinical"] == e["clinical"]

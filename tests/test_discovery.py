@@ -37,13 +37,17 @@ def test_folder_rules_per_patient_folders_and_prefixes(tmp_path: Path) -> None:
     }
 
 
-def test_symlinks_out_of_the_folder_are_not_followed(tmp_path: Path) -> None:
+def test_symlinks_out_of_the_folder_are_refused(tmp_path: Path) -> None:
     outside = _touch(tmp_path / "secret" / "X_1.svs")
     root = tmp_path / "slides"
     _touch(root / "P1_a.svs")
     (root / "P9_link.svs").symlink_to(outside)
+    with pytest.raises(InputError, match=r"P9_link.svs: a symbolic link to .*outside the slide"):
+        discover_slides(root)
+    (root / "P9_link.svs").unlink()
+    (root / "P2_link.svs").symlink_to(root / "P1_a.svs")  # a link within the folder is fine
     _, sources = discover_slides(root)
-    assert [s.patient_id for s in sources] == ["P1"]
+    assert [s.patient_id for s in sources] == ["P1", "P2"]
 
 
 def test_manifest_decides_patients_and_resolution(tmp_path: Path) -> None:

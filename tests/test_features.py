@@ -223,6 +223,8 @@ def test_a_killed_writer_leaves_no_final_file(image_slide: Path, tmp_path: Path)
     table = pd.DataFrame({"patch_id": [1, 2], "x": [0, 128], "y": [0, 0], "size": [128, 128]})
     ff = slide_features(image_slide, table, enc, root, tiling_key="k")
     assert load_features(ff.path).features.shape == (2, 128)
+    # the killed writer is gone, so its leftover is stale: the rewrite removed it
+    assert [p.name for p in folder.iterdir()] == [ff.path.name]
 
 
 def test_corrupt_files_raise_and_are_recomputed(image_slide: Path, encoder: Encoder,

@@ -6,7 +6,6 @@ the page as a user does, and rerun it as its one-second fragment would.
 
 from __future__ import annotations
 
-import re
 import json
 import shutil
 import threading
@@ -18,26 +17,14 @@ from typing import Any
 import pandas as pd
 import pytest
 import streamlit as st
-from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import modeling, store
+from conftest import plain_text as _plain, run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 PAGE = "pages/models.py"
-
-
-def _plain(markdown: str) -> str:
-    """A message as the user reads it: the page escapes user strings for markdown."""
-    return re.sub(r"\\(.)", r"\1", markdown)
-
-
-def _run(at: AppTest) -> AppTest:
-    streamlit_config.set_option("client.showErrorDetails", "full")
-    at.run(timeout=60)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def _open(page: str = PAGE) -> AppTest:

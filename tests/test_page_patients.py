@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
 from cmil_core.cohort_import import import_cohort
 from cmil_core.patients import attention_patches, patient_list
+from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
@@ -27,13 +27,6 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     with store.open_store(db, read_only=True) as st:
         (model_id,) = store.list_models(st)["model_id"]
     return db, str(model_id)
-
-
-def _run(at: AppTest) -> AppTest:
-    streamlit_config.set_option("client.showErrorDetails", "full")
-    at.run(timeout=60)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def _open(db: Path, monkeypatch: pytest.MonkeyPatch, patient: str | None = None) -> AppTest:

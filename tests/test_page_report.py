@@ -8,22 +8,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from streamlit import config as streamlit_config
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
 from cmil_core.evaluation import roc_curves
+from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
-
-
-def _run(at: AppTest) -> AppTest:
-    # The server hides error details from users (config.toml); tests want them.
-    streamlit_config.set_option("client.showErrorDetails", "full")
-    at.run(timeout=120)
-    assert not at.exception, [e.value for e in at.exception]
-    return at
 
 
 def _page(db: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:

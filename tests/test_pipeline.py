@@ -155,6 +155,28 @@ def test_unknown_patients(db_path: Path, tmp_path: Path, fixtures_dir: Path) -> 
     assert "patient 'P9' (from the prefix rule) is not in cohort 'F'" in summary.slides[1].reason
 
 
+def test_one_file_is_one_slide_of_one_patient(
+    db_path: Path, tmp_path: Path, fixtures_dir: Path
+) -> None:
+    _cohort(db_path, tmp_path, "F", ["P1", "P2"])
+    folder = tmp_path / "f"
+    folder.mkdir()
+    photo = (fixtures_dir / "smears/bccd/BloodImage_00000.jpg").read_bytes()
+    (folder / "P1_a.jpg").write_bytes(photo)
+    (folder / "P1_copy.jpg").write_bytes(photo)
+    (folder / "P2_a.jpg").write_bytes(photo)  # the same slide, handed over for another patient
+    for _ in range(2):  # a rerun keeps the first registration as the original
+        summary = ingest(db_path, "F", folder, mpp=0.3)
+        outcome = {Path(s.path).name: s for s in summary.slides}
+        assert outcome["P1_a.jpg"].status in ("tiled", "skipped")
+        assert outcome["P1_copy.jpg"].status == outcome["P2_a.jpg"].status == "failed"
+        assert "is already slide 1 (P1_a.jpg) of patient 'P1' in cohort 'F'; a copy would count" \
+            in str(outcome["P1_copy.jpg"].reason)
+        assert "of patient 'P1' in cohort 'F'; refused for patient 'P2' in cohort 'F'" \
+            in str(outcome["P2_a.jpg"].reason)
+    assert len(_patches(db_path)) == outcome["P1_a.jpg"].patches
+
+
 def test_missing_cohort_and_bad_mpp(db_path: Path, tmp_path: Path, fixtures_dir: Path) -> None:
     store.open_store(db_path).close()
     with pytest.raises(InputError, match="cohort 'X' does not exist"):

@@ -122,3 +122,17 @@ def test_forest_figure_lists_a_separated_covariate_instead_of_drawing_it() -> No
     fig = forest_figure(result, title="t")
     assert list(fig.data[0].y) == ["cMIL high risk  ·  HR 1.85 (0.49-7.05), p = 0.370"]
     assert "age > 18 months" in fig.layout.annotations[-1].text
+
+
+def test_km_figure_says_when_the_hazard_ratio_cannot_be_estimated() -> None:
+    from lifelines.datasets import load_g3
+
+    from cmil_core.plots import km_figure
+    from cmil_core.survival import kaplan_meier_table, survival_analysis
+
+    g3 = load_g3()
+    curves = kaplan_meier_table(g3, "time", "event", "group")
+    result = survival_analysis(g3, "time", "event", group="group")
+    result["cox"] = {**result["cox"], "ci": [None, None]}  # as lifelines gives under separation
+    title = km_figure(curves, result, title="g3").layout.title.text
+    assert "HR RIT vs Control not estimable" in title

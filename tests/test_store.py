@@ -390,3 +390,143 @@ def test_audit_trail_records_actions_newest_first(db_path: Path) -> None:
     assert trail["action"].tolist() == ["train", "import"]
     assert trail["who"].tolist() == ["ben", "ana@example.org"]
     assert trail["cohort"].tolist()[1] == "A" and json.loads(trail["details"][1]) == {"patients": 3}
+
+
+# --- reading one patient's patches at scale (bench/scale.py) ---
+
+
+def _scored_study(st: store.Store, seed: int = 0) -> dict[int, str]:
+    """Slides 1, 3 of P1 and 2 of P2 (non-adjacent ids), scored by model m with ties and
+    missing values, scores written in a shuffled order; returns slide_id -> patient."""
+    from datetime import datetime
+
+    rng = np.random.default_rng(seed)
+    owners = {}
+    for path, patient in (("/1.tiff", "P1"), ("/2.tiff", "P2"), ("/3.tiff", "P1")):
+        sid = store.register_slide(st, cohort="A", patient_id=patient, path=path, sha256=path,
+                                   kind="k", width=9000, height=224, mpp=0.5, size_bytes=1)
+        store.write_slide_patches(st, sid, _patch_table(30), tiling_key="k", tiling={},
+                                  run_id=None)
+        owners[sid] = patient
+    store.add_model(st, store.ModelRow("m", datetime(2026, 1, 1), "attention", "smallcnn", "A",
+                                       {}, {}, "/models/m", 0.5))
+    ids = store.passed_patches(st, "A")["patch_id"].to_numpy()
+    attention = rng.choice([0.1, 0.2, 0.3, 0.5], ids.size)  # many ties
+    attention[rng.choice(ids.size, 5, replace=False)] = np.nan
+    order = rng.permutation(ids.size)
+    patches = pd.DataFrame({"patch_id": ids[order], "probability": rng.random(ids.size)[order],
+                            "attention": attention[order], "attention_raw": attention[order]})
+    patients = pd.DataFrame({"patient_id": ["P1", "P2"], "score": [0.7, 0.2],
+                             "risk_group": ["high", "low"]})
+    store.write_scores(st, "m", "A", patients, patches)
+    return owners
+
+
+def _brute_force(frame: pd.DataFrame, by: str, k: int) -> tuple[list[int], list[int]]:
+    """Top k by (by desc, patch id), then the k lowest (by asc, patch id) of the rest."""
+    valued = frame[frame[by].notna()]
+    top = valued.sort_values([by, "patch_id"], ascending=[False, True]).head(k)
+    rest = valued[~valued["patch_id"].isin(top["patch_id"])]
+    bottom = rest.sort_values([by, "patch_id"], ascending=[True, True]).head(k)
+    return top["patch_id"].tolist(), bottom["patch_id"].tolist()
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 15, 16, 40])
+def test_extreme_patches_equal_a_brute_force_ranking(db_path: Path, k: int) -> None:
+    with open_store(db_path) as st:
+        owners = _scored_study(st)
+        p1 = [s for s, p in owners.items() if p == "P1"]
+        everything = store.scored_patches_frame(st, "m", cohort="A", patient_id="P1")
+        assert set(everything["slide_id"]) == set(p1)  # not P2's slide in between
+        for by in ("attention", "probability"):
+            top, bottom, scored = store.extreme_patches(st, "m", p1, by=by, k=k)
+            want_top, want_bottom = _brute_force(everything, by, k)
+            assert top["patch_id"].tolist() == want_top
+            assert bottom["patch_id"].tolist() == want_bottom
+            assert scored == len(everything) == 30  # 15 kept patches on each of 2 slides
+            assert list(top.columns) == list(everything.columns)
+            row = everything.set_index("patch_id").loc[top["patch_id"].iloc[0]]
+            assert top[["slide_id", "x", "y", "size"]].iloc[0].tolist() == [
+                row["slide_id"], row["x"], row["y"], row["size"]]
+        one = store.extreme_patches(st, "m", [p1[1]], by="attention", k=k)[0]
+        assert set(one["slide_id"]) <= {p1[1]}
+
+
+def test_extreme_patches_without_values_or_scores(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        owners = _scored_study(st)
+        p2 = [s for s, p in owners.items() if p == "P2"]
+        ids = store.scored_patches_frame(st, "m", slide_id=p2[0])["patch_id"]
+        none = pd.DataFrame({"patch_id": ids, "probability": 0.5, "attention": np.nan,
+                             "attention_raw": np.nan})
+        store.write_scores(st, "m", "A", pd.DataFrame(
+            {"patient_id": ["P2"], "score": [0.2], "risk_group": ["low"]}), none)
+        top, bottom, scored = store.extreme_patches(st, "m", p2, by="attention", k=4)
+        assert top.empty and bottom.empty and scored == len(ids) > 0  # scored, no attention
+        assert store.extreme_patches(st, "m", p2, by="probability", k=4)[0].shape[0] == 4
+        assert store.extreme_patches(st, "other", p2, by="attention", k=4)[2] == 0
+        assert store.extreme_patches(st, "m", [], by="attention", k=4)[2] == 0
+        with pytest.raises(ValueError, match="entropy"):
+            store.extreme_patches(st, "m", p2, by="entropy", k=4)
+
+
+def test_slide_patches_accept_missing_reasons_of_any_kind(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        sid = store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
+                                   kind="k", width=1000, height=224, mpp=0.5, size_bytes=1)
+        for reasons in ([None, None, None], [np.nan, np.nan, np.nan],
+                        pd.array(["blurred", pd.NA, None], dtype="string")):
+            table = _patch_table(3)
+            table["qc_reason"] = reasons
+            table["x"] = table["x"].astype("Int32")
+            store.write_slide_patches(st, sid, table, tiling_key="k", tiling={}, run_id=None)
+            frame = store.patches_frame(st, sid)
+            assert frame["qc_reason"].isna().sum() == sum(pd.isna(r) for r in reasons)
+            assert frame["x"].tolist() == [0, 224, 448]
+
+
+def test_slide_patches_write_is_all_or_nothing(db_path: Path) -> None:
+    with open_store(db_path) as st:
+        sid = store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
+                                   kind="k", width=1000, height=224, mpp=0.5, size_bytes=1)
+        store.write_slide_patches(st, sid, _patch_table(3), tiling_key="k1", tiling={},
+                                  run_id=None)
+        bad = _patch_table(4)
+        bad["x"] = pd.array([0, None, 448, 672], dtype="Int32")  # x is NOT NULL
+        with pytest.raises(duckdb.ConstraintException):
+            store.write_slide_patches(st, sid, bad, tiling_key="k2", tiling={}, run_id=None)
+        # The failed write deleted nothing and changed nothing.
+        assert len(store.patches_frame(st, sid)) == 3
+        assert store.find_slide(st, "A", "/a.tiff").tiling_key == "k1"  # type: ignore[union-attr]
+        assert store.write_slide_patches(st, sid, _patch_table(0), tiling_key="k3", tiling={},
+                                         run_id=None) == 0
+        assert store.patches_frame(st, sid).empty
+        assert store.find_slide(st, "A", "/a.tiff").status == "tiled"  # type: ignore[union-attr]
+
+
+def test_scores_write_is_all_or_nothing(db_path: Path) -> None:
+    from datetime import datetime
+
+    with open_store(db_path) as st:
+        store.import_patients(st, "A", _patients(), role="train", center=None)
+        sid = store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
+                                   kind="k", width=1000, height=224, mpp=0.5, size_bytes=1)
+        store.write_slide_patches(st, sid, _patch_table(4), tiling_key="k", tiling={}, run_id=None)
+        store.add_model(st, store.ModelRow("m1", datetime(2026, 1, 1), "attention", "smallcnn",
+                                           "A", {}, {}, "/models/m1", 0.5))
+        ids = store.passed_patches(st, "A")["patch_id"]
+        patients = pd.DataFrame({"patient_id": ["P1"], "score": [0.9], "risk_group": ["high"]})
+        patches = pd.DataFrame({"patch_id": ids, "probability": [0.8, 0.2],
+                                "attention": [0.7, 0.3], "attention_raw": [1.0, 0.1]})
+        store.write_scores(st, "m1", "A", patients, patches)
+        twice = pd.concat([patches, patches])  # the same patch twice: the key refuses it
+        with pytest.raises(duckdb.ConstraintException):
+            store.write_scores(st, "m1", "A", patients.assign(score=0.1), twice)
+        kept = store.scored_patches_frame(st, "m1", slide_id=sid)
+        assert kept["probability"].tolist() == [0.8, 0.2]
+        assert store.patient_scores_frame(st, "m1")["score"].tolist() == [0.9]
+        # Nullable columns from pandas: missing values are stored as NULL and read as NaN.
+        store.write_scores(st, "m1", "A", patients, patches.assign(
+            attention=pd.array([0.5, None], dtype="Float64")))
+        assert store.scored_patches_frame(st, "m1", slide_id=sid)["attention"].isna().tolist() \
+            == [False, True]

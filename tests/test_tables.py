@@ -20,6 +20,7 @@ from cmil_core.tables import parse_number, read_table
         ("patient_id|age\nP1|3\nP2|4\n", "utf-8", "|"),
         ("patient_id;ville\nP1;Orléans\nP2;Besançon\n", "latin-1", ";"),
         ("patient_id,age\r\nP1,3\r\nP2,4\r\n", "utf-8", ","),  # Windows line ends
+        ("patient_id\tage\r\nP1\t3\r\nP2\t4\r\n", "utf-16", "\t"),  # Excel "Unicode text"
     ],
 )
 def test_reads_common_exports(tmp_path: Path, content: str, encoding: str, delimiter: str) -> None:
@@ -57,6 +58,11 @@ def test_blank_lines_are_skipped_and_rows_keep_file_line_numbers(tmp_path: Path)
         (b"  \n\n", "t.csv: the file is empty"),
         (b"\x89PNG\r\n\x1a\n\x00\x00\x00", "not a text table"),
         (b"patient_id,age\nP1,3,4\n", "t.csv: row 2 has 3 fields, the header has 2"),
+        (b"patient_id,age\nP1,\"3\nP2,4\n", "t.csv: row 2: a quote opened in this row is never"),
+        (b"\x1f\x8b\x08\x00", "t.csv: this is not a text table: it is a gzip-compressed file"),
+        (b"PK\x03\x04", "it is a zip archive \\(an Excel .xlsx workbook is one\\)"),
+        ("patient_id,age\nP1,3\n".encode("utf-16-le"), "UTF-16 text needs its byte-order mark"),
+        (b",".join([b"c"] * 10_001), "the header has about 10001 columns; at most 10000"),
     ],
 )
 def test_refuses_unreadable_tables(tmp_path: Path, data: bytes, message: str) -> None:
