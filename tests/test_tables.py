@@ -45,6 +45,14 @@ def test_quoted_cells_keep_separators(tmp_path: Path) -> None:
     assert read_table(f).rows == [["P1", "a, b"], ["P2", 'say "hi"']]
 
 
+def test_only_cr_and_lf_end_a_line() -> None:
+    # A form feed or a Unicode line separator inside a cell is not a line break
+    # (the separator is still sniffed right; found by the property test of cohort_import).
+    table = read_table("t.csv", data="a\x0c;b\u2028c;id\n1;2;P1\n".encode(), name="t.csv")
+    assert (table.delimiter, table.header, table.rows) == (";", ["a", "b\u2028c", "id"],
+                                                           [["1", "2", "P1"]])  # cells stripped
+
+
 def test_blank_lines_are_skipped_and_rows_keep_file_line_numbers(tmp_path: Path) -> None:
     f = tmp_path / "t.csv"
     f.write_text("patient_id,age\nP1,3\n\nP2,4\n")
