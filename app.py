@@ -150,7 +150,21 @@ def main() -> None:
             st.Page("pages/audit.py", title="Audit trail", icon="🧾", url_path="audit"),
         ]
     nav = st.navigation({name: pages for name, pages in sections.items() if pages})
-    nav.run()
+    notice = st.empty()  # at the top of the page: filled once the page has read the store
+    try:
+        nav.run()
+    except _common.StoreUnavailable as exc:
+        # A read this page had never made before, while another process writes.
+        st.warning(f"The store is busy, this page will retry in a few seconds: {exc}")
+        _retry_when_free()
+    with notice.container():
+        _common.stale_notice()
+
+
+@st.fragment(run_every=3.0)
+def _retry_when_free() -> None:
+    if _common.store_state() == "ready":
+        st.rerun(scope="app")
 
 
 # Streamlit runs this file as __main__. The demo's worker processes (spawn)

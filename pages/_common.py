@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,47 @@ def cached(name: str, _func: Callable[[store_mod.Store], Any], db: str, stamp: t
     return read(_func)
 
 
+@st.cache_resource
+def _last_good() -> dict[tuple[str, str], tuple[float, Any]]:
+    """The last result of each query, per store: served while another process writes."""
+    return {}
+
+
+STALE = "store_stale_since"
+
+
 def query(name: str, func: Callable[[store_mod.Store], T]) -> T:
-    return cached(name, func, str(db_path()), fingerprint())  # type: ignore[no-any-return]
+    """``func`` on the store, cached until the store changes.
+
+    While another process holds the store for writing (a command-line job
+    between two short transactions), the last finished result of the same
+    query is served instead and the page says so (:func:`stale_notice`):
+    readers keep working and see only finished results. With no earlier
+    result, :class:`StoreUnavailable` propagates (the app shows its busy page).
+    """
+    db = str(db_path())
+    try:
+        value = cached(name, func, db, fingerprint())
+    except StoreUnavailable:
+        last = _last_good().get((db, name))
+        if last is None:
+            raise
+        st.session_state[STALE] = last[0]
+        return last[1]  # type: ignore[no-any-return]
+    _last_good()[(db, name)] = (time.time(), value)
+    return value  # type: ignore[no-any-return]
+
+
+def stale_notice() -> None:
+    """Say, once per run, that results come from before a write still in progress."""
+    since = st.session_state.pop(STALE, None)
+    if since is not None:
+        st.info(
+            "Another process is writing to the store right now (a command-line job): "
+            f"these are the results as they were at {time.strftime('%H:%M:%S', time.localtime(since))}. "
+            "The page shows the new ones once that write is finished.",
+            icon=":material/history:",
+        )
 
 
 def store_state() -> str:

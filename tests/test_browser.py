@@ -248,3 +248,87 @@ def discrimination_downloads(page: Page) -> None:
         assert check(data), f"{label} download {download.suggested_filename}: {data[:200]!r}"
         assert download.suggested_filename.endswith("." + label.lower())
     wait_idle(page)
+
+
+def test_eight_sessions_keep_reading_while_a_command_line_job_writes(tmp_path: Path) -> None:
+    """Issue 7's concurrency scheme, for real: 8 browser sessions on one server read
+    every page while `train` then `score` run in another process on the same store.
+
+    The scheme: the dashboard opens the store only for the moment of each read;
+    the command-line job holds it only for its short transactions (never while
+    the CNN or the aggregator runs); a read that meets a write in progress gets
+    the last finished result of the same query, with a notice. No session may
+    show an exception, a "database is locked" message or the busy page; once
+    the job is done, a session sees the new model.
+    """
+    import subprocess
+    import sys
+    import threading
+
+    from playwright.sync_api import sync_playwright
+
+    from cmil_core import store
+
+    db = tmp_path / "cmil.duckdb"
+    generate_demo(db, size="small", seed=2)
+    with store.open_store(db, read_only=True) as st:
+        before = set(store.list_models(st)["model_id"])
+    server = Server({"CMIL_DB": str(db)}, tmp_path / "server.log")
+    titles = ["Study overview", "Discrimination", "Survival", "Patients", "Models"]
+    log = tmp_path / "writer.log"
+    writer_rc: list[int] = []
+
+    def write() -> None:
+        # train prints the new model id last; then score every cohort with it.
+        with open(log, "w") as out:
+            train = subprocess.run(
+                [sys.executable, "-m", "cmil_core", "train", "--db", str(db), "--cohort",
+                 "training", "--aggregator", "histogram", "--folds", "3", "--seed", "4"],
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=out, text=True, check=False)
+            writer_rc.append(train.returncode)
+            if train.returncode == 0:
+                model = train.stdout.strip().splitlines()[-1]
+                writer_rc.append(subprocess.run(
+                    [sys.executable, "-m", "cmil_core", "score", "--db", str(db), "--model", model],
+                    cwd=ROOT, stdout=out, stderr=out, check=False).returncode)
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            pages = [browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+                     for _ in range(8)]
+            for page in pages:  # every session open, every page read once: caches warm
+                page.goto(server.url)
+                page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
+                wait_idle(page, timeout=120_000)
+            for title in titles[1:]:
+                open_page(pages[0], title)
+            writer = threading.Thread(target=write)
+            writer.start()
+            visits = 0
+            while writer.is_alive() or visits < 16:
+                for k, page in enumerate(pages):
+                    title = titles[(visits + k) % len(titles)]
+                    open_page(page, title)
+                    assert_no_error(page, f"session {k}, {title}", server.log)
+                    body = page.inner_text("body")
+                    assert "database is locked" not in body.lower(), body[:2000]
+                    assert "The store is busy" not in body, f"session {k}, {title}"
+                    visits += 1
+            writer.join()
+            assert writer_rc == [0, 0], log.read_text()[-3000:]
+            with store.open_store(db, read_only=True) as st:
+                (new,) = set(store.list_models(st)["model_id"]) - before
+                scored = store.patient_scores_frame(st, new)
+            assert len(scored) == 30  # every patient of the small demo
+            # Every session sees the finished result on its next run.
+            for page in pages:
+                open_page(page, "Models")
+                wait_idle(page)
+                assert new in page.inner_text("body")
+            browser.close()
+    finally:
+        server.stop()
+    writer_log = log.read_text()
+    assert "Traceback" not in writer_log and "locked" not in writer_log.lower(), writer_log
+    assert visits >= 16
