@@ -137,6 +137,7 @@ __all__ = [
     "extract",
     "load_encoder",
     "preprocess",
+    "set_threads",
 ]
 
 #: Bump when a change of this module changes the features of an unchanged spec
@@ -482,6 +483,14 @@ def _use_all_cores() -> None:
             _threads_set = True
 
 
+def set_threads(n: int) -> None:
+    """Use ``n`` intra-op threads in this process (a worker sharing the cores with others)."""
+    global _threads_set
+    with _threads_lock:
+        torch.set_num_threads(max(1, int(n)))
+        _threads_set = True
+
+
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -561,9 +570,12 @@ class Encoder:
     patches per forward pass inside :meth:`embed` (bounds memory).
     """
 
-    def __init__(self, module: nn.Module, spec: EncoderSpec, *, batch_size: int = 64) -> None:
+    def __init__(
+        self, module: nn.Module, spec: EncoderSpec, *, batch_size: int = 64, device: str = "cpu"
+    ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size={batch_size!r} must be a positive integer.")
+        self.device = torch.device(device)
         self.module = module.eval()
         for param in self.module.parameters():  # ScriptModules lack requires_grad_()
             param.requires_grad_(False)
@@ -585,7 +597,7 @@ class Encoder:
         Shares ``module`` and its inference copy; the spec (and key) change.
         """
         twin = Encoder(self.module, replace(self.spec, precision=_resolve_precision(precision)),
-                       batch_size=self.batch_size)
+                       batch_size=self.batch_size, device=str(self.device))
         twin._fast = self._fast
         return twin
 
@@ -593,8 +605,16 @@ class Encoder:
         """The inference copy :meth:`embed` runs (built on first call)."""
         with self._fast_lock:
             if self._fast is None:
-                self._fast = _fast_module(self.module, self.spec.torchscript)
+                self._fast = _fast_module(self.module, self.spec.torchscript).to(self.device)
             return self._fast
+
+    def to(self, device: str) -> Encoder:
+        """The same network running on ``device`` (``"cpu"``, ``"cuda:0"``, ...); same spec.
+
+        On a GPU, ``bf16`` runs under CUDA autocast; features agree with the
+        CPU's to float rounding, not bit for bit.
+        """
+        return Encoder(self.module, self.spec, batch_size=self.batch_size, device=device)
 
     def embed(self, batch: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         """Embeddings float32 ``[B, embed_dim]`` of uint8 patches ``[B, H, W, 3]``.
@@ -607,10 +627,12 @@ class Encoder:
         fast = self.fast_module()
         out = np.empty((arr.shape[0], self.spec.embed_dim), dtype=np.float32)
         bf16 = self.spec.precision == "bf16"
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        kind = self.device.type
+        with torch.inference_mode(), torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, arr.shape[0], self.batch_size):
                 chunk = arr[start : start + self.batch_size]
-                y = fast(preprocess(chunk, self.spec))
+                x = preprocess(chunk, self.spec)
+                y = fast(x if kind == "cpu" else x.to(self.device, non_blocking=True))
                 if not isinstance(y, torch.Tensor) or tuple(y.shape) != (
                     chunk.shape[0], self.spec.embed_dim,
                 ):
@@ -619,7 +641,7 @@ class Encoder:
                         f"encoder {self.spec.key} returned {got} for {chunk.shape[0]} patches; "
                         f"expected [{chunk.shape[0]}, {self.spec.embed_dim}]."
                     )
-                out[start : start + chunk.shape[0]] = y.float().numpy()
+                out[start : start + chunk.shape[0]] = y.float().cpu().numpy()
         return out
 
 

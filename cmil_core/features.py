@@ -68,6 +68,7 @@ import platform
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
@@ -91,7 +92,10 @@ __all__ = [
     "PATCH_COLUMNS",
     "FeatureFile",
     "feature_path",
+    "SlideTask",
+    "default_processes",
     "load_features",
+    "precompute",
     "settings_key",
     "slide_features",
 ]
@@ -446,3 +450,95 @@ def slide_features(
     }
     _write_atomic(path, arrays)
     return FeatureFile(path=path, features=features, patch_ids=ids, coords=coords, meta=meta)
+
+
+# --------------------------------------------------------------------------- many slides at once
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """One slide's share of a cohort's extraction (the arguments of :func:`slide_features`)."""
+
+    path: str
+    patches: pd.DataFrame
+    tiling_key: str
+    mpp: float | None
+    sha256: str | None
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_start(spec: dict[str, Any], devices: Any, threads: int) -> None:
+    """Each worker process: its own encoder, on the next free device, with its share of cores."""
+    from cmil_core.encoders import encoder_from_spec, set_threads
+
+    set_threads(threads)
+    device = devices.get() if devices is not None else "cpu"
+    _WORKER["encoder"] = encoder_from_spec(spec).to(device)
+
+
+def _worker_run(task: SlideTask, root: str) -> str:
+    slide_features(task.path, task.patches, _WORKER["encoder"], root,
+                   tiling_key=task.tiling_key, mpp=task.mpp, slide_sha256=task.sha256,
+                   workers=1)
+    return task.path
+
+
+def default_processes() -> int:
+    """Extraction processes: one per GPU where there are GPUs, else ``$CMIL_EXTRACT_PROCESSES`` or 1."""
+    import torch
+
+    env = os.environ.get("CMIL_EXTRACT_PROCESSES", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise InputError(f"CMIL_EXTRACT_PROCESSES={env!r} is not a whole number") from None
+    return torch.cuda.device_count() or 1
+
+
+def precompute(
+    tasks: list[SlideTask],
+    encoder: Encoder,
+    root: str | os.PathLike[str],
+    *,
+    processes: int,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> None:
+    """Write the missing feature files of many slides with ``processes`` worker processes.
+
+    The queue is the set of feature files itself: a slide whose file exists
+    is skipped, each file is written atomically, so a killed run resumes
+    where it stopped. Workers take a GPU each where there are GPUs (one
+    process per GPU), else share the CPU cores evenly. With ``processes``
+    of 1, or one slide to do, nothing is spawned: the caller's loop computes
+    the files itself. ``encoder`` must be rebuildable from its spec (weights
+    from a local file, or a seeded initialisation).
+    """
+    import multiprocessing
+
+    import torch
+
+    from cmil_core.encoders import available_cores
+
+    todo = [t for t in tasks if not feature_path(
+        root, encoder.spec.key, t.sha256 or file_sha256(t.path), t.tiling_key).exists()]
+    if processes <= 1 or len(todo) <= 1:
+        return
+    processes = min(processes, len(todo))
+    context = multiprocessing.get_context("spawn")
+    gpus = torch.cuda.device_count()
+    devices = None
+    if gpus:
+        devices = context.Manager().Queue()
+        for k in range(processes):
+            devices.put(f"cuda:{k % gpus}")
+    threads = max(1, available_cores() // processes)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_worker_start,
+                             initargs=(encoder.spec.to_dict(), devices, threads)) as pool:
+        futures = [pool.submit(_worker_run, t, str(root)) for t in todo]
+        for done, future in enumerate(as_completed(futures), start=1):
+            path = future.result()
+            if progress is not None:
+                progress(done, len(todo), Path(path).name)

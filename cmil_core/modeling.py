@@ -75,36 +75,56 @@ def _features_root(db: store_mod.Store | str | os.PathLike[str]) -> Path:
     return _store_dir(db) / "features"
 
 
-def cohort_bags(
-    st: store_mod.Store,
-    cohort: str,
+@dataclass
+class _CohortInputs:
+    """What embedding a cohort needs from the store, read in one short visit."""
+
+    cohort: str
+    patches: pd.DataFrame
+    patients: pd.DataFrame
+    features_root: Path
+
+
+def _cohort_inputs(st: store_mod.Store, cohort: str) -> _CohortInputs:
+    return _CohortInputs(cohort, store_mod.passed_patches(st, cohort),
+                         store_mod.patients_frame(st, cohort), _features_root(st))
+
+
+def _embed(
+    inputs: _CohortInputs,
     encoder: encoders.Encoder,
-    *,
-    progress: ProgressCallback = no_progress,
-    stage: tuple[str, int, int] = ("features", 1, 1),
-) -> Bags:
-    """Embed (or reuse the feature files of) a cohort's passed patches, grouped by patient."""
-    patches = store_mod.passed_patches(st, cohort)
-    patients = store_mod.patients_frame(st, cohort)
-    root = _features_root(st)
+    progress: ProgressCallback,
+    stage: tuple[str, int, int],
+) -> tuple[Bags, list[int]]:
+    """Embed (or reuse the feature files of) the patches; no store needed. Returns the slide ids too."""
     name, index, stages = stage
-    by_slide = list(patches.groupby("slide_id", sort=True))
+    by_slide = list(inputs.patches.groupby("slide_id", sort=True))
+    processes = features.default_processes()
+    if processes > 1:  # several slides at once; the loop below then reads the files back
+        tasks = [features.SlideTask(
+            str(rows.iloc[0]["path"]), rows[["patch_id", "x", "y", "size"]],
+            str(rows.iloc[0]["tiling_key"]), float(rows.iloc[0]["mpp"]),
+            str(rows.iloc[0]["sha256"])) for _, rows in by_slide]
+        features.precompute(
+            tasks, encoder, inputs.features_root, processes=processes,
+            progress=lambda done, total, what: progress(
+                Progress(name, index, stages, done, total, f"{what} ({processes} processes)")),
+        )
     per_patient: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     for done, (slide_id, rows) in enumerate(by_slide):
         first = rows.iloc[0]
         progress(Progress(name, index, stages, done, len(by_slide), Path(first["path"]).name))
         ff = features.slide_features(
-            first["path"], rows[["patch_id", "x", "y", "size"]], encoder, root,
+            first["path"], rows[["patch_id", "x", "y", "size"]], encoder, inputs.features_root,
             tiling_key=str(first["tiling_key"]), mpp=float(first["mpp"]),
             slide_sha256=str(first["sha256"]),
         )
         per_patient.setdefault(str(first["patient_id"]), []).append(
             (np.asarray(ff.features), np.asarray(ff.patch_ids))
         )
-    progress(Progress(name, index, stages, len(by_slide), len(by_slide), cohort))
-    store_mod.set_slides_status(st, [int(s) for s, _ in by_slide], "encoded")
+    progress(Progress(name, index, stages, len(by_slide), len(by_slide), inputs.cohort))
     ids, labels, bags, pids, missing = [], [], [], [], []
-    for row in patients.itertuples():
+    for row in inputs.patients.itertuples():
         parts = per_patient.get(row.patient_id)
         if not parts:
             missing.append(row.patient_id)
@@ -113,7 +133,29 @@ def cohort_bags(
         labels.append(None if pd.isna(row.bm_metastasis) else int(row.bm_metastasis))
         bags.append(np.concatenate([f for f, _ in parts]).astype(np.float32))
         pids.append(np.concatenate([p for _, p in parts]))
-    return Bags(cohort, ids, labels, bags, pids, missing)
+    return Bags(inputs.cohort, ids, labels, bags, pids, missing), [int(s) for s, _ in by_slide]
+
+
+def cohort_bags(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    encoder: encoders.Encoder,
+    *,
+    progress: ProgressCallback = no_progress,
+    stage: tuple[str, int, int] = ("features", 1, 1),
+) -> Bags:
+    """Embed (or reuse the feature files of) a cohort's passed patches, grouped by patient.
+
+    Given a path, the store is opened only to read the patches and, at the
+    end, to mark the slides ``encoded``: not while the CNN runs, so that
+    other processes (the dashboard) can read it meanwhile.
+    """
+    with store_mod.using(db, read_only=True) as st:
+        inputs = _cohort_inputs(st, cohort)
+    bags, slide_ids = _embed(inputs, encoder, progress, stage)
+    with store_mod.using(db) as st:
+        store_mod.set_slides_status(st, slide_ids, "encoded")
+    return bags
 
 
 def _versions() -> dict[str, str]:
@@ -144,94 +186,93 @@ def train(
     if aggregator not in ("histogram", "attention"):
         raise InputError(f"--aggregator {aggregator!r} is not histogram or attention")
     enc = encoders.load_encoder(encoder, weights, seed=seed)
-    own = not isinstance(db, store_mod.Store)
-    st = store_mod.open_store(db) if own else db  # type: ignore[arg-type]
-    try:
-        cohorts = {c.cohort: c for c in store_mod.list_cohorts(st)}
-        if cohort not in cohorts:
+    # The store is held only for each read and write, never while the CNN or
+    # the aggregator runs: the dashboard and other readers keep working.
+    with store_mod.using(db, read_only=True) as st:
+        if cohort not in {c.cohort for c in store_mod.list_cohorts(st)}:
             raise InputError(f"cohort '{cohort}' does not exist in {st.path}")
-        stages = 3
-        data = cohort_bags(st, cohort, enc, progress=progress, stage=("features", 1, stages))
-        labelled = [i for i, y in enumerate(data.labels) if y is not None]
-        bags = [data.bags[i] for i in labelled]
-        labels = [int(data.labels[i]) for i in labelled]  # type: ignore[arg-type]
-        if len(set(labels)) < 2:
-            raise InputError(
-                f"cohort '{cohort}' needs patients of both classes with patches to train on "
-                f"(has {sum(labels)} positive and {len(labels) - sum(labels)} negative)"
-            )
-
-        def report(stage: str, index: int) -> Any:
-            def cb(done: int, total: int, message: str = "") -> None:
-                progress(Progress(stage, index, stages, done, total, message))
-            return cb
-
-        smaller = min(sum(labels), len(labels) - sum(labels))
-        if smaller < 2 or folds < 2:
-            raise InputError(
-                f"cohort '{cohort}': cross-validation needs --folds >= 2 and at least 2 patients "
-                f"of each class with patches (the smaller class has {smaller})"
-            )
-        k = min(folds, smaller)  # stratified folds need a patient of each class in each fold
-        cv = mil.cross_validate(
-            aggregator, bags, labels, k=k, seed=seed, params=params,
-            progress=report("cross-validation", 2),
+        tiling = _tiling_settings(st, cohort)
+    folder_root = _store_dir(db) / "models"
+    stages = 3
+    data = cohort_bags(db, cohort, enc, progress=progress, stage=("features", 1, stages))
+    labelled = [i for i, y in enumerate(data.labels) if y is not None]
+    bags = [data.bags[i] for i in labelled]
+    labels = [int(data.labels[i]) for i in labelled]  # type: ignore[arg-type]
+    if len(set(labels)) < 2:
+        raise InputError(
+            f"cohort '{cohort}' needs patients of both classes with patches to train on "
+            f"(has {sum(labels)} positive and {len(labels) - sum(labels)} negative)"
         )
-        model = mil.make_aggregator(aggregator, **(params or {})).fit(
-            bags, labels, seed=seed, progress=report("training", 3)
+
+    def report(stage: str, index: int) -> Any:
+        def cb(done: int, total: int, message: str = "") -> None:
+            progress(Progress(stage, index, stages, done, total, message))
+        return cb
+
+    smaller = min(sum(labels), len(labels) - sum(labels))
+    if smaller < 2 or folds < 2:
+        raise InputError(
+            f"cohort '{cohort}': cross-validation needs --folds >= 2 and at least 2 patients "
+            f"of each class with patches (the smaller class has {smaller})"
         )
-        cutoff = float(youden_cutoff(np.asarray(labels), cv.oof_scores))
-        if not np.isfinite(cutoff):
-            cutoff = 0.5
-        created = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
-        model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}"
-        folder = artifact_dir(st, model_id)
-        suffix = 1
-        while folder.exists():
-            suffix += 1
-            model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}-{suffix}"
-            folder = artifact_dir(st, model_id)
-        training_ids = [data.patient_ids[i] for i in labelled]
-        config = {
-            "model_id": model_id,
-            "aggregator": aggregator,
-            "aggregator_config": model.config(),
-            "encoder": enc.spec.to_dict(),
-            "encoder_key": enc.spec.key,
-            "train_cohort": cohort,
-            "seed": seed,
-            "cutoff": cutoff,
-            "cutoff_method": "youden on out-of-fold training scores",
-            "tiling": _tiling_settings(st, cohort),
-            "cv": {
-                "k": len(cv.folds), "auc": cv.auc, "fold_aucs": cv.fold_aucs,
-                "folds": [[training_ids[i] for i in fold] for fold in cv.folds],
-            },
-            "patients": {"trained_on": len(labels), "without_patches": data.missing},
-            "versions": _versions(),
-        }
-        # Crash safety: the folder is filled under a temporary name and renamed
-        # into place, then the row is inserted. A kill before the rename leaves
-        # a stale temporary folder (removed by the next train); between rename
-        # and insert, a folder without a row, which no model refers to: a rerun
-        # makes a new model id, and `check` reports the folder (`--repair`
-        # deletes it). There is never a row without its files.
-        _atomic.remove_stale(folder.parent)
-        with _atomic.new_folder(folder) as tmp:
-            torch.save({"config": model.config(), "state": model.state()}, tmp / "model.pt")
-            (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        metrics = {"cv_auc": cv.auc, "cv_fold_aucs": cv.fold_aucs, "cv_k": k,
-                   "n_train": len(labels), "n_positive": int(sum(labels)),
-                   "warnings": list(cv.warnings)}
+    k = min(folds, smaller)  # stratified folds need a patient of each class in each fold
+    cv = mil.cross_validate(
+        aggregator, bags, labels, k=k, seed=seed, params=params,
+        progress=report("cross-validation", 2),
+    )
+    model = mil.make_aggregator(aggregator, **(params or {})).fit(
+        bags, labels, seed=seed, progress=report("training", 3)
+    )
+    cutoff = float(youden_cutoff(np.asarray(labels), cv.oof_scores))
+    if not np.isfinite(cutoff):
+        cutoff = 0.5
+    created = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}"
+    folder = folder_root / model_id
+    suffix = 1
+    while folder.exists():
+        suffix += 1
+        model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}-{suffix}"
+        folder = folder_root / model_id
+    training_ids = [data.patient_ids[i] for i in labelled]
+    config = {
+        "model_id": model_id,
+        "aggregator": aggregator,
+        "aggregator_config": model.config(),
+        "encoder": enc.spec.to_dict(),
+        "encoder_key": enc.spec.key,
+        "train_cohort": cohort,
+        "seed": seed,
+        "cutoff": cutoff,
+        "cutoff_method": "youden on out-of-fold training scores",
+        "tiling": tiling,
+        "cv": {
+            "k": len(cv.folds), "auc": cv.auc, "fold_aucs": cv.fold_aucs,
+            "folds": [[training_ids[i] for i in fold] for fold in cv.folds],
+        },
+        "patients": {"trained_on": len(labels), "without_patches": data.missing},
+        "versions": _versions(),
+    }
+    # Crash safety: the folder is filled under a temporary name and renamed
+    # into place, then the row is inserted. A kill before the rename leaves
+    # a stale temporary folder (removed by the next train); between rename
+    # and insert, a folder without a row, which no model refers to: a rerun
+    # makes a new model id, and `check` reports the folder (`--repair`
+    # deletes it). There is never a row without its files.
+    _atomic.remove_stale(folder.parent)
+    with _atomic.new_folder(folder) as tmp:
+        torch.save({"config": model.config(), "state": model.state()}, tmp / "model.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    metrics = {"cv_auc": cv.auc, "cv_fold_aucs": cv.fold_aucs, "cv_k": k,
+               "n_train": len(labels), "n_positive": int(sum(labels)),
+               "warnings": list(cv.warnings)}
+    with store_mod.using(db) as st:
         store_mod.add_model(
             st,
             store_mod.ModelRow(model_id, created, aggregator, enc.spec.name, cohort, config,
                                metrics, str(folder), cutoff),
         )
-        return model_id
-    finally:
-        if own:
-            st.close()
+    return model_id
 
 
 def _tiling_settings(st: store_mod.Store, cohort: str) -> list[dict[str, Any]]:
@@ -250,13 +291,8 @@ class LoadedModel:
 
 def load_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> LoadedModel:
     """Rebuild a trained model (aggregator and encoder) from its files."""
-    own = not isinstance(db, store_mod.Store)
-    st = store_mod.open_store(db, read_only=True) if own else db  # type: ignore[arg-type]
-    try:
+    with store_mod.using(db, read_only=True) as st:
         row = store_mod.get_model(st, model_id)
-    finally:
-        if own:
-            st.close()
     if row is None:
         raise InputError(f"no model '{model_id}' in the store (see the models list)")
     folder = Path(row.artifact_path)
@@ -278,38 +314,35 @@ def score(
     progress: ProgressCallback = no_progress,
 ) -> dict[str, int]:
     """Score ``cohorts`` (default: all) with a model; returns patients scored per cohort."""
-    own = not isinstance(db, store_mod.Store)
-    st = store_mod.open_store(db) if own else db  # type: ignore[arg-type]
-    try:
+    # As in train: the store is held only to read and to write each cohort's scores.
+    with store_mod.using(db, read_only=True) as st:
         model = load_model(st, model_id)
         known = [c.cohort for c in store_mod.list_cohorts(st)]
-        wanted = list(cohorts) if cohorts else known
-        unknown = [c for c in wanted if c not in known]
-        if unknown:
-            raise InputError(f"no cohort {', '.join(repr(c) for c in unknown)} in the store")
-        done: dict[str, int] = {}
-        for index, cohort in enumerate(wanted, start=1):
-            data = cohort_bags(st, cohort, model.encoder, progress=progress,
-                               stage=(f"scoring {cohort}", index, len(wanted)))
-            predictions = model.aggregator.predict(data.bags) if data.bags else []
-            scores = np.array([p.score for p in predictions], dtype=float)
-            patients = pd.DataFrame({
-                "patient_id": data.patient_ids,
-                "score": scores,
-                "risk_group": np.where(scores >= model.cutoff, "high", "low"),
-            })
-            patches = pd.DataFrame({
-                "patch_id": np.concatenate(data.patch_ids) if data.patch_ids else [],
-                "probability": _column(predictions, "probability"),
-                "attention": _column(predictions, "attention"),
-                "attention_raw": _column(predictions, "attention_raw"),
-            })
+    wanted = list(cohorts) if cohorts else known
+    unknown = [c for c in wanted if c not in known]
+    if unknown:
+        raise InputError(f"no cohort {', '.join(repr(c) for c in unknown)} in the store")
+    done: dict[str, int] = {}
+    for index, cohort in enumerate(wanted, start=1):
+        data = cohort_bags(db, cohort, model.encoder, progress=progress,
+                           stage=(f"scoring {cohort}", index, len(wanted)))
+        predictions = model.aggregator.predict(data.bags) if data.bags else []
+        scores = np.array([p.score for p in predictions], dtype=float)
+        patients = pd.DataFrame({
+            "patient_id": data.patient_ids,
+            "score": scores,
+            "risk_group": np.where(scores >= model.cutoff, "high", "low"),
+        })
+        patches = pd.DataFrame({
+            "patch_id": np.concatenate(data.patch_ids) if data.patch_ids else [],
+            "probability": _column(predictions, "probability"),
+            "attention": _column(predictions, "attention"),
+            "attention_raw": _column(predictions, "attention_raw"),
+        })
+        with store_mod.using(db) as st:
             store_mod.write_scores(st, model_id, cohort, patients, patches)
-            done[cohort] = len(patients)
-        return done
-    finally:
-        if own:
-            st.close()
+        done[cohort] = len(patients)
+    return done
 
 
 def _column(predictions: Sequence[mil.BagPrediction], name: str) -> np.ndarray:

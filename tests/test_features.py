@@ -324,3 +324,48 @@ def test_settings_key() -> None:
     assert feature_path("/r", "smallcnn-0123456789ab", "a" * 64, a).name == f"{'a' * 16}_{a}.npz"
     with pytest.raises(InputError, match="not JSON-ready"):
         settings_key({"x": float("nan")})
+
+
+def test_precompute_in_two_processes_writes_the_same_files(tmp_path: Path, fixtures_dir: Path) -> None:
+    """Several slides at once across processes: the files equal the ones one process writes."""
+    from cmil_core.encoders import load_encoder
+    from cmil_core.features import SlideTask, precompute
+    from cmil_core.slides import file_sha256
+
+    smears = sorted((fixtures_dir / "smears" / "bccd").glob("*.jpg"))[:3]
+    encoder = load_encoder("smallcnn", seed=3, precision="fp32")
+    tasks = []
+    for path in smears:
+        patches = pd.DataFrame({"patch_id": [1, 2], "x": [0, 64], "y": [0, 32], "size": [96, 96]})
+        tasks.append(SlideTask(str(path), patches, "t1", 0.5, file_sha256(path)))
+    parallel = tmp_path / "parallel"
+    precompute(tasks, encoder, parallel, processes=2)
+    written = sorted(p.relative_to(parallel) for p in parallel.rglob("*.npz"))
+    assert len(written) == 3 and not list(parallel.rglob("*.partial"))
+    serial = tmp_path / "serial"
+    for task in tasks:
+        one = slide_features(task.path, task.patches, encoder, serial, tiling_key="t1",
+                             mpp=0.5, slide_sha256=task.sha256)
+        other = load_features(parallel / written[0].parent / f"{task.sha256[:16]}_t1.npz")
+        np.testing.assert_allclose(np.asarray(other.features, np.float32),
+                                   np.asarray(one.features, np.float32), atol=2e-3)
+    # Already there: nothing to do, nothing spawned, files untouched.
+    stamps = {p: p.stat().st_mtime_ns for p in parallel.rglob("*.npz")}
+    precompute(tasks, encoder, parallel, processes=2)
+    assert {p: p.stat().st_mtime_ns for p in parallel.rglob("*.npz")} == stamps
+
+
+def test_extraction_processes_come_from_the_environment_or_the_gpus(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+
+    from cmil_core.features import default_processes
+
+    monkeypatch.setenv("CMIL_EXTRACT_PROCESSES", "3")
+    assert default_processes() == 3
+    monkeypatch.setenv("CMIL_EXTRACT_PROCESSES", "many")
+    with pytest.raises(InputError, match="CMIL_EXTRACT_PROCESSES='many'"):
+        default_processes()
+    monkeypatch.delenv("CMIL_EXTRACT_PROCESSES")
+    assert default_processes() == (torch.cuda.device_count() or 1)
