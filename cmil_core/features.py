@@ -511,9 +511,9 @@ def precompute(
     The queue is the set of feature files itself: a slide whose file exists
     is skipped, each file is written atomically, so a killed run resumes
     where it stopped. Workers take a GPU each where there are GPUs (one
-    process per GPU), else share the CPU cores evenly. With ``processes``
-    of 1, or one slide to do, nothing is spawned: the caller's loop computes
-    the files itself. ``encoder`` must be rebuildable from its spec (weights
+    process per GPU), else share the CPU cores evenly. On a CPU-only machine
+    with ``processes`` of 1, or one slide to do, nothing is spawned: the
+    caller's loop computes the files itself. ``encoder`` must be rebuildable from its spec (weights
     from a local file, or a seeded initialisation).
     """
     import multiprocessing
@@ -524,11 +524,11 @@ def precompute(
 
     todo = [t for t in tasks if not feature_path(
         root, encoder.spec.key, t.sha256 or file_sha256(t.path), t.tiling_key).exists()]
-    if processes <= 1 or len(todo) <= 1:
+    gpus = torch.cuda.device_count()
+    if not todo or (not gpus and (processes <= 1 or len(todo) <= 1)):
         return
     processes = min(processes, len(todo))
     context = multiprocessing.get_context("spawn")
-    gpus = torch.cuda.device_count()
     devices = None
     if gpus:
         devices = context.Manager().Queue()

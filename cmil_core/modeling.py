@@ -100,7 +100,8 @@ def _embed(
     name, index, stages = stage
     by_slide = list(inputs.patches.groupby("slide_id", sort=True))
     processes = features.default_processes()
-    if processes > 1:  # several slides at once; the loop below then reads the files back
+    if processes > 1 or torch.cuda.is_available():  # several slides at once, or on the GPU(s);
+        # the loop below then reads the files back
         tasks = [features.SlideTask(
             str(rows.iloc[0]["path"]), rows[["patch_id", "x", "y", "size"]],
             str(rows.iloc[0]["tiling_key"]), float(rows.iloc[0]["mpp"]),
