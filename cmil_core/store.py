@@ -60,6 +60,7 @@ __all__ = [
     "Store",
     "StoreBusyError",
     "StoreError",
+    "StoreOutdatedError",
     "cohort_overview",
     "default_db_path",
     "delete_cohort",
@@ -113,6 +114,10 @@ class StoreError(CmilError):
 
 class StoreBusyError(StoreError):
     """Another process holds the store file."""
+
+
+class StoreOutdatedError(StoreError):
+    """A read-only open of a store written by an older (or newer) schema version."""
 
 
 class CohortExistsError(StoreError, InputError):
@@ -526,7 +531,7 @@ def open_store(
                     if read_only:
                         version = _read_version(con)
                         if version != SCHEMA_VERSION:
-                            raise StoreError(
+                            raise StoreOutdatedError(
                                 f"{p}: store schema version {version}, this program uses "
                                 f"{SCHEMA_VERSION}; open it once for writing (any command "
                                 "with --db) to upgrade it"

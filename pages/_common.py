@@ -59,8 +59,15 @@ def read(func: Callable[[store_mod.Store], T]) -> T:
     """Run ``func`` on a short-lived read-only reference to the store."""
     path = db_path()
     try:
-        with store_mod.open_store(path, read_only=True, timeout=3.0) as st_:
-            return func(st_)
+        try:
+            with store_mod.open_store(path, read_only=True, timeout=3.0) as st_:
+                return func(st_)
+        except store_mod.StoreOutdatedError:
+            # A store of an older version of this program: upgrade it in place
+            # once (forward migrations, one transaction each), then read.
+            store_mod.open_store(path, timeout=3.0).close()
+            with store_mod.open_store(path, read_only=True, timeout=3.0) as st_:
+                return func(st_)
     except store_mod.StoreError as exc:
         raise StoreUnavailable(str(exc)) from exc
 

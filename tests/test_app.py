@@ -329,3 +329,21 @@ def test_an_empty_store_leads_to_the_cohorts_page(
     assert db_path.exists()  # created empty, ready for the import
     with store.open_store(db_path, read_only=True) as st:
         assert store.list_cohorts(st) == []
+
+
+def test_a_store_of_an_older_version_is_upgraded_when_opened(
+    db_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store written by the previous release opens on the overview, not on a busy page."""
+    with monkeypatch.context() as m:
+        m.setattr(store, "_MIGRATIONS", store._MIGRATIONS[:3])
+        m.setattr(store, "SCHEMA_VERSION", 3)
+        csv = tmp_path / "t.csv"
+        csv.write_bytes(b"patient_id,bm_metastasis\nP1,1\nP2,0\n")
+        import_cohort(db_path, "old", csv, role="train")
+    monkeypatch.setenv("CMIL_DB", str(db_path))
+    at = _run(AppTest.from_file(APP, default_timeout=60))
+    assert at.title[0].value == "Study overview"
+    assert {m.label: m.value for m in at.metric}["Patients"] == "2"
+    with store.open_store(db_path, read_only=True) as st:
+        assert store.schema_version(st) == store.SCHEMA_VERSION
