@@ -386,13 +386,13 @@ def _describe_process(pid: str) -> str:
     return f"PID {pid}: {cmd[:120]}" if cmd else f"PID {pid}"
 
 
-# A writer folds its write-ahead log into the file once the log reaches this size
-# (DuckDB's default: 16 MB). Each such checkpoint rewrites the primary-key indexes
-# of patches and patch_scores whole, so at the study's 1.4 million patches,
-# written one slide at a time, checkpoints every 16 MB took as long as the writes
-# themselves (bench/scale.py); the log is still flushed at every commit, and
-# folded in when the last reference closes.
-_CHECKPOINT_WAL = "256MB"
+# DuckDB threads of a store opened for writing. A writer's work is many small
+# transactions (one per slide, one per cohort's scores), for which handing each
+# statement to a second thread costs more than it gains: on 2 cores, writing the
+# study's 1.4 million patches slide by slide took a quarter less time, wall and
+# CPU, on one thread (bench/scale.py). Read-only opens keep DuckDB's default (one
+# thread per core) for the pages' aggregate queries.
+_WRITER_THREADS = 1
 
 
 def _connect(path: Path, read_only: bool, timeout: float) -> duckdb.DuckDBPyConnection:
@@ -402,7 +402,7 @@ def _connect(path: Path, read_only: bool, timeout: float) -> duckdb.DuckDBPyConn
         try:
             if read_only:
                 return duckdb.connect(str(path), read_only=True)
-            return duckdb.connect(str(path), config={"checkpoint_threshold": _CHECKPOINT_WAL})
+            return duckdb.connect(str(path), config={"threads": _WRITER_THREADS})
         except duckdb.IOException as exc:
             text = str(exc)
             if "lock" not in text.lower():

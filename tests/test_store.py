@@ -530,3 +530,12 @@ def test_scores_write_is_all_or_nothing(db_path: Path) -> None:
             attention=pd.array([0.5, None], dtype="Float64")))
         assert store.scored_patches_frame(st, "m1", slide_id=sid)["attention"].isna().tolist() \
             == [False, True]
+
+
+def test_writers_run_duckdb_on_one_thread(db_path: Path) -> None:
+    """Many small write transactions: one thread is quicker (bench/scale.py); readers keep all."""
+    with open_store(db_path) as st:
+        assert st.cursor().execute("SELECT current_setting('threads')").fetchone() == (1,)
+    with open_store(db_path, read_only=True) as st:
+        threads = st.cursor().execute("SELECT current_setting('threads')").fetchone()
+    assert threads is not None and threads[0] >= 1
