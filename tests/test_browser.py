@@ -27,16 +27,23 @@ if not Path(CHROMIUM).exists():
         raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
     pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
 
-from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def browser_page() -> Iterator[Page]:
+def browser() -> Iterator[Browser]:
+    """One Chromium for the module (Playwright's sync API allows one instance per thread)."""
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        yield page
-        browser.close()
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture(scope="module")
+def browser_page(browser: Browser) -> Iterator[Page]:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    yield page
+    page.close()
 
 
 def test_overview_of_a_demo_store(tmp_path: Path, browser_page: Page) -> None:
@@ -250,7 +257,9 @@ def discrimination_downloads(page: Page) -> None:
     wait_idle(page)
 
 
-def test_eight_sessions_keep_reading_while_a_command_line_job_writes(tmp_path: Path) -> None:
+def test_eight_sessions_keep_reading_while_a_command_line_job_writes(
+    tmp_path: Path, browser: Browser
+) -> None:
     """Issue 7's concurrency scheme, for real: 8 browser sessions on one server read
     every page while `train` then `score` run in another process on the same store.
 
@@ -264,8 +273,6 @@ def test_eight_sessions_keep_reading_while_a_command_line_job_writes(tmp_path: P
     import subprocess
     import sys
     import threading
-
-    from playwright.sync_api import sync_playwright
 
     from cmil_core import store
 
@@ -293,40 +300,43 @@ def test_eight_sessions_keep_reading_while_a_command_line_job_writes(tmp_path: P
                     cwd=ROOT, stdout=out, stderr=out, check=False).returncode)
 
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            pages = [browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
-                     for _ in range(8)]
-            for page in pages:  # every session open, every page read once: caches warm
-                page.goto(server.url)
-                page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
-                wait_idle(page, timeout=120_000)
-            for title in titles[1:]:
-                open_page(pages[0], title)
-            writer = threading.Thread(target=write)
-            writer.start()
-            visits = 0
-            while writer.is_alive() or visits < 16:
-                for k, page in enumerate(pages):
-                    title = titles[(visits + k) % len(titles)]
-                    open_page(page, title)
-                    assert_no_error(page, f"session {k}, {title}", server.log)
-                    body = page.inner_text("body")
-                    assert "database is locked" not in body.lower(), body[:2000]
-                    assert "The store is busy" not in body, f"session {k}, {title}"
-                    visits += 1
-            writer.join()
-            assert writer_rc == [0, 0], log.read_text()[-3000:]
-            with store.open_store(db, read_only=True) as st:
-                (new,) = set(store.list_models(st)["model_id"]) - before
-                scored = store.patient_scores_frame(st, new)
-            assert len(scored) == 30  # every patient of the small demo
-            # Every session sees the finished result on its next run.
-            for page in pages:
-                open_page(page, "Models")
-                wait_idle(page)
-                assert new in page.inner_text("body")
-            browser.close()
+        contexts = [browser.new_context(viewport={"width": 1200, "height": 900}) for _ in range(8)]
+        pages = [context.new_page() for context in contexts]
+        for page in pages:  # every session open, every page read once: caches warm
+            page.goto(server.url)
+            page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
+            wait_idle(page, timeout=120_000)
+        for title in titles[1:]:
+            open_page(pages[0], title)
+        writer = threading.Thread(target=write)
+        writer.start()
+        visits = 0
+        while writer.is_alive() or visits < 16:
+            for k, page in enumerate(pages):
+                title = titles[(visits + k) % len(titles)]
+                open_page(page, title)
+                assert_no_error(page, f"session {k}, {title}", server.log)
+                body = page.inner_text("body")
+                assert "database is locked" not in body.lower(), body[:2000]
+                assert "The store is busy" not in body, f"session {k}, {title}"
+                visits += 1
+        writer.join()
+        assert writer_rc == [0, 0], log.read_text()[-3000:]
+        with store.open_store(db, read_only=True) as st:
+            (new,) = set(store.list_models(st)["model_id"]) - before
+            scored = store.patient_scores_frame(st, new)
+        assert len(scored) == 30  # every patient of the small demo
+        # Every session sees the finished result on its next run.
+        for k, page in enumerate(pages):
+            page.goto(f"{server.url}/models")
+            try:
+                page.get_by_role("heading", name="Models", level=1).wait_for(timeout=120_000)
+            except Exception:
+                raise AssertionError(f"session {k}: {page.inner_text('body')[:3000]}") from None
+            wait_idle(page, timeout=120_000)
+            assert new in page.inner_text("body")
+        for context in contexts:
+            context.close()
     finally:
         server.stop()
     writer_log = log.read_text()
