@@ -143,6 +143,17 @@ def selected_model() -> str | None:
     return None if value is None else str(value)
 
 
+def require_model() -> str:
+    """The chosen model's id; without one, say how to get one and stop the page."""
+    model_id = selected_model()
+    if model_id is None:
+        st.info("No model yet: train one on the Models page "
+                "(or `python -m cmil_core train --db STORE --cohort TRAINING`), then score "
+                "the cohorts with it.")
+        st.stop()
+    return model_id
+
+
 def sidebar() -> str | None:
     """Draw the shared sidebar; returns the chosen model id (None when there is none)."""
     with st.sidebar:

@@ -19,11 +19,7 @@ from cmil_core.plots import calibration_figure, decision_figure, roc_figure
 from pages import _common
 
 st.title("Discrimination")
-model_id = _common.selected_model()
-if model_id is None:
-    st.info("No model yet: train one on the Models page "
-            "(or `python -m cmil_core train --db STORE --cohort TRAINING`).")
-    st.stop()
+model_id = _common.require_model()
 
 model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
 curves = _common.query(f"roc-band:{model_id}", lambda s: roc_curves(s, model_id, band=True))

@@ -98,13 +98,7 @@ def read_images(frame: pd.DataFrame, slides: pd.DataFrame, out_px: int) -> list[
 
 
 st.title("Patients")
-model_id = _common.selected_model()
-if model_id is None:
-    st.info(
-        "No model yet: train one (`python -m cmil_core train --db STORE --cohort TRAINING`) "
-        "and score the cohorts (`python -m cmil_core score --db STORE --model ID`)."
-    )
-    st.stop()
+model_id = _common.require_model()
 
 model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
 listing = _common.query(f"patient_list:{model_id}", lambda s: patient_list(s, model_id))

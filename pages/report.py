@@ -15,11 +15,7 @@ from cmil_core.report import report_zip, write_report
 from pages import _common
 
 st.title("Report")
-model_id = _common.selected_model()
-if model_id is None:
-    st.info("No model yet: train one (`python -m cmil_core train --db STORE --cohort TRAINING`), "
-            "score the cohorts, then come back to write its report.")
-    st.stop()
+model_id = _common.require_model()
 
 st.write(
     f"Everything a paper needs about model **{model_id}**, in one folder: a self-contained "

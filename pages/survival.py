@@ -13,11 +13,7 @@ from cmil_core.plots import forest_figure, km_figure
 from pages import _common
 
 st.title("Survival")
-model_id = _common.selected_model()
-if model_id is None:
-    st.info("No model yet: train one on the Models page "
-            "(or `python -m cmil_core train --db STORE --cohort TRAINING`).")
-    st.stop()
+model_id = _common.require_model()
 
 endpoint, cutoff = _common.cutoff_picker("survival")
 entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}",

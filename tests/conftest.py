@@ -68,3 +68,25 @@ def plain_text(markdown: str) -> str:
     import re
 
     return re.sub(r"\\(.)", r"\1", markdown)
+
+
+def job_runner() -> Any:
+    """The dashboard's process-wide job runner (what the pages start jobs in)."""
+    from pages import _common
+
+    return _common.job_runner()
+
+
+def rerun_until(at: Any, done: Any, seconds: float = 120, describe: Any = None) -> Any:
+    """Rerun the page (as its one-second fragment would) until ``done(at)``."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        run_app(at)
+        if done(at):
+            return at
+        if time.monotonic() > deadline:
+            what = describe(at) if describe else [m.value for m in at.markdown]
+            raise AssertionError(f"never done; page says {what}")
+        time.sleep(0.3)

@@ -7,7 +7,6 @@ supports it), so the page is tested as a user drives it.
 from __future__ import annotations
 
 import shutil
-import time
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,35 +18,21 @@ from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
 from cmil_core.cohort_import import import_cohort
-from conftest import plain_text as _plain, run_app as _run
+from conftest import job_runner as _runner, plain_text as _plain, rerun_until, run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 PAGE = "pages/cohorts.py"
 
 
+def _until(at: AppTest, done: Callable[[AppTest], bool], seconds: float = 120) -> AppTest:
+    return rerun_until(at, done, seconds)
+
+
 def _cohorts_page() -> AppTest:
     at = _run(AppTest.from_file(APP, default_timeout=60))
     at.switch_page(PAGE)
     return _run(at)
-
-
-def _runner():  # type: ignore[no-untyped-def]
-    from pages import _common
-
-    return _common.job_runner()
-
-
-def _until(at: AppTest, done: Callable[[AppTest], bool], seconds: float = 120) -> AppTest:
-    """Rerun the page (as its one-second fragment would) until ``done``."""
-    deadline = time.monotonic() + seconds
-    while True:
-        _run(at)
-        if done(at):
-            return at
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never done; page says {[m.value for m in at.markdown]}")
-        time.sleep(0.3)
 
 
 def _snapshot(db: Path) -> tuple[dict[str, int], pd.DataFrame, list[store.CohortRow]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,34 +19,21 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import modeling, store
-from conftest import plain_text as _plain, run_app as _run
+from conftest import job_runner as _runner, plain_text as _plain, rerun_until, run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")
 PAGE = "pages/models.py"
 
 
+def _until(at: AppTest, done: Callable[[AppTest], bool], seconds: float = 180) -> AppTest:
+    return rerun_until(at, done, seconds, describe=lambda at: [e.value for e in at.error])
+
+
 def _open(page: str = PAGE) -> AppTest:
     at = _run(AppTest.from_file(APP, default_timeout=60))
     at.switch_page(page)
     return _run(at)
-
-
-def _runner():  # type: ignore[no-untyped-def]
-    from pages import _common
-
-    return _common.job_runner()
-
-
-def _until(at: AppTest, done: Callable[[AppTest], bool], seconds: float = 180) -> AppTest:
-    deadline = time.monotonic() + seconds
-    while True:
-        _run(at)
-        if done(at):
-            return at
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never done; errors {[e.value for e in at.error]}")
-        time.sleep(0.3)
 
 
 def _said(at: AppTest, start: str) -> str | None:
