@@ -108,8 +108,10 @@ __all__ = [
     "METRIC_COLUMNS",
     "NUCLEUS_RED_MINUS_BLUE_OD",
     "NUCLEUS_RED_OD",
+    "QCRule",
     "QCThresholds",
     "QC_REASONS",
+    "QC_RULES",
     "patch_metrics",
     "qc_decision",
 ]
@@ -234,6 +236,48 @@ class QCThresholds:
                 f"expected some of {', '.join(sorted(known))}."
             )
         return cls(**dict(data))
+
+
+@dataclass(frozen=True)
+class QCRule:
+    """One rule of :func:`qc_decision`: a patch passes when every condition holds.
+
+    ``conditions`` are ``(metric column, ">=" or "<=", threshold field of
+    :class:`QCThresholds`)``. A NaN (or SQL NULL) metric fails its condition.
+    The store re-decides QC in SQL from the same table
+    (:data:`QC_RULES`), so Python and SQL cannot drift apart.
+    """
+
+    reason: str
+    conditions: tuple[tuple[str, str, str], ...]
+
+    def passes(
+        self, metrics: Mapping[str, npt.ArrayLike], thresholds: QCThresholds
+    ) -> npt.NDArray[np.bool_]:
+        """Bool array: which patches pass this rule (NaN fails)."""
+        ok: npt.NDArray[np.bool_] | None = None
+        for column, op, name in self.conditions:
+            values = np.asarray(metrics[column], dtype=np.float64).reshape(-1)
+            limit = getattr(thresholds, name)
+            cond = values >= limit if op == ">=" else values <= limit
+            ok = cond if ok is None else ok & cond
+        assert ok is not None  # every rule has a condition (a programming invariant)
+        return ok
+
+
+#: The rules of :func:`qc_decision`, in the order they are checked (the first
+#: that fails names the reason). ``thick smear`` applies only when the tiling's
+#: ``thick_fraction`` is known.
+QC_RULES: tuple[QCRule, ...] = (
+    QCRule("background", (("background_fraction", "<=", "max_background_fraction"),)),
+    QCRule("thick smear", (("thick_fraction", "<=", "max_thick_fraction"),)),
+    QCRule("too dark", (("mean_intensity", ">=", "min_mean_intensity"),
+                        ("dark_fraction", "<=", "max_dark_fraction"))),
+    QCRule("too bright", (("mean_intensity", "<=", "max_mean_intensity"),)),
+    QCRule("blurred", (("blur_variance", ">=", "min_blur_variance"),)),
+    QCRule("no nucleated cell", (("nuclei_fraction", ">=", "min_nuclei_fraction"),)),
+)
+assert tuple(r.reason for r in QC_RULES) == QC_REASONS
 
 
 def _glass_levels(glass_rgb: tuple[float, float, float]) -> np.ndarray:
@@ -393,25 +437,21 @@ def qc_decision(
     n = cols[METRIC_COLUMNS[0]].size
     if any(v.size != n for v in cols.values()):
         raise InputError("qc_decision: metric columns have different lengths.")
-    t = thresholds
-    # Each rule is written as "passes"; NaN compares False, so a NaN metric fails.
-    rules: list[tuple[str, np.ndarray]] = [
-        ("background", cols["background_fraction"] <= t.max_background_fraction),
-    ]
-    if thick_fraction is not None:
-        thick = np.asarray(thick_fraction, dtype=np.float64).reshape(-1)
-        if thick.size != n:
-            raise InputError(
-                f"qc_decision: thick_fraction has {thick.size} values for {n} patches."
-            )
-        rules.append(("thick smear", thick <= t.max_thick_fraction))
-    rules += [
-        ("too dark", (cols["mean_intensity"] >= t.min_mean_intensity)
-         & (cols["dark_fraction"] <= t.max_dark_fraction)),
-        ("too bright", cols["mean_intensity"] <= t.max_mean_intensity),
-        ("blurred", cols["blur_variance"] >= t.min_blur_variance),
-        ("no nucleated cell", cols["nuclei_fraction"] >= t.min_nuclei_fraction),
-    ]
+    passes: list[tuple[str, np.ndarray]] = []
+    for rule in QC_RULES:
+        if rule.reason == "thick smear":
+            if thick_fraction is None:
+                continue
+            thick = np.asarray(thick_fraction, dtype=np.float64).reshape(-1)
+            if thick.size != n:
+                raise InputError(
+                    f"qc_decision: thick_fraction has {thick.size} values for {n} patches."
+                )
+            values = {**cols, "thick_fraction": thick}
+        else:
+            values = cols
+        passes.append((rule.reason, rule.passes(values, thresholds)))
+    rules = passes
     reason_code = np.full(n, -1, dtype=np.int16)  # -1: passes so far
     names: list[str] = []
     for code, (name, ok) in enumerate(rules):
