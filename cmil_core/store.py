@@ -318,6 +318,43 @@ def _migration_4(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _migration_5(con: duckdb.DuckDBPyConnection) -> None:
+    """Quality control as a versioned decision per cohort (who, when, which thresholds).
+
+    Patches keep their metrics; a decision re-judges them in SQL from
+    :data:`cmil_core.quality.QC_RULES`, without reading slides again.
+    """
+    con.execute("CREATE SEQUENCE qc_decision_id_seq START 1")
+    con.execute(
+        """
+        CREATE TABLE qc_decisions (
+            decision_id INTEGER PRIMARY KEY DEFAULT nextval('qc_decision_id_seq'),
+            cohort TEXT NOT NULL,
+            decided_at TIMESTAMP NOT NULL,
+            who TEXT NOT NULL,
+            source TEXT NOT NULL,
+            thresholds JSON NOT NULL,
+            kept BIGINT,
+            rejected BIGINT
+        )"""
+    )
+
+
+def _migration_6(con: duckdb.DuckDBPyConnection) -> None:
+    """Honest numbers: the training cohort's out-of-fold scores, apart from the final model's."""
+    con.execute(
+        """
+        CREATE TABLE oof_scores (
+            model_id TEXT NOT NULL,
+            cohort TEXT NOT NULL,
+            patient_id TEXT NOT NULL,
+            fold INTEGER NOT NULL,
+            score DOUBLE NOT NULL,
+            PRIMARY KEY (model_id, cohort, patient_id)
+        )"""
+    )
+
+
 # One function per version step: _MIGRATIONS[k] takes a store from version k
 # to version k + 1. Append; never edit a released step.
 _MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
@@ -325,6 +362,8 @@ _MIGRATIONS: tuple[Callable[[duckdb.DuckDBPyConnection], None], ...] = (
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
+    _migration_6,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 

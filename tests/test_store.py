@@ -43,7 +43,7 @@ def _patients() -> list[PatientRow]:
 
 def test_new_store_has_the_contract_tables(db_path: Path) -> None:
     with open_store(db_path) as st:
-        assert store.schema_version(st) == store.SCHEMA_VERSION == 4
+        assert store.schema_version(st) == store.SCHEMA_VERSION == 6
         for table, columns in CONTRACT.items():
             have = [r[0] for r in st.cursor().execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
