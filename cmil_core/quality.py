@@ -3,9 +3,10 @@
 The cMIL study kept 1,384,007 bone-marrow smear patches "after the quality
 evaluation". This module makes that step explicit: a few cheap, documented
 numbers per patch (:func:`patch_metrics`), stored so the dashboard can show
-their distributions, and a rule (:func:`qc_decision`) that turns them into
-``qc_pass`` and a short ``qc_reason``, with thresholds (:class:`QCThresholds`)
-stored with the run so every decision can be reproduced.
+their distributions and re-decide without reading slides again, and a rule
+table (:data:`QC_RULES`, applied by :func:`qc_decision` here and in SQL by the
+store) that turns them into ``qc_pass`` and a short ``qc_reason``, with
+thresholds (:class:`QCThresholds`) stored as a versioned decision per cohort.
 
 Colour relative to the glass
 ----------------------------
@@ -13,12 +14,23 @@ Light passing through a stained smear is attenuated by the stain (Beer-Lambert):
 the optical density of channel ``c`` is ``OD_c = log10(I0_c / I_c)``, where
 ``I0_c`` is the light that reaches the camera through bare glass. Photographs
 taken through a microscope rarely have white glass (the BCCD photographs'
-glass is about RGB 200, a little green); scanners put it near 240-255. So the
-pixel rules below measure OD *relative to the slide's own glass colour*
-(``glass_rgb``, estimated from the thumbnail by :mod:`cmil_core.tiling`; white
-when not given). Every OD rule is turned into per-channel thresholds on the
-uint8 values once per batch (exactly: no rounding at the boundary), so the
-per-pixel work is integer compares and one table lookup.
+glass is about RGB 200, a little green; other cameras give pink, cyan or
+yellowish glass, and vignetting darkens the corners); scanners put it near
+240-255. So every colour rule below is *relative to the glass*: one colour per
+whole-slide image, one per patch for photographs (a smooth background field,
+:mod:`cmil_core.tiling`).
+
+One physical scale: magnification does not change the verdict
+--------------------------------------------------------------
+Exposure and glass are measured on the patch as the CNN sees it. Sharpness and
+nuclear material are measured at one physical scale, :data:`REFERENCE_UM`
+(0.5 um per pixel, a 20x scan), after an area-average (box) resampling, as
+HistoQC computes every metric at one working magnification (Janowczyk et al.,
+JCO Clin Cancer Inform 2019). A patch coarser than that (a 10x scan) is
+measured at its own scale, never upsampled (:func:`measure_scale`). The same
+in-focus smear photographed at 0.1 um/px (100x oil) or scanned at 0.25 or 0.5
+um/px therefore gives about the same numbers, and a patch of 32 um is judged
+like one of 112 um.
 
 Metrics (:data:`METRIC_COLUMNS`), each a float per patch
 --------------------------------------------------------
@@ -34,32 +46,33 @@ Metrics (:data:`METRIC_COLUMNS`), each a float per patch
     least :data:`BRIGHT_GREY` (250; clipped white).
 ``blur_variance``
     Variance of the Laplacian of the grey image (Pech-Pacheco et al., ICPR
-    2000): the 4-neighbour kernel ``[[0,1,0],[1,-4,1],[0,1,0]]`` over the
-    interior pixels (no padding). A sharp patch has strong edges, hence a wide
-    spread of Laplacian values; defocus removes them. It is computed on the
-    patch *at its output size* (``output_px``, 224 by default), which is what
-    the CNN sees: blur depends on scale (downsampling sharpens), so the
-    threshold is only meaningful for one physical patch size and output size.
-    It also grows with contrast and with the share of the patch covered by
-    cells, which is why the background rule is checked first.
-``nuclei_fraction``
-    Share of pixels coloured like a Wright-Giemsa nucleus: the azure/methylene
-    blue complex in chromatin absorbs red light and passes blue, so a nucleus
-    is dark blue-violet while red cells (eosin) pass red and look pink. A pixel
-    counts when its red OD is at least :data:`NUCLEUS_RED_OD` (0.10) and its
-    red OD exceeds its blue OD by at least :data:`NUCLEUS_RED_MINUS_BLUE_OD`
-    (0.08). The same rule finds haematoxylin nuclei on H&E.
+    2000) *at the measuring scale*: the 4-neighbour kernel
+    ``[[0,1,0],[1,-4,1],[0,1,0]]`` over the interior pixels (no padding). A
+    sharp patch has strong edges, hence a wide spread of Laplacian values;
+    defocus removes them. Measured on real smears (``bench``-free, see
+    ``tests/test_quality_real.py``): in-focus photographs and scans give 40 to
+    several thousand (5th percentiles: BCCD 44-63, the dim Chulalongkorn
+    photographs 9-15, at 0.1, 0.25 and 0.5 um/px); a Gaussian blur of 2 um
+    brings every one of them under 2.
+``nuclei_fraction`` / ``nuclear_area_um2``
+    Nuclear-stain material: pixels whose nuclear-stain concentration (colour
+    deconvolution with the slide's own stain vectors, :mod:`cmil_core.stains`)
+    is at least the slide's floor, or whose concentration under the Romanowsky
+    default vectors is (a wrong estimate on a small or unusual field must not
+    hide chromatin the defaults see), cleaned by a 3x3 opening at the measuring
+    scale (1.5 um: the one- or two-pixel refractile rims of red cells and
+    JPEG fringes go, a platelet's granulomere of 2-3 um stays), as a share of
+    the patch and as an area in square microns.
 
-Limits of ``nuclei_fraction``: it is a colour count, not a cell detector.
-Platelets, basophilic granules, stain precipitate and the violet cytoplasm of
-plasma cells or blasts also count; smudged cells count; a nucleus under a
-strong stain shift (old stain, wrong pH, photographs with unusual white
-balance) may not. It says "some nuclear material is here", which is what the
-rejection "no nucleated cell" needs: a patch of red cells and glass alone
-cannot hold the small round blue tumour cells the model looks for.
+Limits of the nuclear signal: it measures thiazine-stained material, not
+cells. Platelets, basophilic granules, stain precipitate and the violet
+cytoplasm of plasma cells or blasts count; smudged cells count. It says "some
+nuclear-stained material is here", which is what the rejection "no nucleated
+cell" needs: a patch of red cells and glass alone cannot hold the small round
+blue tumour cells the model looks for.
 
-Decision (:func:`qc_decision`)
-------------------------------
+Decision (:func:`qc_decision`, :data:`QC_RULES`)
+------------------------------------------------
 Rules are checked in this order and the first that fails names the reason
 (:data:`QC_REASONS`):
 
@@ -74,12 +87,13 @@ Rules are checked in this order and the first that fails names the reason
 4. ``"too bright"``: ``mean_intensity > max_mean_intensity`` (washed out);
    exposure comes before blur because a black or white patch has no edges;
 5. ``"blurred"``: ``blur_variance < min_blur_variance``;
-6. ``"no nucleated cell"``: ``nuclei_fraction < min_nuclei_fraction``.
+6. ``"no nucleated cell"``: ``nuclear_area_um2 < min_nuclear_area_um2``.
 
 A NaN metric fails its rule. The defaults (:class:`QCThresholds`) were set on
-real Wright-Giemsa photographs (BCCD) and an Aperio H&E scan (CMU-1) at 112 um
-patches resampled to 224 px; they are a starting point: look at the metric
-distributions of your own cohort before trusting them.
+real Romanowsky-stained photographs (BCCD at 0.1 um/px, Chulalongkorn WBC
+fields), an Aperio H&E scan (CMU-1, 0.5 um/px) and stain rotations of them;
+they are a starting point: look at the metric distributions of your own
+cohort (the Quality control page) before trusting them.
 
 >>> import numpy as np
 >>> white = np.full((1, 64, 64, 3), 255, np.uint8)
@@ -97,8 +111,11 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
+from scipy import ndimage
 
 from cmil_core.errors import InputError
+from cmil_core.stains import DEFAULT_STAINS, StainModel, optical_density
 
 __all__ = [
     "BRIGHT_GREY",
@@ -106,12 +123,13 @@ __all__ = [
     "GLASS_OD",
     "METRICS_VERSION",
     "METRIC_COLUMNS",
-    "NUCLEUS_RED_MINUS_BLUE_OD",
-    "NUCLEUS_RED_OD",
     "QCRule",
     "QCThresholds",
     "QC_REASONS",
     "QC_RULES",
+    "REFERENCE_UM",
+    "measure_scale",
+    "measured_od",
     "patch_metrics",
     "qc_decision",
 ]
@@ -124,9 +142,11 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "bright_fraction",
     "blur_variance",
     "nuclei_fraction",
+    "nuclear_area_um2",
 )
 #: Bumped whenever a metric's definition changes; store it with the metrics.
-METRICS_VERSION = 1
+#: 2: sharpness and nuclear material at one physical scale, stain-adaptive nuclei.
+METRICS_VERSION = 2
 #: Every reason :func:`qc_decision` can give, in the order the rules are checked.
 QC_REASONS: tuple[str, ...] = (
     "background",
@@ -137,29 +157,33 @@ QC_REASONS: tuple[str, ...] = (
     "no nucleated cell",
 )
 
+#: Microns per pixel at which sharpness and nuclear material are measured.
+REFERENCE_UM = 0.5
 #: A pixel is glass when every channel's OD relative to the glass is at most this.
 GLASS_OD = 0.06
 #: Grey level (0-255) below which a pixel is "dark".
 DARK_GREY = 40
 #: Grey level (0-255) from which a pixel is "bright" (clipped).
 BRIGHT_GREY = 250
-#: A nucleus pixel absorbs at least this much red light (OD relative to glass).
-NUCLEUS_RED_OD = 0.10
-#: ... and at least this much more red than blue (blue-violet, not pink).
-NUCLEUS_RED_MINUS_BLUE_OD = 0.08
 
 # ITU-R BT.601 luma weights, in 1/256 (integer grey in one pass, exact to 1 level).
 _LUMA_256 = (77, 150, 29)
-# Patches measured at once inside patch_metrics (temporaries of a few MB stay in cache).
-_SUB_BATCH = 4
+_BOX = Image.Resampling.BOX
+# The opening that cleans the nuclear mask at the measuring scale (1.5 um at 0.5 um/px).
+_OPENING = np.ones((3, 3), dtype=bool)
+# Thresholds of metrics version 1 that no longer exist, with what replaced them.
+_RETIRED_THRESHOLDS = {
+    "min_nuclei_fraction": "min_nuclear_area_um2 (square microns of nuclear-stained material)",
+}
 
 
 @dataclass(frozen=True)
 class QCThresholds:
     """Pass/fail thresholds of :func:`qc_decision`; stored with every run.
 
-    Defaults suit Wright-Giemsa smears at 112 um patches resampled to 224 px
-    (the tiling's defaults):
+    Defaults suit Romanowsky-stained smears (Wright, Giemsa, May-Grunwald-Giemsa,
+    rapid stains) at any patch size and magnification, since sharpness and
+    nuclear material are measured at one physical scale (module docstring):
 
     * ``max_background_fraction = 0.85``: a patch may be mostly glass (smears
       are thin; the reading zone is a monolayer with glass between cells) but
@@ -170,13 +194,15 @@ class QCThresholds:
       patches (thick clumps, dirt, an unlit photograph); a patch packed with
       Giemsa nuclei (about RGB 110, 70, 170: grey 93) stays above 60;
     * ``max_mean_intensity = 240``: washed-out patches that are not glass;
-    * ``min_blur_variance = 12``: Laplacian variance (grey levels squared) at
-      224 px. The in-focus CMU-1 scan gives 400-3000; the soft, pale BCCD
-      photographs 11-26, the visibly defocused one (BloodImage_00040) 11.3; a
-      Gaussian blur of sigma 2 px brings CMU-1 patches to 10-23, of 3 px to 3-7;
-    * ``min_nuclei_fraction = 0.002``: 0.2 % of a 112 um patch is 25 um2,
-      less than one small lymphocyte nucleus (about 7 um across, 38 um2) and
-      more than a stray platelet.
+    * ``min_blur_variance = 4``: Laplacian variance (grey levels squared) at
+      0.5 um/px. In-focus fields give 9 and more (5th percentile of the dim,
+      low-contrast Chulalongkorn photographs; BCCD 44, CMU-1 several hundred)
+      at 0.1, 0.25 and 0.5 um/px; a Gaussian blur of 2 um brings all of them
+      under 2;
+    * ``min_nuclear_area_um2 = 3``: square microns of nuclear-stained material
+      (after the 1.5 um opening): a platelet's granulomere or the edge of a
+      nucleus; a small lymphocyte nucleus is about 38 um2. A field of red
+      cells and glass alone has none.
     """
 
     max_background_fraction: float = 0.85
@@ -184,8 +210,8 @@ class QCThresholds:
     min_mean_intensity: float = 60.0
     max_dark_fraction: float = 0.5
     max_mean_intensity: float = 240.0
-    min_blur_variance: float = 12.0
-    min_nuclei_fraction: float = 0.002
+    min_blur_variance: float = 4.0
+    min_nuclear_area_um2: float = 3.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -194,8 +220,7 @@ class QCThresholds:
             if not numeric or not math.isfinite(value):
                 raise InputError(f"QC threshold {f.name}={value!r} is not a finite number.")
             object.__setattr__(self, f.name, float(value))
-        for name in ("max_background_fraction", "max_thick_fraction", "max_dark_fraction",
-                     "min_nuclei_fraction"):
+        for name in ("max_background_fraction", "max_thick_fraction", "max_dark_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise InputError(
@@ -212,10 +237,9 @@ class QCThresholds:
                 f"QC thresholds min_mean_intensity={self.min_mean_intensity} must be below "
                 f"max_mean_intensity={self.max_mean_intensity}."
             )
-        if self.min_blur_variance < 0:
-            raise InputError(
-                f"QC threshold min_blur_variance={self.min_blur_variance} must be >= 0."
-            )
+        for name in ("min_blur_variance", "min_nuclear_area_um2"):
+            if getattr(self, name) < 0:
+                raise InputError(f"QC threshold {name}={getattr(self, name)} must be >= 0.")
 
     def to_dict(self) -> dict[str, float]:
         """A JSON-ready dict; :meth:`from_dict` reads it back."""
@@ -229,6 +253,12 @@ class QCThresholds:
         silently fall back to a default).
         """
         known = {f.name for f in fields(cls)}
+        retired = sorted(set(data) & set(_RETIRED_THRESHOLDS))
+        if retired:
+            raise InputError(
+                f"QC threshold {retired[0]} no longer exists (metrics version {METRICS_VERSION}); "
+                f"use {_RETIRED_THRESHOLDS[retired[0]]}."
+            )
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(
@@ -275,7 +305,7 @@ QC_RULES: tuple[QCRule, ...] = (
                         ("dark_fraction", "<=", "max_dark_fraction"))),
     QCRule("too bright", (("mean_intensity", "<=", "max_mean_intensity"),)),
     QCRule("blurred", (("blur_variance", ">=", "min_blur_variance"),)),
-    QCRule("no nucleated cell", (("nuclei_fraction", ">=", "min_nuclei_fraction"),)),
+    QCRule("no nucleated cell", (("nuclear_area_um2", ">=", "min_nuclear_area_um2"),)),
 )
 assert tuple(r.reason for r in QC_RULES) == QC_REASONS
 
@@ -288,20 +318,51 @@ def _glass_levels(glass_rgb: tuple[float, float, float]) -> np.ndarray:
     return glass
 
 
+def _glass_array(glass_rgb: npt.ArrayLike, n: int) -> npt.NDArray[np.float64]:
+    """``[n, 3]`` glass colours from one colour or one per patch (checked)."""
+    glass = np.asarray(glass_rgb, dtype=np.float64)
+    if glass.shape == (3,):
+        glass = np.broadcast_to(_glass_levels(tuple(glass.tolist())), (n, 3))
+    elif glass.shape == (n, 3):
+        for row in glass:
+            _glass_levels(tuple(row.tolist()))
+    else:
+        raise InputError(f"glass_rgb must be three values or one row of three per patch, "
+                         f"got shape {glass.shape}.")
+    return glass
+
+
+def measure_scale(um_per_px: float, native_um: float | None = None) -> float:
+    """Microns per pixel at which sharpness and nuclear material are measured.
+
+    :data:`REFERENCE_UM` (0.5 um/px, a 20x scan), unless the patch pixels or
+    the slide itself are coarser: a patch is never upsampled for measuring.
+    """
+    return max(REFERENCE_UM, float(um_per_px), float(native_um or 0.0))
+
+
 def patch_metrics(
     batch: npt.NDArray[np.uint8],
-    glass_rgb: tuple[float, float, float] = (255.0, 255.0, 255.0),
+    glass_rgb: npt.ArrayLike = (255.0, 255.0, 255.0),
+    *,
+    um_per_px: float = REFERENCE_UM,
+    native_um: float | None = None,
+    stains: StainModel | None = None,
 ) -> dict[str, npt.NDArray[np.float64]]:
     """Quality metrics of a batch of RGB patches, one value per patch.
 
     ``batch`` is uint8 ``[B, H, W, 3]`` (H, W >= 3); ``glass_rgb`` the colour of
-    bare glass on this slide (see the module docstring; white by default, right
-    for most scanners, not for photographs). Returns a dict keyed by
+    bare glass, one for the batch or one row per patch (see the module
+    docstring; white by default, right for most scanners, not for
+    photographs); ``um_per_px`` the microns per pixel of the patches as given
+    and ``native_um`` those of the slide (the finest real detail);
+    ``stains`` the slide's :class:`~cmil_core.stains.StainModel` (the
+    Romanowsky defaults when None). Returns a dict keyed by
     :data:`METRIC_COLUMNS` of float64 arrays of length B.
 
-    Vectorised over the batch in exact integer arithmetic (so the values do not
-    depend on how patches are batched), a few patches at a time in reused
-    buffers, so that the temporaries stay in cache and are not re-allocated.
+    Each patch is measured on its own (values do not depend on batching):
+    exposure and glass at the pixels given, sharpness and nuclear material at
+    :func:`measure_scale`.
     """
     if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8:
         raise InputError("patch_metrics needs a uint8 numpy array [B, H, W, 3].")
@@ -309,109 +370,100 @@ def patch_metrics(
         raise InputError(
             f"patch_metrics needs shape [B, H, W, 3] with H, W >= 3, got {batch.shape}."
         )
-    glass = _glass_levels(glass_rgb)
-    n, h, w = batch.shape[:3]
+    if not (isinstance(um_per_px, numbers.Real) and math.isfinite(um_per_px) and um_per_px > 0):
+        raise InputError(f"um_per_px={um_per_px!r} must be a positive number.")
+    n = batch.shape[0]
+    glass = _glass_array(glass_rgb, n)
+    model = stains if stains is not None else DEFAULT_STAINS
+    scale = measure_scale(um_per_px, native_um)
     out = {name: np.empty(n, dtype=np.float64) for name in METRIC_COLUMNS}
-    if n == 0:
-        return out
-    work = _Workspace(min(n, _SUB_BATCH), h, w)
-    for start in range(0, n, _SUB_BATCH):
-        stop = min(n, start + _SUB_BATCH)
-        _metrics_kernel(batch[start:stop], glass, work, out, start)
+    # Nuclear projections and floors: the slide's estimate, and (when it was
+    # estimated) the Romanowsky default as well, so that a wrong estimate on a
+    # small or unusual field cannot hide chromatin the default sees.
+    models = [model] if model.source == "default" else [model, DEFAULT_STAINS]
+    project = np.stack([m.unmixing()[:, 0] for m in models], axis=1)  # [3, k]
+    floors = np.array([m.nuclear_floor for m in models], dtype=np.float32)
+    for i in range(n):
+        _measure_one(batch[i], glass[i], um_per_px, scale, floors, project, out, i)
     return out
 
 
-def _nucleus_tables(glass: np.ndarray) -> tuple[np.uint8, npt.NDArray[np.uint8]]:
-    """``red_max`` and ``blue_min[red]`` such that the nucleus rule is ``red <= red_max
-    and blue >= blue_min[red]``, exactly.
+def _at_scale(rgb: npt.NDArray[np.uint8], um_per_px: float, scale: float) -> npt.NDArray[np.uint8]:
+    """``rgb`` box-resampled from ``um_per_px`` to ``scale`` microns per pixel (never up)."""
+    if scale <= um_per_px * (1.0 + 1e-6):
+        return rgb
+    h, w = rgb.shape[:2]
+    side_h = max(3, round(h * um_per_px / scale))
+    side_w = max(3, round(w * um_per_px / scale))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((side_w, side_h), _BOX))
 
-    Red OD relative to glass >= a  <=>  red <= glass_r * 10**-a.
-    Red OD - blue OD >= d  <=>  log10((blue / glass_b) / (red / glass_r)) >= d
-    <=>  blue >= red * (glass_b / glass_r) * 10**d. Reds whose smallest blue
-    would exceed 255 can never qualify and are cut from ``red_max``.
+
+def measured_od(
+    batch: npt.NDArray[np.uint8],
+    glass_rgb: npt.ArrayLike = (255.0, 255.0, 255.0),
+    *,
+    um_per_px: float = REFERENCE_UM,
+    native_um: float | None = None,
+) -> npt.NDArray[np.float32]:
+    """Optical densities ``[N, 3]`` of the batch's pixels at the measuring scale.
+
+    The pixels :func:`patch_metrics` unmixes: what
+    :func:`cmil_core.stains.estimate_stains` needs to fit a slide's stains.
     """
-    reds = np.arange(256, dtype=np.float64)
-    blue_min = np.ceil(reds * (glass[2] / glass[0]) * 10.0**NUCLEUS_RED_MINUS_BLUE_OD - 1e-9)
-    red_max = math.floor(glass[0] * 10.0 ** (-NUCLEUS_RED_OD) + 1e-9)
-    reachable = np.flatnonzero(blue_min <= 255)
-    red_max = min(red_max, int(reachable[-1]))  # red 0 is always reachable (blue_min 0)
-    return np.uint8(red_max), np.minimum(blue_min, 255).astype(np.uint8)
-
-
-class _Workspace:
-    """Buffers reused across the sub-batches of one :func:`patch_metrics` call."""
-
-    def __init__(self, n: int, h: int, w: int) -> None:
-        self.planar = np.empty((n, 3, h, w), dtype=np.uint8)
-        self.mask = np.empty((n, h, w), dtype=np.bool_)
-        self.mask2 = np.empty((n, h, w), dtype=np.bool_)
-        self.u8 = np.empty((n, h, w), dtype=np.uint8)
-        self.grey = np.empty((n, h, w), dtype=np.uint16)
-        self.tmp = np.empty((n, h, w), dtype=np.uint16)
-        self.lap = np.empty((n, h - 2, w - 2), dtype=np.int16)
-        self.lap32 = np.empty((n, h - 2, w - 2), dtype=np.int32)
-
-
-def _metrics_kernel(
-    batch: npt.NDArray[np.uint8], glass: np.ndarray, ws: _Workspace,
-    out: dict[str, npt.NDArray[np.float64]], at: int,
-) -> None:
     n = batch.shape[0]
-    pixels = batch.shape[1] * batch.shape[2]
-    stop = at + n
-    # Planar copy [B, 3, H, W]: every per-channel operation below then runs on
-    # contiguous memory (several times faster than on the interleaved views).
-    planar = ws.planar[:n]
-    np.copyto(planar, batch.transpose(0, 3, 1, 2))
-    r, g, b = planar[:, 0], planar[:, 1], planar[:, 2]
-    mask, mask2, grey16, tmp = ws.mask[:n], ws.mask2[:n], ws.grey[:n], ws.tmp[:n]
+    glass = _glass_array(glass_rgb, n)
+    scale = measure_scale(um_per_px, native_um)
+    parts = [optical_density(_at_scale(batch[i], um_per_px, scale), glass[i]).reshape(-1, 3)
+             for i in range(n)]
+    return np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.float32)
 
-    def fraction(m: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
-        return np.count_nonzero(m.reshape(n, -1), axis=1) / pixels
 
+def _grey_u16(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint16]:
+    """BT.601 luma in 1/256 fixed point, rounded: exact integer grey 0-255."""
+    grey = rgb[..., 0].astype(np.uint16) * np.uint16(_LUMA_256[0])
+    grey += rgb[..., 1].astype(np.uint16) * np.uint16(_LUMA_256[1])
+    grey += rgb[..., 2].astype(np.uint16) * np.uint16(_LUMA_256[2])
+    grey += np.uint16(128)
+    grey >>= np.uint16(8)
+    return grey
+
+
+def _laplacian_variance(grey: npt.NDArray[np.uint16]) -> float:
+    """Variance of the 4-neighbour Laplacian over the interior (exact integer sums)."""
+    g = grey.astype(np.int32)
+    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+    m = lap.size
+    total = float(lap.sum(dtype=np.int64))
+    squares = float(np.multiply(lap, lap).sum(dtype=np.int64))
+    return (squares - total * total / m) / m
+
+
+def _measure_one(
+    rgb: npt.NDArray[np.uint8], glass: npt.NDArray[np.float64], um_per_px: float,
+    scale: float, floors: npt.NDArray[np.float32], project: npt.NDArray[np.float32],
+    out: dict[str, npt.NDArray[np.float64]], i: int,
+) -> None:
+    h, w = rgb.shape[:2]
+    pixels = h * w
     # Glass: every channel at least glass * 10**-GLASS_OD (integer compare per channel).
-    lo = np.ceil(glass * 10.0 ** (-GLASS_OD) - 1e-9).astype(np.uint8)
-    np.greater_equal(r, lo[0], out=mask)
-    mask &= np.greater_equal(g, lo[1], out=mask2)
-    mask &= np.greater_equal(b, lo[2], out=mask2)
-    out["background_fraction"][at:stop] = fraction(mask)
+    lo = np.ceil(glass * 10.0 ** (-GLASS_OD) - 1e-9).astype(np.int16)
+    is_glass = (rgb[..., 0] >= lo[0]) & (rgb[..., 1] >= lo[1]) & (rgb[..., 2] >= lo[2])
+    out["background_fraction"][i] = np.count_nonzero(is_glass) / pixels
+    grey = _grey_u16(rgb)
+    out["mean_intensity"][i] = grey.sum(dtype=np.int64) / pixels
+    out["dark_fraction"][i] = np.count_nonzero(grey < DARK_GREY) / pixels
+    out["bright_fraction"][i] = np.count_nonzero(grey >= BRIGHT_GREY) / pixels
 
-    # Grey (BT.601 luma) in 1/256 fixed point: uint16 holds 255 * 256 exactly.
-    np.multiply(r, np.uint16(_LUMA_256[0]), out=grey16)
-    grey16 += np.multiply(g, np.uint16(_LUMA_256[1]), out=tmp)
-    grey16 += np.multiply(b, np.uint16(_LUMA_256[2]), out=tmp)
-    grey16 += np.uint16(128)
-    grey16 >>= np.uint16(8)
-    grey = grey16.view(np.int16)  # values 0..255: the same bits as int16
-    out["mean_intensity"][at:stop] = grey.reshape(n, -1).sum(axis=1, dtype=np.int64) / pixels
-    out["dark_fraction"][at:stop] = fraction(np.less(grey, DARK_GREY, out=mask))
-    out["bright_fraction"][at:stop] = fraction(np.greater_equal(grey, BRIGHT_GREY, out=mask))
-
-    # Laplacian (4-neighbour) over the interior, in int16 (|value| <= 4 * 255),
-    # variance per patch from exact integer sums.
-    lap = ws.lap[:n]
-    np.add(grey[:, :-2, 1:-1], grey[:, 2:, 1:-1], out=lap)
-    lap += grey[:, 1:-1, :-2]
-    lap += grey[:, 1:-1, 2:]
-    centre = grey[:, 1:-1, 1:-1]
-    for _ in range(4):
-        lap -= centre
-    lap_flat = lap.reshape(n, -1)
-    m = lap_flat.shape[1]
-    lap_sum = lap_flat.sum(axis=1, dtype=np.int64).astype(np.float64)
-    sq = ws.lap32[:n].reshape(n, -1)
-    np.multiply(lap_flat, lap_flat, out=sq, dtype=np.int32)  # <= 1020**2 fits int32
-    lap_sq = sq.sum(axis=1, dtype=np.int64).astype(np.float64)
-    out["blur_variance"][at:stop] = (lap_sq - lap_sum**2 / m) / m
-
-    # Nucleus colour: red OD >= NUCLEUS_RED_OD and red OD - blue OD >= NUCLEUS_RED_MINUS_BLUE_OD,
-    # i.e. red <= red_max and blue >= blue_min[red] (exact integer tables, see _nucleus_tables).
-    red_max, blue_min = _nucleus_tables(glass)
-    np.less_equal(r, red_max, out=mask)
-    blue_needed = ws.u8[:n]
-    np.take(blue_min, r, out=blue_needed)
-    mask &= np.greater_equal(b, blue_needed, out=mask2)
-    out["nuclei_fraction"][at:stop] = fraction(mask)
+    # Sharpness and nuclear material at the measuring scale (box-resampled, area average).
+    small = _at_scale(rgb, um_per_px, scale)
+    out["blur_variance"][i] = _laplacian_variance(_grey_u16(small))
+    od = optical_density(small, glass)
+    conc = od.reshape(-1, 3) @ project  # [pixels, k]
+    nuclear = np.any(conc >= floors, axis=1).reshape(small.shape[:2])
+    nuclear = ndimage.binary_opening(nuclear, structure=_OPENING)
+    count = np.count_nonzero(nuclear)
+    out["nuclei_fraction"][i] = count / nuclear.size
+    out["nuclear_area_um2"][i] = count * scale * scale
 
 
 def qc_decision(

@@ -133,10 +133,12 @@ from cmil_core.quality import (
     METRIC_COLUMNS,
     METRICS_VERSION,
     QCThresholds,
+    measured_od,
     patch_metrics,
     qc_decision,
 )
 from cmil_core.slides import Slide
+from cmil_core.stains import StainModel, estimate_stains
 
 __all__ = [
     "GRID_COLUMNS",
@@ -146,6 +148,9 @@ __all__ = [
     "TilingConfig",
     "map_ordered",
     "detect_foreground",
+    "estimate_slide_stains",
+    "glass_per_patch",
+    "is_photograph",
     "iter_patch_batches",
     "make_grid",
     "measure_grid",
@@ -177,6 +182,11 @@ _LEVEL_SLACK = 1.001
 _GLASS_MIN_PIXELS = 16_384
 _GLASS_VIEW_PIXELS = 65_536
 _GLASS_SAMPLE_PIXELS = 1_048_576
+# Glass field of a photograph: a view of about this many pixels, cut into cells
+# of about _GLASS_FIELD_CELLS along the longer side.
+_GLASS_FIELD_CELLS = 8
+# Patches read (evenly through the grid) to estimate a slide's stains.
+_STAIN_SAMPLE_CELLS = 24
 # Closing radius of the smear mask in microns (2 px at 8 um/px): joins cells
 # separated by less than about two red-cell diameters of glass.
 _SMEAR_CLOSE_UM = 16.0
@@ -210,6 +220,11 @@ class TilingConfig:
     Deliberately high: dense clusters of small round blue tumour cells must
     not be masked as "thick"; darker-than-normal patches that are still
     translucent are judged by the quality rule "too dark" instead.
+    ``fov_max_mm``: a plain image (jpg, png, bmp, one-level tif) whose longer
+    side is at most this many millimetres (5: a 10x objective's field is about
+    2 mm, a 100x oil field 0.2 mm) is a microscope field of view, tiled edge
+    to edge (:func:`is_photograph`); a larger one (a stitched whole smear) is
+    treated like a scan, with the smear mask. 0 treats every image as a scan.
     """
 
     patch_um: float = 112.0
@@ -221,6 +236,7 @@ class TilingConfig:
     min_smear_od: float = 0.04
     max_smear_od: float = 0.08
     thick_od: float = 1.0
+    fov_max_mm: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -236,7 +252,7 @@ class TilingConfig:
                 )
             object.__setattr__(self, name, int(value))
         for name in ("patch_um", "overlap", "min_foreground", "thumbnail_um",
-                     "min_smear_od", "max_smear_od", "thick_od"):
+                     "min_smear_od", "max_smear_od", "thick_od", "fov_max_mm"):
             object.__setattr__(self, name, float(getattr(self, name)))
         if self.patch_um <= 0:
             raise InputError(f"tiling setting patch_um={self.patch_um} must be positive.")
@@ -248,6 +264,8 @@ class TilingConfig:
             raise InputError(
                 f"tiling setting min_foreground={self.min_foreground} must be in [0, 1]."
             )
+        if self.fov_max_mm < 0:
+            raise InputError(f"tiling setting fov_max_mm={self.fov_max_mm} must be >= 0.")
         if self.thumbnail_um <= 0:
             raise InputError(f"tiling setting thumbnail_um={self.thumbnail_um} must be positive.")
         if self.max_thumbnail_px < 16:
@@ -327,10 +345,14 @@ class Foreground:
 class PatchGrid:
     """The kept cells of a slide's patch grid.
 
-    ``size`` and ``stride`` are level-0 pixels; the cell ``(g_col[i], g_row[i])``
-    covers ``[x[i], x[i] + size) x [y[i], y[i] + size)``. Cells are in row-major
-    order (by ``g_row``, then ``g_col``). ``n_cols, n_rows`` count the whole grid,
-    kept or not.
+    ``size`` is level-0 pixels; the cell ``(g_col[i], g_row[i])`` covers
+    ``[x[i], x[i] + size) x [y[i], y[i] + size)`` with ``x = col_x[g_col]`` and
+    ``y = row_y[g_row]``. On a whole-slide image the columns are ``stride``
+    apart from ``l0_origin``; on a photograph (``fitted``) they are spread
+    evenly from edge to edge, so the grid covers the whole field with as
+    little overlap as that needs (``stride`` is then the largest gap between
+    neighbours). Cells are in row-major order (by ``g_row``, then ``g_col``).
+    ``n_cols, n_rows`` count the whole grid, kept or not.
     """
 
     size: int
@@ -343,23 +365,46 @@ class PatchGrid:
     g_row: npt.NDArray[np.int64]
     foreground_fraction: npt.NDArray[np.float64]
     thick_fraction: npt.NDArray[np.float64]
+    col_x: npt.NDArray[np.int64] | None = None
+    row_y: npt.NDArray[np.int64] | None = None
+    fitted: bool = False
     x: npt.NDArray[np.int64] = field(init=False)
     y: npt.NDArray[np.int64] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "x", self.l0_origin[0] + self.g_col * self.stride)
-        object.__setattr__(self, "y", self.l0_origin[1] + self.g_row * self.stride)
+        if self.col_x is None:
+            object.__setattr__(self, "col_x", self.l0_origin[0]
+                               + np.arange(self.n_cols, dtype=np.int64) * self.stride)
+        if self.row_y is None:
+            object.__setattr__(self, "row_y", self.l0_origin[1]
+                               + np.arange(self.n_rows, dtype=np.int64) * self.stride)
+        assert self.col_x is not None and self.row_y is not None
+        object.__setattr__(self, "x", self.col_x[self.g_col].astype(np.int64))
+        object.__setattr__(self, "y", self.row_y[self.g_row].astype(np.int64))
 
     def __len__(self) -> int:
         return int(self.g_col.size)
 
-    def describe(self) -> dict[str, int | list[int]]:
+    def describe(self) -> dict[str, Any]:
         """The grid's geometry, JSON-ready (level-0 pixels and cell counts)."""
         return {
             "size": self.size, "stride": self.stride, "output_px": self.output_px,
             "l0_origin": [int(self.l0_origin[0]), int(self.l0_origin[1])],
             "n_cols": self.n_cols, "n_rows": self.n_rows, "kept": len(self),
+            "fitted": self.fitted,
         }
+
+
+def is_photograph(slide: Slide, config: TilingConfig | None = None) -> bool:
+    """A plain picture (jpg, png, bmp, one-level tif) of at most ``config.fov_max_mm``.
+
+    Such an image is a microscope field of view the operator chose: it is
+    tiled edge to edge and only quality control rejects its patches.
+    """
+    cfg = config if config is not None else TilingConfig()
+    if not slide.kind.startswith("image:") or slide.mpp is None:
+        return False
+    return max(slide.width, slide.height) * float(slide.mpp) <= cfg.fov_max_mm * 1000.0
 
 
 def _require_mpp(slide: Slide) -> float:
@@ -593,8 +638,25 @@ def _box_fractions(
 MIN_PATCH_L0_PX = 8
 
 
+def _fitted_positions(length: int, size: int, stride: int) -> npt.NDArray[np.int64]:
+    """Starts of cells of ``size`` spread evenly over ``length``, at most ``stride`` apart.
+
+    The first cell starts at 0 and the last ends at ``length``; neighbours
+    overlap only as much as covering the whole length needs.
+    """
+    if length <= size:
+        return np.zeros(1, dtype=np.int64)
+    n = math.ceil((length - size) / stride - _EPS) + 1
+    return np.round(np.linspace(0.0, float(length - size), n)).astype(np.int64)
+
+
 def _geometry(slide: Slide, config: TilingConfig) -> tuple[int, int, int, int, tuple[int, int]]:
-    """``size, stride, n_cols, n_rows, l0_origin`` of the full grid (checks mpp and slide size)."""
+    """``size, stride, n_cols, n_rows, l0_origin`` of the full grid (checks mpp and slide size).
+
+    A photograph (:func:`is_photograph`) is covered edge to edge (``l0_origin``
+    is (0, 0); :func:`make_grid` spreads the cells); a whole-slide image gets
+    whole cells only, centred.
+    """
     mpp = _require_mpp(slide)
     size = config.patch_l0_px(mpp)
     if size < MIN_PATCH_L0_PX:
@@ -604,10 +666,18 @@ def _geometry(slide: Slide, config: TilingConfig) -> tuple[int, int, int, int, t
         )
     stride = max(1, round(size * (1.0 - config.overlap)))
     if slide.width < size or slide.height < size:
+        fits_um = math.floor(min(slide.width, slide.height) * mpp * 10.0 + _EPS) / 10.0
+        hint = (f"pass --patch-um {fits_um:g} or less (or check --mpp)" if fits_um * 10 >= 1
+                else "check --mpp")
         raise InputError(
-            f"{slide.path.name}: {slide.width}x{slide.height} px at {mpp:g} um/px is smaller than "
-            f"one {config.patch_um:g} um patch ({size} px)."
+            f"{slide.path.name}: {slide.width}x{slide.height} px at {mpp:g} um/px "
+            f"({slide.width * mpp:.4g} x {slide.height * mpp:.4g} um) is smaller than one "
+            f"{config.patch_um:g} um patch ({size} px); {hint}."
         )
+    if is_photograph(slide, config):
+        n_cols = _fitted_positions(slide.width, size, stride).size
+        n_rows = _fitted_positions(slide.height, size, stride).size
+        return size, stride, n_cols, n_rows, (0, 0)
     n_cols = (slide.width - size) // stride + 1
     n_rows = (slide.height - size) // stride + 1
     l0_origin = (
@@ -618,23 +688,36 @@ def _geometry(slide: Slide, config: TilingConfig) -> tuple[int, int, int, int, t
 
 
 def make_grid(slide: Slide, config: TilingConfig, foreground: Foreground) -> PatchGrid:
-    """The patch grid at ``config.patch_um`` microns, keeping cells that are mostly smear.
+    """The patch grid at ``config.patch_um`` microns.
 
-    Raises :class:`~cmil_core.errors.InputError` when the slide has no mpp or is
-    smaller than one patch.
+    On a whole-slide image, cells that are mostly smear are kept
+    (``config.min_foreground``); a photograph is a field the operator chose, so
+    the grid covers all of it (:func:`is_photograph`) and only quality control
+    rejects patches. Raises :class:`~cmil_core.errors.InputError` when the
+    slide has no mpp or is smaller than one patch (the message gives the
+    ``--patch-um`` that fits).
     """
     size, stride, n_cols, n_rows, l0_origin = _geometry(slide, config)
+    photo = is_photograph(slide, config)
+    if photo:
+        col_x = _fitted_positions(slide.width, size, stride)
+        row_y = _fitted_positions(slide.height, size, stride)
+        gaps = np.diff(np.concatenate([col_x, row_y]))
+        stride = int(gaps.max()) if gaps.size else size
+    else:
+        col_x = l0_origin[0] + np.arange(n_cols, dtype=np.int64) * stride
+        row_y = l0_origin[1] + np.arange(n_rows, dtype=np.int64) * stride
     th_side = size / foreground.l0_per_th
     cols = np.arange(n_cols, dtype=np.int64)
     keep_col: list[npt.NDArray[np.int64]] = []
     keep_row: list[npt.NDArray[np.int64]] = []
     keep_fg: list[npt.NDArray[np.float64]] = []
     keep_thick: list[npt.NDArray[np.float64]] = []
-    th_x0 = (l0_origin[0] + cols * stride) / foreground.l0_per_th
+    th_x0 = col_x / foreground.l0_per_th
     for row in range(n_rows):  # one band of mask rows at a time: memory flat
-        th_y0 = (l0_origin[1] + row * stride) / foreground.l0_per_th
+        th_y0 = float(row_y[row]) / foreground.l0_per_th
         fg = _box_fractions(foreground.smear, th_x0, th_y0, th_side)
-        keep = fg >= config.min_foreground - _EPS
+        keep = np.ones(n_cols, dtype=bool) if photo else fg >= config.min_foreground - _EPS
         if not np.any(keep):
             continue
         keep_col.append(cols[keep])
@@ -650,6 +733,7 @@ def make_grid(slide: Slide, config: TilingConfig, foreground: Foreground) -> Pat
         n_cols=n_cols, n_rows=n_rows,
         g_col=cat(keep_col, np.int64), g_row=cat(keep_row, np.int64),
         foreground_fraction=cat(keep_fg, np.float64), thick_fraction=cat(keep_thick, np.float64),
+        col_x=col_x.astype(np.int64), row_y=row_y.astype(np.int64), fitted=photo,
     )
 
 
@@ -799,33 +883,116 @@ def iter_patch_batches(
 # --------------------------------------------------------------------------- the whole step
 
 
+def glass_per_patch(slide: Slide, grid: PatchGrid, glass_rgb: tuple[float, float, float],
+                    *, workers: int = 2) -> npt.NDArray[np.float64]:
+    """The glass colour under each cell of ``grid``: ``[len(grid), 3]``.
+
+    A scanner lights the slide evenly, so a whole-slide image has one glass
+    colour (``glass_rgb``). A photograph through a microscope does not:
+    vignetting darkens the corners and many cameras tint the field unevenly
+    (pink edges, cyan centre). There the glass is a smooth field: the view of
+    the photograph (about 65,000 pixels) is cut into about
+    :data:`_GLASS_FIELD_CELLS` cells along its longer side; in each, the glass
+    is the median colour of its brightest tenth (the gaps between cells); a
+    3x3 grey-level closing then lets a cell packed with cells, whose
+    brightest pixels are red-cell centres, take the glass of its neighbours;
+    each patch gets the field at its centre (bilinear).
+    """
+    n = len(grid)
+    if not grid.fitted or n == 0:
+        return np.tile(np.asarray(glass_rgb, dtype=np.float64), (n, 1))
+    l0_per_px = max(1.0, math.sqrt(slide.width * slide.height / _GLASS_VIEW_PIXELS))
+    view_w = max(1, math.ceil(slide.width / l0_per_px - _EPS))
+    view_h = max(1, math.ceil(slide.height / l0_per_px - _EPS))
+    view = _read_thumbnail(slide, l0_per_px, view_w, view_h, workers).astype(np.float64)
+    cell = max(4, math.ceil(max(view_w, view_h) / _GLASS_FIELD_CELLS))
+    n_x, n_y = math.ceil(view_w / cell), math.ceil(view_h / cell)
+    field_rgb = np.empty((n_y, n_x, 3), dtype=np.float64)
+    for cy in range(n_y):
+        for cx in range(n_x):
+            block = view[cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell].reshape(-1, 3)
+            bright = block.sum(axis=1)
+            top = block[bright >= np.percentile(bright, 90)]
+            field_rgb[cy, cx] = np.median(top, axis=0)
+    field_rgb = np.stack(
+        [ndimage.grey_closing(field_rgb[..., c], size=(3, 3), mode="nearest") for c in range(3)],
+        axis=-1,
+    )
+    # Patch centres in cell units (cell centres at 0.5, 1.5, ...).
+    centre_x = (grid.x + grid.size / 2.0) / l0_per_px / cell - 0.5
+    centre_y = (grid.y + grid.size / 2.0) / l0_per_px / cell - 0.5
+    glass = np.stack(
+        [ndimage.map_coordinates(field_rgb[..., c], [centre_y, centre_x], order=1,
+                                 mode="nearest") for c in range(3)],
+        axis=-1,
+    )
+    return np.clip(glass, 1.0, 255.0)
+
+
+def _um_per_output_px(slide: Slide, grid: PatchGrid) -> float:
+    return grid.size * _require_mpp(slide) / grid.output_px
+
+
+def estimate_slide_stains(slide: Slide, grid: PatchGrid, glass: npt.NDArray[np.float64],
+                          *, workers: int = 2) -> StainModel:
+    """The slide's stain vectors (:func:`cmil_core.stains.estimate_stains`) from a sample of cells.
+
+    Up to :data:`_STAIN_SAMPLE_CELLS` cells spread evenly through the grid are
+    read and their pixels, at the measuring scale and relative to the glass
+    under each (``glass``: :func:`glass_per_patch`), are pooled.
+    """
+    n = len(grid)
+    if n == 0:
+        return estimate_stains(np.empty((0, 3)))
+    picks = np.unique(np.linspace(0, n - 1, min(n, _STAIN_SAMPLE_CELLS)).round().astype(np.int64))
+    um_px, mpp = _um_per_output_px(slide, grid), _require_mpp(slide)
+
+    def od_of(idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        return measured_od(_read_cells(slide, grid, idx), glass[idx], um_per_px=um_px,
+                           native_um=mpp)
+
+    chunks = [picks[i:i + 8] for i in range(0, picks.size, 8)]
+    return estimate_stains(np.concatenate(list(map_ordered(od_of, chunks, workers))))
+
+
 def measure_grid(
     slide: Slide,
     grid: PatchGrid,
-    glass_rgb: tuple[float, float, float],
+    glass_rgb: tuple[float, float, float] | npt.NDArray[np.float64],
     thresholds: QCThresholds,
     progress: Callable[[int, int], None] | None = None,
     *,
     batch_size: int = 32,
     workers: int = 2,
+    stains: StainModel | None = None,
 ) -> pd.DataFrame:
     """Read every cell of ``grid``, measure it and judge it: the table of :func:`tile_slide`.
 
-    ``glass_rgb`` is the glass colour the metrics are relative to
-    (:attr:`Foreground.glass_rgb` of the mask ``grid`` was made from); the table
-    has no ``attrs`` (:func:`tile_slide` adds them). Each worker thread reads a
-    chunk of ``batch_size`` cells and measures it, so reading and arithmetic
-    overlap; ``progress(done, total)`` is called from this thread after each
-    chunk.
+    ``glass_rgb`` is the glass colour the metrics are relative to: one colour
+    (:attr:`Foreground.glass_rgb` of the mask ``grid`` was made from) or one
+    row per cell (:func:`glass_per_patch`); ``stains`` the slide's stain model
+    (:func:`estimate_slide_stains`; the Romanowsky defaults when None). The
+    table has no ``attrs`` (:func:`tile_slide` adds them). Each worker thread
+    reads a chunk of ``batch_size`` cells and measures it, so reading and
+    arithmetic overlap; ``progress(done, total)`` is called from this thread
+    after each chunk.
     """
     _check_batching(batch_size, workers)
     n = len(grid)
+    glass = np.asarray(glass_rgb, dtype=np.float64)
+    per_cell = glass.ndim == 2
+    if per_cell and glass.shape != (n, 3):
+        raise InputError(f"glass_rgb has {glass.shape[0]} rows for {n} cells.")
     metrics = {name: np.full(n, np.nan) for name in METRIC_COLUMNS}
     if progress is not None:
         progress(0, n)
+    um_px = _um_per_output_px(slide, grid) if n else 0.5
+    mpp = _require_mpp(slide)
 
     def measure(idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], _Metrics]:
-        return idx, patch_metrics(_read_cells(slide, grid, idx), glass_rgb)
+        g = glass[idx] if per_cell else glass
+        return idx, patch_metrics(_read_cells(slide, grid, idx), g, um_per_px=um_px,
+                                  native_um=mpp, stains=stains)
 
     done = 0
     for idx, values in map_ordered(measure, _chunks(n, batch_size), workers):
@@ -882,15 +1049,19 @@ def tile_slide(
     _geometry(slide, config)  # fail fast (no mpp, too small) before reading any pixel
     foreground = detect_foreground(slide, config, workers=workers)
     grid = make_grid(slide, config, foreground)
-    glass, mask_numbers = foreground.glass_rgb, foreground.thresholds()
+    mask_numbers = foreground.thresholds()
+    glass = glass_per_patch(slide, grid, foreground.glass_rgb, workers=workers)
     del foreground  # the thumbnail and masks are not needed while reading patches
+    stains = estimate_slide_stains(slide, grid, glass, workers=workers)
     table = measure_grid(slide, grid, glass, thresholds, progress,
-                         batch_size=batch_size, workers=workers)
+                         batch_size=batch_size, workers=workers, stains=stains)
     table.attrs["tiling"] = {
         "config": config.to_dict(),
         "thresholds": thresholds.to_dict(),
         "metrics_version": METRICS_VERSION,
         "foreground": mask_numbers,
         "grid": grid.describe(),
+        "stains": stains.to_dict(),
+        "photograph": grid.fitted,
     }
     return table

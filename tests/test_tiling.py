@@ -198,7 +198,8 @@ def test_unreadable_pixels_propagate_the_slide_error(fixtures_dir: Path) -> None
 
 def test_slide_smaller_than_a_patch(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "small.svs") as slide:
-        message = r"^small.svs: 16x16 px at 0.499 um/px is smaller than one 112 um patch"
+        message = (r"^small.svs: 16x16 px at 0.499 um/px \(7.984 x 7.984 um\) is smaller than one "
+                   r"112 um patch \(224 px\); pass --patch-um 7.9 or less")
         with pytest.raises(InputError, match=message):
             tile_slide(slide, TilingConfig(), QCThresholds())
 
@@ -214,17 +215,25 @@ def test_bccd_photographs(fixtures_dir: Path) -> None:
         assert all(185 <= v <= 215 for v in fg.glass_rgb), (path.name, fg.glass_rgb)
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
-    assert len(table) == len(frames)  # 640 x 480 holds one 373 px cell
+    # A photograph is a field of view: 640 x 480 is covered by 2 x 2 cells of 373 px.
+    assert len(table) == 4 * len(frames)
+    assert set(table["x"]) == {0, 640 - 373} and set(table["y"]) == {0, 480 - 373}
     # Plausible values for a pale blood film photographed on grey glass.
     assert table["background_fraction"].between(0.2, 0.85).all()
     assert table["mean_intensity"].between(150, 215).all()
     assert (table["dark_fraction"] < 0.01).all()
-    assert table["blur_variance"].between(5, 60).all()
-    assert (table["nuclei_fraction"] > 0).all()  # each photograph centres a white cell
+    assert table["blur_variance"].between(8, 400).all()  # at 0.5 um/px: in focus (threshold 4)
+    # Each photograph centres a white cell: some patch of each holds nuclear material.
+    per_photo = table["nuclear_area_um2"].to_numpy().reshape(len(frames), 4).max(axis=1)
+    assert (per_photo >= 20).all()
     assert table["qc_pass"].sum() >= 0.75 * len(table)  # not all failing
 
 
 # ----------------------------------------------------------------- synthetic slides
+
+# The synthetic smears below are PNGs: read them as scans (smear mask, glass
+# dropped), not as microscope fields (tiled edge to edge).
+SCAN = TilingConfig(fov_max_mm=0)
 
 
 def _png(tmp_path: Path, image: np.ndarray, name: str = "smear.png") -> Path:
@@ -237,7 +246,7 @@ def test_thick_area_is_flagged_and_rejected(tmp_path: Path) -> None:
     image = _smear_image(1344, 1344, seed=1, dark_box=(0, 0, 672, 672))
     with open_slide(_png(tmp_path, image), mpp=0.5) as slide:
         fg = detect_foreground(slide)
-        frame = tile_slide(slide, TilingConfig(), QCThresholds())
+        frame = tile_slide(slide, SCAN, QCThresholds())
     assert fg.thick[: 672 // 16 - 2, : 672 // 16 - 2].all()
     assert not fg.thick[672 // 16 + 2 :, :].any()
     assert len(frame) == 36  # 6 x 6 cells of 224 px, all smear
@@ -253,8 +262,8 @@ def test_glass_only_slide_gives_no_rows(tmp_path: Path) -> None:
     image = np.clip(rng.normal(236, 2.0, (900, 900, 3)), 0, 255).astype(np.uint8)
     with open_slide(_png(tmp_path, image), mpp=0.5) as slide:
         fg = detect_foreground(slide)
-        frame = tile_slide(slide, TilingConfig(), QCThresholds())
-    assert fg.smear_od == TilingConfig().min_smear_od  # the floor, not Otsu's split of noise
+        frame = tile_slide(slide, SCAN, QCThresholds())
+    assert fg.smear_od == SCAN.min_smear_od  # the floor, not Otsu's split of noise
     assert not fg.smear.any()
     assert frame.empty and list(frame.columns) == list(TILE_COLUMNS)
 
@@ -262,7 +271,7 @@ def test_glass_only_slide_gives_no_rows(tmp_path: Path) -> None:
 def test_mask_keeps_the_smear_and_drops_the_glass(tmp_path: Path) -> None:
     image = _smear_image(1120, 1568, seed=3, smear_box=(0, 0, 784, 1120))  # left half smear
     with open_slide(_png(tmp_path, image), mpp=0.5) as slide:
-        frame = tile_slide(slide, TilingConfig(), QCThresholds())
+        frame = tile_slide(slide, SCAN, QCThresholds())
     assert len(frame) == 5 * 4  # rows 5, columns 0-3 of 7
     assert frame["g_col"].max() == 3
     assert frame["qc_pass"].all()
@@ -271,7 +280,7 @@ def test_mask_keeps_the_smear_and_drops_the_glass(tmp_path: Path) -> None:
 def test_overlap_halves_the_stride(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
         fg = detect_foreground(slide)
-        plain = make_grid(slide, TilingConfig(), fg)
+        plain = make_grid(slide, SCAN, fg)
         half = make_grid(slide, TilingConfig(overlap=0.5), fg)
     assert half.stride == 112 and plain.stride == plain.size == half.size == 224
     assert (half.n_cols, half.n_rows) == ((2220 - 224) // 112 + 1, (2967 - 224) // 112 + 1)
@@ -285,7 +294,7 @@ def test_overlap_halves_the_stride(fixtures_dir: Path) -> None:
 def test_patches_equal_a_direct_read(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
         fg = detect_foreground(slide)
-        grid = make_grid(slide, TilingConfig(), fg)
+        grid = make_grid(slide, SCAN, fg)
         idx, batch = next(iter_patch_batches(slide, grid, batch_size=5))
         for i, patch in zip(idx, batch, strict=True):
             x, y = int(grid.x[i]), int(grid.y[i])
@@ -303,7 +312,7 @@ def test_patches_equal_a_direct_read(fixtures_dir: Path) -> None:
 
 def test_batches_cover_the_grid_in_order(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
-        grid = make_grid(slide, TilingConfig(), detect_foreground(slide))
+        grid = make_grid(slide, SCAN, detect_foreground(slide))
         seen = [idx for idx, batch in iter_patch_batches(slide, grid, batch_size=8)]
         assert all(i.size <= 8 for i in seen)
         np.testing.assert_array_equal(np.concatenate(seen), np.arange(len(grid)))
@@ -315,10 +324,10 @@ def test_batches_cover_the_grid_in_order(fixtures_dir: Path) -> None:
 def test_tile_slide_is_deterministic(fixtures_dir: Path) -> None:
     path = _slides(fixtures_dir) / "CMU-1-Small-Region.svs"
     with open_slide(path) as slide:
-        first = tile_slide(slide, TilingConfig(), QCThresholds())
-        other = tile_slide(slide, TilingConfig(), QCThresholds(), batch_size=7, workers=0)
+        first = tile_slide(slide, SCAN, QCThresholds())
+        other = tile_slide(slide, SCAN, QCThresholds(), batch_size=7, workers=0)
     with open_slide(path) as slide:
-        again = tile_slide(slide, TilingConfig(), QCThresholds(), workers=3)
+        again = tile_slide(slide, SCAN, QCThresholds(), workers=3)
     pd.testing.assert_frame_equal(first, other)
     pd.testing.assert_frame_equal(first, again)
 
@@ -330,7 +339,7 @@ def test_progress_reports_patch_counts(fixtures_dir: Path) -> None:
         events.append((done, total))
 
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
-        frame = tile_slide(slide, TilingConfig(), QCThresholds(), report, batch_size=16)
+        frame = tile_slide(slide, SCAN, QCThresholds(), report, batch_size=16)
     n = len(frame)
     assert events[0] == (0, n) and events[-1] == (n, n)
     assert [d for d, _ in events] == sorted(d for d, _ in events)
@@ -398,10 +407,10 @@ def test_unknown_config_key_and_bad_batching(fixtures_dir: Path) -> None:
         TilingConfig.from_dict({"patch_size": 224})
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
         with pytest.raises(InputError, match="batch_size=0"):
-            tile_slide(slide, TilingConfig(), QCThresholds(), batch_size=0)
+            tile_slide(slide, SCAN, QCThresholds(), batch_size=0)
         with pytest.raises(InputError, match="workers=-1"):
-            tile_slide(slide, TilingConfig(), QCThresholds(), workers=-1)
-        grid = make_grid(slide, TilingConfig(), detect_foreground(slide))
+            tile_slide(slide, SCAN, QCThresholds(), workers=-1)
+        grid = make_grid(slide, SCAN, detect_foreground(slide))
         with pytest.raises(InputError, match="batch_size=0"):
             iter_patch_batches(slide, grid, batch_size=0)  # checked eagerly, not at next()
 
@@ -411,4 +420,4 @@ def test_a_resolution_no_microscope_has_is_refused(fixtures_dir: Path) -> None:
     with open_slide(fixtures_dir / "slides" / "boxes.tiff") as slide:
         assert slide.mpp is not None and slide.mpp > 300
         with pytest.raises(InputError, match=r"boxes.tiff: at 352.* um/px a 112 um patch is only 1 px"):
-            tile_slide(slide, TilingConfig(), QCThresholds())
+            tile_slide(slide, SCAN, QCThresholds())
