@@ -112,7 +112,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
-from scipy import ndimage
 
 from cmil_core.errors import InputError
 from cmil_core.stains import DEFAULT_STAINS, StainModel, optical_density
@@ -418,6 +417,13 @@ def measured_od(
     return np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.float32)
 
 
+def _od_tables(glass: npt.NDArray[np.float64]) -> list[npt.NDArray[np.float32]]:
+    """Per channel, uint8 level -> OD relative to the glass (clipped at 0), ``[256]`` float32."""
+    levels = np.maximum(np.arange(256, dtype=np.float32), 1.0)
+    return [np.maximum(np.log10(np.float32(glass[c]) / levels), np.float32(0.0))
+            for c in range(3)]
+
+
 def _grey_u16(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint16]:
     """BT.601 luma in 1/256 fixed point, rounded: exact integer grey 0-255."""
     grey = rgb[..., 0].astype(np.uint16) * np.uint16(_LUMA_256[0])
@@ -429,13 +435,36 @@ def _grey_u16(rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint16]:
 
 
 def _laplacian_variance(grey: npt.NDArray[np.uint16]) -> float:
-    """Variance of the 4-neighbour Laplacian over the interior (exact integer sums)."""
-    g = grey.astype(np.int32)
-    lap = g[:-2, 1:-1] + g[2:, 1:-1] + g[1:-1, :-2] + g[1:-1, 2:] - 4 * g[1:-1, 1:-1]
+    """Variance of the 4-neighbour Laplacian over the interior (exact integer sums).
+
+    int16 holds every value (at most 4 * 255 in size), int32 every square.
+    """
+    g = grey.view(np.int16)  # 0..255: the same bits
+    lap = g[:-2, 1:-1] + g[2:, 1:-1]
+    lap += g[1:-1, :-2]
+    lap += g[1:-1, 2:]
+    lap -= 4 * g[1:-1, 1:-1]
     m = lap.size
     total = float(lap.sum(dtype=np.int64))
-    squares = float(np.multiply(lap, lap).sum(dtype=np.int64))
+    squares = float(np.square(lap, dtype=np.int32).sum(dtype=np.int64))
     return (squares - total * total / m) / m
+
+
+def _open3(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Binary opening with a 3x3 square, outside counting as background.
+
+    The same as ``scipy.ndimage.binary_opening(mask, np.ones((3, 3)))``, in
+    separable shifted ANDs and ORs (a tenth of the time).
+    """
+    h, w = mask.shape
+    pad = np.zeros((h + 2, w + 2), dtype=bool)
+    pad[1:-1, 1:-1] = mask
+    rows = pad[:, :-2] & pad[:, 1:-1] & pad[:, 2:]          # [h + 2, w]
+    eroded = rows[:-2] & rows[1:-1] & rows[2:]             # [h, w]
+    pad2 = np.zeros((h + 2, w + 2), dtype=bool)
+    pad2[1:-1, 1:-1] = eroded
+    rows = pad2[:, :-2] | pad2[:, 1:-1] | pad2[:, 2:]
+    return rows[:-2] | rows[1:-1] | rows[2:]
 
 
 def _measure_one(
@@ -457,10 +486,17 @@ def _measure_one(
     # Sharpness and nuclear material at the measuring scale (box-resampled, area average).
     small = _at_scale(rgb, um_per_px, scale)
     out["blur_variance"][i] = _laplacian_variance(_grey_u16(small))
-    od = optical_density(small, glass)
-    conc = od.reshape(-1, 3) @ project  # [pixels, k]
-    nuclear = np.any(conc >= floors, axis=1).reshape(small.shape[:2])
-    nuclear = ndimage.binary_opening(nuclear, structure=_OPENING)
+    # Unmixing through one 256-entry table per channel: OD (log10 once per level,
+    # not per pixel) already multiplied by each stain model's nuclear projection.
+    tables = _od_tables(glass)
+    r, g, b = (np.ascontiguousarray(small[..., c]) for c in range(3))
+    nuclear = np.zeros(small.shape[:2], dtype=bool)
+    for k in range(project.shape[1]):
+        conc = np.take(tables[0] * project[0, k], r)
+        conc += np.take(tables[1] * project[1, k], g)
+        conc += np.take(tables[2] * project[2, k], b)
+        nuclear |= conc >= floors[k]
+    nuclear = _open3(nuclear)
     count = np.count_nonzero(nuclear)
     out["nuclei_fraction"][i] = count / nuclear.size
     out["nuclear_area_um2"][i] = count * scale * scale
