@@ -114,7 +114,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from cmil_core.errors import InputError
-from cmil_core.stains import DEFAULT_STAINS, StainModel, optical_density
+from cmil_core.stains import DEFAULT_STAINS, StainModel
 
 __all__ = [
     "BRIGHT_GREY",
@@ -412,8 +412,11 @@ def measured_od(
     n = batch.shape[0]
     glass = _glass_array(glass_rgb, n)
     scale = measure_scale(um_per_px, native_um)
-    parts = [optical_density(_at_scale(batch[i], um_per_px, scale), glass[i]).reshape(-1, 3)
-             for i in range(n)]
+    parts = []
+    for i in range(n):
+        small = _at_scale(batch[i], um_per_px, scale).reshape(-1, 3)
+        tables = _od_tables(glass[i])
+        parts.append(np.stack([np.take(tables[c], small[:, c]) for c in range(3)], axis=1))
     return np.concatenate(parts) if parts else np.empty((0, 3), dtype=np.float32)
 
 

@@ -186,7 +186,7 @@ _GLASS_SAMPLE_PIXELS = 1_048_576
 # of about _GLASS_FIELD_CELLS along the longer side.
 _GLASS_FIELD_CELLS = 8
 # Patches read (evenly through the grid) to estimate a slide's stains.
-_STAIN_SAMPLE_CELLS = 24
+_STAIN_SAMPLE_CELLS = 12
 # Closing radius of the smear mask in microns (2 px at 8 um/px): joins cells
 # separated by less than about two red-cell diameters of glass.
 _SMEAR_CLOSE_UM = 16.0
@@ -550,6 +550,25 @@ def _clean(mask: npt.NDArray[np.bool_], close_radius: int) -> npt.NDArray[np.boo
     return out
 
 
+def _field_of_view(slide: Slide, cfg: TilingConfig, workers: int) -> Foreground:
+    """A photograph's "foreground": all of it is smear, none of it thick.
+
+    The field is the operator's choice, so nothing is masked; the view
+    (about :data:`_GLASS_VIEW_PIXELS`, fine enough to see the gaps between red
+    cells) serves the glass estimate and the glass field
+    (:func:`glass_per_patch`).
+    """
+    l0_per_px = max(1.0, math.sqrt(slide.width * slide.height / _GLASS_VIEW_PIXELS))
+    view_w = max(1, math.ceil(slide.width / l0_per_px - _EPS))
+    view_h = max(1, math.ceil(slide.height / l0_per_px - _EPS))
+    view = _read_thumbnail(slide, l0_per_px, view_w, view_h, workers)
+    return Foreground(
+        smear=np.ones(view.shape[:2], dtype=bool), thick=np.zeros(view.shape[:2], dtype=bool),
+        thumbnail=view, l0_per_th=float(l0_per_px), glass_rgb=_estimate_glass(view),
+        otsu_od=0.0, smear_od=0.0, thick_od=cfg.thick_od,
+    )
+
+
 def detect_foreground(
     slide: Slide, config: TilingConfig | None = None, *, workers: int = 2
 ) -> Foreground:
@@ -563,6 +582,8 @@ def detect_foreground(
     cfg = config if config is not None else TilingConfig()
     _check_workers(workers)
     mpp = _require_mpp(slide)
+    if is_photograph(slide, cfg):
+        return _field_of_view(slide, cfg, workers)
     longest = max(slide.width, slide.height)
     l0_per_th = max(cfg.thumbnail_um / mpp, 1.0, longest / cfg.max_thumbnail_px)
     th_w = max(1, math.ceil(slide.width / l0_per_th - _EPS))
@@ -883,44 +904,42 @@ def iter_patch_batches(
 # --------------------------------------------------------------------------- the whole step
 
 
-def glass_per_patch(slide: Slide, grid: PatchGrid, glass_rgb: tuple[float, float, float],
-                    *, workers: int = 2) -> npt.NDArray[np.float64]:
+def glass_per_patch(grid: PatchGrid, foreground: Foreground) -> npt.NDArray[np.float64]:
     """The glass colour under each cell of ``grid``: ``[len(grid), 3]``.
 
     A scanner lights the slide evenly, so a whole-slide image has one glass
-    colour (``glass_rgb``). A photograph through a microscope does not:
-    vignetting darkens the corners and many cameras tint the field unevenly
-    (pink edges, cyan centre). There the glass is a smooth field: the view of
-    the photograph (about 65,000 pixels) is cut into about
+    colour (``foreground.glass_rgb``). A photograph through a microscope does
+    not: vignetting darkens the corners and many cameras tint the field
+    unevenly (pink edges, cyan centre). There the glass is a smooth field made
+    from the photograph's view (``foreground.thumbnail``): cut into about
     :data:`_GLASS_FIELD_CELLS` cells along its longer side; in each, the glass
-    is the median colour of its brightest tenth (the gaps between cells); a
-    3x3 grey-level closing then lets a cell packed with cells, whose
-    brightest pixels are red-cell centres, take the glass of its neighbours;
-    each patch gets the field at its centre (bilinear).
+    is the mean colour of its brightest tenth (the gaps between cells); a 3x3
+    grey-level closing lets a cell packed with cells, whose brightest pixels
+    are red-cell centres, take the glass of its neighbours; each patch gets
+    the field at its centre (bilinear).
     """
     n = len(grid)
     if not grid.fitted or n == 0:
-        return np.tile(np.asarray(glass_rgb, dtype=np.float64), (n, 1))
-    l0_per_px = max(1.0, math.sqrt(slide.width * slide.height / _GLASS_VIEW_PIXELS))
-    view_w = max(1, math.ceil(slide.width / l0_per_px - _EPS))
-    view_h = max(1, math.ceil(slide.height / l0_per_px - _EPS))
-    view = _read_thumbnail(slide, l0_per_px, view_w, view_h, workers).astype(np.float64)
+        return np.tile(np.asarray(foreground.glass_rgb, dtype=np.float64), (n, 1))
+    view = foreground.thumbnail.astype(np.float32)
+    view_h, view_w = view.shape[:2]
     cell = max(4, math.ceil(max(view_w, view_h) / _GLASS_FIELD_CELLS))
     n_x, n_y = math.ceil(view_w / cell), math.ceil(view_h / cell)
-    field_rgb = np.empty((n_y, n_x, 3), dtype=np.float64)
-    for cy in range(n_y):
-        for cx in range(n_x):
-            block = view[cy * cell:(cy + 1) * cell, cx * cell:(cx + 1) * cell].reshape(-1, 3)
-            bright = block.sum(axis=1)
-            top = block[bright >= np.percentile(bright, 90)]
-            field_rgb[cy, cx] = np.median(top, axis=0)
+    padded = np.pad(view, ((0, n_y * cell - view_h), (0, n_x * cell - view_w), (0, 0)),
+                    mode="edge")
+    blocks = padded.reshape(n_y, cell, n_x, cell, 3).transpose(0, 2, 1, 3, 4)
+    blocks = blocks.reshape(n_y, n_x, cell * cell, 3)
+    bright = blocks.sum(axis=-1)
+    top = bright >= np.percentile(bright, 90, axis=-1, keepdims=True)
+    field_rgb = (blocks * top[..., None]).sum(axis=2) / top.sum(axis=-1)[..., None]
     field_rgb = np.stack(
         [ndimage.grey_closing(field_rgb[..., c], size=(3, 3), mode="nearest") for c in range(3)],
         axis=-1,
-    )
+    ).astype(np.float64)
     # Patch centres in cell units (cell centres at 0.5, 1.5, ...).
-    centre_x = (grid.x + grid.size / 2.0) / l0_per_px / cell - 0.5
-    centre_y = (grid.y + grid.size / 2.0) / l0_per_px / cell - 0.5
+    per_cell = foreground.l0_per_th * cell
+    centre_x = (grid.x + grid.size / 2.0) / per_cell - 0.5
+    centre_y = (grid.y + grid.size / 2.0) / per_cell - 0.5
     glass = np.stack(
         [ndimage.map_coordinates(field_rgb[..., c], [centre_y, centre_x], order=1,
                                  mode="nearest") for c in range(3)],
@@ -1050,7 +1069,7 @@ def tile_slide(
     foreground = detect_foreground(slide, config, workers=workers)
     grid = make_grid(slide, config, foreground)
     mask_numbers = foreground.thresholds()
-    glass = glass_per_patch(slide, grid, foreground.glass_rgb, workers=workers)
+    glass = glass_per_patch(grid, foreground)
     del foreground  # the thumbnail and masks are not needed while reading patches
     stains = estimate_slide_stains(slide, grid, glass, workers=workers)
     table = measure_grid(slide, grid, glass, thresholds, progress,

@@ -245,7 +245,7 @@ def _png(tmp_path: Path, image: np.ndarray, name: str = "smear.png") -> Path:
 def test_thick_area_is_flagged_and_rejected(tmp_path: Path) -> None:
     image = _smear_image(1344, 1344, seed=1, dark_box=(0, 0, 672, 672))
     with open_slide(_png(tmp_path, image), mpp=0.5) as slide:
-        fg = detect_foreground(slide)
+        fg = detect_foreground(slide, SCAN)
         frame = tile_slide(slide, SCAN, QCThresholds())
     assert fg.thick[: 672 // 16 - 2, : 672 // 16 - 2].all()
     assert not fg.thick[672 // 16 + 2 :, :].any()
@@ -261,7 +261,7 @@ def test_glass_only_slide_gives_no_rows(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     image = np.clip(rng.normal(236, 2.0, (900, 900, 3)), 0, 255).astype(np.uint8)
     with open_slide(_png(tmp_path, image), mpp=0.5) as slide:
-        fg = detect_foreground(slide)
+        fg = detect_foreground(slide, SCAN)
         frame = tile_slide(slide, SCAN, QCThresholds())
     assert fg.smear_od == SCAN.min_smear_od  # the floor, not Otsu's split of noise
     assert not fg.smear.any()
@@ -279,7 +279,7 @@ def test_mask_keeps_the_smear_and_drops_the_glass(tmp_path: Path) -> None:
 
 def test_overlap_halves_the_stride(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
-        fg = detect_foreground(slide)
+        fg = detect_foreground(slide, SCAN)
         plain = make_grid(slide, SCAN, fg)
         half = make_grid(slide, TilingConfig(overlap=0.5), fg)
     assert half.stride == 112 and plain.stride == plain.size == half.size == 224
@@ -293,7 +293,7 @@ def test_overlap_halves_the_stride(fixtures_dir: Path) -> None:
 
 def test_patches_equal_a_direct_read(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
-        fg = detect_foreground(slide)
+        fg = detect_foreground(slide, SCAN)
         grid = make_grid(slide, SCAN, fg)
         idx, batch = next(iter_patch_batches(slide, grid, batch_size=5))
         for i, patch in zip(idx, batch, strict=True):
@@ -312,7 +312,7 @@ def test_patches_equal_a_direct_read(fixtures_dir: Path) -> None:
 
 def test_batches_cover_the_grid_in_order(fixtures_dir: Path) -> None:
     with open_slide(_slides(fixtures_dir) / "CMU-1-Small-Region.svs") as slide:
-        grid = make_grid(slide, SCAN, detect_foreground(slide))
+        grid = make_grid(slide, SCAN, detect_foreground(slide, SCAN))
         seen = [idx for idx, batch in iter_patch_batches(slide, grid, batch_size=8)]
         assert all(i.size <= 8 for i in seen)
         np.testing.assert_array_equal(np.concatenate(seen), np.arange(len(grid)))
@@ -410,7 +410,7 @@ def test_unknown_config_key_and_bad_batching(fixtures_dir: Path) -> None:
             tile_slide(slide, SCAN, QCThresholds(), batch_size=0)
         with pytest.raises(InputError, match="workers=-1"):
             tile_slide(slide, SCAN, QCThresholds(), workers=-1)
-        grid = make_grid(slide, SCAN, detect_foreground(slide))
+        grid = make_grid(slide, SCAN, detect_foreground(slide, SCAN))
         with pytest.raises(InputError, match="batch_size=0"):
             iter_patch_batches(slide, grid, batch_size=0)  # checked eagerly, not at next()
 
