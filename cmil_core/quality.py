@@ -381,7 +381,11 @@ def patch_metrics(
     # small or unusual field cannot hide chromatin the default sees.
     models = [model] if model.source == "default" else [model, DEFAULT_STAINS]
     project = np.stack([m.unmixing()[:, 0] for m in models], axis=1)  # [3, k]
-    floors = np.array([m.nuclear_floor for m in models], dtype=np.float32)
+    floor_list = [model.nuclear_floor]
+    if len(models) == 2:
+        floor_list.append(model.default_floor if model.default_floor is not None
+                          else DEFAULT_STAINS.nuclear_floor)
+    floors = np.array(floor_list, dtype=np.float32)
     for i in range(n):
         _measure_one(batch[i], glass[i], um_per_px, scale, floors, project, out, i)
     return out

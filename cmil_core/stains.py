@@ -61,12 +61,14 @@ The nuclear threshold
 ---------------------
 A pixel is nuclear when its nuclear concentration is at least
 ``nuclear_floor`` (chromatin over eosinophilic cytoplasm or granules still
-counts). The floor is relative to the slide: a quarter of the 99th percentile
-of the nuclear concentration of the slide's stained pixels, clipped to
-[:data:`MIN_NUCLEAR_FLOOR`, :data:`MAX_NUCLEAR_FLOOR`], so a pale smear (a
-photograph through a dim microscope) and a deeply stained one are judged
-alike, while the clip keeps a slide without any nucleus from calling its
-darkest red cell a nucleus.
+counts). The floor is relative to the slide: the larger of a quarter of the
+99th percentile of the nuclear concentration of the slide's stained pixels
+(the chromatin present) and :data:`LEAK_MARGIN` times the 99th percentile of
+the nuclear concentration of its counterstain-dominated pixels (how much the
+red cells leak into the nuclear channel on this slide), clipped to
+[:data:`MIN_NUCLEAR_FLOOR`, :data:`MAX_NUCLEAR_FLOOR`]. So a pale photograph
+through a dim microscope and a deeply stained smear are judged alike, and the
+darkest red cell of a slide without any nucleus does not pass for one.
 
 >>> import numpy as np
 >>> od = np.outer(np.linspace(0.2, 1.0, 500), DEFAULT_NUCLEAR)
@@ -96,6 +98,7 @@ __all__ = [
     "MAX_NUCLEAR_FLOOR",
     "MAX_OD_NORM",
     "MAX_NUCLEAR_SHIFT_DEG",
+    "LEAK_MARGIN",
     "MIN_ANGLE_DEG",
     "MIN_NUCLEAR_FLOOR",
     "MIN_NUCLEAR_RED",
@@ -135,8 +138,11 @@ MIN_ANGLE_DEG = 10.0
 #: The estimated nuclear vector may turn at most this far from :data:`DEFAULT_NUCLEAR`.
 MAX_NUCLEAR_SHIFT_DEG = 30.0
 #: Bounds of the per-slide nuclear-concentration threshold (OD units).
-MIN_NUCLEAR_FLOOR = 0.10
+MIN_NUCLEAR_FLOOR = 0.05
 MAX_NUCLEAR_FLOOR = 0.20
+#: The floor is at least this many times the 99th percentile of the nuclear
+#: channel over counterstain-dominated pixels (the red cells' leak into it).
+LEAK_MARGIN = 1.5
 # Robust extremes of the Macenko angle distribution (percent).
 _ANGLE_PERCENTILE = 1.0
 # At most this many stained pixels enter the estimate (a deterministic subsample).
@@ -150,7 +156,9 @@ class StainModel:
     ``nuclear`` and ``counterstain`` are unit OD vectors (R, G, B);
     ``nuclear_floor`` the nuclear concentration (OD units) from which a pixel
     is nuclear; ``source`` is ``"estimated"`` or ``"default"``, and ``note``
-    says why the defaults were used.
+    says why the defaults were used; ``default_floor`` is the same slide's
+    threshold for the default vectors (used beside an estimate, see
+    :func:`cmil_core.quality.patch_metrics`).
     """
 
     nuclear: tuple[float, float, float]
@@ -158,6 +166,7 @@ class StainModel:
     nuclear_floor: float
     source: str
     note: str = ""
+    default_floor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("nuclear", "counterstain"):
@@ -182,12 +191,14 @@ class StainModel:
         return {
             "nuclear": list(self.nuclear), "counterstain": list(self.counterstain),
             "nuclear_floor": self.nuclear_floor, "source": self.source, "note": self.note,
+            "default_floor": self.default_floor,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StainModel:
         return cls(tuple(data["nuclear"]), tuple(data["counterstain"]),  # type: ignore[arg-type]
-                   float(data["nuclear_floor"]), str(data["source"]), str(data.get("note", "")))
+                   float(data["nuclear_floor"]), str(data["source"]), str(data.get("note", "")),
+                   data.get("default_floor"))
 
 
 #: The Romanowsky defaults, with the middle of the floor's range.
@@ -211,11 +222,16 @@ def optical_density(
 
 
 def _floor_for(od: npt.NDArray[np.float64], model_u: npt.NDArray[np.float32]) -> float:
-    nuclear = (od @ model_u)[:, 0]
-    if nuclear.size == 0:
+    """The slide's nuclear threshold for one set of stain vectors (module docstring)."""
+    if od.size == 0:
         return MAX_NUCLEAR_FLOOR
-    p99 = float(np.percentile(nuclear, 99))
-    return float(np.clip(p99 / 4.0, MIN_NUCLEAR_FLOOR, MAX_NUCLEAR_FLOOR))
+    conc = od @ model_u
+    nuclear = conc[:, 0]
+    # How much red cells and eosinophilic material leak into the nuclear channel here.
+    counter = nuclear[conc[:, 1] > conc[:, 0]]
+    leak = float(np.percentile(counter, 99)) if counter.size else 0.0
+    strong = float(np.percentile(nuclear, 99)) / 4.0
+    return float(np.clip(max(strong, LEAK_MARGIN * leak), MIN_NUCLEAR_FLOOR, MAX_NUCLEAR_FLOOR))
 
 
 def estimate_stains(od_pixels: npt.ArrayLike) -> StainModel:
@@ -267,4 +283,5 @@ def estimate_stains(od_pixels: npt.ArrayLike) -> StainModel:
                         "(an artefact, not chromatin)")
     model = StainModel(tuple(nuclear), tuple(counter), 1.0, "estimated")  # type: ignore[arg-type]
     floor = _floor_for(stained, model.unmixing())
-    return StainModel(model.nuclear, model.counterstain, floor, "estimated")
+    return StainModel(model.nuclear, model.counterstain, floor, "estimated",
+                      default_floor=_floor_for(stained, DEFAULT_STAINS.unmixing()))

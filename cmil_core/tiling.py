@@ -913,9 +913,9 @@ def glass_per_patch(grid: PatchGrid, foreground: Foreground) -> npt.NDArray[np.f
     unevenly (pink edges, cyan centre). There the glass is a smooth field made
     from the photograph's view (``foreground.thumbnail``): cut into about
     :data:`_GLASS_FIELD_CELLS` cells along its longer side; in each, the glass
-    is the mean colour of its brightest tenth (the gaps between cells); a 3x3
-    grey-level closing lets a cell packed with cells, whose brightest pixels
-    are red-cell centres, take the glass of its neighbours; each patch gets
+    is the mean colour of its brightest tenth (the gaps between cells); a 5x5
+    grey-level closing lets a cell packed with cells, or covered by one large
+    white cell, take the glass of its neighbours; each patch gets
     the field at its centre (bilinear).
     """
     n = len(grid)
@@ -933,7 +933,7 @@ def glass_per_patch(grid: PatchGrid, foreground: Foreground) -> npt.NDArray[np.f
     top = bright >= np.percentile(bright, 90, axis=-1, keepdims=True)
     field_rgb = (blocks * top[..., None]).sum(axis=2) / top.sum(axis=-1)[..., None]
     field_rgb = np.stack(
-        [ndimage.grey_closing(field_rgb[..., c], size=(3, 3), mode="nearest") for c in range(3)],
+        [ndimage.grey_closing(field_rgb[..., c], size=(5, 5), mode="nearest") for c in range(3)],
         axis=-1,
     ).astype(np.float64)
     # Patch centres in cell units (cell centres at 0.5, 1.5, ...).
