@@ -49,11 +49,11 @@ Metrics (:data:`METRIC_COLUMNS`), each a float per patch
     2000) *at the measuring scale*: the 4-neighbour kernel
     ``[[0,1,0],[1,-4,1],[0,1,0]]`` over the interior pixels (no padding). A
     sharp patch has strong edges, hence a wide spread of Laplacian values;
-    defocus removes them. Measured on real smears (``bench``-free, see
-    ``tests/test_quality_real.py``): in-focus photographs and scans give 40 to
-    several thousand (5th percentiles: BCCD 44-63, the dim Chulalongkorn
-    photographs 9-15, at 0.1, 0.25 and 0.5 um/px); a Gaussian blur of 2 um
-    brings every one of them under 2.
+    defocus removes them. Measured on real smears (``bench/qc_fixtures.py``,
+    ``tests/test_quality_real.py``): in-focus photographs and scans give 8 to
+    several thousand (minimum: BCCD 35, the dim Chulalongkorn photographs 8,
+    at 0.1, 0.25 and 0.5 um/px); a Gaussian blur of 2 um brings every one of
+    them to 5 or less.
 ``nuclei_fraction`` / ``nuclear_area_um2``
     Nuclear-stain material: pixels whose nuclear-stain concentration (colour
     deconvolution with the slide's own stain vectors, :mod:`cmil_core.stains`)
@@ -193,11 +193,11 @@ class QCThresholds:
       patches (thick clumps, dirt, an unlit photograph); a patch packed with
       Giemsa nuclei (about RGB 110, 70, 170: grey 93) stays above 60;
     * ``max_mean_intensity = 240``: washed-out patches that are not glass;
-    * ``min_blur_variance = 4``: Laplacian variance (grey levels squared) at
-      0.5 um/px. In-focus fields give 9 and more (5th percentile of the dim,
-      low-contrast Chulalongkorn photographs; BCCD 44, CMU-1 several hundred)
-      at 0.1, 0.25 and 0.5 um/px; a Gaussian blur of 2 um brings all of them
-      under 2;
+    * ``min_blur_variance = 6``: Laplacian variance (grey levels squared) at
+      0.5 um/px. In-focus 32 um patches of real photographs give 8 and more
+      (the minimum over the dim, low-contrast Chulalongkorn fields; BCCD 35,
+      CMU-1 several hundred) at 0.1, 0.25 and 0.5 um/px; a Gaussian blur of
+      2 um brings every one of them to 5 or less (``bench/qc_fixtures.py``);
     * ``min_nuclear_area_um2 = 3``: square microns of nuclear-stained material
       (after the 1.5 um opening): a platelet's granulomere or the edge of a
       nucleus; a small lymphocyte nucleus is about 38 um2. A field of red
@@ -209,7 +209,7 @@ class QCThresholds:
     min_mean_intensity: float = 60.0
     max_dark_fraction: float = 0.5
     max_mean_intensity: float = 240.0
-    min_blur_variance: float = 4.0
+    min_blur_variance: float = 6.0
     min_nuclear_area_um2: float = 3.0
 
     def __post_init__(self) -> None:

@@ -1,0 +1,133 @@
+"""Patches kept and rejected by reason on real smear fixtures, per set and magnification.
+
+Run: ``.venv/bin/python bench/qc_fixtures.py [--fixtures ../shared/fixtures] [--json]``
+
+Sets (each skipped when its folder is missing):
+
+* ``bccd``: the BCCD photographs (``smears/bccd``, Wright/Giemsa-type
+  peripheral blood, 100x oil, about 0.1 um/px), 32 um patches, at their true
+  resolution and area-averaged to 0.25 and 0.5 um/px;
+* ``chula``: the Chulalongkorn WBC fields (``real/chula_wbc``, another camera
+  and Romanowsky-type stain, about 0.08 um/px), 32 um patches, likewise;
+* ``chula cells``: each labelled white cell cut out as a 200 px square (16 um),
+  one patch per image: every patch holds a nucleated cell, so every
+  rejection is a false one;
+* ``cmu1``: CMU-1-Small-Region.svs (Aperio H&E, 0.499 um/px), 112 um patches;
+* the same three photograph sets with a 2 um Gaussian blur (what a defocused
+  field gives: everything should be rejected).
+
+Not a test: it prints what quality control does to real data, so that a
+change to it can be judged (before/after) on the same images. The images are
+not part of the repository; pass ``--fixtures`` to point at them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cmil_core.quality import QCThresholds  # noqa: E402
+from cmil_core.slides import open_slide  # noqa: E402
+from cmil_core.tiling import TilingConfig, tile_slide  # noqa: E402
+
+
+def _tile(path: Path, mpp: float | None, patch_um: float) -> Counter[str]:
+    with open_slide(path, mpp=mpp) as slide:
+        table = tile_slide(slide, TilingConfig(patch_um=patch_um), QCThresholds(), workers=0)
+    return Counter(r if isinstance(r, str) else "kept" for r in table["qc_reason"].tolist())
+
+
+def _variant(rgb: np.ndarray, factor: float, blur_um: float, mpp: float) -> np.ndarray:
+    if factor != 1.0:
+        h, w = rgb.shape[:2]
+        rgb = np.asarray(Image.fromarray(rgb).resize((round(w / factor), round(h / factor)),
+                                                     Image.Resampling.BOX))
+    if blur_um:
+        sigma = blur_um / (mpp * factor)
+        rgb = np.clip(ndimage.gaussian_filter(rgb.astype(np.float64), (sigma, sigma, 0)), 0, 255)
+        rgb = rgb.round().astype(np.uint8)
+    return rgb
+
+
+def _photo_set(files: list[Path], mpp: float, patch_um: float, factor: float, blur_um: float,
+               tmp: Path) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for f in files:
+        rgb = _variant(np.asarray(Image.open(f).convert("RGB")), factor, blur_um, mpp)
+        out = tmp / "field.png"
+        Image.fromarray(rgb).save(out)
+        try:
+            total += _tile(out, mpp * factor, patch_um)
+        except ValueError as exc:  # InputError: e.g. smaller than one patch
+            total["error: " + str(exc).split(":")[-1].strip()[:60]] += 1
+    return total
+
+
+def _cells(root: Path, tmp: Path) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for f in sorted((root / "images").glob("*.jpg")):
+        rgb = np.asarray(Image.open(f).convert("RGB"))
+        h, w = rgb.shape[:2]
+        _, cx, cy, _, _ = map(float, (root / "yolo_labels" / f"{f.stem}.txt").read_text().split()[:5])
+        side = 200
+        x0 = int(min(max(cx * w - side / 2, 0), w - side))
+        y0 = int(min(max(cy * h - side / 2, 0), h - side))
+        out = tmp / "cell.png"
+        Image.fromarray(rgb[y0 : y0 + side, x0 : x0 + side]).save(out)
+        total += _tile(out, 0.08, 16.0)
+    return total
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--fixtures", type=Path, default=ROOT.parent / "shared" / "fixtures")
+    parser.add_argument("--json", action="store_true", help="one JSON object on one line")
+    args = parser.parse_args()
+    fx = args.fixtures
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="cmil-qc-fixtures-") as tmp_name:
+        tmp = Path(tmp_name)
+        photo_sets = [("bccd", sorted((fx / "smears" / "bccd").glob("*.jpg")), 0.1),
+                      ("chula", sorted((fx / "real" / "chula_wbc" / "images").glob("*.jpg")), 0.08)]
+        for name, files, mpp in photo_sets:
+            if not files:
+                continue
+            for factor in (1.0, 2.5, 5.0):
+                for blur in (0.0, 2.0):
+                    counts = _photo_set(files, mpp, 32.0, factor, blur, tmp)
+                    label = f"{name} {len(files)} photos @{mpp * factor:.2f} um/px, 32 um"
+                    rows.append({"set": label + (", blurred 2 um" if blur else ""),
+                                 "counts": dict(counts)})
+        chula = fx / "real" / "chula_wbc"
+        if (chula / "yolo_labels").is_dir():
+            rows.append({"set": "chula cells: 15 single white cells @0.08 um/px, 16 um",
+                         "counts": dict(_cells(chula, tmp))})
+        cmu1 = fx / "slides" / "CMU-1-Small-Region.svs"
+        if cmu1.exists():
+            rows.append({"set": "cmu1 @0.50 um/px, 112 um", "counts": dict(_tile(cmu1, None, 112.0))})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    for row in rows:
+        counts = row["counts"]
+        assert isinstance(counts, dict)
+        n = sum(counts.values())
+        kept = counts.get("kept", 0)
+        rest = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "kept")
+        print(f"{row['set']}: {n} patches, kept {kept} ({kept / max(n, 1):.0%}); {rest or '-'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
