@@ -11,7 +11,9 @@ Sets (each skipped when its folder is missing):
   and Romanowsky-type stain, about 0.08 um/px), 32 um patches, likewise;
 * ``chula cells``: each labelled white cell cut out as a 200 px square (16 um),
   one patch per image: every patch holds a nucleated cell, so every
-  rejection is a false one;
+  rejection is a false one; as photographed, with the stain's hue rotated by
+  -30 and +30 degrees (optical density about the grey axis), and as a
+  yellowish rapid stain (brownish-violet nuclei);
 * ``cmu1``: CMU-1-Small-Region.svs (Aperio H&E, 0.499 um/px), 112 um patches;
 * the same three photograph sets with a 2 um Gaussian blur (what a defocused
   field gives: everything should be rejected).
@@ -74,7 +76,32 @@ def _photo_set(files: list[Path], mpp: float, patch_um: float, factor: float, bl
     return total
 
 
-def _cells(root: Path, tmp: Path) -> Counter[str]:
+def _glass(rgb: np.ndarray) -> np.ndarray:
+    flat = rgb.reshape(-1, 3).astype(np.float64)
+    bright = flat.sum(axis=1)
+    return np.median(flat[bright >= np.percentile(bright, 90)], axis=0)
+
+
+def _restain(rgb: np.ndarray, stain: str) -> np.ndarray:
+    """The same cells under another stain: OD rotated about the grey axis, or a rapid stain."""
+    if stain == "as photographed":
+        return rgb
+    glass = _glass(rgb)
+    od = np.log10(glass / np.maximum(rgb.astype(np.float64), 1.0))
+    if stain == "rapid (yellowish)":
+        od[..., 2] += 0.6 * np.maximum(od[..., 0], 0.0)
+        return np.clip(np.array([235.0, 225.0, 165.0]) * 10.0 ** -od, 0, 255).astype(np.uint8)
+    t = np.radians(float(stain.split()[1]))
+    k = np.ones(3) / np.sqrt(3.0)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    rot = np.eye(3) + np.sin(t) * kx + (1 - np.cos(t)) * kx @ kx
+    return np.clip(glass * 10.0 ** -np.maximum(od @ rot.T, 0.0), 0, 255).astype(np.uint8)
+
+
+STAINS = ("as photographed", "hue -30", "hue +30", "rapid (yellowish)")
+
+
+def _cells(root: Path, tmp: Path, stain: str = "as photographed") -> Counter[str]:
     total: Counter[str] = Counter()
     for f in sorted((root / "images").glob("*.jpg")):
         rgb = np.asarray(Image.open(f).convert("RGB"))
@@ -84,7 +111,7 @@ def _cells(root: Path, tmp: Path) -> Counter[str]:
         x0 = int(min(max(cx * w - side / 2, 0), w - side))
         y0 = int(min(max(cy * h - side / 2, 0), h - side))
         out = tmp / "cell.png"
-        Image.fromarray(rgb[y0 : y0 + side, x0 : x0 + side]).save(out)
+        Image.fromarray(_restain(rgb[y0 : y0 + side, x0 : x0 + side], stain)).save(out)
         total += _tile(out, 0.08, 16.0)
     return total
 
@@ -111,8 +138,10 @@ def main() -> int:
                                  "counts": dict(counts)})
         chula = fx / "real" / "chula_wbc"
         if (chula / "yolo_labels").is_dir():
-            rows.append({"set": "chula cells: 15 single white cells @0.08 um/px, 16 um",
-                         "counts": dict(_cells(chula, tmp))})
+            for stain in STAINS:
+                rows.append({"set": f"chula cells: 15 single white cells @0.08 um/px, 16 um, "
+                                    f"stain {stain}",
+                             "counts": dict(_cells(chula, tmp, stain))})
         cmu1 = fx / "slides" / "CMU-1-Small-Region.svs"
         if cmu1.exists():
             rows.append({"set": "cmu1 @0.50 um/px, 112 um", "counts": dict(_tile(cmu1, None, 112.0))})
