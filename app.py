@@ -133,6 +133,8 @@ def main() -> None:
         "Study": [
             st.Page("pages/overview.py", title="Study overview", icon="🏥", default=True),
             st.Page("pages/cohorts.py", title="Cohorts", icon="🗂️", url_path="cohorts"),
+            st.Page("pages/quality.py", title="Quality control", icon="🔬",
+                    url_path="quality"),
         ],
         "Results": [
             st.Page("pages/discrimination.py", title="Discrimination", icon="📈",

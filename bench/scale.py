@@ -187,6 +187,7 @@ def patch_table(plan: SlidePlan, rng: np.random.Generator) -> pd.DataFrame:
         "background_fraction": background, "mean_intensity": rng.normal(180, 15, n),
         "dark_fraction": rng.uniform(0, 0.1, n), "bright_fraction": rng.uniform(0, 0.2, n),
         "blur_variance": rng.lognormal(5, 0.5, n), "nuclei_fraction": rng.uniform(0, 0.2, n),
+        "nuclear_area_um2": rng.uniform(0, 500, n),
     })
 
 

@@ -28,10 +28,18 @@ The look
   pile up in a second layer, a few cells drift off the edge, pale pink
   fibrillary neuropil lies between the cells and some clumps form Homer-Wright
   rosettes (a ring of cells around a neuropil core).
-* Benign look-alikes (``Cluster(kind="lymphoid")``): looser groups of round
-  lymphocytes, each with a visible rim of sky-blue cytoplasm, no moulding, no
-  neuropil.
-* Per-centre style (:class:`CenterStyle`): stain tint, stain strength, the
+* Benign look-alikes, as dark as tumour (:data:`LOOKALIKE_KINDS`):
+  ``"lymphoid"`` groups of round lymphocytes, each with a visible rim of
+  sky-blue cytoplasm, no moulding, no neuropil; ``"erythroid"`` islands of
+  normoblasts (round, very dark nuclei, grey-pink cytoplasm) around a pale
+  vacuolated macrophage; ``"monocytic"`` groups of monocytes (folded nuclei,
+  grey-blue vacuolated cytoplasm); ``"smudge"`` cells, crushed nuclei smeared
+  into shapeless streaky chromatin, among intact lymphocytes.
+  :func:`cells_for_dark_area` sizes any clump by its dark nuclear area, so
+  that a look-alike is as dark as a tumour clump of the same area
+  (:func:`lookalike_boxes` gives their ground truth).
+* Per-centre style (:class:`CenterStyle`): stain tint, stain vectors rotated
+  about the grey axis, stain strength, the
   azure/eosin balance, focus blur, scanner noise, illumination vignetting,
   optional JPEG compression and the glass colour, so that centres differ the
   way scanners and stainers do.
@@ -97,6 +105,9 @@ from cmil_core.errors import InputError
 
 __all__ = [
     "CLUSTER_KINDS",
+    "LOOKALIKE_KINDS",
+    "cells_for_dark_area",
+    "lookalike_boxes",
     "PRESET_STYLES",
     "CenterStyle",
     "Cluster",
@@ -114,7 +125,11 @@ F64 = NDArray[np.float64]
 #: a good reading area, red cells in a monolayer that touch here and there.
 DEFAULT_DENSITY = 0.55
 
-CLUSTER_KINDS = ("tumour", "lymphoid")
+#: Benign look-alikes, as dark as tumour: a lymphoid cluster, an erythroid
+#: island (normoblasts around a pale macrophage), a group of monocytes, and
+#: smudge cells (crushed nuclei smeared into shapeless chromatin).
+LOOKALIKE_KINDS = ("lymphoid", "erythroid", "monocytic", "smudge")
+CLUSTER_KINDS = ("tumour", *LOOKALIKE_KINDS)
 
 # --------------------------------------------------------------------------
 # Stains
@@ -154,6 +169,11 @@ class CenterStyle:
     scanner's stitched tiles), which keeps tiled rendering seamless.
     ``jpeg_quality`` (1-95) adds JPEG compression, None none. ``background`` is
     the colour of bare glass under this centre's illumination.
+    ``stain_rotation_deg`` rotates every stain's optical-density vector about
+    the grey axis by that many degrees (another stain batch or another
+    camera's colour response: blue-purple chromatin turns more violet or more
+    slate-blue, pink turns more orange or more magenta), which a per-channel
+    tint cannot do.
     """
 
     name: str
@@ -166,6 +186,7 @@ class CenterStyle:
     azure_eosin: float = 1.0
     frame_um: float | None = None
     jpeg_quality: int | None = None
+    stain_rotation_deg: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.tint) != 3 or min(self.tint) <= 0:
@@ -631,6 +652,44 @@ def _cell_monocyte(g: _Grid) -> F64:
     return c
 
 
+def _cell_smudge(g: _Grid) -> F64:
+    """A smudge (basket) cell: a crushed nucleus smeared into shapeless, streaky chromatin."""
+    rng = g.rng
+    r = rng.uniform(5.5, 8.0)
+    th = rng.uniform(0, np.pi)
+    sd = g.ellipse_sd(0, 0, r * rng.uniform(1.1, 1.5), r * rng.uniform(0.6, 0.85), th)
+    sd = sd + 1.6 * g.texture(1.2)  # ragged, frayed outline
+    body = np.clip(0.5 - sd / (g.mpp * 3.0), 0.0, 1.0)
+    # chromatin drawn out in strands along the smearing direction
+    z = ndimage.gaussian_filter(
+        g.rng.standard_normal((g.n, g.n)), (0.6 / g.mpp, 1.4 / g.mpp), mode="wrap")
+    z = ndimage.rotate(z, math.degrees(th), reshape=False, mode="wrap")
+    z = z / max(float(z.std()), 1e-9)
+    strands = np.clip(1.0 + 0.3 * z + 0.15 * g.texture(0.4), 0.2, 2.0)
+    c = g.new()
+    c[_NUC] = body * 1.05 * strands
+    c[_BASO] = body * 0.25
+    return c
+
+
+def _cell_macrophage(g: _Grid) -> F64:
+    """The pale, vacuolated central macrophage of an erythroid island."""
+    rng = g.rng
+    r = rng.uniform(11.0, 14.0)
+    cyto = _cytoplasm(g, r, 0.1)
+    vac = np.zeros((g.n, g.n))
+    for _ in range(int(rng.integers(4, 10))):
+        v = rng.uniform(-0.7 * r, 0.7 * r, 2)
+        vac = np.maximum(vac, g.soft(np.hypot(g.x - v[0], g.y - v[1]) - rng.uniform(0.6, 1.6)))
+    th = rng.uniform(0, 2 * np.pi)
+    nuc = g.soft(g.ellipse_sd(2.0 * math.cos(th), 2.0 * math.sin(th), 4.2, 3.0, th))
+    c = g.new()
+    c[_EOS] = cyto * 0.3 * (1 - 0.8 * vac)
+    c[_BASO] = cyto * 0.16 * (1 - 0.8 * vac)
+    c[_NUC] = nuc * 0.6 * _chromatin(g, 0.2, 0.2) + 0.35 * g.dots(cyto, 0.02, 0.6) * cyto
+    return c
+
+
 def _cell_megakaryocyte(g: _Grid) -> F64:
     rng = g.rng
     r = rng.uniform(20.0, 30.0)
@@ -671,11 +730,12 @@ _NORMAL_TYPES: tuple[tuple[str, Callable[[_Grid], F64], float, float], ...] = (
     ("plasma_cell", _cell_plasma, 7.6, 0.012),
     ("monocyte", _cell_monocyte, 9.6, 0.03),
 )
-_LYMPH_TYPE_INDEX = [t[0] for t in _NORMAL_TYPES].index("lymphocyte")
 _N_VARIANTS = 16
 _N_RBC_VARIANTS = 32
 _RBC_HALF_UM = 4.6
 _MEGA_HALF_UM = 33.0
+_SMUDGE_HALF_UM = 13.0
+_MACRO_HALF_UM = 16.0
 
 
 @dataclass(frozen=True)
@@ -689,6 +749,8 @@ class _Bank:
     normal_cum: F64  # cumulative type frequencies
     normal_margin_um: float
     lymph_large: tuple[F32, ...]
+    smudge: tuple[F32, ...]
+    macrophage: tuple[F32, ...]
     mega: tuple[F32, ...]
     mega_r: F64
     mega_margin_um: float
@@ -738,6 +800,10 @@ def _bank(mpp: float, blur_um: float) -> _Bank:
         normal_cum=np.cumsum(freq) / freq.sum(),
         normal_margin_um=max(h for _, _, h, _ in _NORMAL_TYPES) + pad,
         lymph_large=large,
+        smudge=tuple(_finish(_cell_smudge(_Grid(_SMUDGE_HALF_UM + pad, mpp, rng)), blur_px)
+                     for _ in range(_N_VARIANTS // 2)),
+        macrophage=tuple(_finish(_cell_macrophage(_Grid(_MACRO_HALF_UM + pad, mpp, rng)), blur_px)
+                         for _ in range(4)),
         mega=mega,
         mega_r=np.array([_radius_um(v, mpp) for v in mega]),
         mega_margin_um=_MEGA_HALF_UM + pad,
@@ -909,19 +975,37 @@ def _outline(rng: np.random.Generator, radius: float) -> Callable[[F64], F64]:
     return r_of
 
 
+# Look-alike clumps: cell radius (µm), spacing / diameter, jitter, looseness.
+_LOOKALIKE_GEOMETRY: dict[str, tuple[float, float, float, float]] = {
+    "lymphoid": (4.6, 1.0, 0.12, 0.25),
+    "erythroid": (4.4, 1.02, 0.1, 0.15),
+    "monocytic": (7.6, 0.95, 0.12, 0.25),
+    "smudge": (6.0, 1.05, 0.2, 0.35),
+}
+# Share of a look-alike clump's cells drawn as its second type (see _layout).
+_LOOKALIKE_SECOND = {"lymphoid": 0.12, "erythroid": 0.4, "monocytic": 0.0, "smudge": 0.55}
+_MACRO_HOLE_UM = 8.0  # the central macrophage of an erythroid island
+# Nuclear stain of look-alike cells relative to the same cells scattered in
+# the marrow: a clump of them is as dark as a tumour clump (calibrated with
+# :func:`cells_for_dark_area`'s table).
+_LOOKALIKE_NUC = {"lymphoid": 0.9, "erythroid": 0.85, "monocytic": 1.7, "smudge": 1.05}
+
+
 @functools.lru_cache(maxsize=256)
 def _layout(cluster: Cluster) -> _Layout:
     rng = _cluster_rng(cluster)
     n = int(cluster.n_cells)
-    if cluster.kind == "tumour":
+    kind = cluster.kind
+    if kind == "tumour":
         r_mean = rng.uniform(3.9, 4.7)
         spacing = 2 * r_mean * 0.86  # nuclei overlap a little: moulding
         jitter = 0.17
     else:
-        r_mean = 4.6
-        spacing = 2 * r_mean * 1.1  # round cells, touching at most
-        jitter = 0.14
+        # round cells, touching at most: no moulding
+        r_mean, gap, jitter, _ = _LOOKALIKE_GEOMETRY[kind]
+        spacing = 2 * r_mean * gap
     r_of = _outline(rng, cluster.radius_um)
+    hole = _MACRO_HOLE_UM if kind == "erythroid" else 0.0
     # fill the outline on the glass first, then pile up (up to 3 more layers,
     # each a little smaller), and only then spill outwards on the glass
     n_layers = 4 if cluster.kind == "tumour" else 1
@@ -931,10 +1015,12 @@ def _layout(cluster: Cluster) -> _Layout:
         p = p + rng.normal(0, jitter * spacing, p.shape)
         rho = np.hypot(p[:, 0], p[:, 1])
         sc = rho / r_of(np.arctan2(p[:, 1], p[:, 0]))
-        if cluster.kind == "lymphoid":
-            sc = sc + rng.uniform(0, 0.35, sc.size)  # loose, gappy
+        if kind != "tumour":
+            sc = sc + rng.uniform(0, _LOOKALIKE_GEOMETRY[kind][3], sc.size)  # loose, gappy
         else:
             sc = sc + rng.uniform(0, 0.12, sc.size)
+        if hole:
+            sc = np.where(rho < hole, 99.0, sc)  # the macrophage's place
         if lay == 0:
             keep = sc < 1.7
             sc = np.where(sc < 1.0, sc, 10.0 + sc)
@@ -1002,9 +1088,11 @@ def _layout(cluster: Cluster) -> _Layout:
         variant = np.zeros(n, np.int64)
     else:
         intensity = np.ones(n)
-        # 1 in 8 lymphoid cells is a larger, activated lymphocyte
+        # negative variants: the kind's second cell type (1 in 8 lymphoid cells
+        # is a larger, activated lymphocyte; erythroid islands mix polychromatic
+        # and orthochromatic normoblasts; smudge groups keep some intact lymphocytes)
         variant = np.where(
-            rng.random(n) < 0.12,
+            rng.random(n) < _LOOKALIKE_SECOND[kind],
             -1 - rng.integers(0, _N_VARIANTS // 2, n),
             rng.integers(0, _N_VARIANTS, n),
         )
@@ -1017,6 +1105,35 @@ def _layout(cluster: Cluster) -> _Layout:
     for arr in (xy, lay, ra, rb, theta, intensity, variant, orient, rosettes_abs):
         arr.flags.writeable = False
     return _Layout(xy, lay, ra, rb, theta, intensity, variant, orient, rosettes_abs, footprint)
+
+
+# Dark nuclear area (µm² with red OD >= 0.35 above the glass) that one cell of
+# each kind adds to a field, measured on clumps of 6 to 80 cells (see
+# tests/test_smear.py): the generator sizes clumps by dark area, so that a
+# look-alike clump is as dark as a tumour clump of the same area.
+_DARK_UM2_PER_CELL = {
+    "tumour": 40.8, "lymphoid": 39.0, "erythroid": 21.6, "monocytic": 42.5, "smudge": 72.6,
+}
+
+
+def cells_for_dark_area(kind: str, area_um2: float) -> tuple[int, float]:
+    """``(n_cells, radius_um)`` of a ``kind`` clump whose dark nuclear area is ``area_um2``.
+
+    The radius lets the cells lie side by side on the glass (tumour nuclei
+    moulded against each other, look-alike cells touching at most), without
+    piling up.
+    """
+    if kind not in CLUSTER_KINDS:
+        raise InputError(f"cluster kind must be one of {', '.join(CLUSTER_KINDS)}, not {kind!r}.")
+    n = max(1, round(float(area_um2) / _DARK_UM2_PER_CELL[kind]))
+    if kind == "tumour":
+        radius = math.sqrt(n * 48.0 / (0.7 * math.pi))
+    else:
+        r_cell, gap, _, _ = _LOOKALIKE_GEOMETRY[kind]
+        site = (2 * r_cell * gap) ** 2 * math.sqrt(3) / 2
+        hole = math.pi * _MACRO_HOLE_UM**2 if kind == "erythroid" else 0.0
+        radius = 1.1 * math.sqrt((n * site + hole) / math.pi)
+    return n, max(radius, 3.0)
 
 
 def cluster_cell_centres(cluster: Cluster) -> F64:
@@ -1032,29 +1149,56 @@ def tumour_boxes(
 ) -> list[tuple[int, int, int, int]]:
     """Level-0 pixel boxes ``(x, y, width, height)`` around drawn tumour cells.
 
-    One box per tumour cluster, in the order given (lymphoid clusters are
+    One box per tumour cluster, in the order given (look-alike clusters are
     skipped), enclosing every tumour nucleus and its rim of cytoplasm at
     resolution ``mpp``. With ``image_size=(width, height)`` boxes are clipped
     to the image and boxes wholly outside it are dropped.
     """
+    return [box for _, box in _boxes(clusters, mpp, ("tumour",), image_size)]
+
+
+def lookalike_boxes(
+    clusters: Sequence[Cluster],
+    mpp: float,
+    *,
+    image_size: tuple[int, int] | None = None,
+) -> list[tuple[str, int, int, int, int]]:
+    """``(kind, x, y, width, height)`` around each benign look-alike clump (as :func:`tumour_boxes`)."""
+    return [(kind, *box) for kind, box in _boxes(clusters, mpp, LOOKALIKE_KINDS, image_size)]
+
+
+# Outer radius (µm) of a look-alike clump's cells around their centres, and
+# of the erythroid island's central macrophage.
+_LOOKALIKE_EXTENT = {"lymphoid": 6.8, "erythroid": 6.2, "monocytic": 9.4, "smudge": 12.5}
+_MACRO_EXTENT_UM = 14.5
+
+
+def _boxes(
+    clusters: Sequence[Cluster], mpp: float, kinds: Sequence[str],
+    image_size: tuple[int, int] | None,
+) -> list[tuple[str, tuple[int, int, int, int]]]:
     if mpp <= 0:
         raise InputError(f"mpp must be positive, not {mpp}.")
-    out: list[tuple[int, int, int, int]] = []
+    out: list[tuple[str, tuple[int, int, int, int]]] = []
     for cl in clusters:
-        if cl.kind != "tumour":
+        if cl.kind not in kinds:
             continue
         lay = _layout(cl)
-        r = float(lay.ra.max()) + 1.0
-        x0 = math.floor((float(lay.xy[:, 0].min()) - r) / mpp)
-        y0 = math.floor((float(lay.xy[:, 1].min()) - r) / mpp)
-        x1 = math.ceil((float(lay.xy[:, 0].max()) + r) / mpp)
-        y1 = math.ceil((float(lay.xy[:, 1].max()) + r) / mpp)
+        r = float(lay.ra.max()) + 1.0 if cl.kind == "tumour" else _LOOKALIKE_EXTENT[cl.kind]
+        xs0, ys0 = float(lay.xy[:, 0].min()) - r, float(lay.xy[:, 1].min()) - r
+        xs1, ys1 = float(lay.xy[:, 0].max()) + r, float(lay.xy[:, 1].max()) + r
+        if cl.kind == "erythroid":
+            m = _MACRO_EXTENT_UM
+            xs0, ys0 = min(xs0, cl.x_um - m), min(ys0, cl.y_um - m)
+            xs1, ys1 = max(xs1, cl.x_um + m), max(ys1, cl.y_um + m)
+        x0, y0 = math.floor(xs0 / mpp), math.floor(ys0 / mpp)
+        x1, y1 = math.ceil(xs1 / mpp), math.ceil(ys1 / mpp)
         if image_size is not None:
             x0, y0 = max(x0, 0), max(y0, 0)
             x1, y1 = min(x1, image_size[0]), min(y1, image_size[1])
             if x1 <= x0 or y1 <= y0:
                 continue
-        out.append((x0, y0, x1 - x0, y1 - y0))
+        out.append((cl.kind, (x0, y0, x1 - x0, y1 - y0)))
     return out
 
 
@@ -1128,7 +1272,7 @@ def _tumour_pixels(cluster: Cluster, mpp: float, blur_um: float) -> tuple[int, i
         nucleus = np.clip((1 - d1f) * r_um / mpp + 0.5, 0, 1) * (0.45 + 0.55 * seam)
         cyto = np.clip(((1 - d1f) * r_um + 1.1) / mpp + 0.5, 0, 1)
         cyto *= np.clip(((d2f - d1f) * r_um * 0.5 - 0.1) / mpp + 0.5, 0, 1)
-        conc[_NUC] += nucleus * lay.intensity[own] * 1.12 * chrom
+        conc[_NUC] += nucleus * lay.intensity[own] * 1.25 * chrom
         conc[_BASO] += nucleus * 0.6 + cyto * (1 - nucleus) * 0.4
         covered = np.maximum(covered, np.clip(((1.55 - d1f) * r_um) / mpp, 0, 1))
     # fibrillary neuropil between the cells and in the rosette cores
@@ -1207,7 +1351,18 @@ def _spectra(style: CenterStyle) -> F32:
     scale[[_NUC, _BASO]] *= style.azure_eosin
     scale[[_HB, _EOS]] /= style.azure_eosin
     eff = _SPECTRA * scale[:, None] / np.asarray(style.tint, dtype=np.float64)[None, :]
+    if style.stain_rotation_deg:
+        eff = eff @ _grey_axis_rotation(style.stain_rotation_deg).T
+        eff = np.maximum(eff, 0.005)
     return eff.T.astype(np.float32)  # (3, K)
+
+
+def _grey_axis_rotation(degrees: float) -> F64:
+    """Rotation matrix about the grey axis (1, 1, 1) of OD space (Rodrigues)."""
+    k = np.ones(3) / math.sqrt(3.0)
+    a = math.radians(degrees)
+    kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + math.sin(a) * kx + (1 - math.cos(a)) * (kx @ kx)
 
 
 # --------------------------------------------------------------------------
@@ -1274,6 +1429,23 @@ def _oriented(sprite: F32, t: int) -> F32:
     if t & 2:
         sprite = sprite[:, :, ::-1]
     return sprite
+
+
+_TYPE_INDEX = {t[0]: i for i, t in enumerate(_NORMAL_TYPES)}
+
+
+def _lookalike_sprite(bank: _Bank, kind: str, v: int) -> F32:
+    """The sprite of a look-alike clump's cell of variant ``v`` (see ``_LOOKALIKE_SECOND``)."""
+    normal = bank.normal
+    if kind == "lymphoid":
+        return bank.lymph_large[-1 - v] if v < 0 else normal[_TYPE_INDEX["lymphocyte"]][v]
+    if kind == "erythroid":
+        if v < 0:
+            return normal[_TYPE_INDEX["normoblast_orthochromatic"]][-1 - v]
+        return normal[_TYPE_INDEX["normoblast_polychromatic"]][v]
+    if kind == "monocytic":
+        return normal[_TYPE_INDEX["monocyte"]][v]
+    return bank.smudge[-1 - v] if v < 0 else normal[_TYPE_INDEX["lymphocyte"]][v]
 
 
 # streams of the hash, one per cell population
@@ -1419,20 +1591,27 @@ def render_field(
         cell_x.append(x)
         cell_y.append(y)
         cell_r.append(bank.mega_r[mv])
-    lymph = _LYMPH_TYPE_INDEX
     for cl in near:
-        if cl.kind != "lymphoid":
+        if cl.kind == "tumour":
             continue
         lay = _layout(cl)
+        nuc = np.ones((_K, 1, 1), dtype=np.float32)
+        nuc[_NUC] = _LOOKALIKE_NUC[cl.kind]
+        scale = None if _LOOKALIKE_NUC[cl.kind] == 1.0 else nuc
+        if cl.kind == "erythroid":
+            mac = bank.macrophage[int(lay.orient[0]) % len(bank.macrophage)]
+            sprites.append((_oriented(mac, int(lay.orient[-1])),
+                            math.floor(cl.y_um / mpp) - cy0, math.floor(cl.x_um / mpp) - cx0))
         for k in range(lay.xy.shape[0]):
-            v = int(lay.variant[k])
-            spr = bank.lymph_large[-1 - v] if v < 0 else bank.normal[lymph][v]
+            spr = _lookalike_sprite(bank, cl.kind, int(lay.variant[k]))
+            if scale is not None:
+                spr = spr * scale
             sprites.append((_oriented(spr, int(lay.orient[k])),
                             math.floor(lay.xy[k, 1] / mpp) - cy0,
                             math.floor(lay.xy[k, 0] / mpp) - cx0))
         cell_x.append(lay.xy[:, 0])
         cell_y.append(lay.xy[:, 1])
-        cell_r.append(np.full(lay.xy.shape[0], 5.0))
+        cell_r.append(np.full(lay.xy.shape[0], _LOOKALIKE_GEOMETRY[cl.kind][0] + 0.5))
     all_x = np.concatenate(cell_x) if cell_x else np.zeros(0)
     all_y = np.concatenate(cell_y) if cell_y else np.zeros(0)
     all_r = np.concatenate(cell_r) if cell_r else np.zeros(0)

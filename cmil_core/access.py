@@ -235,7 +235,9 @@ def ingest_details(summary: Any) -> dict[str, Any]:
     data = summary.to_dict()
     return {"run_id": data.get("run_id"), "source": data.get("folder"),
             "slides": len(data.get("slides", [])), "status_counts": data.get("status_counts"),
-            "patches_passed": (data.get("patch_counts") or {}).get("passed")}
+            "patches_passed": (data.get("patch_counts") or {}).get("passed"),
+            "qc_decision_id": (data.get("qc_decision") or {}).get("decision_id"),
+            "qc_warnings": data.get("qc_warnings") or []}
 
 
 # ----------------------------------------------------------------------------

@@ -142,17 +142,39 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qc_flags(args: argparse.Namespace) -> dict[str, float | None]:
+    from cmil_core.qc import THRESHOLD_FIELDS
+
+    return {name: getattr(args, f"qc_{name}") for name in THRESHOLD_FIELDS}
+
+
+def _add_qc_flags(p: argparse.ArgumentParser) -> None:
+    """``--qc FILE`` and one flag per QC threshold (from the dataclass's fields)."""
+    from cmil_core.qc import THRESHOLD_FIELDS, flag_name
+    from cmil_core.quality import QCThresholds
+
+    p.add_argument("--qc", metavar="FILE",
+                   help="QC thresholds file (TOML, or JSON for *.json): keys as the flags "
+                        "below, with underscores; a flag overrides the file")
+    defaults = QCThresholds()
+    for name in THRESHOLD_FIELDS:
+        p.add_argument(flag_name(name), dest=f"qc_{name}", type=float, metavar="X",
+                       help=f"QC threshold {name} (default {getattr(defaults, name):g})")
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    from cmil_core.access import cli_user
     from cmil_core.pipeline import format_ingest_summary, ingest
     from cmil_core.progress import TerminalProgress
-    from cmil_core.quality import QCThresholds
+    from cmil_core.qc import resolve_thresholds
     from cmil_core.tiling import TilingConfig
 
     config = TilingConfig(patch_um=args.patch_um, overlap=args.overlap)
+    thresholds = resolve_thresholds(args.qc, _qc_flags(args))  # None: the cohort's current
     _check_store_path(args.db, must_exist=True)
     summary = ingest(
         args.db, args.cohort, args.slides, manifest=args.manifest, mpp=args.mpp,
-        config=config, thresholds=QCThresholds(), progress=TerminalProgress(),
+        config=config, thresholds=thresholds, progress=TerminalProgress(), who=cli_user(),
     )
     from cmil_core.access import ingest_details
 
@@ -180,22 +202,59 @@ def _param(text: str) -> tuple[str, int | float]:
         raise argparse.ArgumentTypeError(f"'{text}': {value!r} is not a number") from None
 
 
+def _cnn_param(text: str) -> tuple[str, object]:
+    """NAME=VALUE of a CNN training setting: a number, true/false, or a word (pooling=mean)."""
+    name, sep, value = text.partition("=")
+    name, value = name.strip(), value.strip()
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"'{text}' is not NAME=VALUE (e.g. max_epochs=8)")
+    if value.lower() in ("true", "false"):
+        return name, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    """Three numbers separated by commas (a per-channel mean or std)."""
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three numbers R,G,B (e.g. 0.5,0.5,0.5)")
+    return values  # type: ignore[return-value]
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from cmil_core.finetune import FinetuneConfig
     from cmil_core.mil import make_aggregator
     from cmil_core.modeling import train
     from cmil_core.progress import TerminalProgress
 
     params = dict(args.param or [])
     make_aggregator(args.aggregator, **params)  # refuse a bad --param before any work
+    cnn_params = dict(args.cnn_param or [])
+    cnn = None
+    if args.encoder_training == "finetune":  # refuse a bad --cnn-param before any work
+        cnn = FinetuneConfig.from_params(cnn_params)
+    elif cnn_params:
+        raise InputError("--cnn-param applies to --encoder-training finetune only")
     _check_store_path(args.db, must_exist=True)
     model_id = train(
         args.db, args.cohort, aggregator=args.aggregator, encoder=args.encoder,
         weights=args.weights, seed=args.seed, folds=args.folds, params=params or None,
-        progress=TerminalProgress(),
+        progress=TerminalProgress(), encoder_training=args.encoder_training, cnn=cnn,
+        input_px=args.input_px, mean=args.mean, std=args.std,
     )
     _audit(args, "train", cohort=args.cohort, model_id=model_id,
            details={"aggregator": args.aggregator, "encoder": args.encoder, "seed": args.seed,
-                    "folds": args.folds, "params": params, "via": "cli"})
+                    "folds": args.folds, "params": params, "via": "cli",
+                    "encoder_training": args.encoder_training, "cnn_params": cnn_params})
     print(model_id)  # the contract: the model id is the last line of standard output
     return 0
 
@@ -205,7 +264,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from cmil_core.progress import TerminalProgress
 
     _check_store_path(args.db, must_exist=True)
-    done = score(args.db, args.model, args.cohort or None, progress=TerminalProgress())
+    done = score(args.db, args.model, args.cohort or None, progress=TerminalProgress(),
+                 allow_tiling_mismatch=args.allow_tiling_mismatch)
     for cohort, n in done.items():
         _audit(args, "score", cohort=cohort, model_id=args.model,
                details={"patients": n, "via": "cli"})
@@ -214,18 +274,53 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_qc(args: argparse.Namespace) -> int:
+    from cmil_core import store
+    from cmil_core.access import cli_user
+    from cmil_core.qc import apply_thresholds, cohort_thresholds, format_qc, qc_status
+    from cmil_core.qc import resolve_thresholds
+
+    _check_store_path(args.db, must_exist=True)
+    with store.open_store(args.db, read_only=not args.apply) as st:
+        if args.cohort not in {c.cohort for c in store.list_cohorts(st)}:
+            raise InputError(f"cohort '{args.cohort}' does not exist in {args.db}")
+        current = cohort_thresholds(st, args.cohort)
+        wanted = resolve_thresholds(args.qc, _qc_flags(args), base=current) or current
+        decision = None
+        if args.apply:
+            if wanted is None:
+                raise InputError("--apply needs thresholds: --qc FILE or a threshold flag")
+            decision = apply_thresholds(st, args.cohort, wanted, who=cli_user(), source="cli")
+        result = qc_status(st, args.cohort, wanted, decision)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        print(format_qc(result))
+    return 0
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cmil_core import store
-    from cmil_core.evaluation import discrimination, format_evaluation, localisation
+    from cmil_core.controls import colour_control, format_control
+    from cmil_core.evaluation import (
+        discrimination,
+        format_evaluation,
+        localisation,
+        patient_flow,
+    )
 
     _check_store_path(args.db, must_exist=True)
     with store.open_store(args.db, read_only=True) as st:
-        rows = discrimination(st, args.model)
+        rows = discrimination(st, args.model, in_sample=args.in_sample)
         loc = localisation(st, args.model) if store.table_counts(st)["demo_tumor_regions"] else None
+        flow = patient_flow(st, args.model)
+        control = colour_control(st, [r["cohort"] for r in rows])
     if args.json:
-        print(json.dumps({"cohorts": rows, "localisation": loc}, indent=2))
+        print(json.dumps({"cohorts": rows, "localisation": loc, "colour_control": control,
+                          "patient_flow": flow.to_dict("records")}, indent=2))
     else:
-        print(format_evaluation(rows, loc))
+        print(format_evaluation(rows, loc, flow))
+        print(format_control(control, rows))
     return 0
 
 
@@ -323,11 +418,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     _check_store_path(args.db, must_exist=True)
     path = write_report(args.db, args.model, args.out, endpoint=args.endpoint,
                         cutoff=args.cutoff, progress=TerminalProgress(),
-                        pseudonymise=args.pseudonymise)
+                        pseudonymise=args.pseudonymise, in_sample=args.in_sample)
     _audit(args, "export", model_id=args.model,
            details={"kind": "report", "out": str(path.parent), "endpoint": args.endpoint,
                     "cutoff": args.cutoff, "pseudonymised": bool(args.pseudonymise),
-                    "via": "cli"})
+                    "in_sample": bool(args.in_sample), "via": "cli"})
     print(path)
     return 0
 
@@ -418,8 +513,20 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-um", type=float, default=112.0, metavar="UM",
                    help="patch side in microns (default 112: 224 px at 0.5 um/px)")
     p.add_argument("--overlap", type=float, default=0.0, help="patch overlap, 0 to 0.9")
+    _add_qc_flags(p)
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("qc", help="quality control of a cohort: counts under other thresholds "
+                                  "(read-only), or --apply them as a new decision")
+    _add_db(p, required=True)
+    p.add_argument("--cohort", required=True, help="cohort whose slides are ingested")
+    _add_qc_flags(p)
+    p.add_argument("--apply", action="store_true",
+                   help="record the thresholds as the cohort's new QC decision (re-judges the "
+                        "stored metrics; reads no slide)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_qc)
 
     p = sub.add_parser("train", help="train a cMIL model on a training cohort")
     _add_db(p, required=True)
@@ -428,11 +535,32 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="histogram: the study's patch classifier + histogram/TF-IDF + logistic "
                         "regression; attention: gated attention MIL")
     p.add_argument("--encoder", default="smallcnn",
-                   choices=["smallcnn", "resnet18", "resnet34", "resnet50", "torchscript"],
+                   choices=["smallcnn", "resnet18", "resnet34", "resnet50", "torchscript",
+                            "export"],
                    help="patch encoder (default smallcnn: fast on a CPU)")
     p.add_argument("--weights", metavar="FILE",
-                   help="local encoder weights: a torchvision-format state dict, or a TorchScript "
-                        "file with --encoder torchscript; without it a seeded initialisation")
+                   help="local encoder weights: a torchvision-format state dict (torch or "
+                        "safetensors file), a TorchScript file with --encoder torchscript, a "
+                        "torch.export .pt2 program with --encoder export; without it a seeded "
+                        "initialisation")
+    p.add_argument("--encoder-training", choices=["finetune", "frozen"], default="frozen",
+                   help="finetune: train the patch CNN on the smears with the patients' labels "
+                        "inside each cross-validation fold (the study's method; --weights is "
+                        "its starting point); frozen: embed with the encoder as loaded")
+    p.add_argument("--cnn-param", type=_cnn_param, action="append", metavar="NAME=VALUE",
+                   help="CNN training setting (repeat; finetune only), e.g. --cnn-param "
+                        "max_epochs=8 --cnn-param input_px=64: input_px, patches_per_patient, "
+                        "patches_per_epoch, max_epochs, patience, lr, pooling (max|mean), "
+                        "augment, precision (auto|bf16|fp16|fp32), ... "
+                        "(cmil_core.finetune.FinetuneConfig lists them all)")
+    p.add_argument("--input-px", type=int, metavar="PX",
+                   help="side the encoder's input is resized to (default 224 frozen, 96 "
+                        "finetune); give it with --encoder torchscript/export as the model "
+                        "was trained")
+    p.add_argument("--mean", type=_triple, metavar="R,G,B",
+                   help="per-channel input mean of [0, 1] pixels (default ImageNet's)")
+    p.add_argument("--std", type=_triple, metavar="R,G,B",
+                   help="per-channel input standard deviation (default ImageNet's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=_folds, default=5,
                    help="cross-validation folds (patient-stratified)")
@@ -449,11 +577,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="model id printed by train")
     p.add_argument("--cohort", action="append", metavar="NAME",
                    help="cohort to score (repeat; default: every cohort)")
+    p.add_argument("--allow-tiling-mismatch", action="store_true",
+                   help="score cohorts whose patch size, overlap or QC thresholds differ from "
+                        "the training cohort's (refused otherwise); their scores are marked")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("evaluate", help="a model's AUC per cohort (and, on the demo, localisation)")
     _add_db(p, required=True)
     p.add_argument("--model", required=True, type=_model_id, metavar="ID")
+    p.add_argument("--in-sample", action="store_true",
+                   help="training row from the final model's in-sample scores (optimistic) "
+                        "instead of its out-of-fold scores")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -507,6 +641,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoff", type=_report_cutoff, default="model",
                    metavar="model|youden|median|maxstat|NUMBER",
                    help="risk-group cutoff, fixed on the training cohort (default: the model's)")
+    p.add_argument("--in-sample", action="store_true",
+                   help="training rows from the final model's in-sample scores (optimistic, "
+                        "labelled so) instead of its out-of-fold scores")
     p.add_argument("--pseudonymise", action="store_true",
                    help="replace every patient id by a salted hash (HMAC-SHA256; salt from "
                         "$CMIL_PSEUDONYM_SALT, else a random one not kept)")

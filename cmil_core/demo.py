@@ -13,16 +13,26 @@ demo folder (``data/demo`` beside the default store):
   user's table; ground-truth tumour boxes go to ``demo_tumor_regions``.
 
 How the patients are simulated (:func:`simulate_patients`): about 45 % have
-marrow metastasis; a metastatic patient's tumour burden (number and size of
-tumour-cell clusters on the smear) is log-normal, from one cluster in one
-patch to many; negative patients have benign look-alikes (lymphoid clumps).
+marrow metastasis. Every patient has dark clumps on the smear, their expected
+number log-normal and the same in both classes; in a metastatic patient a
+share of them (30-100 %, the tumour burden) are tumour clumps (small round
+blue cells, moulding, rosettes), the rest benign look-alikes as dark as
+tumour (lymphoid clusters, erythroid islands, monocytes, smudge cells), which
+are all a negative patient's clumps. Each clump's dark nuclear area is drawn
+from one log-normal distribution whatever its kind
+(:func:`cmil_core._smear.cells_for_dark_area` turns it into cells), and
+dispersed single cells or pairs are tumour in metastatic patients (at least
+one on every scanned slide) and look-alike cells otherwise: darkness does not
+tell metastasis, shape and arrangement do. Look-alike boxes go to
+``demo_lookalike_regions``.
 Clinical variables follow neuroblastoma's usual associations (metastasis with
 INSS stage 4, older age, MYCN amplification; 1p deletion with MYCN; 11q
 aberration without it). Overall and event-free survival follow exponential
 hazards that rise with tumour burden, MYCN and age over 18 months, with
 uniform administrative censoring, so a good cMIL score carries prognostic
-signal. Each centre has its own stain tint, scanner noise and focus, so
-external validation is harder than training, as in the paper.
+signal. Each centre has its own stain vectors (rotated about the grey axis),
+stain strength, glass colour, scanner noise and focus, so external validation
+is harder than training, as in the paper.
 
 Everything is a deterministic function of ``--seed`` (the same seed gives the
 same bytes). The generator resumes: finished slides are kept, a killed run
@@ -75,7 +85,9 @@ __all__ = [
 # Bump when the generator's output changes, so old demo folders are redone.
 # 2: the demo also ingests its slides (patches with quality control).
 # 3: and trains and scores a model.
-DEMO_VERSION = 3
+# 4: benign look-alikes as dark as tumour in both classes (sized by dark area),
+#    dispersed single tumour cells, rotated stain vectors per centre.
+DEMO_VERSION = 4
 # Models the demo trains on its training centre, then scores every cohort with.
 DEMO_AGGREGATORS: tuple[str, ...] = ("attention",)
 _META_KEY = "demo"
@@ -117,18 +129,22 @@ COHORTS: tuple[DemoCohort, ...] = (
         "training", "train", "Training centre", "T", "wsi",
         _smear.CenterStyle(name="training", tint=(1.0, 1.0, 1.0), noise_sigma=2.5),
     ),
+    # External centres: another stain batch and scanner (stain vectors rotated
+    # about the grey axis, stronger or weaker staining, other glass colour).
     DemoCohort(
         "external_a", "validation", "External centre A", "A", "wsi",
         _smear.CenterStyle(
-            name="centre A", tint=(1.06, 0.95, 1.02), saturation=1.15, noise_sigma=4.0,
-            blur_sigma_um=0.35, vignetting=0.05, frame_um=512.0,
+            name="centre A", tint=(1.04, 0.97, 1.0), saturation=1.12, noise_sigma=4.0,
+            blur_sigma_um=0.35, vignetting=0.05, frame_um=512.0, background=(243, 238, 226),
+            stain_rotation_deg=14.0,
         ),
     ),
     DemoCohort(
         "external_b", "test", "External centre B (microscope photographs)", "B", "fov",
         _smear.CenterStyle(
-            name="centre B", tint=(0.94, 0.97, 1.08), saturation=0.85, noise_sigma=5.0,
-            blur_sigma_um=0.5, vignetting=0.18, background=(228, 228, 234),
+            name="centre B", tint=(0.97, 0.98, 1.04), saturation=0.88, noise_sigma=5.0,
+            blur_sigma_um=0.5, vignetting=0.18, background=(222, 228, 236),
+            stain_rotation_deg=-16.0,
         ),
     ),
 )
@@ -138,8 +154,9 @@ COHORTS: tuple[DemoCohort, ...] = (
 class DemoPatient:
     patient_id: str
     bm_metastasis: int
-    burden: float  # expected number of tumour clusters on a slide
-    lymphoid_clumps: float  # expected number of benign look-alike clumps
+    burden: float  # expected number of tumour clumps on a slide
+    lookalike_clumps: float  # expected number of benign look-alike clumps on a slide
+    dispersed: float  # expected number of dispersed cells or pairs (tumour if metastatic)
     age_months: float
     sex: str
     inss_stage: str
@@ -183,11 +200,13 @@ def simulate_patients(rng: np.random.Generator, n: int, prefix: str) -> list[Dem
     out: list[DemoPatient] = []
     for i in range(n):
         met = int(rng.random() < 0.45)
-        if met:
-            burden = float(np.clip(rng.lognormal(mean=1.0, sigma=0.9), 0.6, 30.0))
-        else:
-            burden = 0.0
-        lymphoid = float(rng.gamma(2.0, 0.9 if not met else 0.5))
+        # Dark clumps per slide: the same distribution in both classes. In a
+        # metastatic patient a share of them is tumour (the burden), the rest
+        # benign look-alikes; a negative patient's are all look-alikes.
+        dark_clumps = float(np.clip(rng.lognormal(mean=math.log(4.0), sigma=0.8), 0.8, 30.0))
+        burden = dark_clumps * float(rng.uniform(0.3, 1.0)) if met else 0.0
+        lookalike = dark_clumps - burden
+        dispersed = float(rng.uniform(2.0, 8.0))
         age = float(np.clip(rng.lognormal(math.log(40 if met else 18), 0.7), 0.5, 180))
         sex = "M" if rng.random() < 0.55 else "F"
         if met:
@@ -212,7 +231,8 @@ def simulate_patients(rng: np.random.Generator, n: int, prefix: str) -> list[Dem
                 patient_id=f"{prefix}{i + 1:03d}",
                 bm_metastasis=met,
                 burden=burden,
-                lymphoid_clumps=lymphoid,
+                lookalike_clumps=lookalike,
+                dispersed=dispersed,
                 age_months=round(age, 1),
                 sex=sex,
                 inss_stage=stage,
@@ -264,8 +284,9 @@ class _SlideJob:
     height: int
     mpp: float
     seed: int
-    burden: float  # expected tumour clusters on this image
-    lymphoid: float
+    burden: float  # expected tumour clumps on this image
+    lookalike: float  # expected look-alike clumps on this image
+    dispersed: float  # expected dispersed single cells or pairs on this image
 
 
 def _place_clusters(
@@ -286,25 +307,42 @@ def _place_clusters(
                 return x, y
         return x, y
 
+    met = bool(job.patient.bm_metastasis)
     n_tumour = int(rng.poisson(job.burden)) if job.burden > 0 else 0
-    if job.patient.bm_metastasis and job.kind == "wsi":
-        n_tumour = max(n_tumour, 1)  # every metastatic slide shows some tumour
-    for _ in range(n_tumour):
-        radius = float(rng.uniform(14.0, 45.0))
+    n_look = int(rng.poisson(job.lookalike)) if job.lookalike > 0 else 0
+    kinds = ["tumour"] * n_tumour + [
+        str(k) for k in rng.choice(_smear.LOOKALIKE_KINDS, size=n_look, p=_LOOKALIKE_MIX)
+    ]
+    for kind in kinds:
+        # Every clump's dark nuclear area comes from one distribution, whatever
+        # its kind: darkness says nothing about tumour.
+        area = float(np.clip(rng.lognormal(math.log(1200.0), 0.7), 120.0, 6000.0))
+        n_cells, radius = _smear.cells_for_dark_area(kind, area)
+        radius *= float(rng.uniform(0.95, 1.1))
         x, y = position(radius + 5)
-        # Tumour cells take about 48 um^2 each; clumps fill about 70 % of their disc.
-        n_cells = int(np.clip(0.7 * math.pi * radius**2 / 48.0 * rng.uniform(0.8, 1.2), 6, 150))
-        clusters.append(_smear.Cluster(x, y, radius, "tumour", n_cells))
-    for _ in range(int(rng.poisson(job.lymphoid))):
-        radius = float(rng.uniform(12.0, 30.0))
+        clusters.append(_smear.Cluster(x, y, radius, kind, n_cells))
+    # Dispersed single cells and pairs: tumour cells in a metastatic patient
+    # (every metastatic slide shows some), look-alike cells otherwise.
+    n_single = int(rng.poisson(job.dispersed))
+    if met and job.kind == "wsi":
+        n_single = max(n_single, 1)
+    for _ in range(n_single):
+        kind = "tumour" if met else str(rng.choice(("lymphoid", "erythroid", "smudge")))
+        n_cells = int(rng.integers(1, 3))
+        _, radius = _smear.cells_for_dark_area(kind, n_cells * 40.0)
         x, y = position(radius + 5)
-        # Lymphoid clumps are looser: about a third of the disc.
-        n_cells = int(np.clip(0.35 * math.pi * radius**2 / 60.0 * rng.uniform(0.8, 1.2), 5, 40))
-        clusters.append(_smear.Cluster(x, y, radius, "lymphoid", n_cells))
+        clusters.append(_smear.Cluster(x, y, radius, kind, n_cells))
     return clusters
 
 
-def _render(job: _SlideJob, style: _smear.CenterStyle) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+# Look-alike kinds, in _smear.LOOKALIKE_KINDS order: lymphoid, erythroid, monocytic, smudge.
+_LOOKALIKE_MIX = (0.3, 0.3, 0.2, 0.2)
+
+Boxes = list[tuple[int, int, int, int]]
+LookalikeBoxes = list[tuple[str, int, int, int, int]]
+
+
+def _render(job: _SlideJob, style: _smear.CenterStyle) -> tuple[np.ndarray, Boxes, LookalikeBoxes]:
     rng = np.random.default_rng(job.seed)
     width_um, height_um = job.width * job.mpp, job.height * job.mpp
     density = (
@@ -322,7 +360,9 @@ def _render(job: _SlideJob, style: _smear.CenterStyle) -> tuple[np.ndarray, list
                 smear_density=density, origin_um=(x0 * job.mpp, y0 * job.mpp),
                 slide_size_um=(width_um, height_um),
             )
-    return image, _smear.tumour_boxes(clusters, job.mpp)
+    size = (job.width, job.height)
+    return (image, _smear.tumour_boxes(clusters, job.mpp, image_size=size),
+            _smear.lookalike_boxes(clusters, job.mpp, image_size=size))
 
 
 def _write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float) -> None:
@@ -358,16 +398,16 @@ def _write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float) -> None:
             per_cm /= 2.0
 
 
-def _make_slide(job: _SlideJob) -> tuple[str, list[tuple[int, int, int, int]]]:
-    """Render and write one slide file atomically; returns its path and tumour boxes."""
+def _make_slide(job: _SlideJob) -> tuple[str, Boxes, LookalikeBoxes]:
+    """Render and write one slide file atomically; returns its path, tumour and look-alike boxes."""
     style = COHORTS[job.cohort_index].style
-    image, boxes = _render(job, style)
+    image, boxes, lookalikes = _render(job, style)
     with _atomic.replacing(job.path) as tmp:
         if job.kind == "wsi":
             _write_pyramid_tiff(tmp, image, job.mpp)
         else:
             Image.fromarray(image).save(tmp, format="JPEG", quality=92)
-    return job.path, boxes
+    return job.path, boxes, lookalikes
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -404,7 +444,7 @@ def _slide_jobs(
                     _SlideJob(
                         ci, patient, str(folder / cohort.cohort / f"{patient.patient_id}_slide1.tiff"),
                         "wsi", w, h, SLIDE_MPP, int(base.generate_state(1)[0]),
-                        patient.burden, patient.lymphoid_clumps,
+                        patient.burden, patient.lookalike_clumps, patient.dispersed,
                     )
                 )
             else:
@@ -421,7 +461,8 @@ def _slide_jobs(
                             ci, patient,
                             str(folder / cohort.cohort / patient.patient_id / f"fov{k + 1:02d}.jpg"),
                             "fov", w, h, FOV_MPP, int(states[k]),
-                            patient.burden * area * 4.0, patient.lymphoid_clumps * area * 4.0,
+                            patient.burden * area * 4.0, patient.lookalike_clumps * area * 4.0,
+                            patient.dispersed * area * 4.0,
                         )
                     )
     return jobs
@@ -537,9 +578,9 @@ def generate_demo(
         done = reused
         report(done, len(jobs), "resuming" if reused else "")
         n_boxes = 0
-        for path, boxes in _run_jobs(todo, workers):
+        for path, boxes, lookalikes in _run_jobs(todo, workers):
             job = next(j for j in todo if j.path == path)
-            _register_demo_slide(store, job, boxes)
+            _register_demo_slide(store, job, boxes, lookalikes)
             n_boxes += len(boxes)
             done += 1
             report(done, len(jobs), Path(path).name)
@@ -602,7 +643,7 @@ def _patch_totals(store: store_mod.Store) -> tuple[int, int]:
 
 
 def _run_jobs(todo: list[_SlideJob], workers: int | None):  # type: ignore[no-untyped-def]
-    """Yield (path, boxes) as slides finish, in worker processes when it pays."""
+    """Yield (path, tumour boxes, look-alike boxes) as slides finish, in worker processes."""
     n = workers if workers is not None else min(2, os.cpu_count() or 1)
     if n <= 1 or len(todo) < 4:
         for job in todo:
@@ -616,7 +657,7 @@ def _run_jobs(todo: list[_SlideJob], workers: int | None):  # type: ignore[no-un
 
 
 def _register_demo_slide(
-    store: store_mod.Store, job: _SlideJob, boxes: list[tuple[int, int, int, int]]
+    store: store_mod.Store, job: _SlideJob, boxes: Boxes, lookalikes: LookalikeBoxes
 ) -> None:
     cohort = COHORTS[job.cohort_index]
     with open_slide(job.path, mpp=job.mpp if job.kind == "fov" else None) as slide:
@@ -632,6 +673,7 @@ def _register_demo_slide(
             mpp=slide.mpp,
             size_bytes=Path(job.path).stat().st_size,
             tumor_regions=boxes,
+            lookalike_regions=lookalikes,
         )
 
 

@@ -28,11 +28,22 @@ Architectures
     network, including pathology foundation models exported by their users.
     (torch 2.13 deprecates TorchScript in favour of ``torch.export``; its
     files still load, and the deprecation warning is silenced here.)
+``export``
+    A ``torch.export`` program saved with ``torch.export.save`` (``.pt2``),
+    loaded with ``torch.export.load``: the successor of TorchScript, and
+    the way to bring a pathology foundation model (UNI, Virchow, CONCH...)
+    that its user exported. It must map float ``[B, 3, H, W]`` to ``[B, D]``
+    with a dynamic batch dimension (``dynamic_shapes=({0:
+    torch.export.Dim("batch")},)``); a program exported for one batch size
+    is refused. Give ``input_px``, ``mean`` and ``std`` as the model was
+    trained (``--input-px``, ``--mean``, ``--std`` on the command line).
 
 Weights come only from local files (nothing is ever downloaded):
 :func:`load_encoder` accepts a ``state_dict`` saved with ``torch.save``
-(``.pth`` / ``.pt``), optionally wrapped as ``{"state_dict": ...}`` or
-``{"model": ...}`` and with a ``module.`` prefix (``DataParallel``). Keys must
+(``.pth`` / ``.pt``) or in the ``safetensors`` format (recognised by its
+header, whatever the file's name; no code is executed on loading it),
+optionally wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` (torch
+files) and with a ``module.`` prefix (``DataParallel``). Keys must
 match the architecture exactly, the classifier head ``fc.*`` excepted; a file
 that does not fit raises :class:`~cmil_core.errors.InputError` naming the file
 and the first missing and unexpected keys.
@@ -132,6 +143,7 @@ __all__ = [
     "available_cores",
     "bf16_supported",
     "build_backbone",
+    "load_backbone",
     "count_macs",
     "encoder_from_spec",
     "extract",
@@ -304,7 +316,9 @@ ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], int]] = {
     "smallcnn": (SmallCNN, 128),
 }
 #: Every name :func:`load_encoder` accepts.
-ENCODER_NAMES: tuple[str, ...] = (*ARCHITECTURES, "torchscript")
+ENCODER_NAMES: tuple[str, ...] = (*ARCHITECTURES, "torchscript", "export")
+# Networks brought as whole programs (not state dicts): never rewritten by the fast path.
+_FOREIGN = ("torchscript", "export")
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -335,6 +349,29 @@ def build_backbone(name: str, *, seed: int = 0) -> nn.Module:
         module = ARCHITECTURES[name][0]()
         _init_weights(module)
     return module
+
+
+def load_backbone(
+    name: str, weights: str | os.PathLike[str] | None = None, *, seed: int = 0,
+) -> nn.Module:
+    """A trainable network of architecture ``name``: from a weights file, else seeded.
+
+    ``weights``: a state dict file (torch or safetensors; the checks of
+    :func:`load_encoder`). The module is in train mode with gradients on: the
+    starting point of :mod:`cmil_core.finetune`.
+    """
+    if name not in ARCHITECTURES:
+        raise InputError(
+            f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}."
+        )
+    if weights is None:
+        return build_backbone(name, seed=seed)
+    path = Path(weights)
+    if not path.is_file():
+        raise InputError(f"{path}: no such weights file.")
+    module = ARCHITECTURES[name][0]()
+    _load_state(module, path, name)
+    return module.train().requires_grad_(True)
 
 
 # --------------------------------------------------------------------------- spec
@@ -605,7 +642,8 @@ class Encoder:
         """The inference copy :meth:`embed` runs (built on first call)."""
         with self._fast_lock:
             if self._fast is None:
-                self._fast = _fast_module(self.module, self.spec.torchscript).to(self.device)
+                foreign = self.spec.torchscript or self.spec.name in _FOREIGN
+                self._fast = _fast_module(self.module, foreign).to(self.device)
             return self._fast
 
     def to(self, device: str) -> Encoder:
@@ -677,8 +715,38 @@ def _keys_text(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - _SHOW_KEYS} more)" if len(keys) > _SHOW_KEYS else "")
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Whether a file starts like ``safetensors``: an 8-byte little-endian header size, then ``{``."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(9)
+        size = path.stat().st_size
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path), device="cpu"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(
+            f"{path.name}: not a readable safetensors file ({_first_line(exc)})."
+        ) from exc
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file, unwrapped and without ``module.`` prefixes."""
+    if path.suffix.lower() == ".safetensors" or _is_safetensors(path):
+        obj: Any = _read_safetensors(path)
+        if not obj:
+            raise InputError(f"{path.name}: the safetensors file holds no tensors.")
+        return _strip_prefixes({str(k): v for k, v in obj.items()})
     try:
         with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
             warnings.simplefilter("ignore")
@@ -686,7 +754,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # pickle, zip and torch errors of many types: all mean "unreadable"
         raise InputError(
             f"{path.name}: not a readable PyTorch weights file ({_first_line(exc)}); "
-            "a TorchScript file needs the encoder name 'torchscript'."
+            "a TorchScript file needs the encoder name 'torchscript', a .pt2 program 'export'."
         ) from exc
     for wrapper in _WRAPPER_KEYS:
         if (isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping)
@@ -701,7 +769,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(
             f"{path.name}: not a state dict: entries {_keys_text(not_tensors)} are not tensors."
         )
-    state = {str(k): v for k, v in obj.items()}
+    return _strip_prefixes({str(k): v for k, v in obj.items()})
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in _PREFIXES:
         while all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -730,6 +801,64 @@ def _load_state(module: nn.Module, path: Path, name: str) -> None:
     for key, tensor in expected.items():  # old files lack the batch norm counters
         state.setdefault(key, tensor)
     module.load_state_dict(state, strict=True)
+
+
+def _probe_embedding(module: nn.Module, path: Path, input_px: int, what: str) -> int:
+    """Embedding size of a foreign network, probed on blank patches (batches of 1 and 2)."""
+    dim: int | None = None
+    for batch in (1, 2):
+        probe = torch.zeros(batch, 3, input_px, input_px)
+        try:
+            with torch.inference_mode():
+                y = module(probe)
+        except Exception as exc:  # a foreign network may fail in any way
+            hint = (" (export it with a dynamic batch dimension: dynamic_shapes="
+                    "({0: torch.export.Dim('batch')},))" if what == "torch.export program"
+                    and batch == 2 else "")
+            raise InputError(
+                f"{path.name}: the {what} fails on a [{batch}, 3, {input_px}, {input_px}] "
+                f"input ({_first_line(exc)}){hint}."
+            ) from exc
+        is_embedding = (isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[0] == batch
+                        and y.is_floating_point())
+        if not is_embedding:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise InputError(
+                f"{path.name}: the {what} maps [{batch}, 3, {input_px}, {input_px}] to {got}; "
+                "an encoder must return float [B, D]."
+            )
+        dim = int(y.shape[1])
+    assert dim is not None
+    return dim
+
+
+class _ExportedProgram(nn.Module):
+    """A ``torch.export`` program as a module. Its train/eval behaviour was fixed when it was
+    exported (its module refuses ``eval()``), so switching modes here leaves it alone."""
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> _ExportedProgram:
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)  # type: ignore[no-any-return]
+
+
+def _load_export(path: Path, input_px: int) -> tuple[nn.Module, int]:
+    """A ``torch.export`` program (``.pt2``) as a module, and its embedding size."""
+    try:
+        program = torch.export.load(str(path))
+        module: nn.Module = _ExportedProgram(program.module())
+    except Exception as exc:  # zip, pickle and graph errors of many types: all mean "unreadable"
+        raise InputError(
+            f"{path.name}: not a readable torch.export program ({_first_line(exc)}); "
+            "save one with torch.export.save."
+        ) from exc
+    return module, _probe_embedding(module, path, input_px, "torch.export program")
 
 
 def _load_torchscript(path: Path, input_px: int) -> tuple[nn.Module, int]:
@@ -777,8 +906,9 @@ def load_encoder(
     """An :class:`Encoder` named ``name`` (:data:`ENCODER_NAMES`), ready to :meth:`~Encoder.embed`.
 
     ``weights``: a local file: a state dict for the architectures defined
-    here (torchvision's key names; see the module docstring), the TorchScript
-    file for ``"torchscript"`` (required then). Without one, the network is
+    here (torch or safetensors format, torchvision's key names; see the
+    module docstring), the TorchScript file for ``"torchscript"`` or the
+    ``.pt2`` program for ``"export"`` (required for those two). Without one, the network is
     initialised from ``seed`` (a baseline only). ``precision``: ``"auto"``
     uses bf16 where the CPU has it natively (:func:`bf16_supported`).
     ``mean``, ``std``: normalisation the weights were trained with.
@@ -801,6 +931,14 @@ def load_encoder(
         module, embed_dim = _load_torchscript(path, input_px)
         spec = EncoderSpec(name=name, embed_dim=embed_dim, input_px=input_px, mean=mean, std=std,
                            weights=str(path), weights_sha256=file_sha256(path), torchscript=True,
+                           precision=resolved)
+        return Encoder(module, spec, batch_size=batch_size)
+    if name == "export":
+        if path is None:
+            raise InputError("encoder 'export' needs a weights file (the .pt2 program).")
+        module, embed_dim = _load_export(path, input_px)
+        spec = EncoderSpec(name=name, embed_dim=embed_dim, input_px=input_px, mean=mean, std=std,
+                           weights=str(path), weights_sha256=file_sha256(path),
                            precision=resolved)
         return Encoder(module, spec, batch_size=batch_size)
     if path is None:

@@ -40,7 +40,12 @@ Reuse
 -----
 :func:`slide_features` returns the existing file, without reading a pixel,
 when its metadata match the request: same encoder key, slide SHA-256, tiling
-key, patch ids and coordinates (in order). Otherwise it reads the patches
+key, and every requested patch in the file at the same coordinates. A file
+with more patches than asked for serves the subset asked for (in the order
+asked): a new quality-control decision that keeps fewer patches of a slide
+reuses its file. When it keeps patches the file lacks, only those are read
+and embedded, and the file is rewritten with the union, so that going back
+to an earlier decision reads nothing again. Otherwise it reads the patches
 (:func:`cmil_core.tiling.read_patch` at the encoder's ``input_px``, in worker
 threads), embeds them with :func:`cmil_core.encoders.extract` (reading
 overlapped with computing) and replaces the file. A corrupt file is
@@ -190,10 +195,11 @@ def _check_sha256(sha: str) -> str:
 def settings_key(settings: Mapping[str, Any], prefix: str = "t") -> str:
     """A short file-name-safe key of JSON-ready settings: ``prefix`` + 12 hex digits of SHA-256.
 
-    For the ``tiling_key`` of :func:`slide_features`: hash what chose the
-    patches (e.g. ``table.attrs["tiling"]["config"]`` and ``["thresholds"]``
-    of :func:`cmil_core.tiling.tile_slide`, and the metrics version), so that
-    changing any of them gives new feature files. Key order does not matter.
+    For the ``tiling_key`` of :func:`slide_features`: hash what laid the
+    patches (e.g. ``table.attrs["tiling"]["config"]`` of
+    :func:`cmil_core.tiling.tile_slide`, and the metrics version), so that
+    changing any of them gives new feature files; not the QC thresholds (a
+    file serves any subset of its slide's patches). Key order does not matter.
     """
     try:
         blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), allow_nan=False)
@@ -348,11 +354,31 @@ def _read_batches(
     return map_ordered(read, range(0, n, batch_size), workers if workers > 1 else 0)
 
 
-def _matches(ff: FeatureFile, encoder_key: str, slide_sha256: str, tiling_key: str,
-             ids: npt.NDArray[np.int64], coords: npt.NDArray[np.int64], embed_dim: int) -> bool:
+def _same_source(ff: FeatureFile, encoder_key: str, slide_sha256: str, tiling_key: str,
+                 embed_dim: int) -> bool:
     return (ff.encoder_key == encoder_key and ff.slide_sha256 == slide_sha256
-            and ff.tiling_key == tiling_key and ff.embed_dim == embed_dim
-            and np.array_equal(ff.patch_ids, ids) and np.array_equal(ff.coords, coords))
+            and ff.tiling_key == tiling_key and ff.embed_dim == embed_dim)
+
+
+def _known_rows(ff: FeatureFile, ids: npt.NDArray[np.int64],
+                coords: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Per requested patch, its row in ``ff`` (same id and coordinates), or -1."""
+    rows = np.full(ids.size, -1, dtype=np.int64)
+    if not len(ff) or not ids.size:
+        return rows
+    order = np.argsort(ff.patch_ids, kind="stable")
+    pos = np.minimum(np.searchsorted(ff.patch_ids, ids, sorter=order), len(ff) - 1)
+    cand = order[pos]
+    ok = (ff.patch_ids[cand] == ids) & np.all(ff.coords[cand] == coords, axis=1)
+    rows[ok] = cand[ok]
+    return rows
+
+
+def _subset(ff: FeatureFile, rows: npt.NDArray[np.int64]) -> FeatureFile:
+    if rows.size == len(ff) and np.array_equal(rows, np.arange(len(ff))):
+        return ff
+    return FeatureFile(path=ff.path, features=ff.features[rows], patch_ids=ff.patch_ids[rows],
+                       coords=ff.coords[rows], meta=ff.meta)
 
 
 def slide_features(
@@ -403,22 +429,31 @@ def slide_features(
     spec = encoder.spec
     path = feature_path(root, spec.key, sha, tiling_key)
     n = int(ids.size)
+    existing: FeatureFile | None = None
     if path.exists():
         try:
             existing = load_features(path)
         except InputError:
             existing = None  # corrupt: recompute and replace
-        if existing is not None and _matches(existing, spec.key, sha, tiling_key, ids, coords,
-                                             spec.embed_dim):
-            if progress is not None:
-                progress(n, n)
-            return existing
+        if existing is not None and not _same_source(existing, spec.key, sha, tiling_key,
+                                                     spec.embed_dim):
+            existing = None
+    known = (_known_rows(existing, ids, coords) if existing is not None
+             else np.full(n, -1, dtype=np.int64))
+    if existing is not None and bool(np.all(known >= 0)):
+        if progress is not None:
+            progress(n, n)
+        return _subset(existing, known)
+    todo = np.flatnonzero(known < 0)
     features = np.empty((n, spec.embed_dim), dtype=np.float16)
+    if existing is not None:
+        have = known >= 0
+        features[have] = existing.features[known[have]]
     if progress is not None:
-        progress(0, n)
+        progress(n - todo.size, n)
     with open_slide(src, mpp=mpp) as slide:
         done = 0
-        batches = _read_batches(slide, coords, spec.input_px, batch_size, workers)
+        batches = _read_batches(slide, coords[todo], spec.input_px, batch_size, workers)
         for emb in extract(encoder, batches):
             peak = float(np.max(np.abs(emb))) if emb.size else 0.0
             if not np.isfinite(peak) or peak > _FLOAT16_MAX:
@@ -426,10 +461,21 @@ def slide_features(
                     f"{src.name}: encoder {spec.key} gives embeddings of magnitude {peak:g}, "
                     "beyond float16; rescale the encoder's output."
                 )
-            features[done : done + emb.shape[0]] = emb
+            features[todo[done : done + emb.shape[0]]] = emb
             done += emb.shape[0]
             if progress is not None:
-                progress(done, n)
+                progress(n - todo.size + done, n)
+    wanted = FeatureFile(path=path, features=features, patch_ids=ids, coords=coords, meta={})
+    if existing is not None:  # keep the file's other patches: the union, in patch-id order
+        extra = np.flatnonzero(~np.isin(existing.patch_ids, ids))
+        all_ids = np.concatenate([ids, existing.patch_ids[extra]])
+        order = np.argsort(all_ids, kind="stable")
+        features = np.concatenate([features, existing.features[extra]])[order]
+        ids_out = all_ids[order]
+        coords_out = np.concatenate([coords, existing.coords[extra]])[order]
+    else:
+        ids_out, coords_out = ids, coords
+    n_file = int(ids_out.size)
     meta: dict[str, Any] = {
         "format": FEATURES_FORMAT,
         "format_version": FEATURES_FORMAT_VERSION,
@@ -439,17 +485,18 @@ def slide_features(
         "slide_name": src.name,
         "mpp": mpp,
         "tiling_key": tiling_key,
-        "n_patches": n,
+        "n_patches": n_file,
         "embed_dim": spec.embed_dim,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
     arrays: dict[str, npt.NDArray[Any]] = {
-        "features": features, "patch_ids": ids, "coords": coords,
+        "features": features, "patch_ids": ids_out, "coords": coords_out,
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
     _write_atomic(path, arrays)
-    return FeatureFile(path=path, features=features, patch_ids=ids, coords=coords, meta=meta)
+    return FeatureFile(path=path, features=wanted.features, patch_ids=ids, coords=coords,
+                       meta=meta)
 
 
 # --------------------------------------------------------------------------- many slides at once

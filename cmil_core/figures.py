@@ -90,7 +90,7 @@ def auc_label(curve: dict[str, Any]) -> str:
     ci = ""
     if curve.get("ci_low") is not None and curve.get("ci_high") is not None:
         ci = f" ({curve['ci_low']:.2f}-{curve['ci_high']:.2f})"
-    return f"{curve['cohort']}: AUC {curve['auc']:.2f}{ci}"
+    return f"{curve.get('label', curve['cohort'])}: AUC {curve['auc']:.2f}{ci}"
 
 
 def hr_label(row: dict[str, Any]) -> str:
@@ -175,7 +175,7 @@ def calibration(entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | N
                             bins["observed_high"].to_numpy(dtype=float) - observed])
         ax.errorbar(bins["mean_predicted"], observed, yerr=np.clip(errors, 0, None), fmt="o",
                     color=colour, markersize=4.5, capsize=2.5, linewidth=1.0,
-                    label=f"{e['cohort']} (Brier {e['brier']:.3f})")
+                    label=f"{e.get('label', e['cohort'])} (Brier {e['brier']:.3f})")
         smooth = pd.DataFrame(e["smooth"])
         ax.plot(smooth["predicted"], smooth["observed"], color=colour, linewidth=1.4)
     ax.set_xlim(-0.01, 1.01)
@@ -203,7 +203,7 @@ def decision(entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | None
         colour = cohort_colour(str(e["cohort"]), cohorts, index=k)
         d = pd.DataFrame(e["decision"])
         ax.plot(d["threshold"], d["net_benefit_model"], color=colour, linewidth=1.6,
-                label=str(e["cohort"]))
+                label=str(e.get("label", e["cohort"])))
         ax.plot(d["threshold"], d["net_benefit_all"], color=colour, linewidth=0.9,
                 linestyle="--", label=f"{e['cohort']}: treat all")
         top = max(top, float(d["net_benefit_model"].max()), float(d["net_benefit_all"].max()))

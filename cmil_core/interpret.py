@@ -12,8 +12,11 @@ for instance, shrinks as bags grow); pixels no scored patch covers are NaN
 :func:`gradcam` explains one patch under the model's patch-level classifier
 (the histogram aggregator's patch head, or attention MIL's instance
 classifier) through the CNN encoder: the gradient of the patch logit with
-respect to the encoder's last convolutional feature map, averaged per channel,
-weights that map (Selvaraju et al., ICCV 2017); the ReLU of the weighted sum,
+respect to the feature map that feeds the encoder's global pool (the output
+of its last block: after the last block's batch norm, residual sum and ReLU,
+not the raw output of the last ``Conv2d`` inside it, which the embedding
+never sees as such), averaged per channel, weights that map (Selvaraju et
+al., ICCV 2017); the ReLU of the weighted sum,
 upsampled to the patch and scaled to [0, 1], shows which pixels pushed the
 patch towards "tumour". It runs in float32, without the fast path.
 """
@@ -30,7 +33,7 @@ from cmil_core.encoders import Encoder, preprocess
 from cmil_core.errors import InputError
 from cmil_core.mil import Aggregator
 
-__all__ = ["gradcam", "heatmap"]
+__all__ = ["gradcam", "gradcam_layer", "heatmap"]
 
 
 def heatmap(
@@ -78,11 +81,22 @@ def heatmap(
     return out
 
 
-def _last_conv(module: nn.Module) -> nn.Conv2d:
-    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise InputError("Grad-CAM needs a convolutional encoder (this one has no Conv2d layer)")
-    return convs[-1]
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def gradcam_layer(module: nn.Module) -> nn.Module:
+    """The encoder's global pool, whose *input* Grad-CAM explains (its last block's output).
+
+    Every CNN of :mod:`cmil_core.encoders` ends in an adaptive pool over the
+    last block's feature map (ResNet: ``layer4``; SmallCNN: the last
+    conv-BN-ReLU block), so the pool's input is exactly the map the
+    embedding averages.
+    """
+    pools = [m for m in module.modules() if isinstance(m, _GLOBAL_POOLS)]
+    if not pools:
+        raise InputError("Grad-CAM needs a convolutional encoder ending in a global pool "
+                         "(this one has no AdaptiveAvgPool2d)")
+    return pools[-1]
 
 
 def gradcam(
@@ -96,14 +110,15 @@ def gradcam(
         raise InputError("Grad-CAM is not available for TorchScript encoders")
     module = encoder.module
     head = aggregator.patch_logit_module()
-    layer = _last_conv(module)
+    layer = gradcam_layer(module)
     saved: dict[str, torch.Tensor] = {}
 
-    def keep(_: nn.Module, __: object, output: torch.Tensor) -> None:
-        output.retain_grad()
-        saved["activation"] = output
+    def keep(_: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        feature_map = inputs[0]  # what feeds the global pool: the last block's output
+        feature_map.retain_grad()
+        saved["activation"] = feature_map
 
-    handle = layer.register_forward_hook(keep)
+    handle = layer.register_forward_pre_hook(keep)
     try:
         with torch.enable_grad():
             # The encoder is frozen: asking for the input gradient makes activations track it.
@@ -117,7 +132,7 @@ def gradcam(
     activation = saved["activation"]
     grad = activation.grad
     if grad is None:
-        raise InputError("Grad-CAM: no gradient reached the encoder's last convolution")
+        raise InputError("Grad-CAM: no gradient reached the encoder's last block")
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
     cam = nn.functional.interpolate(cam, size=patch.shape[:2], mode="bilinear",

@@ -22,6 +22,11 @@ repair it:
 * feature files missing for the slides a model scored, or unreadable
   (warnings: they are a cache, recomputed by the next ``score``);
 * temporary files left by killed runs (:mod:`cmil_core._atomic`);
+* quality control that may bias the study (warnings of
+  :func:`cmil_core.qc.qc_warnings`: a cohort losing more than 30 % of its
+  patches, patients losing all of theirs, a kept share differing between
+  label classes), models and scores built on an older QC decision (stale),
+  and scores made despite a tiling mismatch (warnings);
 * ingest runs still marked running, and a demo left unfinished (warnings).
 
 *Problems* make the exit status 1; *warnings* do not. ``--repair`` fixes
@@ -348,6 +353,8 @@ def _check(st: store_mod.Store, path: Path, hash_files: bool) -> CheckReport:
             _examples([p.relative_to(root) for p in fresh]),
         ))
 
+    findings += _check_qc(st, db_arg)
+
     # Work left unfinished.
     runs = store_mod.ingest_runs_frame(st)
     running = runs[runs["status"] == "running"]
@@ -373,6 +380,46 @@ def _check(st: store_mod.Store, path: Path, hash_files: bool) -> CheckReport:
     order = {"problem": 0, "warning": 1}
     findings.sort(key=lambda f: order[f.severity])
     return CheckReport(str(path), version, store_mod.SCHEMA_VERSION, checked, findings)
+
+
+def _check_qc(st: store_mod.Store, db_arg: str) -> list[Finding]:
+    """Quality control that may bias the study; models and scores on an older decision."""
+    from cmil_core import qc
+
+    out: list[Finding] = []
+    for w in qc.qc_warnings(st):
+        out.append(Finding(
+            "warning", f"qc-{w.kind}", w.message,
+            f"review the thresholds on the Quality control page, or python -m cmil_core qc "
+            f"{db_arg} --cohort {w.cohort}", max(1, len(w.patients)), _examples(w.patients),
+        ))
+    marks = qc.stale_marks(st)
+    models = marks["models"][marks["models"]["stale"]]
+    for row in models.itertuples():
+        out.append(Finding(
+            "warning", "stale-model",
+            f"model {row.model_id} is stale: trained on an older QC decision of cohort "
+            f"'{row.train_cohort}' (now decision {row.current_decision_id})",
+            f"train again: python -m cmil_core train {db_arg} --cohort {row.train_cohort}",
+        ))
+    scores = marks["scores"]
+    for row in scores[scores["stale"]].itertuples():
+        out.append(Finding(
+            "warning", "stale-scores",
+            f"scores of cohort '{row.cohort}' by model {row.model_id} are stale: made on an "
+            f"older QC decision of the cohort (now decision {row.current_decision_id})",
+            f"score again: python -m cmil_core score {db_arg} --model {row.model_id} "
+            f"--cohort {row.cohort}", int(row.patients),
+        ))
+    for row in scores[scores["tiling_mismatch"].notna()].itertuples():
+        out.append(Finding(
+            "warning", "scores-tiling-mismatch",
+            f"cohort '{row.cohort}' was scored by model {row.model_id} despite a tiling or QC "
+            f"mismatch with the training cohort ({row.tiling_mismatch})",
+            "ingest the cohort with the training settings and score again, or keep the mark",
+            int(row.patients),
+        ))
+    return out
 
 
 def _sha256(path: Path) -> str:

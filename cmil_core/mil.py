@@ -97,6 +97,7 @@ __all__ = [
     "ProgressFn",
     "aggregator_from_state",
     "cross_validate",
+    "inner_split",
     "make_aggregator",
 ]
 
@@ -346,7 +347,7 @@ def _feature_moments(bags: Sequence[np.ndarray]) -> tuple[FloatArray, FloatArray
     return mean.astype(np.float32), std.astype(np.float32)
 
 
-def _inner_split(
+def inner_split(
     y: npt.NDArray[np.int64], fraction: float, rng: np.random.Generator
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]] | None:
     """Patient-stratified (train, validation) indices for early stopping.
@@ -475,7 +476,7 @@ class Aggregator(ABC):
         seed = _check_seed(seed)
         report: ProgressFn = progress if progress is not None else (lambda d, t, m: None)
         rng = np.random.default_rng(seed)
-        split = _inner_split(y, float(self.params["val_fraction"]), rng)
+        split = inner_split(y, float(self.params["val_fraction"]), rng)
         if split is None and self.params["val_fraction"] > 0:
             warnings.warn(
                 "a class has fewer than 2 patients: no inner validation set, so no early "

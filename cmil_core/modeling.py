@@ -17,8 +17,17 @@ The folder is written under a temporary name and renamed into place before
 the ``models`` row is inserted, so a killed run never leaves a row without its
 files (at worst a folder without a row, which ``check`` reports).
 
+The training cohort's out-of-fold scores (with each patient's fold) go to
+the store's ``oof_scores``, apart from the final model's scores: they are
+the training row of every table. The final model's scores are mapped onto
+the out-of-fold scale, on which the cutoff was chosen, by a monotone map
+fitted on the training patients (``config["score_map"]``,
+:mod:`cmil_core.recalibration`).
+
 Only the training cohort's patients ever reach the aggregator's ``fit``.
 :func:`score` rebuilds the exact pipeline from those files, scores any cohort,
+maps the scores onto the out-of-fold scale (``score``; the model's own
+output is kept as ``score_raw``),
 assigns risk groups with the training cutoff (``high`` when score >= cutoff),
 and stores patient and patch scores (probability and attention for every
 patch that passed quality control), replacing earlier scores of that model.
@@ -40,11 +49,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmil_core import _atomic, encoders, features, mil
+from cmil_core import _atomic, encoders, features, finetune, mil, recalibration
+from cmil_core import qc as qc_mod
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import Progress, ProgressCallback, no_progress
-from cmil_core.stats import youden_cutoff
+from cmil_core.stats import roc_auc, youden_cutoff
 
 __all__ = ["Bags", "artifact_dir", "cohort_bags", "load_model", "score", "train"]
 
@@ -182,20 +192,62 @@ def train(
     folds: int = 5,
     params: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
+    encoder_training: str = "frozen",
+    cnn: finetune.FinetuneConfig | None = None,
+    input_px: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
 ) -> str:
-    """Train a model on ``cohort``; returns the new model id (see the module docstring)."""
+    """Train a model on ``cohort``; returns the new model id (see the module docstring).
+
+    ``encoder_training``: ``"frozen"`` embeds the patches with ``encoder`` as
+    loaded (``weights``, else a seeded initialisation); ``"finetune"`` trains
+    that CNN on the cohort's smears with the patients' labels, inside every
+    cross-validation fold and once more on all training patients for the
+    final model (:mod:`cmil_core.finetune`; ``cnn``: its settings;
+    ``weights``: its starting point). The trained CNN is saved in the model
+    folder (``encoder-<sha256[:12]>.pt``) and is the encoder that
+    :func:`score` uses. ``input_px``, ``mean``, ``std``: the encoder's
+    preprocessing (default 224 px and ImageNet's when frozen, ``cnn``'s when
+    fine-tuned).
+    """
     if aggregator not in ("histogram", "attention"):
         raise InputError(f"--aggregator {aggregator!r} is not histogram or attention")
-    enc = encoders.load_encoder(encoder, weights, seed=seed)
+    if encoder_training not in finetune.ENCODER_TRAINING:
+        raise InputError(f"--encoder-training {encoder_training!r} is not "
+                         f"{' or '.join(finetune.ENCODER_TRAINING)}")
+    prep: dict[str, Any] = {k: v for k, v in (("input_px", input_px), ("mean", mean),
+                                             ("std", std)) if v is not None}
+    if encoder_training == "finetune":
+        if encoder not in encoders.ARCHITECTURES:
+            raise InputError(
+                f"--encoder {encoder} cannot be fine-tuned (a whole program, not a state dict); "
+                f"use one of {', '.join(encoders.ARCHITECTURES)}, or --encoder-training frozen"
+            )
+        cnn = finetune.FinetuneConfig.from_params(cnn.to_dict() if cnn else None,
+                                                  architecture=encoder, **prep)
+        enc = None  # the trained CNN, once trained
+    else:
+        enc = encoders.load_encoder(encoder, weights, seed=seed, **prep)
     # The store is held only for each read and write, never while the CNN or
     # the aggregator runs: the dashboard and other readers keep working.
     with store_mod.using(db, read_only=True) as st:
         if cohort not in {c.cohort for c in store_mod.list_cohorts(st)}:
             raise InputError(f"cohort '{cohort}' does not exist in {st.path}")
         tiling = _tiling_settings(st, cohort)
+        # What scoring compares other cohorts against (patch size, overlap, output
+        # px, metrics version) and the training cohort's QC decision (stale marks).
+        trained_tiling = qc_mod.training_tiling(st, cohort)
     folder_root = _store_dir(db) / "models"
     stages = 3
-    data = cohort_bags(db, cohort, enc, progress=progress, stage=("features", 1, stages))
+    tuned: finetune.FinetuneResult | None = None
+    if cnn is not None:  # stages: pixels, CNN cross-validation, final CNN, features, training
+        stages = 5
+        tuned = _finetune(db, cohort, aggregator, params, folds, seed, cnn, weights, progress)
+        enc = tuned.encoder
+    assert enc is not None
+    data = cohort_bags(db, cohort, enc, progress=progress,
+                       stage=("features", 1 if tuned is None else 4, stages))
     labelled = [i for i, y in enumerate(data.labels) if y is not None]
     bags = [data.bags[i] for i in labelled]
     labels = [int(data.labels[i]) for i in labelled]  # type: ignore[arg-type]
@@ -217,16 +269,29 @@ def train(
             f"of each class with patches (the smaller class has {smaller})"
         )
     k = min(folds, smaller)  # stratified folds need a patient of each class in each fold
-    cv = mil.cross_validate(
-        aggregator, bags, labels, k=k, seed=seed, params=params,
-        progress=report("cross-validation", 2),
-    )
+    if tuned is None:
+        cv = mil.cross_validate(
+            aggregator, bags, labels, k=k, seed=seed, params=params,
+            progress=report("cross-validation", 2),
+        )
+    else:  # cross-validated with a CNN trained inside each fold (same folds, same patients)
+        cv, k = tuned.cv, tuned.cv.k
+        if tuned.patient_ids != [data.patient_ids[i] for i in labelled]:
+            raise InputError(f"cohort '{cohort}' changed while the CNN trained; train again")
     model = mil.make_aggregator(aggregator, **(params or {})).fit(
-        bags, labels, seed=seed, progress=report("training", 3)
+        bags, labels, seed=seed, progress=report("training", stages)
     )
     cutoff = float(youden_cutoff(np.asarray(labels), cv.oof_scores))
     if not np.isfinite(cutoff):
         cutoff = 0.5
+    # Honest numbers: the cutoff lives on the out-of-fold scale, so the final model's
+    # scores are mapped onto it (fitted on the training patients' in-sample against
+    # out-of-fold scores; the choice is argued in cmil_core.recalibration).
+    in_sample = np.array([p.score for p in model.predict(bags)], dtype=float)
+    score_map = recalibration.fit_score_map(in_sample, cv.oof_scores)
+    oof_fold = np.zeros(len(labels), dtype=int)
+    for f, held_out in enumerate(cv.folds):
+        oof_fold[held_out] = f
     created = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
     model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}"
     folder = folder_root / model_id
@@ -246,7 +311,14 @@ def train(
         "seed": seed,
         "cutoff": cutoff,
         "cutoff_method": "youden on out-of-fold training scores",
+        "score_map": score_map.to_dict(),
+        # Both aggregators train class-balanced: their scores read as probabilities
+        # at this prior, not at the training prevalence (cmil_core.recalibration).
+        "trained_prior": 0.5,
+        "training_prevalence": float(np.mean(labels)),
         "tiling": tiling,
+        "training_tiling": trained_tiling,
+        "qc_decision": trained_tiling["qc_decision"],
         "cv": {
             "k": len(cv.folds), "auc": cv.auc, "fold_aucs": cv.fold_aucs,
             "folds": [[training_ids[i] for i in fold] for fold in cv.folds],
@@ -254,6 +326,11 @@ def train(
         "patients": {"trained_on": len(labels), "without_patches": data.missing},
         "versions": _versions(),
     }
+    config["encoder_training"] = encoder_training
+    if tuned is not None:  # the trained CNN is a file of the model folder
+        config["encoder"] = {**enc.spec.to_dict(),
+                             "weights": str(folder / tuned.weights_path.name)}
+        config["finetune"] = tuned.summary()
     # Crash safety: the folder is filled under a temporary name and renamed
     # into place, then the row is inserted. A kill before the rename leaves
     # a stale temporary folder (removed by the next train); between rename
@@ -264,16 +341,54 @@ def train(
     with _atomic.new_folder(folder) as tmp:
         torch.save({"config": model.config(), "state": model.state()}, tmp / "model.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        if tuned is not None:
+            shutil.copyfile(tuned.weights_path, tmp / tuned.weights_path.name)
     metrics = {"cv_auc": cv.auc, "cv_fold_aucs": cv.fold_aucs, "cv_k": k,
+               "in_sample_auc": float(roc_auc(np.asarray(labels), in_sample)),
                "n_train": len(labels), "n_positive": int(sum(labels)),
                "warnings": list(cv.warnings)}
+    metrics["encoder_training"] = encoder_training
+    oof = pd.DataFrame({"patient_id": training_ids, "fold": oof_fold, "score": cv.oof_scores})
     with store_mod.using(db) as st:
+        # Out-of-fold scores first: a kill in between leaves rows without a model,
+        # which `check` reports and `check --repair` deletes, never a model without them.
+        store_mod.write_oof_scores(st, model_id, cohort, oof)
         store_mod.add_model(
             st,
             store_mod.ModelRow(model_id, created, aggregator, enc.spec.name, cohort, config,
                                metrics, str(folder), cutoff),
         )
+    if tuned is not None:  # saved: its checkpoints are no longer needed
+        shutil.rmtree(tuned.work_dir, ignore_errors=True)
     return model_id
+
+
+def _finetune(
+    db: store_mod.Store | str | os.PathLike[str], cohort: str, aggregator: str,
+    params: dict[str, Any] | None, folds: int, seed: int, cnn: finetune.FinetuneConfig,
+    weights: str | os.PathLike[str] | None, progress: ProgressCallback,
+) -> finetune.FinetuneResult:
+    """Train the patch CNN on ``cohort`` (stages 1-3 of 5 of a fine-tuning ``train``).
+
+    Checkpoints go to ``<store folder>/checkpoints/<run key>/``: a killed
+    ``train`` run again with the same arguments resumes from them; ``train``
+    deletes the folder once the model is saved.
+    """
+    with store_mod.using(db, read_only=True) as st:
+        inputs = _cohort_inputs(st, cohort)
+    index = {"pixels": 1, "cnn cross-validation": 2, "final cnn": 3}
+
+    def report(stage: str, done: int, total: int, message: str) -> None:
+        progress(Progress(stage, index[stage], 5, done, total, message))
+
+    weights_sha = encoders.load_encoder(cnn.architecture, weights).spec.weights_sha256 \
+        if weights is not None else None
+    work = _store_dir(db) / "checkpoints" / finetune.run_key(
+        cohort, seed, folds, aggregator, cnn, params, weights_sha)
+    return finetune.finetune_encoder(
+        inputs.patches, inputs.patients, aggregator=aggregator, folds=folds, seed=seed,
+        work_dir=work, config=cnn, params=params, weights=weights, progress=report,
+    )
 
 
 def _tiling_settings(st: store_mod.Store, cohort: str) -> list[dict[str, Any]]:
@@ -303,7 +418,11 @@ def load_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> L
     except (OSError, ValueError, RuntimeError) as exc:
         raise InputError(f"model '{model_id}': its files in {folder} cannot be read ({exc})") from exc
     aggregator = mil.aggregator_from_state(saved["config"], saved["state"])
-    encoder = encoders.encoder_from_spec(config["encoder"])
+    spec = config["encoder"]
+    trained = None  # a CNN trained by `train` lives in the model folder, wherever it moved
+    if config.get("encoder_training") == "finetune" and spec.get("weights"):
+        trained = folder / Path(spec["weights"]).name
+    encoder = encoders.encoder_from_spec(spec, weights=trained)
     return LoadedModel(model_id, aggregator, encoder, float(config["cutoff"]), config)
 
 
@@ -313,25 +432,49 @@ def score(
     cohorts: Sequence[str] | None = None,
     *,
     progress: ProgressCallback = no_progress,
+    allow_tiling_mismatch: bool = False,
 ) -> dict[str, int]:
-    """Score ``cohorts`` (default: all) with a model; returns patients scored per cohort."""
+    """Score ``cohorts`` (default: all) with a model; returns patients scored per cohort.
+
+    A cohort whose patch size, overlap, output size, metrics version or QC
+    thresholds differ from the training cohort's is refused (InputError, before
+    anything is written) unless ``allow_tiling_mismatch``; its scores then carry
+    what differed (``patient_scores.tiling_mismatch``).
+    """
     # As in train: the store is held only to read and to write each cohort's scores.
     with store_mod.using(db, read_only=True) as st:
         model = load_model(st, model_id)
         known = [c.cohort for c in store_mod.list_cohorts(st)]
     wanted = list(cohorts) if cohorts else known
+    score_map = recalibration.ScoreMap.from_dict(model.config.get("score_map"))
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise InputError(f"no cohort {', '.join(repr(c) for c in unknown)} in the store")
+    trained = model.config.get("training_tiling") or {}
+    with store_mod.using(db, read_only=True) as st:
+        mismatch = {c: qc_mod.tiling_differences(st, trained, c) for c in wanted}
+        decisions = store_mod.current_qc_decisions(st)
+    refused = {c: d for c, d in mismatch.items() if d}
+    if refused and not allow_tiling_mismatch:
+        cohort, diffs = next(iter(refused.items()))
+        train_cohort = model.config.get("train_cohort", "the training cohort")
+        raise InputError(
+            f"model {model_id} was trained on patches of cohort '{train_cohort}' that differ "
+            f"from cohort '{cohort}': {'; '.join(diffs)}; ingest '{cohort}' again with the "
+            "training settings (--patch-um, --overlap) or decide its QC with the training "
+            "thresholds (qc command or Quality control page), or pass "
+            "--allow-tiling-mismatch to score it anyway (its scores are then marked)")
     done: dict[str, int] = {}
     for index, cohort in enumerate(wanted, start=1):
         data = cohort_bags(db, cohort, model.encoder, progress=progress,
                            stage=(f"scoring {cohort}", index, len(wanted)))
         predictions = model.aggregator.predict(data.bags) if data.bags else []
-        scores = np.array([p.score for p in predictions], dtype=float)
+        raw = np.array([p.score for p in predictions], dtype=float)
+        scores = score_map.apply(raw)  # onto the out-of-fold scale, the cutoff's
         patients = pd.DataFrame({
             "patient_id": data.patient_ids,
             "score": scores,
+            "score_raw": raw,
             "risk_group": np.where(scores >= model.cutoff, "high", "low"),
         })
         patches = pd.DataFrame({
@@ -341,7 +484,11 @@ def score(
             "attention_raw": _column(predictions, "attention_raw"),
         })
         with store_mod.using(db) as st:
-            store_mod.write_scores(st, model_id, cohort, patients, patches)
+            decision = decisions.get(cohort)
+            store_mod.write_scores(
+                st, model_id, cohort, patients, patches,
+                qc_decision_id=None if decision is None else int(decision["decision_id"]),
+                tiling_mismatch="; ".join(mismatch[cohort]) or None)
         done[cohort] = len(patients)
     return done
 

@@ -5,8 +5,8 @@ manifest), and for each slide, one at a time:
 
 1. registers it (path, sha256, size, kind, width, height, mpp);
 2. skips it when it is already tiled from the same file (sha256) with the
-   same settings (the *tiling key*: patch size, QC thresholds, metric
-   version and the slide's mpp);
+   same settings (the *tiling key*: patch size, metric version and the
+   slide's mpp; not the QC thresholds, which judge stored metrics);
 3. otherwise finds the smear, lays the patch grid, measures every patch and
    writes the patches and the slide's ``tiled`` status in one transaction;
 4. on any problem with that slide (cannot be opened or read, no resolution,
@@ -20,6 +20,14 @@ loses at most the slide it was on, and a rerun resumes: finished slides are
 skipped, a changed file is redone, nothing is duplicated. The store is opened
 for each write only, so the dashboard can read between slides. The settings
 of every run are stored in ``ingest_runs``.
+
+Quality control is a decision per cohort (:mod:`cmil_core.qc`): at the end
+of a run every patch of the cohort is judged, in SQL from its stored
+metrics, under the run's thresholds (given, else the cohort's current
+decision, else the defaults), and a new decision is recorded when they
+differ from the current one. Changing thresholds therefore re-tiles
+nothing. The summary carries the decision and the bias warnings of
+:func:`cmil_core.qc.qc_warnings`.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
+from cmil_core import qc as qc_mod
 from cmil_core import store as store_mod
 from cmil_core.discovery import SlideSource, discover_slides
 from cmil_core.errors import InputError, shown
@@ -64,6 +75,8 @@ class IngestSummary:
     run_id: int
     folder: str
     slides: list[SlideOutcome]
+    qc_decision: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def counts(self) -> Counter[str]:
@@ -82,14 +95,17 @@ class IngestSummary:
             "slides": [asdict(s) for s in self.slides],
             "status_counts": dict(Counter(s.status for s in self.slides)),
             "patch_counts": dict(self.counts),
+            "qc_decision": None if self.qc_decision is None else {
+                k: (str(v) if k == "decided_at" else v) for k, v in self.qc_decision.items()},
+            "qc_warnings": list(self.warnings),
         }
 
 
-def tiling_key(config: TilingConfig, thresholds: QCThresholds, mpp: float) -> str:
-    """A hash of everything that decides a slide's patches besides its pixels."""
+def tiling_key(config: TilingConfig, mpp: float) -> str:
+    """A hash of everything that decides a slide's patches and their metrics besides its
+    pixels. Not the QC thresholds: a decision re-judges stored metrics (no re-tiling)."""
     payload = {
         "config": config.to_dict(),
-        "thresholds": thresholds.to_dict(),
         "metrics_version": METRICS_VERSION,
         "mpp": round(mpp, 9),
     }
@@ -128,6 +144,7 @@ def ingest(
     progress: ProgressCallback = no_progress,
     extract_dir: str | os.PathLike[str] | None = None,
     workers: int = 2,
+    who: str | None = None,
 ) -> IngestSummary:
     """Register, tile and quality-check a cohort's slides; see the module docstring.
 
@@ -135,10 +152,11 @@ def ingest(
     ``mpp`` column wins over both, slide by slide. A zip is extracted into ``extract_dir`` (default: ``slides/<cohort>/<zip
     name>`` beside the store). Raises :class:`InputError` before writing
     anything when the cohort does not exist, the folder has no slides, or a
-    manifest is wrong; a bad slide only fails itself.
+    manifest is wrong; a bad slide only fails itself. ``thresholds``: the QC
+    decision of this run (None: the cohort's current decision, else the
+    defaults); ``who`` records it (default: the operating-system user).
     """
     config = config or TilingConfig()
-    thresholds = thresholds or QCThresholds()
     if mpp is not None and not 0 < mpp < 1000:
         raise InputError(f"--mpp {mpp} is not a resolution in microns per pixel")
     with store_mod.using(db) as st:
@@ -150,6 +168,8 @@ def ingest(
                 "first (python -m cmil_core import-cohort)"
             )
         patients = set(store_mod.patients_frame(st, cohort)["patient_id"])
+        if thresholds is None:
+            thresholds = qc_mod.cohort_thresholds(st, cohort) or QCThresholds()
     source_path = Path(slides)
     if extract_dir is None and source_path.is_file():
         extract_dir = Path(db_path).resolve().parent / "slides" / cohort / source_path.stem
@@ -195,9 +215,37 @@ def ingest(
             store_mod.finish_ingest_run(st, run_id, "interrupted", partial)
         raise
     summary = IngestSummary(cohort, run_id, str(folder), outcomes)
+    if who is None:
+        from cmil_core.access import cli_user
+
+        who = cli_user()
     with store_mod.using(db) as st:
+        # One decision for the whole cohort: slides skipped now were judged by an
+        # earlier run, perhaps under other thresholds.
+        summary.qc_decision = store_mod.apply_qc_decision(
+            st, cohort, thresholds.to_dict(), who=who, source="ingest", only_if_changed=True,
+            audit=False)  # the ingest's own audit row names the decision
+        summary.slides = _recount(st, cohort, outcomes)
+        summary.warnings = [w.message for w in qc_mod.qc_warnings(st, cohort)]
         store_mod.finish_ingest_run(st, run_id, "done", summary.to_dict())
     return summary
+
+
+def _recount(st: store_mod.Store, cohort: str, outcomes: list[SlideOutcome]) -> list[SlideOutcome]:
+    """The outcomes with each slide's patch counts as the cohort's decision left them."""
+    rows = store_mod.qc_counts(st, cohort)
+    out = []
+    for o in outcomes:
+        mine = rows[(rows["path"] == o.path) & (rows["patches"] > 0)]
+        if o.status == "failed" or mine.empty:
+            out.append(o)
+            continue
+        rejected = {str(r.qc_reason): int(r.patches) for r in mine.itertuples()
+                    if r.qc_reason is not None and not pd.isna(r.qc_reason)}
+        passed = int(mine.loc[mine["qc_reason"].isna(), "patches"].sum())
+        out.append(SlideOutcome(o.path, o.patient_id, o.status, o.reason,
+                                passed + sum(rejected.values()), passed, rejected))
+    return out
 
 
 def _ingest_one(
@@ -235,7 +283,7 @@ def _ingest_one(
                 f"{name}: the file gives no resolution; pass --mpp (microns per pixel) "
                 "or an mpp column in the manifest", run_id,
             )
-        key = tiling_key(config, thresholds, slide.mpp)
+        key = tiling_key(config, slide.mpp)
         with store_mod.using(db) as st:
             known = store_mod.find_slide(st, cohort, path)
             if (
@@ -358,4 +406,10 @@ def format_ingest_summary(summary: IngestSummary) -> str:
     if failed:
         lines.append(f"failed slides ({len(failed)}):")
         lines.extend(f"  {s.reason}" for s in failed)
+    decision = summary.qc_decision
+    if decision is not None:
+        state = "new" if decision.get("new") else "unchanged"
+        values = ", ".join(f"{k}={v:g}" for k, v in decision["thresholds"].items())
+        lines.append(f"quality control: decision {decision['decision_id']} ({state}): {values}")
+    lines.extend(f"warning: {w}" for w in summary.warnings)
     return "\n".join(lines)

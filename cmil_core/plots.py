@@ -55,7 +55,7 @@ def roc_figure(
             ci = f" ({c['ci_low']:.2f}-{c['ci_high']:.2f})"
         fig.add_trace(go.Scatter(
             x=c["fpr"], y=c["tpr"], mode="lines", line_shape="linear",
-            name=f"{c['cohort']}: AUC {c['auc']:.2f}{ci}",
+            name=f"{c.get('label', c['cohort'])}: AUC {c['auc']:.2f}{ci}",
             line=dict(color=colour, width=2.5),
             hovertemplate="1 - specificity %{x:.2f}<br>sensitivity %{y:.2f}<extra></extra>",
         ))
@@ -162,7 +162,8 @@ def calibration_figure(
         bins = e["bins"]
         fig.add_trace(go.Scatter(
             x=bins["mean_predicted"], y=bins["observed"], mode="markers",
-            name=f"{e['cohort']} (Brier {e['brier']:.3f})", marker=dict(color=colour, size=9),
+            name=f"{e.get('label', e['cohort'])} (Brier {e['brier']:.3f})",
+            marker=dict(color=colour, size=9),
             error_y=dict(type="data", symmetric=False,
                          array=bins["observed_high"] - bins["observed"],
                          arrayminus=bins["observed"] - bins["observed_low"]),
@@ -186,7 +187,7 @@ def decision_figure(
         d = e["decision"]
         colour = cohort_colour(e["cohort"], cohorts, k)
         fig.add_trace(go.Scatter(x=d["threshold"], y=d["net_benefit_model"], mode="lines",
-                                 name=e["cohort"], line=dict(color=colour)))
+                                 name=e.get("label", e["cohort"]), line=dict(color=colour)))
         fig.add_trace(go.Scatter(x=d["threshold"], y=d["net_benefit_all"], mode="lines",
                                  name=f"{e['cohort']}: treat all",
                                  line=dict(color=colour, dash="dash", width=1)))

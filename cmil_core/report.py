@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cmil_core import access, evaluation, figures
+from cmil_core import access, evaluation, figures, qc
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
@@ -126,30 +126,34 @@ def _slug(name: str, taken: set[str]) -> str:
 
 def _gather(
     st: store_mod.Store, model: store_mod.ModelRow, endpoint: str, cutoff: str | float,
-    step: Callable[[str], None],
+    step: Callable[[str], None], in_sample: bool = False,
 ) -> dict[str, Any]:
+    # Honest numbers: every training row reads the out-of-fold scores (evaluation.scores_frame)
+    # unless the in-sample ones are asked for, and each row says which.
     model_id = model.model_id
     cohorts = [c.cohort for c in store_mod.list_cohorts(st)]
     step("cohorts and discrimination")
     overview = store_mod.cohort_overview(st)
-    discrimination = evaluation.discrimination(st, model_id)
-    curves = evaluation.roc_curves(st, model_id)
-    scores = store_mod.patient_scores_frame(st, model_id)
+    flow = evaluation.patient_flow(st, model_id)
+    discrimination = evaluation.discrimination(st, model_id, in_sample=in_sample)
+    curves = evaluation.roc_curves(st, model_id, in_sample=in_sample)
+    scores = evaluation.scores_frame(st, model_id, in_sample=in_sample)
     step("ROC confidence bands")
     labelled = scores.dropna(subset=["bm_metastasis"])
     for curve in curves:
         part = labelled[labelled["cohort"] == curve["cohort"]]
         curve["band"] = roc_ci_band(part["bm_metastasis"].to_numpy(dtype=int),
                                     part["score"].to_numpy(dtype=float))
-    metrics = evaluation.metrics_table(st, model_id)
+    metrics = evaluation.metrics_table(st, model_id, in_sample=in_sample)
     step("calibration")
-    calibration = evaluation.calibration(st, model_id)
+    calibration = evaluation.calibration(st, model_id, in_sample=in_sample)
     step("survival")
-    chosen = evaluation.survival_cutoff(st, model_id, cutoff, endpoint)
-    survival = evaluation.risk_survival(st, model_id, endpoint, cutoff)
+    chosen = evaluation.survival_cutoff(st, model_id, cutoff, endpoint, in_sample=in_sample)
+    survival = evaluation.risk_survival(st, model_id, endpoint, cutoff, in_sample=in_sample)
     step("Cox model")
     try:
-        cox: dict[str, Any] = evaluation.clinical_cox(st, model_id, endpoint, cutoff)
+        cox: dict[str, Any] = evaluation.clinical_cox(st, model_id, endpoint, cutoff,
+                                                      in_sample=in_sample)
     except InputError as exc:
         cox = {"note": str(exc)}
     scores = scores.copy()
@@ -160,7 +164,23 @@ def _gather(
         "cohort_order": cohorts, "overview": overview, "discrimination": discrimination,
         "curves": curves, "metrics": metrics, "calibration": calibration, "cutoff": chosen,
         "survival": survival, "cox": cox, "scores": scores,
+        "quality": _quality(st, model_id), "flow": flow, "in_sample": in_sample,
+        "probability_note": evaluation.probability_note(st, model_id),
     }
+
+
+def _quality(st: store_mod.Store, model_id: str) -> dict[str, Any]:
+    """Each cohort's QC decision, the bias warnings, and this model's stale or mismatch notes."""
+    decisions = [
+        {"cohort": c, "decision_id": d["decision_id"], "decided_at": str(d["decided_at"]),
+         "who": d["who"], "source": d["source"], "thresholds": d["thresholds"],
+         "kept": d["kept"], "rejected": d["rejected"]}
+        for c, d in store_mod.current_qc_decisions(st).items()]
+    counts = store_mod.qc_patient_counts(st)
+    return {"decisions": decisions,
+            "warnings": [w.message for w in qc.warnings_from_counts(counts)],
+            "model_notes": qc.model_notes(qc.stale_marks(st), model_id),
+            "patient_counts": counts}  # for pseudonymised warnings; not written
 
 
 def _tables(data: dict[str, Any]) -> dict[str, pd.DataFrame]:
@@ -217,6 +237,7 @@ def _tables(data: dict[str, Any]) -> dict[str, pd.DataFrame]:
                                          columns=["name", "coef", "se", "hr", "hr_ci_low",
                                                   "hr_ci_high", "p"]),
         "patient_scores": data["scores"],
+        "patient_flow": data["flow"],
     }
 
 
@@ -243,10 +264,11 @@ def _figures(
         if "note" in e:
             continue
         step(f"figure: Kaplan-Meier {e['cohort']}")
+        name = e.get("label", e["cohort"])
         out.append((f"km_{_slug(str(e['cohort']), taken)}",
-                    f"{e['cohort']}: {label} by cMIL risk group (Kaplan-Meier, log-log 95% CI).",
+                    f"{name}: {label} by cMIL risk group (Kaplan-Meier, log-log 95% CI).",
                     figures.km(e["curves"], e["result"],
-                               title=f"{e['cohort']}: {label} by cMIL risk group")))
+                               title=f"{name}: {label} by cMIL risk group")))
     if "coefficients" in data["cox"]:
         step("figure: Cox model")
         cox = data["cox"]
@@ -345,6 +367,15 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
         f"{_e(meta['endpoint']['name'])}; risk groups: score &ge; {_n(cut['value'])} is high "
         f"({_e(cut['description'])}).</p>"
     )
+    if data["in_sample"]:
+        parts.append("<p class=\"note\"><strong>In-sample training rows</strong>: the training "
+                     "cohort is scored by the final model that was fitted on it (optimistic), as "
+                     "asked; without <code>--in-sample</code> its rows use out-of-fold scores.</p>")
+    else:
+        parts.append("<p class=\"note\">Training rows marked <em>out-of-fold</em>: each "
+                     "training patient is scored by the cross-validation model that did not see "
+                     "them, the honest in-centre estimate; the final model's scores of every "
+                     "cohort are mapped onto that scale, on which the cutoff was chosen.</p>")
     parts.append(f"<p class=\"note\">Reproduce: <code>{_e(meta['command'])}</code></p>")
     if meta.get("pseudonymised"):
         parts.append(f"<p class=\"note\">Patient ids are pseudonymised: "
@@ -359,13 +390,41 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
           r.os_known, r.os_events, r.slides, f"{r.patches_passed} of {r.patches}"]
          for r in ov.itertuples()]))
 
+    parts.append("<h3>Patient flow (STARD)</h3>")
+    parts.append(_table(
+        ["Cohort", "Imported", "With slides", "With QC-passed patches", "Scored",
+         "With a label (analysed)"],
+        [[r.cohort, r.imported, r.with_slides, r.with_passed_patches,
+          "—" if pd.isna(r.scored) else int(r.scored),
+          "—" if pd.isna(r.labelled) else int(r.labelled)]
+         for r in data["flow"].itertuples()]))
+    parts.append("<p class=\"note\">Each step counts the patients of the one before it that "
+                 "also have it; for the training cohort, scored means an out-of-fold score "
+                 "(cross-validation uses labelled patients only).</p>")
+
+    quality = data["quality"]
+    parts.append("<h2>Quality control</h2>")
+    parts.append(_table(
+        ["Cohort", "QC decision", "Decided", "Thresholds"],
+        [[d["cohort"], d["decision_id"], d["decided_at"],
+          ", ".join(f"{k} {v:g}" for k, v in d["thresholds"].items())]
+         for d in quality["decisions"]]))
+    notes = quality["warnings"] + quality["model_notes"]
+    for note in notes:
+        parts.append(f"<p class=\"note\"><strong>Warning</strong>: {_e(note)}</p>")
+    if not notes:
+        parts.append("<p class=\"note\">No quality-control warning: no cohort loses more than "
+                     "30% of its patches, no patient loses all of them, and the share kept does "
+                     "not differ by more than 10 points between label classes; this model's "
+                     "scores are on every cohort's current QC decision.</p>")
+
     parts.append("<h2>Discrimination</h2>")
     parts.append(_figure_html(figs, "roc"))
     legend = "".join(f"<li>{_e(figures.auc_label(c))}</li>" for c in data["curves"])
     parts.append(f"<ul class=\"note\">{legend}</ul>")
     parts.append(_table(
         ["Cohort", "Patients", "Positives", "AUC (95% CI, DeLong)", "Sensitivity", "Specificity"],
-        [[_e(r["cohort"]), _e(r["n"]), _e(r["n_positive"]),
+        [[_e(r.get("label", r["cohort"])), _e(r["n"]), _e(r["n_positive"]),
           (_ci(r["auc"], [r.get("ci_low"), r.get("ci_high")]) if "auc" in r
            else "one class only"),
           _n(r.get("sensitivity")), _n(r.get("specificity"))] for r in data["discrimination"]],
@@ -373,7 +432,7 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
     parts.append("<h3>At the training cutoff</h3>")
     parts.append(_table(
         ["Cohort", "Patients", "TP / FN / TN / FP", "Sensitivity", "Specificity", "PPV", "NPV"],
-        [[_e(r["cohort"]), _e(r["n"]), f"{r['tp']} / {r['fn']} / {r['tn']} / {r['fp']}",
+        [[_e(r["label"]), _e(r["n"]), f"{r['tp']} / {r['fn']} / {r['tn']} / {r['fp']}",
           *(_ci(r.get(k), r.get(f"{k}_ci")) for k in ("sensitivity", "specificity", "ppv", "npv"))]
          for r in data["metrics"].to_dict(orient="records")], raw=True))
     parts.append("<p class=\"note\">Wilson 95% confidence intervals.</p>")
@@ -381,8 +440,9 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
     parts.append("<h2>Calibration and clinical usefulness</h2>")
     parts.append(_figure_html(figs, "calibration"))
     parts.append(_table(["Cohort", "Patients", "Brier score"],
-                        [[_e(e["cohort"]), _e(e["n"]), _n(e["brier"])]
+                        [[_e(e["label"]), _e(e["n"]), _n(e["brier"])]
                          for e in data["calibration"]], raw=True))
+    parts.append(f"<p class=\"note\">{_e(data['probability_note'])}</p>")
     parts.append(_figure_html(figs, "decision"))
 
     parts.append(f"<h2>Survival by cMIL risk group ({_e(meta['endpoint']['name'])})</h2>")
@@ -483,9 +543,10 @@ def _check_target(out: Path) -> None:
 
 
 def _command(db_path: Path, model_id: str, out: Path, endpoint: str, cutoff: str | float,
-             pseudonymised: bool = False) -> str:
+             pseudonymised: bool = False, in_sample: bool = False) -> str:
     return (f"python -m cmil_core report --db {db_path} --model {model_id} --out {out} "
             f"--endpoint {endpoint} --cutoff {cutoff}"
+            + (" --in-sample" if in_sample else "")
             + (" --pseudonymise" if pseudonymised else ""))
 
 
@@ -498,6 +559,7 @@ def write_report(
     cutoff: str | float = "model",
     progress: ProgressCallback | None = None,
     pseudonymise: bool | access.Pseudonymiser = False,
+    in_sample: bool = False,
 ) -> Path:
     """Write the report of ``model_id`` into ``out_dir``; returns the path of its ``report.html``.
 
@@ -510,6 +572,9 @@ def write_report(
     every patient id by its pseudonym (True: the salt of
     :func:`cmil_core.access.make_pseudonymiser`, i.e. ``$CMIL_PSEUDONYM_SALT``
     or a random one; or a :class:`~cmil_core.access.Pseudonymiser`).
+    The training cohort's rows use its out-of-fold scores, labelled so;
+    ``in_sample`` puts the final model's in-sample scores there instead
+    (optimistic; labelled "in-sample").
     """
     db = Path(db_path)
     masker: access.Pseudonymiser | None = (
@@ -543,9 +608,13 @@ def write_report(
             report(done, total, message)
             done += 1
 
-        data = _gather(st, model, endpoint, cutoff, step)
+        data = _gather(st, model, endpoint, cutoff, step, in_sample)
+    counts = data["quality"].pop("patient_counts")
     if masker is not None:
         data["scores"] = masker.frame(data["scores"])
+        # The warnings name patients who lose every patch: by their pseudonyms.
+        data["quality"]["warnings"] = [w.message for w in qc.warnings_from_counts(
+            masker.frame(counts))]
     figs = _figures(data, endpoint, step)
     total = done + len(figs) + 1
     tables = _tables(data)
@@ -556,7 +625,8 @@ def write_report(
         "format_version": FORMAT_VERSION,
         "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "store": str(db),
-        "command": _command(db, model_id, out, endpoint, cutoff, masker is not None),
+        "command": _command(db, model_id, out, endpoint, cutoff, masker is not None, in_sample),
+        "training_scores": evaluation.IN_SAMPLE if in_sample else evaluation.OUT_OF_FOLD,
         "pseudonymised": (None if masker is None
                           else {"method": "HMAC-SHA256", "salt": masker.source,
                                 "note": masker.describe()}),
@@ -597,7 +667,7 @@ def write_report(
 def _json_sections(data: dict[str, Any]) -> dict[str, Any]:
     survival = []
     for e in data["survival"]:
-        entry = {"cohort": e["cohort"], "n": e["n"]}
+        entry = {"cohort": e["cohort"], "scores": e.get("scores"), "n": e["n"]}
         if "note" in e:
             entry["note"] = e["note"]
         else:
@@ -608,14 +678,19 @@ def _json_sections(data: dict[str, Any]) -> dict[str, Any]:
         "cutoff": data["cutoff"],
         "cohorts": data["overview"],
         "discrimination": data["discrimination"],
-        "roc": [{"cohort": c["cohort"], "auc": c["auc"], "ci_low": c["ci_low"],
+        "roc": [{"cohort": c["cohort"], "scores": c["scores"], "auc": c["auc"],
+                 "ci_low": c["ci_low"],
                  "ci_high": c["ci_high"], "legend": figures.auc_label(c), "band": c["band"]}
                 for c in data["curves"]],
         "metrics_at_cutoff": data["metrics"],
-        "calibration": [{"cohort": e["cohort"], "n": e["n"], "brier": e["brier"],
-                         "bins": e["bins"]} for e in data["calibration"]],
+        "patient_flow": data["flow"],
+        "calibration": [{"cohort": e["cohort"], "scores": e["scores"], "n": e["n"],
+                         "prevalence": e["prevalence"], "brier": e["brier"], "bins": e["bins"]}
+                        for e in data["calibration"]],
+        "probability_note": data["probability_note"],
         "survival": survival,
         "cox": data["cox"],
+        "quality_control": data["quality"],
     }
 
 

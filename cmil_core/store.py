@@ -95,6 +95,9 @@ __all__ = [
     "store_fingerprint",
     "table_counts",
     "tumor_regions_frame",
+    "lookalike_regions_frame",
+    "replace_lookalike_regions",
+    "slide_glass_colours",
     "AUDIT_ACTIONS",
     "QC_METRICS",
     "audit_frame",
@@ -338,6 +341,13 @@ def _migration_5(con: duckdb.DuckDBPyConnection) -> None:
             rejected BIGINT
         )"""
     )
+    # Which decision of the scored cohort a model's scores were made on (stale once
+    # the cohort's QC is decided again), and, when the user scored a cohort whose
+    # tiling or QC differ from the training cohort's, what differed.
+    con.execute("ALTER TABLE patient_scores ADD COLUMN qc_decision_id INTEGER")
+    con.execute("ALTER TABLE patient_scores ADD COLUMN tiling_mismatch TEXT")
+    # Metrics version 2: nuclear-stain material in square microns (the QC rule's column).
+    con.execute("ALTER TABLE patches ADD COLUMN nuclear_area_um2 DOUBLE")
 
 
 def _migration_6(con: duckdb.DuckDBPyConnection) -> None:
@@ -351,6 +361,22 @@ def _migration_6(con: duckdb.DuckDBPyConnection) -> None:
             fold INTEGER NOT NULL,
             score DOUBLE NOT NULL,
             PRIMARY KEY (model_id, cohort, patient_id)
+        )"""
+    )
+    # The final model's own output before it is mapped onto the out-of-fold scale
+    # (cmil_core.recalibration): ``score`` is on that scale, the cutoff's.
+    con.execute("ALTER TABLE patient_scores ADD COLUMN score_raw DOUBLE")
+    # The demo's benign look-alikes (lymphoid clusters, erythroid islands,
+    # monocytes, smudge cells) as ground truth too, for false positives.
+    con.execute(
+        """
+        CREATE TABLE demo_lookalike_regions (
+            slide_id INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            x INTEGER NOT NULL,
+            y INTEGER NOT NULL,
+            width INTEGER NOT NULL,
+            height INTEGER NOT NULL
         )"""
     )
 
@@ -747,9 +773,15 @@ def delete_cohort(store: Store, cohort: str) -> None:
                WHERE slide_id IN (SELECT slide_id FROM slides WHERE cohort = ?)""",
             [cohort],
         )
+        cur.execute(
+            """DELETE FROM demo_lookalike_regions
+               WHERE slide_id IN (SELECT slide_id FROM slides WHERE cohort = ?)""",
+            [cohort],
+        )
         cur.execute("DELETE FROM slides WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM ingest_runs WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM patient_scores WHERE cohort = ?", [cohort])
+        cur.execute("DELETE FROM oof_scores WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM patients WHERE cohort = ?", [cohort])
         cur.execute("DELETE FROM cohorts WHERE cohort = ?", [cohort])
 
@@ -810,12 +842,15 @@ def register_slide(
     status: str = "pending",
     error: str | None = None,
     tumor_regions: Sequence[tuple[int, int, int, int]] | None = None,
+    lookalike_regions: Sequence[tuple[str, int, int, int, int]] | None = None,
 ) -> int:
     """Add a slide, or update the one with the same cohort and path; returns its id.
 
     A slide whose file changed (another sha256) goes back to ``pending`` and
     loses its patches, so the pipeline redoes it. ``tumor_regions`` (demo
-    only) replaces the slide's ground-truth boxes in the same transaction.
+    only) replaces the slide's ground-truth boxes in the same transaction, as
+    ``lookalike_regions`` (demo only: ``(kind, x, y, width, height)``) does its
+    benign look-alike boxes.
     """
     if status not in SLIDE_STATUSES:
         raise ValueError(f"status {status!r} is not one of {', '.join(SLIDE_STATUSES)}")
@@ -838,6 +873,7 @@ def register_slide(
             if row[1] != sha256:
                 cur.execute("DELETE FROM patches WHERE slide_id = ?", [slide_id])
                 cur.execute("DELETE FROM demo_tumor_regions WHERE slide_id = ?", [slide_id])
+                cur.execute("DELETE FROM demo_lookalike_regions WHERE slide_id = ?", [slide_id])
             cur.execute(
                 """UPDATE slides SET patient_id = ?, sha256 = ?, kind = ?, width = ?, height = ?,
                        mpp = ?, status = ?, error = ?, size_bytes = ?, registered_at = ?
@@ -847,6 +883,8 @@ def register_slide(
             )
         if tumor_regions is not None:
             _write_tumor_regions(cur, slide_id, tumor_regions)
+        if lookalike_regions is not None:
+            _write_lookalike_regions(cur, slide_id, lookalike_regions)
         return slide_id
 
 
@@ -907,6 +945,51 @@ def tumor_regions_frame(store: Store, slide_id: int | None = None) -> pd.DataFra
     return store.cursor().execute(sql + " ORDER BY slide_id, y, x", params).df()
 
 
+def _write_lookalike_regions(
+    cur: duckdb.DuckDBPyConnection, slide_id: int,
+    boxes: Sequence[tuple[str, int, int, int, int]],
+) -> None:
+    cur.execute("DELETE FROM demo_lookalike_regions WHERE slide_id = ?", [slide_id])
+    if boxes:
+        cur.executemany(
+            "INSERT INTO demo_lookalike_regions VALUES (?, ?, ?, ?, ?, ?)",
+            [(slide_id, str(k), int(x), int(y), int(w), int(h)) for k, x, y, w, h in boxes],
+        )
+
+
+def replace_lookalike_regions(
+    store: Store, slide_id: int, boxes: Sequence[tuple[str, int, int, int, int]]
+) -> None:
+    """Set the demo's benign look-alike boxes ``(kind, x, y, width, height)`` of a slide."""
+    with store.transaction() as cur:
+        _write_lookalike_regions(cur, slide_id, boxes)
+
+
+def lookalike_regions_frame(store: Store, slide_id: int | None = None) -> pd.DataFrame:
+    """Ground-truth boxes of the demo's benign look-alikes: slide_id, kind, x, y, width, height."""
+    sql = "SELECT slide_id, kind, x, y, width, height FROM demo_lookalike_regions"
+    params: list[Any] = []
+    if slide_id is not None:
+        sql += " WHERE slide_id = ?"
+        params.append(slide_id)
+    return store.cursor().execute(sql + " ORDER BY slide_id, y, x", params).df()
+
+
+def slide_glass_colours(store: Store, cohort: str) -> dict[int, tuple[float, float, float]]:
+    """The glass colour (RGB) tiling estimated for each tiled slide of a cohort."""
+    rows = store.cursor().execute(
+        """SELECT slide_id, tiling->'$.foreground.glass_rgb' FROM slides
+           WHERE cohort = ? AND tiling IS NOT NULL""",
+        [cohort],
+    ).fetchall()
+    out: dict[int, tuple[float, float, float]] = {}
+    for slide_id, raw in rows:
+        values = json.loads(raw) if isinstance(raw, str) else raw
+        if values and len(values) == 3:
+            out[int(slide_id)] = (float(values[0]), float(values[1]), float(values[2]))
+    return out
+
+
 # --------------------------------------------------------------------------
 # Patches and ingest runs
 # --------------------------------------------------------------------------
@@ -918,7 +1001,7 @@ PATCH_ID_BASE = 1 << 24
 PATCH_COLUMNS = (
     "g_col", "g_row", "x", "y", "size", "qc_pass", "qc_reason", "foreground_fraction",
     "thick_fraction", "background_fraction", "mean_intensity", "dark_fraction",
-    "bright_fraction", "blur_variance", "nuclei_fraction",
+    "bright_fraction", "blur_variance", "nuclei_fraction", "nuclear_area_um2",
 )
 
 
@@ -1089,7 +1172,7 @@ def qc_counts(store: Store, cohort: str | None = None, slide_id: int | None = No
 
 #: What the audit table records (one row per finished action).
 AUDIT_ACTIONS = ("import", "delete-cohort", "ingest", "train", "score", "delete-model",
-                 "export", "restore")
+                 "export", "restore", "qc-decision")
 
 
 def record_audit(
@@ -1115,7 +1198,7 @@ def audit_frame(store: Store, limit: int = 1000) -> pd.DataFrame:
 
 QC_METRICS = (
     "background_fraction", "mean_intensity", "dark_fraction", "bright_fraction",
-    "blur_variance", "nuclei_fraction", "thick_fraction",
+    "blur_variance", "nuclei_fraction", "nuclear_area_um2", "thick_fraction",
 )
 
 
@@ -1207,6 +1290,7 @@ def delete_model(store: Store, model_id: str) -> None:
     with store.transaction() as cur:
         cur.execute("DELETE FROM patch_scores WHERE model_id = ?", [model_id])
         cur.execute("DELETE FROM patient_scores WHERE model_id = ?", [model_id])
+        cur.execute("DELETE FROM oof_scores WHERE model_id = ?", [model_id])
         cur.execute("DELETE FROM models WHERE model_id = ?", [model_id])
 
 
@@ -1231,18 +1315,31 @@ def write_scores(
     cohort: str,
     patients: pd.DataFrame,
     patches: pd.DataFrame,
+    *,
+    qc_decision_id: int | None = None,
+    tiling_mismatch: str | None = None,
 ) -> None:
     """Replace a model's scores for one cohort, in one transaction.
 
-    ``patients``: patient_id, score, risk_group. ``patches``: patch_id,
+    ``patients``: patient_id, score, risk_group (and optionally score_raw). ``patches``: patch_id,
     probability, attention, attention_raw (patches of this cohort's slides).
+    ``qc_decision_id``: the cohort's QC decision the scores were made on (the
+    scores are stale once the cohort is decided again); ``tiling_mismatch``:
+    what differed from the training cohort's tiling or QC when the user scored
+    anyway (None: nothing differed).
     """
     import numpy as np
     import pyarrow as pa
 
     p = patients.loc[:, ["patient_id", "score", "risk_group"]].copy()
+    # score_raw (optional): the final model's output before its map onto the
+    # out-of-fold scale (cmil_core.recalibration); NULL when not given.
+    p["score_raw"] = (patients["score_raw"].to_numpy(dtype=float) if "score_raw" in patients
+                      else np.full(len(p), np.nan))
     p.insert(0, "cohort", cohort)
     p.insert(0, "model_id", model_id)
+    p["qc_decision_id"] = pd.array([qc_decision_id] * len(p), dtype="Int32")
+    p["tiling_mismatch"] = pd.array([tiling_mismatch] * len(p), dtype="string")
     # Patch scores as Arrow columns (NaN becomes NULL, as from pandas), the model id
     # a parameter rather than a text column of a million copies; stored in patch-id
     # order, i.e. slide by slide, so that reading one patient's or one slide's
@@ -1284,8 +1381,12 @@ def write_scores(
 
 
 def patient_scores_frame(store: Store, model_id: str, cohort: str | None = None) -> pd.DataFrame:
-    """A model's patient scores joined with labels and survival."""
-    sql = """SELECT s.cohort, s.patient_id, s.score, s.risk_group, p.bm_metastasis,
+    """A model's patient scores joined with labels and survival.
+
+    ``score`` is on the out-of-fold scale (the cutoff's); ``score_raw`` is the
+    final model's own output (NaN for scores written before it was kept).
+    """
+    sql = """SELECT s.cohort, s.patient_id, s.score, s.risk_group, s.score_raw, p.bm_metastasis,
                     p.os_months, p.os_event, p.efs_months, p.efs_event
              FROM patient_scores s JOIN patients p USING (cohort, patient_id)
              WHERE s.model_id = ?"""
@@ -1294,6 +1395,115 @@ def patient_scores_frame(store: Store, model_id: str, cohort: str | None = None)
         sql += " AND s.cohort = ?"
         params.append(cohort)
     return store.cursor().execute(sql + " ORDER BY s.cohort, s.patient_id", params).df()
+
+
+# --- out-of-fold scores (honest numbers for the training cohort) ---
+
+__all__ += ["localisation_patches", "oof_scores_frame", "patient_flow", "write_oof_scores"]
+
+
+def write_oof_scores(store: Store, model_id: str, cohort: str, scores: pd.DataFrame) -> None:
+    """Replace a model's out-of-fold scores of its training cohort, in one transaction.
+
+    ``scores``: patient_id, fold (0-based, the fold in which the patient was
+    held out), score (from the fold model that did not see the patient).
+    """
+    frame = pd.DataFrame({
+        "model_id": model_id, "cohort": cohort,
+        "patient_id": scores["patient_id"].astype(str).to_numpy(),
+        "fold": scores["fold"].to_numpy(dtype="int64"),
+        "score": scores["score"].to_numpy(dtype=float),
+    })
+    try:
+        with store.transaction() as cur:
+            cur.execute("DELETE FROM oof_scores WHERE model_id = ? AND cohort = ?",
+                        [model_id, cohort])
+            cur.register("_o", frame)
+            cur.execute("INSERT INTO oof_scores BY NAME SELECT * FROM _o")
+    finally:
+        store.cursor().unregister("_o")
+
+
+def oof_scores_frame(store: Store, model_id: str, cohort: str | None = None) -> pd.DataFrame:
+    """A model's out-of-fold training scores joined with labels and survival.
+
+    Columns as :func:`patient_scores_frame` (``risk_group`` empty, ``score_raw``
+    NaN) plus ``fold``.
+    """
+    sql = """SELECT o.cohort, o.patient_id, o.score, CAST(NULL AS TEXT) AS risk_group,
+                    CAST(NULL AS DOUBLE) AS score_raw, p.bm_metastasis, p.os_months,
+                    p.os_event, p.efs_months, p.efs_event, o.fold
+             FROM oof_scores o JOIN patients p USING (cohort, patient_id)
+             WHERE o.model_id = ?"""
+    params: list[Any] = [model_id]
+    if cohort is not None:
+        sql += " AND o.cohort = ?"
+        params.append(cohort)
+    return store.cursor().execute(sql + " ORDER BY o.cohort, o.patient_id", params).df()
+
+
+def localisation_patches(store: Store, model_id: str) -> pd.DataFrame:
+    """Every scored patch of a model with its patient's label, for checks against ground truth.
+
+    Columns: cohort, patient_id, bm_metastasis, slide_id, patch_id, x, y, size,
+    probability, attention.
+    """
+    return store.cursor().execute(
+        """SELECT s.cohort, s.patient_id, pt.bm_metastasis, p.slide_id, p.patch_id, p.x, p.y,
+                  p.size, ps.probability, ps.attention
+           FROM patch_scores ps JOIN patches p USING (patch_id) JOIN slides s USING (slide_id)
+           JOIN patients pt ON pt.cohort = s.cohort AND pt.patient_id = s.patient_id
+           WHERE ps.model_id = ?
+           ORDER BY s.cohort, s.patient_id, p.patch_id""",
+        [model_id],
+    ).df()
+
+
+def patient_flow(store: Store, model_id: str | None = None) -> pd.DataFrame:
+    """Patients per cohort at each step of the flow (STARD), each step a subset of the one before.
+
+    Columns: cohort, role, imported (clinical table), with_slides (a slide
+    registered and not failed), with_passed_patches (a quality-passed patch on
+    a tiled slide), scored (a score of ``model_id``: for its training cohort,
+    an out-of-fold score when it has them, else the final model's), labelled
+    (scored and with a bone-marrow label: the patients of the accuracy
+    analysis). Without ``model_id``, scored and labelled are NULL.
+    """
+    return store.cursor().execute(
+        """
+        WITH sl AS (SELECT DISTINCT cohort, patient_id FROM slides WHERE status <> 'failed'),
+             pp AS (SELECT DISTINCT s.cohort, s.patient_id FROM patches p
+                    JOIN slides s USING (slide_id)
+                    WHERE p.qc_pass AND s.status IN ('tiled', 'encoded')),
+             oof AS (SELECT DISTINCT cohort, patient_id FROM oof_scores WHERE model_id = $1),
+             sc AS (SELECT cohort, patient_id FROM patient_scores WHERE model_id = $1
+                    AND cohort NOT IN (SELECT cohort FROM oof)
+                    UNION SELECT cohort, patient_id FROM oof),
+             flow AS (
+                SELECT pt.cohort,
+                       (sl.patient_id IS NOT NULL) AS has_slides,
+                       (sl.patient_id IS NOT NULL AND pp.patient_id IS NOT NULL) AS has_patches,
+                       (sl.patient_id IS NOT NULL AND pp.patient_id IS NOT NULL
+                        AND sc.patient_id IS NOT NULL) AS is_scored,
+                       pt.bm_metastasis IS NOT NULL AS has_label
+                FROM patients pt
+                LEFT JOIN sl USING (cohort, patient_id)
+                LEFT JOIN pp USING (cohort, patient_id)
+                LEFT JOIN sc USING (cohort, patient_id))
+        SELECT c.cohort, c.role,
+               count(f.cohort) AS imported,
+               count(*) FILTER (WHERE f.has_slides) AS with_slides,
+               count(*) FILTER (WHERE f.has_patches) AS with_passed_patches,
+               CASE WHEN $1 IS NULL THEN NULL
+                    ELSE count(*) FILTER (WHERE f.is_scored) END AS scored,
+               CASE WHEN $1 IS NULL THEN NULL
+                    ELSE count(*) FILTER (WHERE f.is_scored AND f.has_label) END AS labelled
+        FROM cohorts c LEFT JOIN flow f USING (cohort)
+        GROUP BY c.cohort, c.role
+        ORDER BY CASE c.role WHEN 'train' THEN 0 WHEN 'validation' THEN 1 ELSE 2 END, c.cohort
+        """,
+        [model_id],
+    ).df()
 
 
 def passed_patches(store: Store, cohort: str) -> pd.DataFrame:
@@ -1535,7 +1745,7 @@ def rejected_patches_frame(store: Store, slide_id: int, limit: int | None = None
     """
     sql = """SELECT patch_id, slide_id, x, y, size, qc_reason, background_fraction,
                     thick_fraction, mean_intensity, dark_fraction, bright_fraction,
-                    blur_variance, nuclei_fraction
+                    blur_variance, nuclei_fraction, nuclear_area_um2
              FROM patches WHERE slide_id = ? AND NOT qc_pass
              ORDER BY qc_reason, patch_id"""
     params: list[Any] = [int(slide_id)]
@@ -1576,10 +1786,17 @@ _ORPHANS: dict[str, tuple[str, str]] = {
     "patient scores of an unknown patient": (
         "patient_scores",
         "(cohort, patient_id) NOT IN (SELECT (cohort, patient_id) FROM patients)"),
+    "out-of-fold scores without a model": (
+        "oof_scores", "model_id NOT IN (SELECT model_id FROM models)"),
+    "out-of-fold scores of an unknown patient": (
+        "oof_scores",
+        "(cohort, patient_id) NOT IN (SELECT (cohort, patient_id) FROM patients)"),
     "patients of an unknown cohort": (
         "patients", "cohort NOT IN (SELECT cohort FROM cohorts)"),
     "tumour regions without a slide": (
         "demo_tumor_regions", "slide_id NOT IN (SELECT slide_id FROM slides)"),
+    "look-alike regions without a slide": (
+        "demo_lookalike_regions", "slide_id NOT IN (SELECT slide_id FROM slides)"),
 }
 ORPHAN_KINDS = tuple(_ORPHANS)
 
@@ -1671,3 +1888,291 @@ def set_model_artifact_paths(store: Store, paths: dict[str, str]) -> None:
             "UPDATE models SET artifact_path = ? WHERE model_id = ?",
             [(str(path), model_id) for model_id, path in paths.items()],
         )
+
+
+# --------------------------------------------------------------------------
+# Quality-control decisions: re-judging stored metrics in SQL
+# --------------------------------------------------------------------------
+
+__all__ += ["QC_DECISION_SOURCES", "apply_qc_decision", "cohort_tilings", "current_qc_decisions",
+            "judge_metrics", "qc_decisions_frame", "qc_metric_ranges", "qc_near_threshold",
+            "qc_patient_counts", "qc_what_if", "score_marks_frame"]
+
+#: Where a QC decision came from.
+QC_DECISION_SOURCES = ("ingest", "dashboard", "cli")
+_SQL_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+
+
+def _qc_literal(thresholds: dict[str, Any], name: str) -> str:
+    """A threshold as an exact SQL DOUBLE (parsed from Python's round-trip repr)."""
+    try:
+        value = float(thresholds[name])
+    except KeyError:
+        raise InputError(f"QC thresholds lack {name}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"QC threshold {name}={value} is not a finite number")
+    return f"CAST('{value!r}' AS DOUBLE)"
+
+
+def _qc_condition(column: str, op: str, name: str, thresholds: dict[str, Any],
+                  prefix: str) -> str:
+    """One condition of a QC rule: true when it holds; a NULL or NaN metric fails it.
+
+    (DuckDB orders NaN above every number, so ``NaN >= x`` is true: hence ``isnan``.)
+    """
+    if not _SQL_NAME.fullmatch(column) or op not in (">=", "<="):
+        raise ValueError(f"bad QC rule condition {(column, op, name)!r}")
+    col = f"{prefix}{column}"
+    return f"coalesce(NOT isnan({col}) AND {col} {op} {_qc_literal(thresholds, name)}, false)"
+
+
+def _qc_reason_sql(thresholds: dict[str, Any], prefix: str = "") -> str:
+    """A SQL expression: the first failing rule's reason of :data:`cmil_core.quality.QC_RULES`
+    (NULL when the patch passes every rule), built from the rules themselves."""
+    from cmil_core.quality import QC_RULES
+
+    whens = []
+    for rule in QC_RULES:
+        holds = " AND ".join(_qc_condition(c, op, n, thresholds, prefix)
+                             for c, op, n in rule.conditions)
+        reason = rule.reason.replace("'", "''")
+        whens.append(f"WHEN NOT ({holds}) THEN '{reason}'")
+    return "CASE " + " ".join(whens) + " ELSE NULL END"
+
+
+def _qc_columns() -> list[str]:
+    from cmil_core.quality import QC_RULES
+
+    return list(dict.fromkeys(c for rule in QC_RULES for c, _, _ in rule.conditions))
+
+
+def judge_metrics(metrics: pd.DataFrame, thresholds: dict[str, Any]) -> list[str | None]:
+    """The SQL rules applied to a frame of metrics (an in-memory database): the reason per
+    row, None where it passes. What :func:`apply_qc_decision` computes, for any values
+    (NaN included, which the store itself keeps as NULL)."""
+    frame = metrics.loc[:, _qc_columns()].astype("float64")
+    con = duckdb.connect()
+    try:
+        con.register("_metrics", frame)
+        rows = con.execute(
+            f"SELECT {_qc_reason_sql(thresholds)} AS reason FROM _metrics"
+        ).fetchall()
+    finally:
+        con.close()
+    return [r[0] for r in rows]
+
+
+def qc_what_if(store: Store, thresholds: dict[str, Any], cohort: str | None = None
+               ) -> pd.DataFrame:
+    """Patches per cohort and outcome under candidate ``thresholds``, computed in the
+    database without writing: columns cohort, qc_reason (None: kept), patches."""
+    sql = f"""SELECT s.cohort, {_qc_reason_sql(thresholds, 'p.')} AS qc_reason,
+                     count(*) AS patches
+              FROM patches p JOIN slides s USING (slide_id)"""
+    params: list[Any] = []
+    if cohort is not None:
+        sql += " WHERE s.cohort = ?"
+        params.append(cohort)
+    sql += " GROUP BY ALL ORDER BY s.cohort, qc_reason NULLS FIRST"
+    return store.cursor().execute(sql, params).df()
+
+
+def qc_patient_counts(store: Store, thresholds: dict[str, Any] | None = None,
+                      cohort: str | None = None) -> pd.DataFrame:
+    """Per patient with patches: cohort, patient_id, bm_metastasis, patches, kept.
+
+    ``kept`` under the stored decision (``thresholds`` None), or under candidate
+    ``thresholds`` (computed in SQL, nothing written).
+    """
+    kept = "p.qc_pass" if thresholds is None else f"({_qc_reason_sql(thresholds, 'p.')}) IS NULL"
+    sql = f"""SELECT s.cohort, s.patient_id, any_value(pt.bm_metastasis) AS bm_metastasis,
+                     count(*) AS patches, count(*) FILTER (WHERE {kept}) AS kept
+              FROM patches p JOIN slides s USING (slide_id)
+                   LEFT JOIN patients pt ON pt.cohort = s.cohort AND pt.patient_id = s.patient_id"""
+    params: list[Any] = []
+    if cohort is not None:
+        sql += " WHERE s.cohort = ?"
+        params.append(cohort)
+    sql += " GROUP BY s.cohort, s.patient_id ORDER BY s.cohort, s.patient_id"
+    return store.cursor().execute(sql, params).df()
+
+
+def _decision_row(row: Sequence[Any]) -> dict[str, Any]:
+    keys = ("decision_id", "cohort", "decided_at", "who", "source", "thresholds", "kept",
+            "rejected")
+    out = dict(zip(keys, row, strict=True))
+    out["thresholds"] = json.loads(out["thresholds"]) if out["thresholds"] else {}
+    return out
+
+
+def qc_decisions_frame(store: Store, cohort: str | None = None) -> pd.DataFrame:
+    """QC decisions, newest first: decision_id, cohort, decided_at, who, source,
+    thresholds (JSON text), kept, rejected."""
+    sql = "SELECT * FROM qc_decisions"
+    params: list[Any] = []
+    if cohort is not None:
+        sql += " WHERE cohort = ?"
+        params.append(cohort)
+    return store.cursor().execute(sql + " ORDER BY decision_id DESC", params).df()
+
+
+def current_qc_decisions(store: Store) -> dict[str, dict[str, Any]]:
+    """The latest QC decision of each cohort that has one, by cohort (thresholds decoded)."""
+    rows = store.cursor().execute(
+        """SELECT decision_id, cohort, decided_at, who, source, thresholds, kept, rejected
+           FROM qc_decisions
+           QUALIFY row_number() OVER (PARTITION BY cohort ORDER BY decision_id DESC) = 1
+           ORDER BY cohort"""
+    ).fetchall()
+    return {r[1]: _decision_row(r) for r in rows}
+
+
+def apply_qc_decision(
+    store: Store, cohort: str, thresholds: dict[str, Any], *, who: str, source: str,
+    only_if_changed: bool = False, audit: bool = True,
+) -> dict[str, Any]:
+    """Re-judge every patch of ``cohort`` from its stored metrics under ``thresholds``
+    (SQL from :data:`cmil_core.quality.QC_RULES`), record the decision and its audit
+    row, all in one transaction. Returns the decision (as :func:`current_qc_decisions`)
+    with ``new``: whether a decision row was added.
+
+    ``only_if_changed``: when the cohort's current decision has the same thresholds,
+    the patches are re-judged (slides tiled since are judged alike) and its counts
+    refreshed, but no new decision is recorded (nothing built on it goes stale).
+    ``audit``: add a ``qc-decision`` audit row (False for ingest, whose own audit row
+    names the decision).
+    """
+    if source not in QC_DECISION_SOURCES:
+        raise ValueError(f"source {source!r} is not one of {', '.join(QC_DECISION_SOURCES)}")
+    values = {k: float(v) for k, v in thresholds.items()}
+    reason = _qc_reason_sql(values)
+    in_cohort = "slide_id IN (SELECT slide_id FROM slides WHERE cohort = ?)"
+    with store.transaction() as cur:
+        known = cur.execute("SELECT count(*) FROM cohorts WHERE cohort = ?", [cohort]).fetchone()
+        if not known or not known[0]:
+            raise InputError(f"cohort '{cohort}' does not exist in {store.path}")
+        cur.execute(f"UPDATE patches SET qc_reason = {reason} WHERE {in_cohort}", [cohort])
+        cur.execute(f"UPDATE patches SET qc_pass = qc_reason IS NULL WHERE {in_cohort}", [cohort])
+        counts = cur.execute(
+            f"""SELECT count(*) FILTER (WHERE qc_pass), count(*) FILTER (WHERE NOT qc_pass)
+                FROM patches WHERE {in_cohort}""", [cohort]).fetchone()
+        kept, rejected = (int(counts[0]), int(counts[1])) if counts else (0, 0)
+        last = cur.execute(
+            """SELECT decision_id, cohort, decided_at, who, source, thresholds, kept, rejected
+               FROM qc_decisions WHERE cohort = ? ORDER BY decision_id DESC LIMIT 1""",
+            [cohort]).fetchone()
+        previous = _decision_row(last) if last else None
+        if only_if_changed and previous is not None and previous["thresholds"] == values:
+            cur.execute("UPDATE qc_decisions SET kept = ?, rejected = ? WHERE decision_id = ?",
+                        [kept, rejected, previous["decision_id"]])
+            return {**previous, "kept": kept, "rejected": rejected, "new": False}
+        row = cur.execute(
+            """INSERT INTO qc_decisions (cohort, decided_at, who, source, thresholds, kept,
+                                         rejected)
+               VALUES (?, ?, ?, ?, ?, ?, ?)
+               RETURNING decision_id, cohort, decided_at, who, source, thresholds, kept,
+                         rejected""",
+            [cohort, _now(), who or "unknown", source, json.dumps(values, sort_keys=True), kept,
+             rejected]).fetchone()
+        decision = _decision_row(row)  # type: ignore[arg-type]
+        if audit:
+            record_audit(store, who, "qc-decision", cohort=cohort, details={
+                "decision_id": decision["decision_id"], "source": source,
+                "thresholds": values, "kept": kept, "rejected": rejected,
+                "previous_decision_id": None if previous is None else previous["decision_id"]})
+    return {**decision, "new": True}
+
+
+def qc_metric_ranges(store: Store, cohort: str) -> pd.DataFrame:
+    """Each metric a QC rule reads, over the cohort's patches: column, low, high, p01, p99
+    (NaN and NULL left out; NULL statistics when the cohort has no value)."""
+    cur = store.cursor()
+    rows = []
+    for column in _qc_columns():
+        got = cur.execute(
+            f"""SELECT min({column}), max({column}), quantile_cont({column}, 0.01),
+                       quantile_cont({column}, 0.99)
+                FROM patches p JOIN slides s USING (slide_id)
+                WHERE s.cohort = ? AND {column} IS NOT NULL AND NOT isnan({column})""",
+            [cohort]).fetchone()
+        rows.append((column, *(got or (None,) * 4)))
+    return pd.DataFrame(rows, columns=["column", "low", "high", "p01", "p99"])
+
+
+def qc_near_threshold(store: Store, cohort: str, reason: str, thresholds: dict[str, Any],
+                      k: int = 6) -> pd.DataFrame:
+    """Sample patches of one rejection reason near its thresholds, under ``thresholds``.
+
+    Up to ``k`` patches rejected for ``reason`` and ``k`` kept patches, each the
+    nearest to the rule's thresholds: distance is ``|metric - threshold|`` over the
+    metric's standard deviation in the cohort, the smallest over the rule's
+    conditions (for a rejected patch, over the conditions it fails). Columns:
+    side (``rejected`` or ``kept``), distance, patch_id, slide_id, path, sha256,
+    mpp, x, y, size, and the rule's metrics; nearest first.
+    """
+    from cmil_core.quality import QC_RULES
+
+    rule = next((r for r in QC_RULES if r.reason == reason), None)
+    if rule is None:
+        raise InputError(f"unknown QC reason {reason!r}; one of "
+                         f"{', '.join(r.reason for r in QC_RULES)}")
+    if not 1 <= int(k) <= 100:
+        raise InputError(f"k={k} must be between 1 and 100")
+    columns = list(dict.fromkeys(c for c, _, _ in rule.conditions))
+    spreads = ", ".join(f"stddev_pop(CASE WHEN isnan({c}) THEN NULL ELSE {c} END) AS sd_{i}"
+                        for i, c in enumerate(columns))
+    parts = []
+    for column, op, name in rule.conditions:
+        i = columns.index(column)
+        gap = (f"abs({column} - {_qc_literal(thresholds, name)}) / "
+               f"coalesce(nullif(sd_{i}, 0), 1)")
+        holds = _qc_condition(column, op, name, thresholds, "")
+        parts.append(f"CASE WHEN reason IS NULL OR NOT ({holds}) THEN {gap} END")
+    distance = parts[0] if len(parts) == 1 else f"least({', '.join(parts)})"
+    metric_list = ", ".join(columns)
+    frame = store.cursor().execute(
+        f"""WITH c AS (
+                SELECT p.patch_id, p.slide_id, s.path, s.sha256, s.mpp, p.x, p.y, p.size,
+                       {', '.join(f'p.{c}' for c in _qc_columns())},
+                       {_qc_reason_sql(thresholds, 'p.')} AS reason
+                FROM patches p JOIN slides s USING (slide_id) WHERE s.cohort = ?),
+            sd AS (SELECT {spreads} FROM c),
+            d AS (
+                SELECT CASE WHEN reason IS NULL THEN 'kept' ELSE 'rejected' END AS side,
+                       {distance} AS distance, patch_id, slide_id, path, sha256, mpp, x, y,
+                       size, {metric_list}
+                FROM c, sd WHERE reason IS NULL OR reason = ?)
+            SELECT * FROM d
+            QUALIFY row_number() OVER (PARTITION BY side
+                                       ORDER BY distance ASC NULLS LAST, patch_id) <= ?
+            ORDER BY side DESC, distance ASC NULLS LAST, patch_id""",
+        [cohort, reason, int(k)]).df()
+    return frame
+
+
+def cohort_tilings(store: Store, cohort: str) -> list[dict[str, Any]]:
+    """The distinct tiling records (``slides.tiling``) of a cohort's tiled slides."""
+    rows = store.cursor().execute(
+        """SELECT DISTINCT tiling FROM slides
+           WHERE cohort = ? AND status IN ('tiled', 'encoded') AND tiling IS NOT NULL""",
+        [cohort]).fetchall()
+    out = []
+    for (raw,) in rows:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            out.append(value)
+    return out
+
+
+def score_marks_frame(store: Store) -> pd.DataFrame:
+    """Per model and scored cohort: model_id, cohort, patients, qc_decision_id (the
+    cohort's decision the scores were made on), tiling_mismatch (None: none)."""
+    return store.cursor().execute(
+        """SELECT model_id, cohort, count(*) AS patients,
+                  max(qc_decision_id) AS qc_decision_id,
+                  max(tiling_mismatch) AS tiling_mismatch
+           FROM patient_scores GROUP BY model_id, cohort ORDER BY model_id, cohort"""
+    ).df()

@@ -346,17 +346,29 @@ def pairwise_logrank(
 # ----------------------------------------------------------------------------
 
 
+_S = "__stratum__"
+
+
 def _fit_cox(
-    design: pd.DataFrame, times: FloatArray, events: npt.NDArray[np.int64]
+    design: pd.DataFrame, times: FloatArray, events: npt.NDArray[np.int64],
+    strata: npt.NDArray[np.object_] | None = None,
 ) -> tuple[CoxPHFitter | None, list[str]]:
-    """Fit a Cox model (Efron ties); convergence trouble becomes notes, not exceptions."""
+    """Fit a Cox model (Efron ties); convergence trouble becomes notes, not exceptions.
+
+    ``strata``: one stratum label per row (a baseline hazard of its own for
+    each, as R's ``strata()``), or None.
+    """
     frame = design.assign(**{_T: times, _E: events})
+    extra: dict[str, Any] = {}
+    if strata is not None:
+        frame[_S] = strata
+        extra["strata"] = [_S]
     notes: list[str] = []
     with _warnings.catch_warnings(record=True) as caught:
         _warnings.simplefilter("always", ConvergenceWarning)
         _warnings.simplefilter("always", StatisticalWarning)
         try:
-            fitter = CoxPHFitter().fit(frame, duration_col=_T, event_col=_E)
+            fitter = CoxPHFitter().fit(frame, duration_col=_T, event_col=_E, **extra)
         except ConvergenceError as exc:
             fitter = None
             notes.append(f"Cox model did not converge: {_first_line(str(exc))}")
@@ -416,14 +428,20 @@ def _coefficient_rows(fitter: CoxPHFitter) -> list[dict[str, Any]]:
 
 
 def cox_analysis(
-    frame: pd.DataFrame, time: str, event: str, covariates: list[str]
+    frame: pd.DataFrame, time: str, event: str, covariates: list[str],
+    strata: str | None = None,
 ) -> dict[str, Any]:
     """Cox proportional-hazards model, univariable or multivariable, JSON-ready.
 
     Like R ``coxph(Surv(time, event) ~ a + b, ties = "efron")``. Text
     covariates are one-hot encoded against their first sorted level, stated in
-    ``references``. Keys: n, events, concordance (Harrell's C), coefficients
-    [{name, coef, se, hr, ci, p}], references, n_dropped, warnings.
+    ``references``. ``strata``: a column whose every value gets a baseline
+    hazard of its own, the coefficients being shared, as R's ``coxph(... +
+    strata(center))``; rows missing it are dropped like other incomplete
+    rows; concordance is then counted within strata (as R). Keys: n, events,
+    concordance (Harrell's C), coefficients [{name, coef, se, hr, ci, p}],
+    references, n_dropped, warnings, and ``strata`` ({"column", "levels":
+    [{"level", "n", "events"}]}) when stratified.
 
     >>> from lifelines.datasets import load_rossi
     >>> r = cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio"])
@@ -434,15 +452,26 @@ def cox_analysis(
         covariates = [covariates]
     if not covariates:
         raise InputError("no covariates given")
-    data, dropped = check_survival_data(frame, time, event, covariates)
+    if strata is not None and strata in covariates:
+        raise InputError(f"column {strata!r} cannot be both a covariate and the strata")
+    data, dropped = check_survival_data(frame, time, event, [*covariates, strata])
     if data[_E].sum() == 0:
         raise InputError(f"column {event!r} has no events; a Cox model needs at least one")
     design, references = _design(data, covariates)
-    fitter, notes = _fit_cox(design, data[_T].to_numpy(), data[_E].to_numpy())
+    layers = None
+    described: dict[str, Any] = {}
+    if strata is not None:
+        layers = np.array([_as_text(v) for v in data[strata].tolist()], dtype=object)
+        levels = sorted(set(layers.tolist()))
+        described = {"strata": {"column": strata, "levels": [
+            {"level": level, "n": int((layers == level).sum()),
+             "events": int(data[_E].to_numpy()[layers == level].sum())} for level in levels]}}
+    fitter, notes = _fit_cox(design, data[_T].to_numpy(), data[_E].to_numpy(), layers)
     if fitter is None:
         raise InputError(notes[0])
     warnings = ([f"{dropped} rows with missing values dropped"] if dropped else []) + notes
     return {
+        **described,
         "n": int(len(data)),
         "events": int(data[_E].sum()),
         "concordance": _json_float(fitter.concordance_index_),

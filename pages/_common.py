@@ -7,6 +7,7 @@ sees new results as soon as the store changes.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -144,14 +145,34 @@ def selected_model() -> str | None:
 
 
 def require_model() -> str:
-    """The chosen model's id; without one, say how to get one and stop the page."""
+    """The chosen model's id; without one, say how to get one and stop the page.
+
+    A model or scores built on an older QC decision, or scores made despite a
+    tiling mismatch, are said at the top of the page (:func:`model_marks`).
+    """
     model_id = selected_model()
     if model_id is None:
         st.info("No model yet: train one on the Models page "
                 "(or `python -m cmil_core train --db STORE --cohort TRAINING`), then score "
                 "the cohorts with it.")
         st.stop()
+    model_marks(model_id)
     return model_id
+
+
+def stale_marks() -> dict[str, pd.DataFrame]:
+    """Models and scores on an older QC decision, and scores despite a tiling mismatch."""
+    from cmil_core import qc
+
+    return query("qc_stale", qc.stale_marks)
+
+
+def model_marks(model_id: str) -> None:
+    """Warn, visibly, when this model or its scores are stale or carry a tiling mismatch."""
+    from cmil_core import qc
+
+    for note in qc.model_notes(stale_marks(), model_id):
+        st.warning(md(note), icon=":material/history:")
 
 
 def sidebar() -> str | None:
@@ -175,11 +196,22 @@ def sidebar() -> str | None:
         index, notice = model_from_link(st.query_params.get("model"), ids)
         if notice:
             st.warning(md(notice))
+        try:
+            marks = stale_marks()["models"]
+            stale = set(marks.loc[marks["stale"], "model_id"])
+        except StoreUnavailable:
+            stale = set()
         labels = {
             row.model_id: f"{row.model_id} · {row.aggregator} · {row.train_cohorts}"
+            + (" · stale" if row.model_id in stale else "")
             for row in models.itertuples()
         }
-        choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key="model_picker")
+        # The browser keeps a keyed widget's shown label while its value stands: a new key
+        # when the stale marks change, so that " · stale" appears (and goes) at once.
+        marked = ",".join(sorted(stale))
+        key = "model_picker" + (f"_{hashlib.sha1(marked.encode()).hexdigest()[:8]}"
+                                if marked else "")
+        choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key=key)
         st.query_params["model"] = choice
         return str(choice)
 
@@ -231,6 +263,20 @@ def cutoff_picker(key: str) -> tuple[str, str | float]:
             "Cutoff (score)", min_value=0.0, max_value=1.0, value=0.5, step=0.01,
             key=f"{key}_cutoff_number"))
     return endpoint, method
+
+
+def in_sample_toggle(key: str) -> bool:
+    """The switch that puts the final model's in-sample scores in the training row (default off).
+
+    Off, the training cohort's row, curves and cutoff choices use its
+    out-of-fold scores (:func:`cmil_core.evaluation.scores_frame`).
+    """
+    return bool(st.toggle(
+        "Training cohort: in-sample scores (optimistic) instead of out-of-fold", value=False,
+        key=f"{key}_in_sample",
+        help="Out-of-fold: each training patient scored by the cross-validation model that did "
+             "not see them, the honest estimate. In-sample: the final model, which was fitted on "
+             "these patients."))
 
 
 def md(value: object) -> str:
@@ -299,7 +345,7 @@ _NO_SECRETS = "no-secrets-found"
 _VERBS = {
     "import": "import cohorts", "delete-cohort": "delete cohorts", "ingest": "ingest slides",
     "train": "train models", "score": "score cohorts", "delete-model": "delete models",
-    "demo": "build the demo study",
+    "demo": "build the demo study", "qc-decision": "decide quality control",
 }
 
 

@@ -18,6 +18,8 @@ from cmil_core import store as store_mod
 from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
 from cmil_core.errors import InputError
 from cmil_core.jobs import Job
+from cmil_core.qc import THRESHOLD_FIELDS, flag_name
+from cmil_core.quality import QCThresholds
 from pages import _common
 from pages._common import flash, md, show_flash
 
@@ -149,6 +151,27 @@ else:
         max_value=100.0, value=None, step=0.05, format="%.3f", key="ingest_mpp",
         placeholder="as the files say",
     )
+    decided = _common.query("qc_decisions", store_mod.current_qc_decisions).get(target)
+    start = (QCThresholds.from_dict({k: v for k, v in decided["thresholds"].items()
+                                     if k in THRESHOLD_FIELDS}) if decided else QCThresholds())
+    qc_values: dict[str, float] = {}
+    with st.expander("Quality-control thresholds"):
+        st.caption(
+            ("The cohort's current decision" if decided else "The defaults")
+            + ": ingest judges every patch of the cohort with these (change them later on the "
+            "Quality control page without ingesting again). Same as `--qc FILE` or one flag "
+            "per threshold on the command line.")
+        qc_cols = st.columns(2)
+        for i, name in enumerate(THRESHOLD_FIELDS):
+            qc_values[name] = float(qc_cols[i % 2].number_input(
+                name.replace("_", " "), value=float(getattr(start, name)), format="%g",
+                key=f"ingest_qc_{target}_{name}",
+                help=f"default {getattr(QCThresholds(), name):g}; `{flag_name(name)}`"))
+    try:
+        ingest_thresholds: QCThresholds | None = QCThresholds(**qc_values)
+    except InputError as exc:
+        ingest_thresholds = None
+        st.error(f"Quality-control thresholds: {md(exc)}")
     job_name = ingest_job_name(target)
     current = runner.get(job_name)
     busy = current is not None and current.running
@@ -187,7 +210,8 @@ else:
         if zipped is not None:
             folder = discovery.upload_folder(db, target)
             st.caption(f"Saved and extracted under {md(folder)} on the server when you run ingest.")
-    if st.button("Run ingest", type="primary", disabled=busy or not editing,
+    if st.button("Run ingest", type="primary",
+                 disabled=busy or not editing or ingest_thresholds is None,
                  key="ingest_run") and _common.require_editor("ingest", cohort=target):
         if source_kind == "zip":
             if zipped is None:
@@ -204,7 +228,9 @@ else:
                 pipeline.ingest, "ingest",
                 lambda summary: [(summary.cohort, None, access.ingest_details(summary))])
             runner.start(job_name, ingest_audited, str(db), target, str(path), mpp=mpp,
-                         extract_dir=None if extract_dir is None else str(extract_dir))
+                         extract_dir=None if extract_dir is None else str(extract_dir),
+                         thresholds=ingest_thresholds,
+                         who=_common.current_user().who or "anonymous")
             st.session_state.setdefault(SEEN, {})[job_name] = "running"
     if busy:
         st.caption(f"Ingest of {md(target)} is running; its progress is below.")
@@ -221,6 +247,8 @@ def ingest_summary(job: Job) -> None:
         f"{sum(o.patches for o in slides)} patches, {passed} passed quality control."
     )
     (st.warning if counts["failed"] else st.success)(text)
+    for warning in summary.warnings:
+        st.warning(md(warning), icon=":material/warning:")
     failed = [o for o in slides if o.status == "failed"]
     if failed:
         st.dataframe(

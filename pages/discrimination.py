@@ -13,6 +13,7 @@ from cmil_core.evaluation import (
     cohort_comparisons,
     metrics_table,
     model_comparisons,
+    probability_note,
     roc_curves,
 )
 from cmil_core.plots import calibration_figure, decision_figure, roc_figure
@@ -21,9 +22,12 @@ from pages import _common
 st.title("Discrimination")
 model_id = _common.require_model()
 
+in_sample = _common.in_sample_toggle("discrimination")
 model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
-curves = _common.query(f"roc-band:{model_id}", lambda s: roc_curves(s, model_id, band=True))
-table = _common.query(f"metrics:{model_id}", lambda s: metrics_table(s, model_id))
+curves = _common.query(f"roc-band:{model_id}:{in_sample}",
+                       lambda s: roc_curves(s, model_id, band=True, in_sample=in_sample))
+table = _common.query(f"metrics:{model_id}:{in_sample}",
+                      lambda s: metrics_table(s, model_id, in_sample=in_sample))
 cohorts = _common.query("cohorts", store_mod.list_cohorts)
 order = [c.cohort for c in cohorts]
 if not curves:
@@ -37,6 +41,13 @@ st.caption(
     f"resamples, as pROC's ci.se). The operating cutoff ({model.cutoff:.3f}) was fixed on the "
     "training cohort and is applied unchanged to every cohort."
 )
+if in_sample:
+    st.warning("Training row: the final model's in-sample scores, on the patients it was fitted "
+               "on (optimistic). Switch off for the out-of-fold scores.")
+else:
+    st.caption("Training row: out-of-fold scores (each training patient scored by the "
+               "cross-validation model that did not see them). Every cohort's final-model "
+               "scores are mapped onto that scale, on which the cutoff was chosen.")
 st.plotly_chart(roc_figure(curves, cohorts=order), width="stretch")
 _common.downloads(f"{model_id}_roc", lambda: figures.roc(curves, cohorts=order),
                   pd.DataFrame([{k: c.get(k) for k in ("cohort", "n", "n_positive", "auc",
@@ -53,7 +64,7 @@ def rate(value: object, interval: object) -> str:
 
 shown = pd.DataFrame(
     {
-        "Cohort": r.cohort,
+        "Cohort": r.label,
         "Patients": r.n,
         "TP / FN / TN / FP": f"{r.tp} / {r.fn} / {r.tn} / {r.fp}",
         "Sensitivity": rate(r.sensitivity, r.sensitivity_ci),
@@ -89,7 +100,8 @@ def comparison_table(frame: pd.DataFrame, first: str) -> pd.DataFrame:
 
 
 st.subheader("Comparing AUCs")
-between = _common.query(f"cohort-tests:{model_id}", lambda s: cohort_comparisons(s, model_id))
+between = _common.query(f"cohort-tests:{model_id}:{in_sample}",
+                        lambda s: cohort_comparisons(s, model_id, in_sample=in_sample))
 st.markdown("**Between cohorts** (different patients: unpaired DeLong test)")
 if between.empty:
     st.caption("Needs two cohorts with both classes.")
@@ -104,8 +116,8 @@ if not others:
     st.caption("Train a second model (Models page) to compare it with this one on the same patients.")
 else:
     other = st.selectbox("Compare with", others, key="compare_model")
-    paired = _common.query(f"model-tests:{model_id}:{other}",
-                           lambda s: model_comparisons(s, model_id, other))
+    paired = _common.query(f"model-tests:{model_id}:{other}:{in_sample}",
+                           lambda s: model_comparisons(s, model_id, other, in_sample=in_sample))
     if paired.empty:
         st.caption(f"{model_id} and {other} share no scored cohort with both classes.")
     else:
@@ -114,7 +126,9 @@ else:
         _common.downloads(f"{model_id}_vs_{other}_auc", table=paired)
 
 st.subheader("Calibration and clinical usefulness")
-entries = _common.query(f"calibration:{model_id}", lambda s: calibration(s, model_id))
+entries = _common.query(f"calibration:{model_id}:{in_sample}",
+                        lambda s: calibration(s, model_id, in_sample=in_sample))
+note = _common.query(f"probability-note:{model_id}", lambda s: probability_note(s, model_id))
 left, right = st.columns(2)
 with left:
     st.plotly_chart(calibration_figure(entries, cohorts=order), width="stretch")
@@ -128,5 +142,5 @@ st.caption(
     "Calibration: patients in five equal-sized bins of the score, observed share with marrow "
     "metastasis (Wilson 95% CI) against the mean score, and a kernel-smoothed curve. Decision "
     "curve: net benefit of acting on the score at each threshold probability (Vickers & Elkin "
-    "2006), against acting for everyone (dashed) or no one."
+    "2006), against acting for everyone (dashed) or no one. " + note
 )

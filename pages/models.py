@@ -42,12 +42,25 @@ SHOWN_PARAMS = {
 def score_job_name(model_id: str) -> str:
     return f"score:{model_id}"
 
-def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame) -> pd.DataFrame:
+def scored_label(row: Any) -> str:
+    """``B (24)``, marked when the scores are stale or made despite a tiling mismatch."""
+    marks = [m for m, on in (("stale", row.stale), ("tiling differs", row.tiling_mismatch))
+             if on is not None and not pd.isna(on) and on]
+    return f"{row.cohort} ({row.patients}{', ' + ', '.join(marks) if marks else ''})"
+
+
+def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame,
+                marks: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     records = []
+    stale_models = set() if marks is None else set(
+        marks["models"].loc[marks["models"]["stale"], "model_id"])
     for m in rows:
         cv = m.metrics.get("cv_auc")
         folds = m.metrics.get("cv_fold_aucs") or []
         mine = scored[scored["model_id"] == m.model_id]
+        if marks is not None:
+            mine = marks["scores"][marks["scores"]["model_id"] == m.model_id]
+        decision = (m.config.get("qc_decision") or {}).get("decision_id")
         records.append(
             {
                 "Model": m.model_id,
@@ -63,8 +76,12 @@ def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame) -> pd.Data
                 "Fold AUCs": ", ".join("—" if a is None else f"{a:.2f}" for a in folds),
                 "Cutoff": None if m.cutoff is None else round(float(m.cutoff), 3),
                 "Seed": m.config.get("seed"),
-                "Scored": ", ".join(f"{r.cohort} ({r.patients})" for r in mine.itertuples())
-                or "—",
+                "QC": (f"stale (trained on decision {decision or '—'})"
+                       if m.model_id in stale_models
+                       else (f"decision {decision}" if decision else "—")),
+                "Scored": ", ".join(
+                    scored_label(r) if marks is not None else f"{r.cohort} ({r.patients})"
+                    for r in mine.itertuples()) or "—",
             }
         )
     return pd.DataFrame(records)
@@ -93,12 +110,25 @@ scored = _common.query("model_score_counts", store_mod.model_score_counts)
 cohorts = _common.query("cohorts", store_mod.list_cohorts)
 
 if rows:
-    st.dataframe(model_table(rows, scored), hide_index=True, width="stretch")
+    marks = _common.stale_marks()
+    st.dataframe(model_table(rows, scored, marks), hide_index=True, width="stretch")
+    n_stale = int(marks["models"]["stale"].sum()) + int(marks["scores"]["stale"].sum())
+    if n_stale:
+        st.warning(
+            "Stale: a model marked stale was trained on an older quality-control decision of "
+            "its training cohort (train it again); scores marked stale were made on an older "
+            "decision of their cohort (score it again). See the Quality control page.",
+            icon=":material/history:")
+    if marks["scores"]["tiling_mismatch"].notna().any():
+        st.warning("Scores marked 'tiling differs' were made on a cohort whose patch size, "
+                   "overlap or QC thresholds differ from the training cohort's.",
+                   icon=":material/warning:")
     st.caption(
         "CV AUC: patient-stratified k-fold cross-validation on the training cohort "
         "(out-of-fold scores; the honest in-centre estimate). Cutoff: Youden on those "
         "out-of-fold scores, fixed then and applied unchanged to every cohort. "
-        "Scored: patients scored per cohort. Every model's full configuration is its "
+        "Scored: patients scored per cohort. QC: the training cohort's quality-control "
+        "decision the model was trained on. Every model's full configuration is its "
         "config.json, below."
     )
     with st.expander("Configuration (config.json) of a model"):
@@ -172,17 +202,27 @@ else:
                              default=[c.cohort for c in cohorts], key="score_cohorts")
     job = runner.get(score_job_name(model_id))
     busy = job is not None and job.running
+    allow = st.checkbox(
+        "Allow a tiling mismatch", value=False, key="score_allow_mismatch",
+        help="Score cohorts whose patch size, overlap or quality-control thresholds differ "
+             "from the training cohort's (refused otherwise). Their scores are marked "
+             "'tiling differs' here, on the result pages and in the report.")
     if st.button("Score", type="primary", disabled=busy or not targets or not editing,
                  key="score_button") and _common.require_editor("score", model_id=model_id):
         score_audited = _common.audited_job(
             modeling.score, "score",
-            lambda done, m=model_id: [(c, m, {"patients": int(n)}) for c, n in done.items()])
-        runner.start(score_job_name(model_id), score_audited, str(db), model_id, targets)
+            lambda done, m=model_id, a=allow: [
+                (c, m, {"patients": int(n), "allow_tiling_mismatch": a})
+                for c, n in done.items()])
+        runner.start(score_job_name(model_id), score_audited, str(db), model_id, targets,
+                     allow_tiling_mismatch=allow)
         st.session_state.setdefault(SEEN, {})[score_job_name(model_id)] = "running"
     words = ["python", "-m", "cmil_core", "score", "--db", str(db), "--model", model_id]
     if set(targets) != {c.cohort for c in cohorts}:
         for name in targets:
             words += ["--cohort", name]
+    if allow:
+        words.append("--allow-tiling-mismatch")
     st.caption("Risk groups use the model's training cutoff. Rescoring replaces the model's "
                "earlier scores of those cohorts. Same on the command line:")
     st.code(" ".join(shlex.quote(w) for w in words), language="bash")

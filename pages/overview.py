@@ -11,6 +11,7 @@ from cmil_core.demo import demo_status
 from cmil_core.evaluation import discrimination
 from cmil_core.slides import SlideError, open_slide
 from cmil_core.plots import qc_histogram_figure
+from cmil_core.qc import qc_warnings
 from cmil_core.study import qc_table, study_overview
 from pages import _common
 
@@ -95,6 +96,8 @@ with left:
 
 st.subheader("Quality control")
 qc = _common.query("qc", qc_table)
+for warning in _common.query("qc_warnings", lambda st_: [w.message for w in qc_warnings(st_)]):
+    st.warning(_common.md(warning), icon=":material/warning:")
 if qc.empty:
     st.caption("No patches yet: ingest slides (`python -m cmil_core ingest`) to see quality control.")
 else:
@@ -109,7 +112,8 @@ else:
     st.caption(
         "Each rejected patch is counted under the first rule it fails (background, thick "
         "smear, too dark, too bright, blurred, no nucleated cell). Compare the metric "
-        "distributions between centres before trusting the thresholds on a new cohort."
+        "distributions between centres before trusting the thresholds on a new cohort; "
+        "change them, per cohort, on the Quality control page."
     )
     metric = st.selectbox("Metric distribution", store_mod.QC_METRICS, key="qc_metric",
                           format_func=lambda m: m.replace("_", " "))
@@ -132,7 +136,7 @@ if model_id is not None:
         )
     table = pd.DataFrame(
         {
-            "Cohort": r["cohort"],
+            "Cohort": r.get("label", r["cohort"]),
             "Patients scored": r["n"],
             "AUC (95% CI)": (
                 f"{r['auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
@@ -147,8 +151,9 @@ if model_id is not None:
     st.dataframe(table, hide_index=True)
     st.caption(
         "AUC with DeLong 95% CI; sensitivity and specificity at the cutoff fixed on the "
-        "training cohort. The training row is in-sample (optimistic); the external centres "
-        "are the honest estimate."
+        "training cohort. The training row uses out-of-fold scores (each patient scored by the "
+        "cross-validation model that did not see them); the external centres are the test of "
+        "transport to other centres."
     )
 
 slides = _common.query("slides", store_mod.list_slides)

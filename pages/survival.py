@@ -8,7 +8,13 @@ import streamlit as st
 
 from cmil_core import figures
 from cmil_core.errors import InputError
-from cmil_core.evaluation import CLINICAL_COVARIATES, ENDPOINTS, clinical_cox, risk_survival
+from cmil_core.evaluation import (
+    CLINICAL_COVARIATES,
+    COX_STRATA,
+    ENDPOINTS,
+    clinical_cox,
+    risk_survival,
+)
 from cmil_core.plots import forest_figure, km_figure
 from pages import _common
 
@@ -16,8 +22,10 @@ st.title("Survival")
 model_id = _common.require_model()
 
 endpoint, cutoff = _common.cutoff_picker("survival")
-entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}",
-                        lambda s: risk_survival(s, model_id, endpoint, cutoff))
+in_sample = _common.in_sample_toggle("survival")
+entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}:{in_sample}",
+                        lambda s: risk_survival(s, model_id, endpoint, cutoff,
+                                                in_sample=in_sample))
 if not entries:
     st.info(f"Model {model_id} has not scored any cohort yet: score them on the Models page.")
     st.stop()
@@ -30,6 +38,12 @@ st.caption(
     f"{chosen['description']}{extra}, applied unchanged to every cohort. Kaplan-Meier with "
     "log-log 95% bands, log-rank test, Cox hazard ratio (Efron ties)."
 )
+if in_sample:
+    st.warning("Training cohort grouped by the final model's in-sample scores (optimistic), as "
+               "asked; switch off for its out-of-fold scores.")
+else:
+    st.caption("Training cohort: patients grouped by their out-of-fold scores (each scored by "
+               "the cross-validation model that did not see them; labelled patients only).")
 if cutoff in ("youden", "median", "maxstat"):
     st.warning("This cutoff was chosen on the training cohort: its own curves are optimistic; "
                "judge the external cohorts.")
@@ -42,11 +56,12 @@ if not drawn:
 columns = st.columns(2)
 for k, entry in enumerate(entries):
     with columns[k % 2]:
+        shown_name = entry.get("label", entry["cohort"])
         if "note" in entry:
-            st.markdown(f"**{entry['cohort']}**")
+            st.markdown(f"**{_common.md(shown_name)}**")
             st.caption(f"Not drawn: {entry['note']}.")
             continue
-        title = f"{entry['cohort']}: {name} by cMIL risk group"
+        title = f"{shown_name}: {name} by cMIL risk group"
         if entry.get("pooled"):
             title += f" ({' + '.join(entry['pooled'])})"
         st.plotly_chart(km_figure(entry["curves"], entry["result"], title=title), width="stretch",
@@ -61,9 +76,13 @@ st.subheader("Adjusted for clinical factors")
 factors = [label for label, _, _ in CLINICAL_COVARIATES.values()]
 picked = st.multiselect("Clinical factors in the Cox model", factors, default=factors,
                         key="cox_factors")
+by_centre = st.checkbox("Stratify by centre (each centre its own baseline hazard, as R's "
+                        "strata(center))", value=False, key="cox_strata")
+strata = "center" if by_centre else None
 try:
-    cox = _common.query(f"cox:{model_id}:{endpoint}:{cutoff}:{sorted(picked)}",
-                        lambda s: clinical_cox(s, model_id, endpoint, cutoff, factors=picked))
+    cox = _common.query(f"cox:{model_id}:{endpoint}:{cutoff}:{sorted(picked)}:{strata}:{in_sample}",
+                        lambda s: clinical_cox(s, model_id, endpoint, cutoff, factors=picked,
+                                               strata=strata, in_sample=in_sample))
 except InputError as exc:
     st.info(f"No Cox model: {exc}")
     st.stop()
@@ -72,8 +91,11 @@ st.plotly_chart(forest_figure(cox, title=title), width="stretch")
 st.caption(
     f"Multivariable Cox model on the validation cohorts pooled ({', '.join(cox['cohorts'])}): "
     f"{cox['n']} patients, {cox['events']} events, concordance "
-    f"{cox['concordance']:.2f}. "
-    + "; ".join(f"{c['name']}: {c['definition']}" for c in cox["covariates"]) + "."
+    f"{cox['concordance']:.2f}"
+    + (f" (within centres); stratified by {COX_STRATA['center']}: "
+       + ", ".join(f"{lv['level']} {lv['n']} patients, {lv['events']} events"
+                   for lv in cox["strata"]["levels"]) if cox.get("strata") else "")
+    + ". " + "; ".join(f"{c['name']}: {c['definition']}" for c in cox["covariates"]) + "."
 )
 for note in cox.get("warnings", []):
     st.warning(note)

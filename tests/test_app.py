@@ -192,7 +192,8 @@ def test_discrimination_page_shows_the_models_numbers(
     assert names[1:] == [
         name for c in curves for name in (
             f"{c['cohort']} 95% CI band",
-            f"{c['cohort']}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})")]
+            f"{c['label']}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})")]
+    assert curves[0]["label"] == "training (out-of-fold)"  # the honest training row
     # Every figure and table offers its download.
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels[:3] == ["PNG", "SVG", "CSV"] and labels.count("PNG") == 3  # ROC, calibration, decision
@@ -207,23 +208,20 @@ def test_discrimination_page_shows_the_models_numbers(
         "< 0.001" if p < 0.001 else f"{p:.3f}" for p in tests["p"]]
     shown = at.dataframe[0].value.set_index("Cohort")
     for row in table.itertuples():
-        assert shown.loc[row.cohort, "Patients"] == row.n
-        assert shown.loc[row.cohort, "TP / FN / TN / FP"] == f"{row.tp} / {row.fn} / {row.tn} / {row.fp}"
-        assert shown.loc[row.cohort, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
-    # Calibration: the legend carries each cohort's Brier score, as stats computes it.
-    from cmil_core.stats import brier_score
+        assert shown.loc[row.label, "Patients"] == row.n
+        assert shown.loc[row.label, "TP / FN / TN / FP"] == f"{row.tp} / {row.fn} / {row.tn} / {row.fp}"
+        assert shown.loc[row.label, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
+    # Calibration: the legend carries each cohort's Brier score, as evaluation computes it
+    # (on scores moved to the training prevalence, which the page says).
+    from cmil_core.evaluation import calibration as calibration_entries
 
     calibration = json.loads(at.get("plotly_chart")[1].proto.spec)
     assert calibration["layout"]["title"]["text"] == "Calibration"
     legend = [t["name"] for t in calibration["data"] if t.get("mode") == "markers"]
     with store.open_store(scored_demo, read_only=True) as st:
-        scores = store.patient_scores_frame(st, model_id)
-    expected = []
-    for cohort in table["cohort"]:
-        part = scores[scores["cohort"] == cohort]
-        brier = brier_score(part["bm_metastasis"].astype(int), part["score"])
-        expected.append(f"{cohort} (Brier {brier:.3f})")
-    assert legend == expected
+        entries = calibration_entries(st, model_id)
+    assert legend == [f"{e['label']} (Brier {e['brier']:.3f})" for e in entries]
+    assert any("training prevalence" in c.value for c in at.caption)
     decision = json.loads(at.get("plotly_chart")[2].proto.spec)
     assert decision["layout"]["title"]["text"] == "Decision curve"
 
@@ -247,7 +245,7 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
     for entry in drawn:
         chart = charts[f"km-{entry['cohort']}-os-model"]
         title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
-        assert title.startswith(f"{entry['cohort']}: overall survival by cMIL risk group")
+        assert title.startswith(f"{entry['label']}: overall survival by cMIL risk group")
         p = entry["result"]["logrank"]["p"]
         assert ("p < 0.001" if p < 0.001 else f"p = {p:.3f}") in title
     # The multivariable Cox model: the forest plot shows clinical_cox's hazard ratios.
@@ -268,13 +266,15 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
 def test_survival_cutoff_choices_are_fixed_on_training(
     scored_demo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cmil_core.evaluation import survival_cutoff
+    from cmil_core.evaluation import scores_frame, survival_cutoff
     from cmil_core.survival import risk_cutoff
 
     at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     with store.open_store(scored_demo, read_only=True) as st:
         model = store.get_model(st, model_id)
-        train = store.patient_scores_frame(st, model_id, "training")
+        frame = scores_frame(st, model_id)
+        train = frame[frame["cohort"] == "training"]  # its out-of-fold scores
+        assert set(train["scores"]) == {"out-of-fold"}
         median = survival_cutoff(st, model_id, "median")
         assert survival_cutoff(st, model_id, "model")["value"] == model.cutoff
         assert survival_cutoff(st, model_id, 0.3)["value"] == 0.3

@@ -341,3 +341,66 @@ def test_eight_sessions_keep_reading_while_a_command_line_job_writes(
     writer_log = log.read_text()
     assert "Traceback" not in writer_log and "locked" not in writer_log.lower(), writer_log
     assert visits >= 16
+
+
+def test_quality_control_page_counts_apply_and_stale_marks(tmp_path: Path,
+                                                          browser_page: Page) -> None:
+    """Move a threshold slider, see the live counts change, apply, see the stale marks."""
+    from cmil_core import store
+    from qc_helpers import BLUR_THRESHOLD, photo_study
+
+    db, model_id = photo_study(tmp_path / "study")
+    server = Server({"CMIL_DB": str(db)}, tmp_path / "server.log")
+    page = browser_page
+    try:
+        page.goto(server.url)
+        page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
+        wait_idle(page, timeout=120_000)
+        open_page(page, "Quality control")
+        kept = page.locator("[data-testid='stMetric']", has_text="Kept").locator(
+            "[data-testid='stMetricValue']")
+        before = int(kept.inner_text().replace(",", ""))
+        with store.open_store(db, read_only=True) as st_:
+            assert before == store.current_qc_decisions(st_)["A"]["kept"]
+        slider = page.locator("[data-testid='stSlider']",
+                              has_text=BLUR_THRESHOLD.replace("_", " ")).locator(
+                                  "input[type='range']")
+        slider.focus()
+        slider.press("End")  # the strictest blur threshold the slider offers
+        page.wait_for_function(
+            """([before]) => {
+                 const m = [...document.querySelectorAll("[data-testid='stMetric']")]
+                   .find(e => e.innerText.startsWith('Kept'));
+                 const v = m && m.querySelector("[data-testid='stMetricValue']");
+                 return v && parseInt(v.innerText.replace(/,/g, '')) < before;
+               }""", arg=[before], timeout=60_000)
+        wait_idle(page)
+        after = int(kept.inner_text().replace(",", ""))
+        assert after < before
+        blurred = page.locator("[data-testid='stMetric']", has_text="Rejected: blurred")
+        assert blurred.locator("[data-testid='stMetricDelta']").count() == 1  # a change shown
+        assert_no_error(page, "Quality control", server.log)
+        page.get_by_role("button", name="Apply these thresholds").click()
+        page.get_by_text("Recorded QC decision").wait_for(timeout=60_000)
+        page.get_by_text("were built on an older QC decision").wait_for(timeout=60_000)
+        wait_idle(page)
+        body = page.inner_text("body")
+        assert ("1 model(s) and the scores of 1 model-cohort pair(s) were built on an older "
+                "QC decision") in body  # the table below it is drawn on a canvas
+        wait_drawn(page)  # the galleries' patches, read from the slides
+        assert page.locator("[data-testid='stImage'] img").count() >= 2
+        full_screenshot(page, ARTIFACTS / "quality_applied.png")
+        assert_no_error(page, "Quality control", server.log)
+        # The Models page and the model picker say so too.
+        open_page(page, "Models")
+        page.get_by_text("Stale: a model marked stale was trained on an older").wait_for(
+            timeout=60_000)
+        picker = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first
+        shown = " ".join(picker.locator("input").evaluate_all("els => els.map(e => e.value)"))
+        assert f"{model_id} · attention · A · stale" in picker.inner_text() + shown
+        assert_no_error(page, "Models", server.log)
+        with store.open_store(db, read_only=True) as st_:
+            decision = store.current_qc_decisions(st_)["A"]
+        assert decision["source"] == "dashboard" and decision["kept"] == after
+    finally:
+        server.stop()

@@ -249,7 +249,8 @@ def test_report_writes_the_folder_and_prints_the_html_path(
     assert printed == str(out / "report.html") and Path(printed).exists()
     meta = json.loads((out / "report.json").read_text())
     assert meta["endpoint"]["key"] == "efs"
-    assert meta["cutoff"] == {"method": "number", "value": 0.5, "description": "the number 0.5"}
+    assert meta["cutoff"] == {"method": "number", "value": 0.5, "description": "the number 0.5",
+                              "scores": None}  # a number is chosen on no score set
     assert (out / "figures" / "km_external_b.svg").exists()
     # bad arguments and input: one error line, exit 2, nothing written
     for argv, message in [
@@ -267,3 +268,104 @@ def test_report_writes_the_folder_and_prints_the_html_path(
         assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
         assert message in err
     assert not (tmp_path / "other").exists()
+
+
+# --------------------------------------------------------------------------- quality control
+
+
+def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_qc_thresholds_decisions_and_tiling_mismatch_end_to_end(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cmil_core import store
+    from cmil_core.quality import QCThresholds
+    from qc_helpers import BLUR_THRESHOLD, photo_cohort, photo_study
+
+    db, model_id = photo_study(tmp_path / "study", patients=6)
+    slides = photo_cohort(db, tmp_path / "study", "C", 6, seed=11)
+    base = ["ingest", "--db", db, "--cohort", "C", "--slides", slides, "--mpp", "0.5"]
+
+    # A bad thresholds file: one error line naming the file and the key; nothing ingested.
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_dark_fraction = 0.4\nmin_blur = 2\n")
+    code, _, err = _run(capsys, [*base, "--qc", bad])
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("error: bad.toml: unknown QC threshold 'min_blur'")
+    code, _, err = _run(capsys, [*base, "--max-dark-fraction", "2"])
+    assert code == 2 and err.startswith("error: --max-dark-fraction: ") and "[0, 1]" in err
+    with store.open_store(db, read_only=True) as st:
+        assert store.list_slides(st, "C") == []
+
+    # A file, a flag over it, another patch size: ingested with those, decision recorded.
+    good = tmp_path / "qc.toml"
+    good.write_text("max_dark_fraction = 0.4\nmax_background_fraction = 0.9\n")
+    code, out, _ = _run(capsys, [*base, "--patch-um", "40", "--qc", good,
+                                 "--max-background-fraction", "0.95"])
+    assert code == 0
+    with store.open_store(db, read_only=True) as st:
+        decision = store.current_qc_decisions(st)["C"]
+    assert decision["source"] == "ingest"
+    assert decision["thresholds"] == QCThresholds(max_dark_fraction=0.4,
+                                                  max_background_fraction=0.95).to_dict()
+    assert f"quality control: decision {decision['decision_id']} (new): " in out
+    assert "max_background_fraction=0.95" in out
+
+    # Scoring C with the model trained on A (56 um patches) is refused, then allowed.
+    code, _, err = _run(capsys, ["score", "--db", db, "--model", model_id, "--cohort", "C"])
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: model {model_id} was trained on patches of cohort 'A' "
+                          "that differ from cohort 'C': patch size (µm) 56 in training, 40 in "
+                          "'C'; QC thresholds max_background_fraction 0.85 vs 0.95, "
+                          "max_dark_fraction 0.5 vs 0.4 (training vs 'C');")
+    assert "--allow-tiling-mismatch" in err
+    with store.open_store(db, read_only=True) as st:
+        assert "C" not in set(store.score_marks_frame(st)["cohort"])
+    code, out, _ = _run(capsys, ["score", "--db", db, "--model", model_id, "--cohort", "C",
+                                 "--allow-tiling-mismatch"])
+    assert code == 0 and "C: 6 patients scored" in out
+    with store.open_store(db, read_only=True) as st:
+        marks = store.score_marks_frame(st).set_index("cohort")
+    assert marks.loc["C", "tiling_mismatch"].startswith("patch size (µm) 56 in training")
+    assert marks["tiling_mismatch"].isna().tolist() == [True, True, False]  # A, B, C
+
+    # `qc`: counts under other thresholds, read-only; then --apply: a new decision.
+    code, out, _ = _run(capsys, ["qc", "--db", db, "--cohort", "B",
+                                 f"--{BLUR_THRESHOLD.replace('_', '-')}", "1e12"])
+    assert code == 0 and "nothing written" in out and "rejected: blurred" in out
+    with store.open_store(db, read_only=True) as st:
+        before = store.current_qc_decisions(st)["B"]
+        counts = store.qc_summary(st)
+    kept_b = int(counts[(counts["cohort"] == "B") & counts["qc_reason"].isna()]["patches"].iloc[0])
+    kept_line = next(line for line in out.splitlines() if line.startswith("kept"))
+    assert kept_line.split()[1:] == [str(kept_b), "0"]  # now, under these thresholds
+    code, out, _ = _run(capsys, ["qc", "--db", db, "--cohort", "B", "--apply",
+                                 f"--{BLUR_THRESHOLD.replace('_', '-')}", "1e12", "--json"])
+    assert code == 0
+    applied = json.loads(out)
+    assert applied["applied"] and applied["decision"]["decision_id"] > before["decision_id"]
+    assert applied["decision"]["source"] == "cli" and applied["candidate"]["kept"] == 0
+    assert applied["stale_scores"] == [model_id]
+    assert any("lose every patch" in w for w in applied["candidate"]["warnings"])
+
+    # check: warnings, not problems (exit 0); the stale scores and the mismatch named.
+    code, out, _ = _run(capsys, ["check", "--db", db, "--no-hash"])
+    assert code == 0
+    assert f"warning: scores of cohort 'B' by model {model_id} are stale" in out
+    assert f"warning: cohort 'C' was scored by model {model_id} despite a tiling" in out
+    assert "warning: cohort 'B': 6 patient(s) lose every patch" in out
+
+    # The report says so too.
+    code, out, _ = _run(capsys, ["report", "--db", db, "--model", model_id, "--out",
+                                 tmp_path / "report"])
+    assert code == 0
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    notes = data["quality_control"]["model_notes"]
+    assert any(n.startswith("Scores of cohort(s) 'B'") for n in notes)
+    assert any(n.startswith("Cohort 'C' was scored") for n in notes)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Quality control" in html and "despite a tiling or QC mismatch" in html

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,19 @@ import openslide
 import pandas as pd
 import pytest
 
-from cmil_core import store
-from cmil_core.demo import COHORTS, SIZES, demo_status, generate_demo, simulate_patients
+from cmil_core import _smear, store
+from cmil_core.cli import main
+from cmil_core.controls import colour_control, dark_share
+from cmil_core.demo import (
+    COHORTS,
+    SIZES,
+    _render,
+    _SlideJob,
+    demo_status,
+    generate_demo,
+    simulate_patients,
+)
+from cmil_core.stats import roc_auc
 from cmil_core.errors import InputError
 from cmil_core.progress import Progress
 
@@ -200,3 +212,80 @@ def test_simulated_clinical_data_is_plausible() -> None:
 
 def test_three_centres_look_different() -> None:
     assert len({c.style for c in COHORTS}) == 3
+    # not only a tint: other stain vectors and another glass colour at each centre
+    assert len({c.style.stain_rotation_deg for c in COHORTS}) == 3
+    assert len({c.style.background for c in COHORTS}) == 3
+
+
+def test_dark_clumps_are_distributed_alike_in_both_classes() -> None:
+    """A metastatic patient's dark clumps are partly tumour; their number is not a clue."""
+    from scipy.stats import ks_2samp
+
+    rng = np.random.default_rng(3)
+    patients = pd.DataFrame([p.__dict__ for p in simulate_patients(rng, 4000, "X")])
+    met = patients["bm_metastasis"] == 1
+    dark = patients["burden"] + patients["lookalike_clumps"]
+    assert ks_2samp(dark[met], dark[~met]).pvalue > 0.01
+    assert (patients.loc[met, "burden"] > 0).all()
+    # look-alikes in both classes
+    assert (patients.loc[~met, "lookalike_clumps"] > 0).all()
+    assert patients.loc[met, "lookalike_clumps"].mean() > 0.5
+
+
+def test_lookalike_regions_are_ground_truth_in_both_classes(small_demo: Path) -> None:
+    with store.open_store(small_demo, read_only=True) as st:
+        looks = store.lookalike_regions_frame(st)
+        slides = pd.DataFrame([s.__dict__ for s in store.list_slides(st)])
+        patients = store.patients_frame(st)
+    merged = looks.merge(slides[["slide_id", "cohort", "patient_id", "width", "height"]],
+                         on="slide_id", suffixes=("", "_slide")).merge(
+        patients[["cohort", "patient_id", "bm_metastasis"]], on=["cohort", "patient_id"])
+    assert set(merged["bm_metastasis"]) == {0, 1}
+    assert set(merged["kind"]) <= set(_smear.LOOKALIKE_KINDS)
+    assert merged["kind"].nunique() >= 3
+    assert ((merged["x"] >= 0) & (merged["x"] + merged["width"] <= merged["width_slide"])).all()
+
+
+def test_evaluate_prints_the_colour_control_beside_the_model(
+    small_demo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with store.open_store(small_demo, read_only=True) as st:
+        model = str(store.list_models(st)["model_id"].iloc[0])
+        control = colour_control(st)
+    assert [r["cohort"] for r in control] == ["training", "external_a", "external_b"]
+    assert all(0.0 <= r["auc"] <= 1.0 for r in control if "auc" in r)
+    assert main(["evaluate", "--db", str(small_demo), "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "colour-only control" in out and "(model " in out
+    assert main(["evaluate", "--db", str(small_demo), "--model", model, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["cohort"] for r in data["colour_control"]] == [r["cohort"] for r in control]
+
+
+def test_dark_share_counts_pixels_that_absorb_red() -> None:
+    glass = (240.0, 236.0, 232.0)
+    patch = np.full((1, 10, 10, 3), 240, np.uint8)
+    patch[0, :5, :, 0] = 100  # red OD log10(240/100) = 0.38: dark nuclear material
+    patch[0, 5:6, :, 0] = 120  # OD 0.30: below the threshold
+    assert dark_share(patch, glass)[0] == pytest.approx(0.5)
+    assert dark_share(patch, glass, red_od=0.25)[0] == pytest.approx(0.6)
+
+
+@pytest.mark.slow
+def test_colour_rule_cannot_tell_metastasis_in_rendered_slides() -> None:
+    """40 patients' slides rendered: max dark share per patient does not separate the classes."""
+    patients = simulate_patients(np.random.default_rng(11), 40, "T")
+    style = COHORTS[0].style
+    scores, labels = [], []
+    for i, p in enumerate(patients):
+        job = _SlideJob(0, p, "unused", "wsi", 1024, 1024, 0.5, 500 + i, p.burden,
+                        p.lookalike_clumps, p.dispersed)
+        image, tumour, _ = _render(job, style)
+        if p.bm_metastasis:
+            assert tumour  # every metastatic slide shows tumour
+        tiles = image.reshape(4, 256, 4, 256, 3).swapaxes(1, 2).reshape(16, 256, 256, 3)
+        tissue = (tiles.astype(int).sum(-1) < 600).mean((1, 2)) > 0.3  # not bare glass
+        scores.append(float(dark_share(tiles[tissue], style.background).max()))
+        labels.append(p.bm_metastasis)
+    assert 0 < sum(labels) < len(labels)
+    assert 0.25 <= roc_auc(labels, scores) <= 0.75

@@ -395,7 +395,7 @@ def test_available_cores() -> None:
 
 
 def test_all_names_are_known() -> None:
-    assert set(ENCODER_NAMES) == {*ARCHITECTURES, "torchscript"}
+    assert set(ENCODER_NAMES) == {*ARCHITECTURES, "torchscript", "export"}
 
 
 # --------------------------------------------------------------------------- extract
@@ -453,3 +453,76 @@ def test_extract_propagates_reader_errors_and_stops_on_close() -> None:
     assert not any(t.name == "cmil-extract-reader" for t in threading.enumerate())
     with pytest.raises(InputError, match="prefetch=0"):
         next(extract(enc, [], prefetch=0))
+
+
+# --------------------------------------------------------------------------- safetensors and torch.export
+
+
+def test_safetensors_state_dict_gives_the_same_encoder_as_a_torch_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = encoders.build_backbone("smallcnn", seed=3).state_dict()
+    torch_file, st_file = tmp_path / "w.pt", tmp_path / "w.weights"  # named freely: sniffed
+    torch.save(state, torch_file)
+    save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, str(st_file))
+    a = load_encoder("smallcnn", torch_file, precision="fp32", input_px=64)
+    b = load_encoder("smallcnn", st_file, precision="fp32", input_px=64)
+    batch = _random_patches(4, 64)
+    np.testing.assert_array_equal(a.embed(batch), b.embed(batch))
+    assert b.spec.weights_sha256 == encoders.file_sha256(st_file) != a.spec.weights_sha256
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(InputError, match="other.safetensors: weights do not fit smallcnn: "
+                                         "missing keys blocks"):
+        load_encoder("smallcnn", tmp_path / "other.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(st_file.read_bytes()[:200])
+    with pytest.raises(InputError, match="broken.safetensors: not a readable safetensors file"):
+        load_encoder("smallcnn", broken)
+
+
+class _TinyFoundationModel(torch.nn.Module):
+    """A stand-in for a user's exported model: conv, pool, linear projection to 24-d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.proj = torch.nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def test_torch_export_program_with_the_users_preprocessing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    net = _TinyFoundationModel().eval()
+    batch_dim = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(net, (torch.zeros(2, 3, 48, 48),),
+                                  dynamic_shapes=({0: batch_dim},))
+    path = tmp_path / "foundation.pt2"
+    torch.export.save(program, path)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    enc = load_encoder("export", path, input_px=48, mean=mean, std=std, precision="fp32")
+    assert enc.spec.name == "export" and enc.spec.embed_dim == 24 and enc.spec.input_px == 48
+    assert enc.spec.mean == mean and enc.spec.weights_sha256 == encoders.file_sha256(path)
+    patches = _random_patches(5, 64)  # resized to 48 px like any encoder's input
+    expected = net(encoders.preprocess(patches, enc.spec)).detach().numpy()
+    np.testing.assert_allclose(enc.embed(patches), expected, rtol=1e-5, atol=1e-5)
+    again = encoders.encoder_from_spec(enc.spec.to_dict())  # as score rebuilds it
+    assert again.spec.key == enc.spec.key
+    other = load_encoder("export", path, input_px=48, precision="fp32")  # ImageNet's mean
+    assert other.spec.key != enc.spec.key
+
+
+def test_torch_export_program_refusals(tmp_path: Path) -> None:
+    net = _TinyFoundationModel().eval()
+    static = tmp_path / "static.pt2"
+    torch.export.save(torch.export.export(net, (torch.zeros(1, 3, 48, 48),)), static)
+    with pytest.raises(InputError, match=r"static.pt2: the torch.export program fails on a "
+                                         r"\[2, 3, 48, 48\] input .*dynamic batch dimension"):
+        load_encoder("export", static, input_px=48)
+    junk = tmp_path / "junk.pt2"
+    junk.write_bytes(b"not a program")
+    with pytest.raises(InputError, match="junk.pt2: not a readable torch.export program"):
+        load_encoder("export", junk)
+    with pytest.raises(InputError, match="encoder 'export' needs a weights file"):
+        load_encoder("export")

@@ -81,11 +81,14 @@ def test_cohort_comparisons_are_unpaired_delong_tests(scored) -> None:  # type: 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
         table = cohort_comparisons(st, model_id)
-        scores = store.patient_scores_frame(st, model_id)
+        scores = evaluation.scores_frame(st, model_id)  # training: out-of-fold
     assert list(zip(table["a"], table["b"])) == [
-        ("training", "external_a"), ("training", "external_b"), ("external_a", "external_b")]
+        ("training (out-of-fold)", "external_a"), ("training (out-of-fold)", "external_b"),
+        ("external_a", "external_b")]
+    cohort = {"training (out-of-fold)": "training"}
     for row in table.itertuples():
-        expected = delong_unpaired_test(*_labels(scores, row.a), *_labels(scores, row.b))
+        expected = delong_unpaired_test(*_labels(scores, cohort.get(row.a, row.a)),
+                                        *_labels(scores, cohort.get(row.b, row.b)))
         assert row.p == pytest.approx(expected.p) and row.z == pytest.approx(expected.z)
         assert row.difference == pytest.approx(expected.auc_a - expected.auc_b)
         assert row.method == "delong unpaired"
@@ -101,15 +104,18 @@ def test_model_comparisons_are_paired_on_the_same_patients(scored) -> None:  # t
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
         table = model_comparisons(st, model_id, "noisy")
-        a = store.patient_scores_frame(st, model_id)
-        b = store.patient_scores_frame(st, "noisy")
+        a = evaluation.scores_frame(st, model_id)  # training: out-of-fold
+        b = evaluation.scores_frame(st, "noisy")  # no out-of-fold scores: in-sample
+        both = a.merge(b[["cohort", "patient_id", "score"]], on=["cohort", "patient_id"])
         with pytest.raises(InputError, match="no model 'nope'"):
             model_comparisons(st, model_id, "nope")
     assert table["cohort"].tolist() == ["training", "external_a", "external_b"]
+    assert table["scores"].tolist() == ["out-of-fold / in-sample", "final model / final model",
+                                        "final model / final model"]
     for row in table.itertuples():
-        y, sa = _labels(a, row.cohort)
-        _, sb = _labels(b, row.cohort)
-        expected = delong_paired_test(y, sa, sb)
+        part = both[both["cohort"] == row.cohort]
+        expected = delong_paired_test(part["bm_metastasis"].astype(int).to_numpy(),
+                                      part["score_x"].to_numpy(), part["score_y"].to_numpy())
         assert (row.auc_a, row.auc_b) == pytest.approx((expected.auc_a, expected.auc_b))
         assert row.p == pytest.approx(expected.p)
         assert row.method == "delong paired"
@@ -194,3 +200,165 @@ def test_clinical_cox_can_be_restricted_to_chosen_factors(report_store: Path) ->
             evaluation.clinical_cox(st, MODEL, "os", "model", factors=["shoe size"])
     assert [c["name"] for c in result["covariates"]] == ["cMIL high risk", "MYCN amplified"]
     assert {"column": "age_months", "reason": "not chosen"} in result["excluded"]
+
+
+# ---------------------------------------------------------------------------
+# Honest numbers: out-of-fold training rows, the cutoff's scale, probabilities,
+# localisation with false positives, the patient flow, Cox by centre
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_training_row_is_out_of_fold_unless_asked(scored) -> None:  # type: ignore[no-untyped-def]
+    from cmil_core.stats import roc_auc
+
+    db, model_id = scored
+    with store_mod.open_store(db, read_only=True) as st:
+        oof = store_mod.oof_scores_frame(st, model_id)
+        final = store_mod.patient_scores_frame(st, model_id)
+        honest = evaluation.discrimination(st, model_id)
+        optimistic = evaluation.discrimination(st, model_id, in_sample=True)
+        model = store_mod.get_model(st, model_id)
+    assert model is not None
+    # Every labelled training patient has one out-of-fold score, from one of the k folds.
+    labelled = final[(final["cohort"] == "training") & final["bm_metastasis"].notna()]
+    assert sorted(oof["patient_id"]) == sorted(labelled["patient_id"])
+    assert set(oof["fold"]) == set(range(model.metrics["cv_k"]))
+    y = oof["bm_metastasis"].astype(int).to_numpy()
+    assert honest[0]["label"] == "training (out-of-fold)" and honest[0]["scores"] == "out-of-fold"
+    assert honest[0]["auc"] == pytest.approx(roc_auc(y, oof["score"].to_numpy()))
+    assert honest[0]["auc"] == pytest.approx(model.metrics["cv_auc"])  # the Models page's CV AUC
+    assert optimistic[0]["label"] == "training (in-sample)"
+    assert optimistic[0]["auc"] == pytest.approx(
+        roc_auc(labelled["bm_metastasis"].astype(int).to_numpy(), labelled["score"].to_numpy()))
+    # External cohorts are the final model's either way.
+    assert honest[1:] == optimistic[1:] and honest[1]["label"] == "external_a"
+
+
+@pytest.mark.slow
+def test_cutoff_means_the_same_on_out_of_fold_and_final_scores(scored) -> None:  # type: ignore[no-untyped-def]
+    """The cutoff is chosen on out-of-fold scores; on the final model's scores of the same
+    patients, mapped onto that scale, it calls as many patients positive, and sensitivity and
+    specificity agree up to the patients the two models rank differently around it: at most one
+    patient of each class here (the small demo has 14 training patients, so one positive is
+    17 points; tests/test_recalibration.py shows exact agreement when the rankings agree)."""
+    from cmil_core.stats import roc_auc
+
+    db, model_id = scored
+    with store_mod.open_store(db, read_only=True) as st:
+        model = store_mod.get_model(st, model_id)
+        oof = evaluation.metrics_table(st, model_id).iloc[0]
+        final = evaluation.metrics_table(st, model_id, in_sample=True).iloc[0]
+        scores = store_mod.patient_scores_frame(st, model_id)
+    assert model is not None and model.config["score_map"]["method"] == "quantile-oof"
+    assert (oof["label"], final["label"]) == ("training (out-of-fold)", "training (in-sample)")
+    assert oof["n"] == final["n"]
+    assert oof["tp"] + oof["fp"] == final["tp"] + final["fp"]  # the same operating point
+    assert abs(oof["tp"] - final["tp"]) <= 1 and abs(oof["fp"] - final["fp"]) <= 1
+    # The map is strictly increasing: the final model's AUCs are those of its raw output.
+    for _, part in scores.dropna(subset=["bm_metastasis"]).groupby("cohort"):
+        y = part["bm_metastasis"].astype(int).to_numpy()
+        if 0 < y.sum() < len(y):
+            assert roc_auc(y, part["score"].to_numpy()) == pytest.approx(
+                roc_auc(y, part["score_raw"].to_numpy()))
+    # Risk groups are read on the mapped scale, the cutoff's.
+    assert ((scores["score"] >= model.cutoff) == (scores["risk_group"] == "high")).all()
+
+
+@pytest.mark.slow
+def test_calibration_reads_scores_at_the_training_prevalence(scored) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from cmil_core.recalibration import prevalence_shift
+    from cmil_core.stats import brier_score
+
+    db, model_id = scored
+    with store_mod.open_store(db, read_only=True) as st:
+        entries = evaluation.calibration(st, model_id)
+        scores = evaluation.scores_frame(st, model_id).dropna(subset=["bm_metastasis"])
+        model = store_mod.get_model(st, model_id)
+        note = evaluation.probability_note(st, model_id)
+    assert model is not None
+    prevalence = model.metrics["n_positive"] / model.metrics["n_train"]
+    assert model.config["training_prevalence"] == pytest.approx(prevalence)
+    assert f"({prevalence:.1%})" in note and "50%" in note
+    for e in entries:
+        part = scores[scores["cohort"] == e["cohort"]]
+        y = part["bm_metastasis"].astype(int).to_numpy()
+        p = part["score"].to_numpy()
+        corrected = prevalence_shift(p, prevalence, 0.5)
+        assert e["prevalence"] == pytest.approx(prevalence)
+        assert e["brier"] == pytest.approx(brier_score(y, corrected))
+        # odds times prior-odds ratio, by hand for one patient
+        odds = p[0] / (1 - p[0]) * prevalence / (1 - prevalence)
+        assert corrected[0] == pytest.approx(odds / (1 + odds))
+        assert np.all(np.argsort(corrected, kind="stable") == np.argsort(p, kind="stable"))
+
+
+@pytest.mark.slow
+def test_localisation_per_cohort_counts_false_positives(scored) -> None:  # type: ignore[no-untyped-def]
+    db, model_id = scored
+    with store_mod.open_store(db, read_only=True) as st:
+        loc = evaluation.localisation(st, model_id)
+        patches = store_mod.localisation_patches(st, model_id).dropna(subset=["bm_metastasis"])
+        looks = store_mod.lookalike_regions_frame(st)
+        boxes = store_mod.tumor_regions_frame(st)
+    assert [c["cohort"] for c in loc["cohorts"]] == ["training", "external_a", "external_b"]
+    assert "at least 10% of its area" in loc["rule"] and loc["threshold"] == 0.5
+    assert loc["lookalikes"] == (not looks.empty)
+    assert sum(c["patches"] for c in loc["cohorts"]) == loc["patches"]
+    assert sum(c["patches_negative"] for c in loc["cohorts"]) == loc["patches_negative"]
+    # False positives by hand: negative patients' patches at probability >= 0.5.
+    for c in loc["cohorts"]:
+        part = patches[patches["cohort"] == c["cohort"]]
+        negative = part[part["bm_metastasis"] == 0]
+        assert c["patches_negative"] == len(negative)
+        assert c["negative_flagged"] == pytest.approx((negative["probability"] >= 0.5).mean())
+        flagged = negative[negative["probability"] >= 0.5]["patient_id"].nunique()
+        assert c["negative_patients_flagged"] == flagged
+        assert c["patients_negative"] == negative["patient_id"].nunique()
+    truth = evaluation.tumour_fraction(patches.reset_index(drop=True), boxes) >= 0.1
+    assert loc["tumour_patches"] == int(truth[(patches["bm_metastasis"] == 1).to_numpy()].sum())
+    if not looks.empty:
+        assert loc["lookalike_patches"] > 0 and 0 <= loc["lookalike_flagged"] <= 1
+
+
+@pytest.mark.slow
+def test_patient_flow_goes_from_import_to_analysis(scored) -> None:  # type: ignore[no-untyped-def]
+    db, model_id = scored
+    with store_mod.open_store(db, read_only=True) as st:
+        flow = evaluation.patient_flow(st, model_id)
+        patients = store_mod.patients_frame(st)
+        oof = store_mod.oof_scores_frame(st, model_id)
+        final = store_mod.patient_scores_frame(st, model_id)
+        text = evaluation.format_flow(flow)
+    assert flow["cohort"].tolist() == ["training", "external_a", "external_b"]
+    steps = ["imported", "with_slides", "with_passed_patches", "scored", "labelled"]
+    for row in flow.to_dict("records"):
+        counts = [int(row[s]) for s in steps]
+        assert counts == sorted(counts, reverse=True)  # each step within the one before
+        assert row["imported"] == (patients["cohort"] == row["cohort"]).sum()
+    assert flow.iloc[0]["scored"] == len(oof)  # the training cohort's analysis is out-of-fold
+    ext = final[final["cohort"] == "external_a"]
+    assert flow.iloc[1]["scored"] == len(ext)
+    assert flow.iloc[1]["labelled"] == ext["bm_metastasis"].notna().sum()
+    assert "training: " in text and "with QC-passed patches" in text
+
+
+def test_clinical_cox_stratified_by_centre_matches_r(report_store: Path) -> None:
+    """The same model as R's coxph(... + strata(center)) (tests/data/cox_strata.R, whose data
+    tests/data/cox_strata.csv are this store's validation patients)."""
+    from test_survival import R_COX_STRATA, R_COX_STRATA_CONCORDANCE
+
+    with store_mod.open_store(report_store, read_only=True) as st:
+        result = evaluation.clinical_cox(st, MODEL, "os", "model", strata="center")
+        with pytest.raises(InputError, match="strata 'cohort'"):
+            evaluation.clinical_cox(st, MODEL, "os", "model", strata="cohort")
+    assert result["stratified_by"].startswith("the cohort's centre")
+    assert [lv["n"] for lv in result["strata"]["levels"]] == [40, 40]
+    for row, (coef, se, low, high, p) in zip(result["coefficients"], R_COX_STRATA.values()):
+        assert row["coef"] == pytest.approx(coef, abs=1e-6)
+        assert row["se"] == pytest.approx(se, rel=1e-6)
+        assert row["ci"] == pytest.approx([low, high], rel=1e-6)
+        assert row["p"] == pytest.approx(p, rel=1e-5)
+    assert result["concordance"] == pytest.approx(R_COX_STRATA_CONCORDANCE, abs=1e-9)

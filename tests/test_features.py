@@ -135,24 +135,48 @@ def test_recompute_when_patches_or_keys_change(image_slide: Path, encoder: Encod
     counter = _Counting(encoder, monkeypatch)
     patches = _grid()
     first = slide_features(image_slide, patches, encoder, tmp_path, tiling_key=TILING)
-    # Other patch ids (a stricter quality filter): same file, rewritten.
-    subset = patches.iloc[::2].reset_index(drop=True)
+    mtime = first.path.stat().st_mtime_ns
+    # Fewer patch ids (a stricter quality decision): served from the same file, in the
+    # order asked, nothing embedded or written.
+    subset = patches.iloc[::2].iloc[::-1].reset_index(drop=True)
     second = slide_features(image_slide, subset, encoder, tmp_path, tiling_key=TILING)
-    assert counter.patches == 12 + 6
-    assert second.path == first.path and len(load_features(first.path)) == 6
-    np.testing.assert_array_equal(second.features, first.features[::2])
-    # Same ids, moved patches: recomputed.
+    assert counter.patches == 12
+    assert second.path == first.path and first.path.stat().st_mtime_ns == mtime
+    np.testing.assert_array_equal(second.patch_ids, subset["patch_id"])
+    np.testing.assert_array_equal(second.features, first.features[::2][::-1])
+    # Same ids, moved patches: those recomputed; the file keeps the other six.
     moved = subset.assign(x=subset["x"] + 1)
     slide_features(image_slide, moved, encoder, tmp_path, tiling_key=TILING)
-    assert counter.patches == 12 + 6 + 6
+    assert counter.patches == 12 + 6
+    assert len(load_features(first.path)) == 12
     # Another tiling key: another file, the first one kept.
     third = slide_features(image_slide, moved, encoder, tmp_path, tiling_key="t2")
-    assert counter.patches == 12 + 6 + 6 + 6
+    assert counter.patches == 12 + 6 + 6
     assert third.path != first.path and first.path.exists()
     # Another encoder: another folder.
     other = load_encoder("smallcnn", seed=1, input_px=PX, precision="fp32")
     fourth = slide_features(image_slide, moved, other, tmp_path, tiling_key="t2")
     assert fourth.path.parent.name == other.spec.key != encoder.spec.key
+
+
+def test_a_looser_decision_embeds_only_the_patches_the_file_lacks(
+        image_slide: Path, encoder: Encoder, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = _Counting(encoder, monkeypatch)
+    patches = _grid()
+    strict = patches.iloc[:5]
+    slide_features(image_slide, strict, encoder, tmp_path / "a", tiling_key=TILING)
+    assert counter.patches == 5
+    loose = slide_features(image_slide, patches, encoder, tmp_path / "a", tiling_key=TILING)
+    assert counter.patches == 5 + 7  # only the seven new patches were read and embedded
+    fresh = slide_features(image_slide, patches, encoder, tmp_path / "b", tiling_key=TILING)
+    np.testing.assert_array_equal(loose.patch_ids, patches["patch_id"])
+    np.testing.assert_allclose(loose.features.astype(np.float32),
+                               fresh.features.astype(np.float32), rtol=2e-3, atol=2e-3)
+    # Back to the strict decision: nothing read again.
+    again = slide_features(image_slide, strict, encoder, tmp_path / "a", tiling_key=TILING)
+    assert counter.patches == 5 + 7 + 12
+    np.testing.assert_array_equal(again.features, loose.features[:5])
 
 
 def test_a_crash_while_writing_leaves_no_file(image_slide: Path, encoder: Encoder,

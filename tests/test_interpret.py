@@ -72,3 +72,80 @@ def test_gradcam_refuses_bad_patches() -> None:
         gradcam(np.zeros((64, 64), dtype=np.uint8), encoder, model)
     with pytest.raises(InputError, match="not fitted"):
         gradcam(np.zeros((64, 64, 3), dtype=np.uint8), encoder, model)
+
+
+def _reference_cam(module, head, x, feature_map_of, size: int) -> np.ndarray:
+    """Grad-CAM written out by hand over the map ``feature_map_of`` returns for ``x``."""
+    import torch
+
+    with torch.enable_grad():
+        fmap, embedding = feature_map_of(x)
+        fmap.retain_grad()
+        logit = head(embedding.reshape(1, -1)).reshape(())
+        logit.backward()
+    cam = torch.relu((fmap.grad.mean(dim=(2, 3), keepdim=True) * fmap).sum(dim=1, keepdim=True))
+    cam = torch.nn.functional.interpolate(cam, size=(size, size), mode="bilinear",
+                                          align_corners=False)[0, 0].detach().numpy()
+    return cam / cam.max() if cam.max() > 0 else cam
+
+
+@pytest.mark.parametrize("name", ["smallcnn", "resnet18"])
+def test_gradcam_explains_the_last_block_output_that_feeds_the_pool(name: str) -> None:
+    """Grad-CAM weights the map the embedding averages (last block after BN, residual and ReLU),
+    not the raw output of the last Conv2d inside that block."""
+    import torch
+
+    from cmil_core.encoders import preprocess
+    from cmil_core.interpret import gradcam_layer
+
+    rng = np.random.default_rng(1)
+    encoder = load_encoder(name, seed=0, input_px=64, precision="fp32")
+    module = encoder.module
+    # Non-trivial batch-norm statistics, so that BN is not the identity a fresh network has.
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    bags, labels = [], []
+    for i in range(16):
+        bags.append(encoder.embed(_patches(6, i % 2 == 0, rng)))
+        labels.append(i % 2)
+    model = make_aggregator("attention", max_epochs=3).fit(bags, labels, seed=0)
+    head = model.patch_logit_module()
+    patch = _patches(1, True, rng)[0]
+    x = preprocess(patch[None], encoder.spec).float()
+
+    assert isinstance(gradcam_layer(module), torch.nn.AdaptiveAvgPool2d)
+    if name == "smallcnn":
+        last_block, last_conv = module.blocks, module.blocks[-1].conv
+    else:
+        last_block, last_conv = module.layer4, module.layer4[-1].conv2
+
+    def block_output(inp):
+        fmap = {}
+        hook = last_block.register_forward_hook(lambda _m, _i, out: fmap.setdefault("f", out))
+        try:
+            embedding = module(inp)
+        finally:
+            hook.remove()
+        return fmap["f"], embedding
+
+    def conv_output(inp):
+        fmap = {}
+        hook = last_conv.register_forward_hook(lambda _m, _i, out: fmap.setdefault("f", out))
+        try:
+            embedding = module(inp)
+        finally:
+            hook.remove()
+        return fmap["f"], embedding
+
+    # The block's output is what the pool averages into the embedding.
+    with torch.no_grad():
+        fmap, embedding = block_output(x)
+        np.testing.assert_allclose(fmap.mean(dim=(2, 3)).numpy(), embedding.numpy(), rtol=1e-5,
+                                   atol=1e-6)
+    expected = _reference_cam(module, head, x.clone().requires_grad_(True), block_output, 64)
+    old_way = _reference_cam(module, head, x.clone().requires_grad_(True), conv_output, 64)
+    cam, _ = gradcam(patch, encoder, model)
+    np.testing.assert_allclose(cam, expected, atol=1e-5)
+    assert np.abs(cam - old_way).max() > 0.05  # the last Conv2d's map is another explanation

@@ -117,7 +117,8 @@ def test_broken_rows_are_found_and_the_safe_ones_repaired(
         "INSERT INTO patches (patch_id, slide_id, x, y, size, qc_pass) "
         "VALUES (999999999999, 99999, 0, 0, 1, true)",
         "INSERT INTO patch_scores VALUES ('no-such-model', 999999999998, 0.5, NULL, NULL)",
-        f"INSERT INTO patient_scores VALUES ('{model}', 'ghosts', 'G1', 0.5, 'low')",
+        f"INSERT INTO patient_scores (model_id, cohort, patient_id, score, risk_group) "
+        f"VALUES ('{model}', 'ghosts', 'G1', 0.5, 'low')",
         "INSERT INTO demo_tumor_regions VALUES (99999, 0, 0, 1, 1)",
         # a tiled slide without patches, a pending one that kept its patches
         f"DELETE FROM patch_scores WHERE patch_id IN (SELECT patch_id FROM patches "
@@ -393,3 +394,26 @@ def test_damaged_or_hostile_archives_are_refused(
     with pytest.raises(InputError, match="not a cMIL backup"):
         restore_store(tmp_path / "other.zip", target)
     assert not target.parent.exists() and not (tmp_path / "escape.txt").exists()
+
+
+def test_check_warns_when_quality_control_may_bias_the_study(
+        db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cmil_core import qc
+    from cmil_core.quality import QCThresholds
+    from qc_helpers import BLURRED, GOOD, cohort_with_patches
+
+    cohort_with_patches(db_path, tmp_path, "A", {
+        "P1": (1, [GOOD] * 2 + [BLURRED] * 8), "P2": (0, [GOOD] * 10), "P3": (0, [BLURRED] * 3)})
+    with store.open_store(db_path) as st:
+        qc.apply_thresholds(st, "A", QCThresholds(), who="ann", source="ingest")
+    report = check_store(db_path, hash_files=False)
+    # The slide files of this made-up cohort do not exist (problems); QC gives warnings.
+    assert all(not f.kind.startswith("qc-") for f in report.problems)
+    found = {f.kind: f for f in report.findings if f.kind.startswith("qc-")}
+    assert set(found) >= {"qc-cohort-loss", "qc-patients-without-patches", "qc-class-imbalance"}
+    assert found["qc-patients-without-patches"].examples == ["P3"]
+    assert all(f.severity == "warning" for f in found.values())
+    main(["check", "--db", str(db_path), "--no-hash"])
+    out = capsys.readouterr().out
+    assert "warning: cohort 'A': quality control rejects 48% of its 23 patches" in out
+    assert "repair: review the thresholds on the Quality control page" in out

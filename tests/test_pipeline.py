@@ -237,3 +237,48 @@ def test_killed_ingest_resumes_to_the_same_patches(tmp_path: Path) -> None:
     with store.open_store(killed, read_only=True) as st:
         runs = store.ingest_runs_frame(st, "training")
     assert runs["status"].tolist() == ["done", "interrupted"]  # newest first; the killed one
+
+
+def test_new_thresholds_re_decide_the_cohort_without_tiling_again(tmp_path: Path) -> None:
+    from cmil_core.pipeline import format_ingest_summary
+    from cmil_core.quality import QCThresholds
+    from cmil_core.tiling import TilingConfig
+    from qc_helpers import BLUR_THRESHOLD, photo_cohort
+
+    db = tmp_path / "cmil.duckdb"
+    slides = photo_cohort(db, tmp_path, "A", 4, seed=3, role="train")
+    config = TilingConfig(patch_um=56.0)
+    first = ingest(db, "A", slides, mpp=0.5, config=config, who="ann")
+    assert first.qc_decision is not None and first.qc_decision["new"]
+    assert first.qc_decision["thresholds"] == QCThresholds().to_dict()
+    assert first.to_dict()["qc_decision"]["who"] == "ann"
+    keys = {s.path: s.tiling_key for s in _slides(db, "A").values()}
+    total = sum(s.patches for s in first.slides)
+
+    # The same settings again: nothing re-tiled, no new decision.
+    again = ingest(db, "A", slides, mpp=0.5, config=config, who="bob")
+    assert [s.status for s in again.slides] == ["skipped"] * 4
+    assert not again.qc_decision["new"]  # type: ignore[index]
+    assert again.qc_decision["decision_id"] == first.qc_decision["decision_id"]  # type: ignore[index]
+
+    # Other thresholds: re-decided from the stored metrics, still not re-tiled.
+    strict = QCThresholds(**{BLUR_THRESHOLD: 1e12})
+    third = ingest(db, "A", slides, mpp=0.5, config=config, thresholds=strict, who="bob")
+    assert [s.status for s in third.slides] == ["skipped"] * 4
+    assert {s.path: s.tiling_key for s in _slides(db, "A").values()} == keys
+    assert third.qc_decision["new"] and third.qc_decision["who"] == "bob"  # type: ignore[index]
+    assert all(s.passed == 0 for s in third.slides)
+    assert third.counts["blurred"] + sum(v for k, v in third.counts.items()
+                                         if k not in ("blurred", "passed")) == total
+    lost = [w for w in third.warnings if "lose every patch" in w]
+    assert lost == ["cohort 'A': 4 patient(s) lose every patch to quality control and drop out "
+                    "of training and scoring: A00, A01, A02, A03"]
+    text = format_ingest_summary(third)
+    assert f"quality control: decision {third.qc_decision['decision_id']} (new)" in text  # type: ignore[index]
+    assert f"warning: {lost[0]}" in text
+    assert third.to_dict()["qc_warnings"] == third.warnings
+
+    # No thresholds given: the cohort keeps its current decision (not the defaults).
+    fourth = ingest(db, "A", slides, mpp=0.5, config=config, who="ann")
+    assert not fourth.qc_decision["new"]  # type: ignore[index]
+    assert fourth.qc_decision["thresholds"] == strict.to_dict()  # type: ignore[index]

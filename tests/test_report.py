@@ -111,7 +111,7 @@ def test_report_folder_holds_every_file(scored: Path, written) -> None:
     assert {Path(f).name for f in meta["files"] if f.startswith("tables/")} == {
         "cohort_overview.csv", "discrimination.csv", "roc_band.csv", "metrics_at_cutoff.csv",
         "survival_summary.csv", "survival_at_risk.csv", "cox_coefficients.csv",
-        "patient_scores.csv"}
+        "patient_scores.csv", "patient_flow.csv"}
     with Image.open(out / "figures" / "roc.png") as image:
         assert image.size == (920, 920)  # 4.6 in at 200 dpi
     assert events[-1].done == events[-1].total and events[-1].overall == 1.0
@@ -239,3 +239,39 @@ def test_a_crash_leaves_no_half_report_and_a_rewrite_replaces_the_old(
     assert meta["cutoff"]["method"] == "median" and not math.isnan(meta["cutoff"]["value"])
     assert not (out / "figures" / "stale.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+@pytest.mark.slow
+def test_training_rows_are_out_of_fold_unless_in_sample_is_asked(tmp_path: Path) -> None:
+    from cmil_core.stats import roc_auc
+
+    db = tmp_path / "cmil.duckdb"
+    build_scored_store(db, evil=False)
+    rng = np.random.default_rng(5)
+    with store_mod.open_store(db) as st:
+        training = store_mod.patient_scores_frame(st, MODEL, "training")
+        oof = pd.DataFrame({"patient_id": training["patient_id"], "fold": np.arange(60) % 5,
+                            "score": rng.random(60)})
+        store_mod.write_oof_scores(st, MODEL, "training", oof)
+    y = training["bm_metastasis"].astype(int).to_numpy()
+    honest = report.write_report(db, MODEL, tmp_path / "oof").parent
+    table = _read(honest / "tables" / "discrimination.csv")
+    first = table.iloc[0]
+    assert (first["cohort"], first["scores"], first["label"]) == (
+        "training", "out-of-fold", "training (out-of-fold)")
+    assert first["auc"] == pytest.approx(roc_auc(y, oof["score"].to_numpy()))
+    assert table.iloc[1]["scores"] == "final model"
+    html = (honest / "report.html").read_text()
+    assert "training (out-of-fold)" in html and "Patient flow (STARD)" in html
+    flow = _read(honest / "tables" / "patient_flow.csv")
+    assert flow["imported"].tolist() == [60, 40, 40]
+    # This store has scores but no slides: each step counts within the one before.
+    assert flow["with_slides"].tolist() == [0, 0, 0] and flow["scored"].tolist() == [0, 0, 0]
+    meta = json.loads((honest / "report.json").read_text())
+    assert meta["training_scores"] == "out-of-fold" and "--in-sample" not in meta["command"]
+
+    optimistic = report.write_report(db, MODEL, tmp_path / "ins", in_sample=True).parent
+    first = _read(optimistic / "tables" / "discrimination.csv").iloc[0]
+    assert first["label"] == "training (in-sample)"
+    assert first["auc"] == pytest.approx(roc_auc(y, training["score"].to_numpy()))
+    assert "--in-sample" in json.loads((optimistic / "report.json").read_text())["command"]

@@ -285,7 +285,7 @@ def _patch_table(n: int) -> pd.DataFrame:
         "qc_reason": [None if i % 2 == 0 else "blurred" for i in range(n)],
         **{c: [0.5] * n for c in ("foreground_fraction", "thick_fraction", "background_fraction",
                                   "mean_intensity", "dark_fraction", "bright_fraction",
-                                  "blur_variance", "nuclei_fraction")},
+                                  "blur_variance", "nuclei_fraction", "nuclear_area_um2")},
     })
 
 

@@ -427,3 +427,40 @@ def test_text_output(g3, rossi):
     assert "maxstat cutoff" in text and "search-corrected" in text and "note:" in text
     cox = survival.format_cox(survival.cox_analysis(rossi, "week", "arrest", ROSSI_COVARIATES))
     assert "n = 432, events = 114, concordance = 0.640" in cox and "-0.3794" in cox
+
+
+# R survival 3.5.3: Rscript tests/data/cox_strata.R (coxph(Surv(time, status) ~ cmil_high +
+# age_over_18 + stage4 + mycn_amp + strata(centre), ties = "efron") on tests/data/cox_strata.csv).
+R_COX_STRATA = {
+    "cmil_high": (0.8816875100704, 0.291083125632, 1.365028172100, 4.27250348982, 0.00245373827853),
+    "age_over_18": (0.1871001934906, 0.298980262280, 0.671064277728, 2.16645185538,
+                    0.53144976231301),
+    "stage4": (-0.0450982052136, 0.284005272843, 0.547858459267, 1.66786088967, 0.87383153146360),
+    "mycn_amp": (-0.1345467305144, 0.293755192629, 0.491498530936, 1.55457604302,
+                 0.64693568264747),
+}
+R_COX_STRATA_CONCORDANCE = 0.620854826824
+
+
+def test_cox_stratified_by_centre_matches_r_survival() -> None:
+    from pathlib import Path
+
+    frame = pd.read_csv(Path(__file__).parent / "data" / "cox_strata.csv")
+    result = survival.cox_analysis(frame, "time", "status", list(R_COX_STRATA), strata="centre")
+    assert result["n"] == 80 and result["events"] == 57
+    assert result["strata"] == {"column": "centre", "levels": [
+        {"level": "Centre A", "n": 40, "events": 28}, {"level": "Centre B", "n": 40, "events": 29}]}
+    for row in result["coefficients"]:
+        coef, se, low, high, p = R_COX_STRATA[row["name"]]
+        assert row["coef"] == pytest.approx(coef, abs=1e-6)
+        assert row["se"] == pytest.approx(se, rel=1e-6)
+        assert row["hr"] == pytest.approx(math.exp(coef), rel=1e-6)
+        assert row["ci"] == pytest.approx([low, high], rel=1e-6)
+        assert row["p"] == pytest.approx(p, rel=1e-5)
+    # Concordance within strata, as R's summary(coxph)$concordance.
+    assert result["concordance"] == pytest.approx(R_COX_STRATA_CONCORDANCE, abs=1e-9)
+    # Unstratified, the same data give other estimates: the strata are really used.
+    plain = survival.cox_analysis(frame, "time", "status", list(R_COX_STRATA))
+    assert plain["coefficients"][0]["coef"] != pytest.approx(R_COX_STRATA["cmil_high"][0], abs=1e-3)
+    with pytest.raises(InputError, match="both a covariate and the strata"):
+        survival.cox_analysis(frame, "time", "status", ["cmil_high", "centre"], strata="centre")
