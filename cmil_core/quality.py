@@ -60,13 +60,16 @@ Metrics (:data:`METRIC_COLUMNS`), each a float per patch
     is at least the slide's floor, or whose concentration under the Romanowsky
     default vectors is (a wrong estimate on a small or unusual field must not
     hide chromatin the defaults see), cleaned by a 3x3 opening at the measuring
-    scale (1.5 um: the one- or two-pixel refractile rims of red cells and
-    JPEG fringes go, a platelet's granulomere of 2-3 um stays), as a share of
-    the patch and as an area in square microns.
+    scale (1.5 um: the one- or two-pixel refractile rims of red cells, JPEG
+    fringes and most single platelets go), as a share of the patch and as an
+    area in square microns.
 
 Limits of the nuclear signal: it measures thiazine-stained material, not
-cells. Platelets, basophilic granules, stain precipitate and the violet
-cytoplasm of plasma cells or blasts count; smudged cells count. It says "some
+cells. Platelet clumps, basophilic granules, stain precipitate and the violet
+cytoplasm of plasma cells or blasts count; smudged cells count; a pale single
+platelet usually does not. On peripheral-blood photographs (BCCD, 32 um
+patches) about a third of the patches hold red cells, glass and at most a
+few platelets, and are rejected: in a marrow smear such fields are rare. It says "some
 nuclear-stained material is here", which is what the rejection "no nucleated
 cell" needs: a patch of red cells and glass alone cannot hold the small round
 blue tumour cells the model looks for.
@@ -199,8 +202,8 @@ class QCThresholds:
       CMU-1 several hundred) at 0.1, 0.25 and 0.5 um/px; a Gaussian blur of
       2 um brings every one of them to 5 or less (``bench/qc_fixtures.py``);
     * ``min_nuclear_area_um2 = 3``: square microns of nuclear-stained material
-      (after the 1.5 um opening): a platelet's granulomere or the edge of a
-      nucleus; a small lymphocyte nucleus is about 38 um2. A field of red
+      (after the 1.5 um opening): the edge of a nucleus cut by the patch
+      border; a small lymphocyte nucleus is about 38 um2. A field of red
       cells and glass alone has none.
     """
 
