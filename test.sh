@@ -14,4 +14,19 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "warning: /usr/bin/chromium missing and not root: browser tests will be skipped" >&2
   fi
 fi
+# The live R checks (tests/test_r_live.py) run R itself: in CI they must run, not skip.
+R_DEBS="r-base-core r-cran-survival r-cran-maxstat r-cran-proc r-cran-jsonlite"
+if ! command -v Rscript >/dev/null 2>&1 || ! Rscript -e 'for (p in c("jsonlite", "survival", "maxstat", "pROC", "mvtnorm")) stopifnot(requireNamespace(p, quietly = TRUE))' >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "Installing R and its survival, maxstat, pROC, jsonlite packages for the live R checks ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $R_DEBS >/dev/null
+  else
+    echo "warning: R or its packages missing and not root: install $R_DEBS" >&2
+  fi
+fi
+# As root (CI) R was installed above, so the live R checks must run: a missing R
+# fails them. Elsewhere (a laptop without R) they skip with one clear reason.
+if [ "$(id -u)" = 0 ]; then
+  export CMIL_REQUIRE_R="${CMIL_REQUIRE_R:-1}"
+fi
 exec .venv/bin/python -m pytest "$@"

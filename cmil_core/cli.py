@@ -386,6 +386,7 @@ def _cmd_survival(args: argparse.Namespace) -> int:
     result = _naming_file(args.csv, lambda: survival_analysis(
         frame, args.time, args.event, group=args.group, score=args.score, cutoff=args.cutoff,
         label=args.label, positive=args.positive, at_risk_times=args.times,
+        min_share=args.min_share, p_method=args.maxstat_p, n_perm=args.n_perm, seed=args.seed,
     ))
     return _print_result(result, args.json, format_survival)
 
@@ -619,6 +620,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positive", metavar="VALUE", help="positive value of --label")
     p.add_argument("--times", type=_times, metavar="T1,T2,...",
                    help="times for the number at risk and S(t) (default: round steps)")
+    p.add_argument("--min-share", type=float, default=0.1, metavar="X",
+                   help="maxstat: least share of patients in each group (R minprop; default 0.1)")
+    p.add_argument("--maxstat-p", default="Lau92", metavar="Lau92|Lau94|exactGauss|condMC",
+                   help="maxstat: search-corrected p method, as R maxstat's pmethod "
+                        "(default Lau92; condMC: seeded Monte Carlo permutations)")
+    p.add_argument("--n-perm", type=int, default=10_000, metavar="B",
+                   help="maxstat condMC: number of permutations (default 10000, as R)")
+    p.add_argument("--seed", type=int, default=0, help="maxstat condMC: permutation seed")
     p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
     p.set_defaults(func=_cmd_survival)
 

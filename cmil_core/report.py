@@ -56,7 +56,7 @@ from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
 from cmil_core.stats import roc_ci_band
-from cmil_core.survival import risk_groups
+from cmil_core.survival import describe_cutoff, risk_groups
 
 __all__ = ["GENERATOR", "report_zip", "write_report"]
 
@@ -367,6 +367,13 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
         f"{_e(meta['endpoint']['name'])}; risk groups: score &ge; {_n(cut['value'])} is high "
         f"({_e(cut['description'])}).</p>"
     )
+    if cut.get("method") == "maxstat" and cut.get("statistic") is not None:
+        parts.append(
+            f"<p class=\"note\">maxstat on the training cohort: {_e(describe_cutoff(cut))}. "
+            "The search-corrected p tests whether any allowed split is associated with "
+            "survival; the log-rank p of each cohort below is the classic test of the chosen "
+            "groups, not corrected for choosing the cutoff.</p>"
+        )
     if data["in_sample"]:
         parts.append("<p class=\"note\"><strong>In-sample training rows</strong>: the training "
                      "cohort is scored by the final model that was fitted on it (optimistic), as "
@@ -461,7 +468,8 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
               _median(g["median"], g["median_ci"])]
              for g in r["groups"]], raw=True))
         parts.append(
-            f"<p class=\"note\">Log-rank &chi;&sup2; = {_n(r['logrank']['statistic'])}, "
+            f"<p class=\"note\">Log-rank of the chosen groups (not corrected for the cutoff "
+            f"search) &chi;&sup2; = {_n(r['logrank']['statistic'])}, "
             f"df = {_e(r['logrank']['df'])}, p {_p(r['logrank']['p'])}; hazard ratio "
             f"{_e(cox.get('group'))} vs {_e(cox.get('reference'))}: {hr}.</p>"
         )

@@ -144,6 +144,7 @@ class AucComparison:
     p: float | None
     diff_ci: tuple[float, float] | None
     method: str
+    df: float | None = None  # Student t degrees of freedom (unpaired test), else None (normal)
 
 
 @dataclass(frozen=True)
@@ -354,6 +355,8 @@ def roc_curve(y_true: npt.ArrayLike, y_score: npt.ArrayLike) -> RocCurve:
 def roc_auc(y_true: npt.ArrayLike, y_score: npt.ArrayLike) -> float:
     """Area under the ROC curve from midranks (Mann-Whitney), in O(N log N).
 
+    Equals pROC ``auc(roc(y_true, y_score, levels = c(0, 1), direction = "<"))``.
+
     AUC = (R_pos - m (m + 1) / 2) / (m n), with R_pos the sum of the midranks
     of the m positives among all N = m + n scores.
 
@@ -438,6 +441,9 @@ def _delong_interval(auc: float, variance: float | None, level: float) -> AucInt
 def delong_ci(y_true: npt.ArrayLike, y_score: npt.ArrayLike, level: float = 0.95) -> AucInterval:
     """AUC with DeLong's asymptotic interval, AUC +- z * SE, clipped to [0, 1].
 
+    Equals pROC ``ci.auc(roc(y_true, y_score, levels = c(0, 1), direction = "<"),
+    method = "delong", conf.level = level)``, clipped to [0, 1] (pROC does not clip).
+
     The clipping is what pROC prints and what the paper's "0.775-1.000"
     implies. With fewer than two patients in a class, low/high/se are None.
 
@@ -480,30 +486,47 @@ def delong_unpaired_test(
 ) -> AucComparison:
     """DeLong's test of two AUCs from independent cohorts (different patients).
 
-    z = (AUC_a - AUC_b) / sqrt(Var_a + Var_b): no covariance term, as pROC's
-    ``roc.test(..., method = "delong", paired = FALSE)``.
+    Exactly pROC's ``roc.test(roc_a, roc_b, method = "delong", paired =
+    FALSE)`` (pROC 1.18, ``delong.unpaired.test``): D = (AUC_a - AUC_b) /
+    sqrt(Var_a + Var_b), no covariance term, and p = 2 P(T_df > |D|) from
+    Student's t with Welch-Satterthwaite df = (Var_a + Var_b)^2 / (Var_a^2 /
+    (n_a - 1) + Var_b^2 / (n_b - 1)), n the patients of each cohort (``df``
+    of the result; ``z`` holds D). The interval of the difference uses the
+    same t quantile (pROC gives none for this test).
     """
     level = _check_level(level)
     ya, a = _check_arrays(y_true_a, score_a)
     yb, b = _check_arrays(y_true_b, score_b)
     auc_a, cov_a = _delong_cov(ya, a[None, :])
     auc_b, cov_b = _delong_cov(yb, b[None, :])
-    variance = None if cov_a is None or cov_b is None else float(cov_a[0, 0] + cov_b[0, 0])
-    return _comparison(float(auc_a[0]), float(auc_b[0]), variance, level, "delong unpaired")
+    if cov_a is None or cov_b is None:
+        return _comparison(float(auc_a[0]), float(auc_b[0]), None, level, "delong unpaired")
+    var_a, var_b = float(cov_a[0, 0]), float(cov_b[0, 0])
+    variance = var_a + var_b
+    df = None
+    if variance > 1e-15:
+        df = variance**2 / (var_a**2 / (ya.size - 1) + var_b**2 / (yb.size - 1))
+    return _comparison(float(auc_a[0]), float(auc_b[0]), variance, level, "delong unpaired", df)
 
 
 def _comparison(
-    auc_a: float, auc_b: float, variance: float | None, level: float, method: str
+    auc_a: float, auc_b: float, variance: float | None, level: float, method: str,
+    df: float | None = None,
 ) -> AucComparison:
+    """z (normal; Student t with ``df`` when given), two-sided p and the interval of the diff."""
     diff = auc_a - auc_b
     if variance is None or variance <= 1e-15:
         return AucComparison(auc_a, auc_b, diff, None, None, None, method)
     se = math.sqrt(variance)
     z = diff / se
-    p = float(2.0 * _sps.norm.sf(abs(z)))
-    half = _z(level) * se
+    if df is None:
+        p = float(2.0 * _sps.norm.sf(abs(z)))
+        half = _z(level) * se
+    else:
+        p = float(2.0 * _sps.t.sf(abs(z), df))
+        half = float(_sps.t.ppf(0.5 + level / 2.0, df)) * se
     ci = (max(diff - half, -1.0), min(diff + half, 1.0))
-    return AucComparison(auc_a, auc_b, diff, z, p, ci, method)
+    return AucComparison(auc_a, auc_b, diff, z, p, ci, method, df)
 
 
 # ----------------------------------------------------------------------------
@@ -583,6 +606,10 @@ def bootstrap_ci(
 ) -> AucInterval:
     """AUC with a stratified percentile bootstrap interval (seeded, reproducible).
 
+    The method of pROC ``ci.auc(r, method = "bootstrap", boot.n = n_boot,
+    boot.stratified = TRUE)``; the random draws differ from R's, so the
+    bounds agree with R only within bootstrap error.
+
     The interval is the (1 - level)/2 and (1 + level)/2 quantiles (linear
     interpolation, R's type 7 as pROC's ``ci.auc(method = "bootstrap")``) of
     the resampled AUCs; ``se`` is their standard deviation.
@@ -606,6 +633,9 @@ def bootstrap_ci(
 
 def youden_cutoff(y_true: npt.ArrayLike, y_score: npt.ArrayLike) -> float:
     """Threshold maximising Youden's J = sensitivity + specificity - 1 (pROC rule).
+
+    Equals pROC ``coords(roc(y_true, y_score, levels = c(0, 1), direction = "<"),
+    "best", best.method = "youden")$threshold`` (the highest threshold when J ties).
 
     Candidates are -inf, the midpoints between adjacent distinct scores, and
     +inf; a patient is positive when score >= threshold (pROC's default
@@ -632,6 +662,10 @@ def metrics_at_cutoff(
 ) -> ThresholdMetrics:
     """Sensitivity, specificity, PPV, NPV at a fixed cutoff (score >= cutoff is positive).
 
+    At the Youden threshold these equal pROC ``coords(r, "best", best.method =
+    "youden", ret = c("sensitivity", "specificity", "ppv", "npv"))``; the
+    intervals are :func:`wilson_ci`.
+
     This is how a cutoff fixed on the training cohort is applied, unchanged,
     to a validation cohort (STARD 12a): call it with the training cutoff.
     Wilson intervals come with ``ThresholdMetrics.to_dict()``.
@@ -657,6 +691,9 @@ def metrics_at_cutoff(
 def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a proportion k/n.
 
+    Equals R ``prop.test(k, n, correct = FALSE, conf.level = level)$conf.int``
+    (and ``binom::binom.confint(k, n, methods = "wilson")``).
+
     centre = (k + z^2/2) / (n + z^2), half-width = z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4).
     Unlike the Wald interval it stays inside [0, 1] and behaves at k = 0 or n.
 
@@ -673,6 +710,8 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 def clopper_pearson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Exact (Clopper-Pearson) interval of k/n from beta quantiles; conservative.
+
+    Equals R ``binom.test(k, n, conf.level = level)$conf.int``.
 
     low = Beta((1 - level)/2; k, n - k + 1), high = Beta((1 + level)/2; k + 1, n - k).
 

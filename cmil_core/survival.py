@@ -17,16 +17,22 @@ What is computed, and why
 - **Risk groups**: a cutoff is chosen on a training frame and applied
   unchanged to every cohort; ``score >= cutoff`` is "high", the rest "low".
   Methods: ``median``; ``youden`` (needs a binary label; the ROC Youden cutoff
-  of :mod:`cmil_core.stats`); ``maxstat`` (the split maximising the
-  standardised two-sample log-rank statistic |Z|, over splits leaving at least
-  ``min_share`` = 10% of patients in each group; its value is the midpoint
-  between the two adjacent distinct scores, as for Youden); or a number.
-  The maximum of many tests is optimistic, so ``maxstat`` comes with a p value
-  corrected for the search: Lausen & Schumacher's (1992) approximation (R
-  ``maxstat.test(..., pmethod = "Lau92")``, the default here) or a seeded
-  permutation test of the whole search. Testing a cutoff on the patients it
-  was chosen on inflates the log-rank statistic: every such result carries a
-  line in ``warnings``.
+  of :mod:`cmil_core.stats`); ``maxstat`` (the maximally selected log-rank
+  statistic of Hothorn and Lausen 2003, exactly R ``maxstat.test(Surv(time,
+  event) ~ score, smethod = "LogRank", pmethod = "Lau92", minprop = 0.1,
+  maxprop = 0.9)``: log-rank scores, the standardised linear rank statistic
+  with its permutation variance at every cut between distinct scores that
+  leaves ``min_share`` = 10% or more in each group, maximised; its value is
+  the midpoint between the two adjacent distinct scores, as for Youden); or
+  a number. The maximum of many tests is optimistic, so ``maxstat`` comes
+  with a p value corrected for the search: Lausen & Schumacher's (1992)
+  approximation (``Lau92``, the default), the Lau94 bound, the exact
+  Gaussian-limit p (``exactGauss``) or a seeded Monte Carlo permutation test
+  (``condMC``). The classic log-rank test of the resulting two groups is
+  still reported (``logrank``) and is what it is: a test of the chosen
+  split, not corrected for the search. Testing a cutoff on the patients it
+  was chosen on inflates that test: every such result carries a line in
+  ``warnings``.
 
 Inputs are checked once by :func:`check_survival_data`: time numeric, finite
 and >= 0; event 0/1 or boolean; rows missing time, event or another needed
@@ -86,14 +92,20 @@ from cmil_core.stats import (
 
 __all__ = [
     "CUTOFF_METHODS",
+    "MAXSTAT_P_METHODS",
+    "MaxstatTest",
     "RiskCutoff",
     "check_survival_data",
     "cox_analysis",
+    "describe_cutoff",
     "format_cox",
     "format_survival",
     "kaplan_meier",
     "kaplan_meier_table",
     "logrank",
+    "logrank_scores",
+    "maxstat_p_method",
+    "maxstat_test",
     "number_at_risk",
     "pairwise_logrank",
     "risk_cutoff",
@@ -103,7 +115,6 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 CUTOFF_METHODS = ("median", "youden", "maxstat")
-MAXSTAT_P_METHODS = ("lausen92", "permutation")
 _ALL = "all"  # the group name when no grouping is given
 _T, _E = "__time__", "__event__"  # internal column names of checked data
 
@@ -186,7 +197,8 @@ def kaplan_meier(
     """Fitted lifelines Kaplan-Meier estimators, one per group (sorted by name).
 
     Without a group there is one, named "all". Each carries
-    ``survival_function_`` and ``confidence_interval_`` (log-log, 95%).
+    ``survival_function_`` and ``confidence_interval_`` (log-log, 95%): R
+    ``survfit(Surv(time, event) ~ group, conf.type = "log-log")``.
 
     >>> from lifelines.datasets import load_g3
     >>> fits = kaplan_meier(load_g3(), "time", "event", "group")
@@ -258,7 +270,8 @@ def number_at_risk(
     """Numbers at risk (time >= t) per group at the given times (default: round steps).
 
     One row per group (index), one column per time: the table printed under
-    Kaplan-Meier curves.
+    Kaplan-Meier curves; R ``summary(survfit(Surv(time, event) ~ group),
+    times = times, extend = TRUE)$n.risk``.
     """
     data, _ = check_survival_data(frame, time, event, [group] if group else [])
     at = _nice_times(float(data[_T].max())) if times is None else [float(t) for t in times]
@@ -335,7 +348,9 @@ def pairwise_logrank(
     """Log-rank test for every pair of groups, with Holm-adjusted p values.
 
     Each row: group_a, group_b, statistic, p, p_holm (statistic and p are
-    None for a pair without events).
+    None for a pair without events): R ``survdiff`` on each pair and
+    ``p.adjust(p, method = "holm")`` (survminer ``pairwise_survdiff(...,
+    p.adjust.method = "holm")``).
     """
     data, _ = check_survival_data(frame, time, event, [group])
     return _pairwise(data[_T].to_numpy(), data[_E].to_numpy(), _group_texts(data, group), group)
@@ -347,6 +362,9 @@ def pairwise_logrank(
 
 
 _S = "__stratum__"
+# Newton-Raphson run to convergence as tight as R's coxph (lifelines' default
+# precision 1e-7 leaves coefficients about 5e-6 away from R's on tied data).
+_COX_FIT = {"precision": 1e-12, "r_precision": 1e-16, "step_size": 0.95, "max_steps": 500}
 
 
 def _fit_cox(
@@ -368,7 +386,9 @@ def _fit_cox(
         _warnings.simplefilter("always", ConvergenceWarning)
         _warnings.simplefilter("always", StatisticalWarning)
         try:
-            fitter = CoxPHFitter().fit(frame, duration_col=_T, event_col=_E, **extra)
+            fitter = CoxPHFitter().fit(
+                frame, duration_col=_T, event_col=_E, fit_options=_COX_FIT, **extra
+            )
         except ConvergenceError as exc:
             fitter = None
             notes.append(f"Cox model did not converge: {_first_line(str(exc))}")
@@ -433,7 +453,9 @@ def cox_analysis(
 ) -> dict[str, Any]:
     """Cox proportional-hazards model, univariable or multivariable, JSON-ready.
 
-    Like R ``coxph(Surv(time, event) ~ a + b, ties = "efron")``. Text
+    Like R ``coxph(Surv(time, event) ~ a + b, ties = "efron")`` (coef,
+    SE, Wald p and CI; ``concordance`` is ``summary(fit)$concordance[1]``),
+    converged as tightly as R (checked live in tests/test_r_live.py). Text
     covariates are one-hot encoded against their first sorted level, stated in
     ``references``. ``strata``: a column whose every value gets a baseline
     hazard of its own, the coefficients being shared, as R's ``coxph(... +
@@ -510,9 +532,14 @@ def _two_group_cox(
 class RiskCutoff:
     """A risk-group cutoff: ``score >= value`` is "high".
 
-    ``statistic`` (max |Z|) and ``p`` (corrected for the search, by
-    ``p_method``) are set for ``maxstat`` only; ``n`` is the number of
-    training patients it was chosen on (None for a given number).
+    ``n`` is the number of training patients it was chosen on (None for a
+    given number). For ``maxstat`` only: ``statistic`` (maxstat's M, the
+    largest standardised log-rank score statistic), ``p`` (corrected for the
+    search, by ``p_method``), ``cutpoint`` (R's "estimated cutpoint": the
+    largest score of the low group, ``score <= cutpoint`` is low), ``n_low``,
+    ``n_high``, ``min_share`` and ``max_share`` (R's minprop and maxprop).
+    ``value`` is the midpoint between ``cutpoint`` and the next distinct
+    score, as for Youden: the same patients fall on each side.
     """
 
     method: str
@@ -521,9 +548,14 @@ class RiskCutoff:
     statistic: float | None = None
     p: float | None = None
     p_method: str | None = None
+    cutpoint: float | None = None
+    n_low: int | None = None
+    n_high: int | None = None
+    min_share: float | None = None
+    max_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "method": self.method,
             "value": _json_float(self.value),
             "n": self.n,
@@ -531,6 +563,22 @@ class RiskCutoff:
             "p_corrected": _json_float(self.p),
             "p_method": self.p_method,
         }
+        if self.method == "maxstat":
+            out.update({
+                "statistic_name": MAXSTAT_STATISTIC,
+                "cutpoint": _json_float(self.cutpoint),
+                "n_low": self.n_low,
+                "n_high": self.n_high,
+                "min_share": self.min_share,
+                "max_share": self.max_share,
+                "p_method_name": MAXSTAT_P_METHODS[self.p_method or "Lau92"],
+                "r_call": (
+                    "maxstat.test(Surv(time, event) ~ score, smethod = \"LogRank\", "
+                    f"pmethod = \"{self.p_method}\", minprop = {self.min_share:g}, "
+                    f"maxprop = {self.max_share:g})"
+                ),
+            })
+        return out
 
 
 def risk_groups(scores: npt.ArrayLike, cutoff: float) -> npt.NDArray[np.object_]:
@@ -543,85 +591,274 @@ def risk_groups(scores: npt.ArrayLike, cutoff: float) -> npt.NDArray[np.object_]
     return np.where(values >= float(cutoff), "high", "low").astype(object)
 
 
-class _SplitLogrank:
-    """Two-sample log-rank statistics for many splits of the same patients at once.
+def describe_cutoff(cutoff: dict[str, Any] | None) -> str:
+    """One line saying how a cutoff was chosen, for pages, reports and the terminal.
 
-    For each column of a boolean matrix ``high`` (patients x splits), the
-    observed minus expected deaths of the high group, U = sum_t (d1_t -
-    n1_t d_t / n_t), and its hypergeometric variance V = sum_t n1_t (n_t -
-    n1_t) d_t (n_t - d_t) / (n_t^2 (n_t - 1)); Z = U / sqrt(V) and Z^2 is
-    ``survdiff``'s chi2. Cost O(patients x splits), no Python loop over splits.
+    For ``maxstat`` it names the statistic, the cut, the group sizes and the
+    search-corrected p with its method, so that it is not mistaken for the
+    classic log-rank test of the chosen groups.
+
+    >>> describe_cutoff({"method": "median", "value": 0.5})
+    'score >= 0.5 is high (median cutoff)'
+    """
+    if cutoff is None:
+        return ""
+    text = f"score >= {cutoff['value']:.4g} is high ({cutoff['method']} cutoff)"
+    if cutoff.get("method") != "maxstat" or cutoff.get("statistic") is None:
+        return text
+    return (
+        f"score >= {cutoff['value']:.4g} is high (maxstat cutoff: low group score <= "
+        f"{cutoff['cutpoint']:.4g}, {cutoff['n_low']} low / {cutoff['n_high']} high; "
+        f"maximally selected log-rank statistic M = {cutoff['statistic']:.3f}, search-corrected "
+        f"p = {cutoff['p_corrected']:.2g} by {cutoff['p_method']} "
+        f"({cutoff.get('p_method_name', '')}), groups of at least "
+        f"{cutoff.get('min_share', 0.1):.0%})"
+    )
+
+
+#: What maxstat's M is, in words (the ``statistic_name`` of a maxstat cutoff).
+MAXSTAT_STATISTIC = (
+    "maxstat M: largest |standardised linear rank statistic| with log-rank scores over the "
+    "allowed cuts (Hothorn and Lausen 2003; R maxstat smethod = \"LogRank\")"
+)
+#: p value methods of maxstat, by R maxstat's ``pmethod`` name.
+MAXSTAT_P_METHODS = {
+    "Lau92": "Lausen and Schumacher 1992 approximation",
+    "Lau94": "Lausen, Sauerbrei and Schumacher 1994 improved Bonferroni bound",
+    "exactGauss": "exact for the limiting Gaussian process of the statistics",
+    "condMC": "seeded Monte Carlo permutation test of the whole search",
+}
+_P_ALIASES = {"lau92": "Lau92", "lausen92": "Lau92", "lau94": "Lau94", "lausen94": "Lau94",
+              "exactgauss": "exactGauss", "exact_gauss": "exactGauss", "exact": "exactGauss",
+              "condmc": "condMC", "permutation": "condMC"}
+
+
+def maxstat_p_method(name: str) -> str:
+    """R maxstat's name of a p method ("Lau92", "Lau94", "exactGauss", "condMC").
+
+    Also accepts lower-case spellings, "lausen92", "lausen94", "exact" and
+    "permutation"; anything else is an InputError.
+    """
+    key = str(name).strip().lower()
+    if key not in _P_ALIASES:
+        choices = ", ".join(MAXSTAT_P_METHODS)
+        raise InputError(f"maxstat p method {name!r} is not one of {choices}")
+    return _P_ALIASES[key]
+
+
+def logrank_scores(times: npt.ArrayLike, events: npt.ArrayLike) -> FloatArray:
+    """Log-rank (Savage) scores of right-censored times, as R maxstat uses them.
+
+    a_i = delta_i - sum_{j: t_j <= t_i} delta_j / (N - r_j + 1), where r_j is
+    the rank of t_j with ties given the largest rank. This is exactly
+    ``exactRankTests::cscores(Surv(time, event), type = "LogRank")``, which
+    ``maxstat.test(..., smethod = "LogRank")`` calls; note its handling of
+    tied times (each tied death counts 1 / (patients at risk after the tied
+    block + 1)), which differs slightly from survdiff's d / n at risk.
+    The scores sum to zero when the largest time is an event.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    e = np.asarray(events, dtype=np.float64)
+    n = t.size
+    order = np.argsort(t, kind="mergesort")
+    rank = np.searchsorted(t[order], t, side="right")  # ties: the largest rank (irank)
+    cumulative = np.cumsum((e / (n - rank + 1.0))[order])
+    return e - cumulative[rank - 1]
+
+
+@dataclass(frozen=True)
+class MaxstatTest:
+    """The maximally selected log-rank statistic of :func:`maxstat_test`.
+
+    ``cuts``: the allowed cutpoints (R's ``$cuts``: low group ``score <=
+    cut``), ``stats``: |standardised statistic| at each (R's ``$stats``),
+    ``m``: the low group's size at each; ``statistic`` = max(stats) (R's
+    ``M``), ``cutpoint`` the first cut reaching it (R's ``$estimate``),
+    ``p`` by ``p_method`` (R's ``$p.value``).
     """
 
-    def __init__(self, times: FloatArray, events: npt.NDArray[np.int64]) -> None:
-        self.order = np.argsort(times, kind="mergesort")
-        sorted_times = times[self.order]
-        self.events = events[self.order].astype(np.float64)
-        self.starts = np.r_[0, np.flatnonzero(np.diff(sorted_times)) + 1]
-        n_risk = (times.size - self.starts).astype(np.float64)
-        deaths = np.add.reduceat(self.events, self.starts)
-        self.keep = deaths > 0
-        self.n, self.d = n_risk[self.keep], deaths[self.keep]
-
-    def z(self, high: npt.NDArray[np.bool_]) -> FloatArray:
-        h = high[self.order].astype(np.float64)
-        n1 = np.cumsum(h[::-1], axis=0)[::-1][self.starts][self.keep]
-        d1 = np.add.reduceat(self.events[:, None] * h, self.starts, axis=0)[self.keep]
-        n, d = self.n[:, None], self.d[:, None]
-        u = (d1 - n1 * d / n).sum(axis=0)
-        v = (n1 * (n - n1) * d * (n - d) / (n * n * np.maximum(n - 1.0, 1.0))).sum(axis=0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(v > 0, u / np.sqrt(v), 0.0)
+    statistic: float
+    cutpoint: float
+    value: float
+    n: int
+    n_low: int
+    cuts: FloatArray
+    stats: FloatArray
+    m: npt.NDArray[np.int64]
+    p: float
+    p_method: str
+    min_share: float
+    max_share: float
 
 
-def _lausen92_p(b: float, min_share: float) -> float:
-    """Lausen & Schumacher (1992) bound on P(max |Z| >= b) over splits in [e, 1 - e].
+def maxstat_test(
+    times: npt.ArrayLike,
+    events: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    *,
+    min_share: float = 0.1,
+    max_share: float | None = None,
+    p_method: str = "Lau92",
+    n_perm: int = 10_000,
+    seed: int = 0,
+    column: str = "score",
+) -> MaxstatTest:
+    """Maximally selected log-rank statistic (Hothorn and Lausen 2003), as R maxstat.
 
-    p = 4 phi(b) / b + phi(b) (b - 1/b) log((1 - e)^2 / e^2), as R maxstat's
-    ``pLausen92`` (1 when b < 1), here also capped at 1.
+    Equals R ``maxstat.test(Surv(time, event) ~ score, smethod = "LogRank",
+    pmethod = p_method, minprop = min_share, maxprop = max_share)`` (maxstat
+    0.7; ``max_share`` defaults to ``1 - min_share``):
+
+    - log-rank scores a_i of :func:`logrank_scores`;
+    - for a cut leaving the m lowest scores in the low group (cuts at
+      distinct score values), the linear statistic S_m = sum of a over the
+      low group, its permutation mean E_m = m/N sum(a) and variance V_m =
+      m (N - m) / (N^2 (N - 1)) (N sum(a^2) - sum(a)^2); Z_m = (S_m - E_m) /
+      sqrt(V_m);
+    - allowed cuts: floor(N min_share) <= m <= floor(N max_share) (and m >=
+      1), as R counts them; M = max |Z_m|, the cut the first maximum.
+
+    p values (``p_method``, R's names): "Lau92" (Lausen and Schumacher
+    1992, R ``pLausen92``), "Lau94" (Lausen, Sauerbrei and Schumacher 1994,
+    R ``pLausen94`` over the actual cuts), "exactGauss" (P(max |Z| >= M) for
+    the Gaussian limit of the Z_m, R ``pexactgauss``; R integrates it with
+    ``mvtnorm::pmvnorm`` (Genz, random, error about 1e-3 at its defaults),
+    here exactly up to a fine grid, using the fact that corr(Z_i, Z_j) =
+    sqrt(m_i (N - m_j) / (m_j (N - m_i))) makes Z a Markov chain) or
+    "condMC" (the conditional Monte Carlo permutation test, R's ``pmaxperm``
+    with ``B = n_perm``; seeded with ``seed`` here, so it agrees with R only
+    within Monte Carlo error; (1 + k) / (1 + B) rather than R's k / B, so
+    never 0). The bounds are capped at 1 (R's can exceed it).
+
+    Unlike the square root of survdiff's chi-square for each split (what
+    this function computed before issue 19), M uses the permutation variance
+    of the scores, for which the Lausen bounds were derived.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    e = np.asarray(events, dtype=np.float64)
+    x = np.asarray(scores, dtype=np.float64)
+    upper = 1.0 - min_share if max_share is None else float(max_share)
+    if not 0.0 < min_share < upper < 1.0:
+        raise InputError(
+            f"group shares min {min_share!r} and max {upper!r} must satisfy 0 < min < max < 1"
+        )
+    method = maxstat_p_method(p_method)
+    n = x.size
+    a = logrank_scores(t, e)
+    order = np.argsort(x, kind="mergesort")
+    xs, ys = x[order], a[order]
+    new = np.r_[True, xs[1:] != xs[:-1]]
+    m = np.flatnonzero(new)  # low-group sizes (R: which(!ties) - 1); m = 0 dropped below
+    lowest, highest = max(1, math.floor(n * min_share)), math.floor(n * upper)
+    m = m[(m >= lowest) & (m <= highest)]
+    if m.size == 0:
+        raise InputError(
+            f"column {column!r}: no cutoff leaves {min_share:.0%} of the {n} patients "
+            "in each group"
+        )
+    total, squares = float(ys.sum()), float((ys * ys).sum())
+    mean = m / n * total
+    var = m * (n - m) / (n * n * (n - 1.0)) * (n * squares - total * total)
+    if not (var > 0).all():
+        raise InputError("no events: the maxstat statistic needs at least one")
+    stats = np.abs((np.cumsum(ys)[m - 1] - mean) / np.sqrt(var))
+    best = int(np.argmax(stats))
+    b = float(stats[best])
+    if method == "Lau92":
+        p = _lausen92_p(b, min_share, upper)
+    elif method == "Lau94":
+        p = _lausen94_p(b, n, m)
+    elif method == "exactGauss":
+        p = _exact_gauss_p(b, n, m)
+    else:
+        p = _permutation_p(b, ys, m, mean, var, n_perm, seed)
+    cutpoint = float(xs[m[best] - 1])
+    return MaxstatTest(
+        statistic=b, cutpoint=cutpoint, value=(cutpoint + float(xs[m[best]])) / 2.0, n=n,
+        n_low=int(m[best]), cuts=xs[m - 1], stats=stats, m=m.astype(np.int64), p=p,
+        p_method=method, min_share=float(min_share), max_share=upper,
+    )
+
+
+def _lausen92_p(b: float, min_share: float, max_share: float | None = None) -> float:
+    """Lausen & Schumacher (1992) bound on P(max |Z| >= b) over splits in [e1, e2].
+
+    p = 4 phi(b) / b + phi(b) (b - 1/b) log(e2 (1 - e1) / ((1 - e2) e1)), as R
+    maxstat's ``pLausen92(b, minprop = e1, maxprop = e2)`` (1 when b < 1),
+    here also capped at 1.
     """
     if b < 1.0:
         return 1.0
     phi = float(_sps.norm.pdf(b))
-    eps1, eps2 = min_share, 1.0 - min_share
+    eps1 = min_share
+    eps2 = 1.0 - min_share if max_share is None else max_share
     p = 4.0 * phi / b + phi * (b - 1.0 / b) * math.log(eps2 * (1.0 - eps1) / ((1.0 - eps2) * eps1))
     return min(max(p, 0.0), 1.0)
 
 
-def _maxstat(
-    times: FloatArray,
-    events: npt.NDArray[np.int64],
-    scores: FloatArray,
-    min_share: float,
-    p_method: str,
-    n_perm: int,
-    seed: int,
-    column: str,
-) -> RiskCutoff:
-    distinct = np.unique(scores)
-    n_high = scores.size - np.searchsorted(np.sort(scores), distinct[1:], side="left")
-    least = min_share * scores.size
-    allowed = (n_high >= least) & (scores.size - n_high >= least)
-    if not allowed.any():
-        raise InputError(
-            f"column {column!r}: no cutoff leaves {min_share:.0%} of the {scores.size} patients "
-            "in each group"
-        )
-    cuts = ((distinct[1:] + distinct[:-1]) / 2.0)[allowed]
-    high = scores[:, None] >= cuts[None, :]
-    logrank = _SplitLogrank(times, events)
-    z = np.abs(logrank.z(high))
-    best = int(np.argmax(z))
-    if p_method == "lausen92":
-        p = _lausen92_p(float(z[best]), min_share)
-    else:
-        rng = np.random.default_rng(seed)
-        exceed = sum(
-            float(np.abs(logrank.z(high[rng.permutation(scores.size)])).max()) >= z[best] - 1e-12
-            for _ in range(n_perm)
-        )
-        p = (1.0 + exceed) / (1.0 + n_perm)
-    return RiskCutoff("maxstat", float(cuts[best]), scores.size, float(z[best]), p, p_method)
+def _lausen94_p(b: float, n: int, m: npt.NDArray[np.intp]) -> float:
+    """R maxstat's ``pLausen94(b, N, m = m)``: improved Bonferroni over the actual cuts."""
+    d = 0.0
+    if m.size > 1:
+        m1, m2 = m[:-1].astype(float), m[1:].astype(float)
+        t = np.sqrt(1.0 - m1 * (n - m2) / ((n - m1) * m2))
+        d = float(np.sum(np.exp(-b * b / 2.0) / math.pi * (t - (b * b / 4.0 - 1.0) * t**3 / 6.0)))
+    p = 2.0 * float(_sps.norm.sf(b)) + d
+    return min(max(p, 0.0), 1.0)
+
+
+def _exact_gauss_p(b: float, n: int, m: npt.NDArray[np.intp]) -> float:
+    """P(max_k |Z_k| >= b) for the Gaussian limit, by its Markov property.
+
+    Z_{k+1} = rho_k Z_k + sqrt(1 - rho_k^2) e, rho_k = sqrt(m_k (N - m_{k+1}) /
+    (m_{k+1} (N - m_k))). The mass inside [-b, b] is carried on a grid of
+    cells, each taken as uniform within the cell (transition masses in
+    closed form with G(u) = u Phi(u) + phi(u), the integral of Phi); the
+    error is O(h^2) in the cell width h, removed by Richardson extrapolation
+    from h and 2h (agrees with ``pmvnorm(..., algorithm = Miwa())`` to about
+    1e-8).
+    """
+    if m.size == 1:
+        return min(1.0, 2.0 * float(_sps.norm.sf(b)))
+    mf = m.astype(np.float64)
+    rho = np.sqrt(mf[:-1] * (n - mf[1:]) / (mf[1:] * (n - mf[:-1])))
+    cells = 2 * max(50, int(math.ceil(2.0 * b / 0.02)) // 2)
+    fine, coarse = _inside_mass(b, rho, cells), _inside_mass(b, rho, cells // 2)
+    inside = (4.0 * fine - coarse) / 3.0
+    return float(min(max(1.0 - inside, 0.0), 1.0))
+
+
+def _inside_mass(b: float, rho: FloatArray, cells: int) -> float:
+    """P(|Z_k| <= b for all k) on a grid of ``cells`` uniform cells over [-b, b]."""
+    edges = np.linspace(-b, b, cells + 1)
+    width = edges[1] - edges[0]
+    mass = np.diff(_sps.norm.cdf(edges))
+    for r in rho:
+        sd = math.sqrt(max(1.0 - r * r, 1e-300))
+        u = (edges[None, :] - r * edges[:, None]) / sd
+        g = u * _sps.norm.cdf(u) + _sps.norm.pdf(u)  # G at edge j (destination), i (source)
+        mean_cdf = (g[:-1, :] - g[1:, :]) * sd / (r * width)  # mean over source cell i
+        mass = mass @ np.diff(mean_cdf, axis=1)
+    return float(mass.sum())
+
+
+def _permutation_p(
+    b: float, ys: FloatArray, m: npt.NDArray[np.intp], mean: FloatArray, var: FloatArray,
+    n_perm: int, seed: int,
+) -> float:
+    """Monte Carlo permutation p of M (R maxstat's condMC), seeded; (1 + k) / (1 + B)."""
+    if n_perm < 1:
+        raise InputError(f"the number of permutations must be positive; got {n_perm}")
+    rng = np.random.default_rng(seed)
+    sd = np.sqrt(var)
+    exceed, done, chunk = 0, 0, max(1, 2_000_000 // max(ys.size, 1))
+    while done < n_perm:
+        k = min(chunk, n_perm - done)
+        shuffled = ys[rng.permuted(np.tile(np.arange(ys.size), (k, 1)), axis=1)]
+        z = np.abs((np.cumsum(shuffled, axis=1)[:, m - 1] - mean) / sd).max(axis=1)
+        exceed += int((z >= b * (1.0 - 1e-12)).sum())
+        done += k
+    return (1.0 + exceed) / (1.0 + n_perm)
 
 
 def risk_cutoff(
@@ -634,16 +871,20 @@ def risk_cutoff(
     label: str | None = None,
     positive: object | None = None,
     min_share: float = 0.1,
-    p_method: str = "lausen92",
-    n_perm: int = 1000,
+    p_method: str = "Lau92",
+    n_perm: int = 10_000,
     seed: int = 0,
 ) -> RiskCutoff:
     """Choose a risk-group cutoff on a training frame (``score >= value`` is high).
 
     ``method``: "median"; "youden" (needs ``label``, 0/1 unless ``positive``
-    is given); "maxstat" (needs ``time`` and ``event``; ``p_method`` is
-    "lausen92" or "permutation" with ``n_perm`` seeded permutations); or a
-    number (or numeric text), used as it is.
+    is given); "maxstat" (needs ``time`` and ``event``: :func:`maxstat_test`, R
+    ``maxstat.test(Surv(time, event) ~ score, smethod = "LogRank", pmethod =
+    p_method, minprop = min_share, maxprop = 1 - min_share)``; ``p_method``
+    one of :data:`MAXSTAT_P_METHODS`, "condMC" with ``n_perm`` seeded
+    permutations); or a number (or numeric text), used as it is. "median"
+    is R ``median(score)``; "youden" is pROC ``coords(roc(label, score),
+    "best", best.method = "youden")``.
 
     >>> df = pd.DataFrame({"s": [0.1, 0.2, 0.3, 0.4]})
     >>> risk_cutoff(df, "s", "median").value
@@ -671,13 +912,18 @@ def risk_cutoff(
         raise InputError("the maxstat cutoff needs time and event columns")
     if not 0.0 < min_share < 0.5:
         raise InputError(f"minimum group share {min_share!r} must lie strictly between 0 and 0.5")
-    if p_method not in MAXSTAT_P_METHODS:
-        choices = ", ".join(MAXSTAT_P_METHODS)
-        raise InputError(f"maxstat p method {p_method!r} is not one of {choices}")
+    p_method = maxstat_p_method(p_method)
     data, _ = check_survival_data(train, time, event, [score])
     values = _numeric_column(data[score], score)
-    times, events = data[_T].to_numpy(), data[_E].to_numpy()
-    return _maxstat(times, events, values, min_share, p_method, int(n_perm), seed, score)
+    test = maxstat_test(
+        data[_T].to_numpy(), data[_E].to_numpy(), values, min_share=min_share,
+        p_method=p_method, n_perm=int(n_perm), seed=seed, column=score,
+    )
+    return RiskCutoff(
+        "maxstat", test.value, test.n, test.statistic, test.p, test.p_method,
+        cutpoint=test.cutpoint, n_low=test.n_low, n_high=test.n - test.n_low,
+        min_share=test.min_share, max_share=test.max_share,
+    )
 
 
 def _checked(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -719,7 +965,8 @@ def survival_analysis(
     train: pd.DataFrame | None = None,
     at_risk_times: Sequence[float] | None = None,
     min_share: float = 0.1,
-    p_method: str = "lausen92",
+    p_method: str = "Lau92",
+    n_perm: int = 10_000,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Kaplan-Meier, log-rank and Cox by group, or by risk group from a score, JSON-ready.
@@ -729,8 +976,12 @@ def survival_analysis(
     The cutoff is chosen on ``train`` when given, else on ``frame`` itself,
     which is flagged in ``warnings`` (the log-rank p is then optimistic).
 
-    Keys: cutoff {method, value, ...} (None with ``group``), groups [{group,
-    n, events, median, median_ci}], logrank {statistic, df, p}, cox
+    Keys: cutoff {method, value, ...} (None with ``group``; maxstat adds
+    statistic, p_corrected, p_method, cutpoint, n_low, n_high, min_share,
+    max_share, statistic_name, p_method_name, r_call: see
+    :class:`RiskCutoff`), groups [{group, n, events, median, median_ci}],
+    logrank {statistic, df, p, test} (R ``survdiff``; ``test`` says what it
+    tests, with a cutoff: the chosen split, not corrected for choosing it), cox
     {reference, group, hr, ci, p} (exactly two groups, else None), pairwise
     (three or more groups), at_risk {times, groups: [{group, at_risk}]},
     n_dropped, warnings.
@@ -756,6 +1007,7 @@ def survival_analysis(
             positive=positive,
             min_share=min_share,
             p_method=p_method,
+            n_perm=n_perm,
             seed=seed,
         )
         if train is None and chosen.method != "fixed":
@@ -768,6 +1020,11 @@ def survival_analysis(
         labels = _group_texts(data, group)
     result = _describe_groups(times, events, labels, group or "risk group", at_risk_times)
     notes += result.pop("notes")
+    if chosen is not None:
+        result["logrank"]["test"] = (
+            f"classic log-rank test of the two groups at the {chosen.method} cutoff "
+            "(a test of the chosen split, not corrected for choosing it)"
+        )
     return {
         "cutoff": None if chosen is None else chosen.to_dict(),
         **result,
@@ -855,22 +1112,17 @@ def format_survival(result: dict[str, Any]) -> str:
     parts = []
     cut = result.get("cutoff")
     if cut is not None:
-        extra = ""
-        if cut.get("p_corrected") is not None:
-            extra = (
-                f"; max |Z| = {cut['statistic']:.3f}, search-corrected "
-                f"{_p_text(cut['p_corrected'])} by {cut['p_method']}"
-            )
-        parts.append(
-            f"Risk groups: score >= {cut['value']:.4g} is high ({cut['method']} cutoff{extra})"
-        )
+        parts.append(f"Risk groups: {describe_cutoff(cut)}")
     rows = [
         [g["group"], str(g["n"]), str(g["events"]), _fmt_median(g["median"], g["median_ci"])]
         for g in result["groups"]
     ]
     parts.append(_table(["group", "n", "events", "median [95% CI]"], rows))
     lr = result["logrank"]
-    parts.append(f"Log-rank: chi2 = {lr['statistic']:.3f}, df = {lr['df']}, {_p_text(lr['p'])}")
+    label = "Log-rank"
+    if cut is not None and cut.get("method") in ("median", "youden", "maxstat"):
+        label = "Log-rank of the chosen groups (not corrected for the cutoff search)"
+    parts.append(f"{label}: chi2 = {lr['statistic']:.3f}, df = {lr['df']}, {_p_text(lr['p'])}")
     cox = result.get("cox")
     if cox is not None:
         vs = f"{cox['group']} vs {cox['reference']}"

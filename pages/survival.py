@@ -16,6 +16,7 @@ from cmil_core.evaluation import (
     risk_survival,
 )
 from cmil_core.plots import forest_figure, km_figure
+from cmil_core.survival import describe_cutoff
 from pages import _common
 
 st.title("Survival")
@@ -31,13 +32,18 @@ if not entries:
     st.stop()
 chosen = entries[0]["cutoff"]
 extra = ""
-if chosen.get("p_corrected") is not None:
-    extra = f" (max log-rank |Z| {chosen['statistic']:.2f}, search-corrected p {chosen['p_corrected']:.3g})"
+if chosen.get("method") == "maxstat" and chosen.get("p_corrected") is not None:
+    extra = f" [{describe_cutoff(chosen)}]"
 st.caption(
     f"Model {model_id}. Risk groups: score at or above {chosen['value']:.3f} is high: "
     f"{chosen['description']}{extra}, applied unchanged to every cohort. Kaplan-Meier with "
-    "log-log 95% bands, log-rank test, Cox hazard ratio (Efron ties)."
+    "log-log 95% bands; the log-rank p on each plot is the classic test of the chosen groups "
+    "(not corrected for choosing the cutoff); Cox hazard ratio (Efron ties)."
 )
+if chosen.get("method") == "maxstat":
+    st.caption("maxstat search-corrected p: tests on the training cohort whether any allowed "
+               "split is associated with survival, allowing for the search over splits (R "
+               "maxstat.test, smethod = \"LogRank\"); it is not the p of the curves below.")
 if in_sample:
     st.warning("Training cohort grouped by the final model's in-sample scores (optimistic), as "
                "asked; switch off for its out-of-fold scores.")

@@ -130,8 +130,9 @@ def test_first_launch_builds_the_demo_with_progress(
         scored = store.patient_scores_frame(st, model_id)
     assert at.sidebar.selectbox[0].value == model_id
     auc = next(d.value for d in at.dataframe if "AUC (95% CI)" in d.value.columns)
-    assert auc["Cohort"].tolist() == ["training", "external_a", "external_b"]
-    shown = dict(zip(auc["Cohort"], auc["Patients scored"]))
+    # The training row holds the out-of-fold scores, and says so.
+    assert auc["Cohort"].tolist() == ["training (out-of-fold)", "external_a", "external_b"]
+    shown = dict(zip(auc["Cohort"].str.replace(" (out-of-fold)", ""), auc["Patients scored"]))
     assert shown == scored.groupby("cohort").size().to_dict() == {
         "training": 14, "external_a": 8, "external_b": 8}
     assert all(" (" in text for text in auc["AUC (95% CI)"])
@@ -283,6 +284,17 @@ def test_survival_cutoff_choices_are_fixed_on_training(
     _run(at)
     assert f"score at or above {median['value']:.3f} is high: training median" in at.caption[0].value
     assert "optimistic" in at.warning[0].value
+    # maxstat: R maxstat's statistic, cut, group sizes and corrected p, labelled apart from the
+    # classic (uncorrected) log-rank test of the chosen groups drawn on each plot
+    with store.open_store(scored_demo, read_only=True) as st:
+        chosen = survival_cutoff(st, model_id, "maxstat")
+    at.selectbox(key="survival_cutoff").set_value("maxstat")
+    _run(at)
+    caption = at.caption[0].value
+    assert f"maximally selected log-rank statistic M = {chosen['statistic']:.3f}" in caption
+    assert f"{chosen['n_low']} low / {chosen['n_high']} high" in caption
+    assert "classic test of the chosen groups (not corrected for choosing the cutoff)" in caption
+    assert "it is not the p of the curves below" in at.caption[1].value
 
 
 @pytest.mark.slow

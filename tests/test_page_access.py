@@ -354,4 +354,5 @@ def test_editor_scoring_job_is_audited_when_it_finishes(
     rows = _trail(demo_db)[: len(_trail(demo_db)) - before]
     assert [(r["who"], r["action"], r["cohort"], r["model_id"]) for r in rows] == [
         (EDITOR, "score", "external_a", model_id)]
-    assert json.loads(rows[0]["details"]) == {"patients": 8, "via": "dashboard"}
+    assert json.loads(rows[0]["details"]) == {"patients": 8, "via": "dashboard",
+                                              "allow_tiling_mismatch": False}

@@ -73,7 +73,8 @@ def test_write_the_report_and_download_it(
     text = html_path.read_text()
     assert len(curves) == 3
     for c in curves:  # each cohort's AUC, as the ROC legend and the dashboard write it
-        assert f"{c['cohort']}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})" in text
+        name = c.get("label", c["cohort"])  # the training row is "training (out-of-fold)"
+        assert f"{name}: AUC {c['auc']:.2f} ({c['ci_low']:.2f}-{c['ci_high']:.2f})" in text
     meta = json.loads((folder / "report.json").read_text())
     assert meta["endpoint"]["key"] == "efs" and meta["cutoff"]["method"] == "median"
     # The zip offered is the folder: its report.html is the one on disk.

@@ -276,7 +276,11 @@ def test_unpaired_test_uses_the_sum_of_variances(asah):
     test = stats.delong_unpaired_test(y, asah["wfns"], y[:60], asah["s100b"][:60])
     z = (a.auc - b.auc) / math.hypot(a.se, b.se)
     assert test.z == pytest.approx(z, abs=1e-12)
-    assert test.p == pytest.approx(2 * sps.norm.sf(abs(z)), abs=1e-12)
+    # pROC's delong.unpaired.test: Student t with Welch-Satterthwaite df (n = patients per cohort)
+    va, vb = a.se**2, b.se**2
+    df = (va + vb) ** 2 / (va**2 / (y.size - 1) + vb**2 / (60 - 1))
+    assert test.df == pytest.approx(df, rel=1e-12)
+    assert test.p == pytest.approx(2 * sps.t.sf(abs(z), df), abs=1e-12)
     assert test.method == "delong unpaired"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -141,43 +142,91 @@ def test_default_at_risk_times_are_round_steps(rossi):
 # ----------------------------------------------------------------------------
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(min_value=0, max_value=10_000))
-def test_split_logrank_equals_lifelines(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(6, 60))
-    times = rng.integers(1, 15, n).astype(float)  # ties on purpose
-    events = (rng.random(n) < 0.6).astype(np.int64)
-    events[0] = 1
-    high = rng.random((n, 3)) < 0.5
-    high[0, :], high[1, :] = True, False
-    z = survival._SplitLogrank(times, events).z(high)
-    for k in range(3):
-        h = high[:, k]
-        expected = logrank_test(times[h], times[~h], events[h], events[~h]).test_statistic
-        assert z[k] ** 2 == pytest.approx(expected, rel=1e-9, abs=1e-12)
+VETERAN = Path(__file__).parent / "data" / "veteran.csv"
+# R 4.2.2, survival 3.5.3, maxstat 0.7.25 (tests/data/veteran.csv is survival::veteran):
+#   m <- maxstat.test(Surv(time, status) ~ karno, data = veteran, smethod = "LogRank",
+#                     pmethod = "Lau92", minprop = 0.1, maxprop = 0.9)
+#   m$statistic 4.61806159115936; m$estimate 40; m$p.value 0.0001885616602637 (issue 19: 4.62, 1.9e-4)
+#   m$cuts  30 40 50 60 70 75
+#   m$stats 3.82786925779404 4.61806159115936 4.41712623295870 4.45736585888086
+#           3.22009591457919 3.38459330077064
+#   pmethod = "Lau94": 1.9162706028506e-05
+#   pmethod = "exactGauss", algorithm = Miwa(steps = 4096) (exact up to quadrature, passed on to
+#   mvtnorm::pmvnorm): 2.0383344799146e-05
+R_VETERAN_STATS = [3.82786925779404, 4.61806159115936, 4.41712623295870, 4.45736585888086,
+                   3.22009591457919, 3.38459330077064]
 
 
-def test_maxstat_picks_the_largest_split_with_ten_percent_groups(rossi):
+def test_maxstat_on_veteran_is_r_maxstat_test():
+    frame = pd.read_csv(VETERAN)
+    assert len(frame) == 137 and frame["status"].sum() == 128
+    cut = survival.risk_cutoff(frame, "karno", "maxstat", time="time", event="status")
+    assert cut.statistic == pytest.approx(4.61806159115936, abs=1e-9)
+    assert cut.p == pytest.approx(0.0001885616602637, rel=1e-9)
+    assert cut.cutpoint == 40 and cut.value == 45.0  # R: karno <= 40 is low; we: >= 45 is high
+    assert (cut.n_low, cut.n_high, cut.p_method) == (38, 99, "Lau92")
+    test = survival.maxstat_test(frame["time"], frame["status"], frame["karno"])
+    assert test.cuts.tolist() == [30, 40, 50, 60, 70, 75]
+    assert test.stats == pytest.approx(R_VETERAN_STATS, abs=1e-9)
+    lau94 = survival.maxstat_test(frame["time"], frame["status"], frame["karno"], p_method="Lau94")
+    assert lau94.p == pytest.approx(1.9162706028506e-05, rel=1e-9)
+    exact = survival.maxstat_test(frame["time"], frame["status"], frame["karno"],
+                                  p_method="exactGauss")
+    assert exact.p == pytest.approx(2.0383344799146e-05, abs=1e-9)
+
+
+def test_maxstat_cli_json_and_text_name_the_statistic_and_the_split(capsys):
+    from cmil_core.cli import main
+
+    args = ["survival", "--csv", str(VETERAN), "--time", "time", "--event", "status",
+            "--score", "karno", "--cutoff", "maxstat"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    cut = out["cutoff"]
+    assert {"method", "value"} <= set(cut) and cut["method"] == "maxstat"
+    assert cut["statistic"] == pytest.approx(4.61806159115936, abs=1e-9)
+    assert cut["p_corrected"] == pytest.approx(0.0001885616602637, rel=1e-9)
+    assert (cut["cutpoint"], cut["n_low"], cut["n_high"]) == (40.0, 38, 99)
+    assert cut["p_method"] == "Lau92" and "LogRank" in cut["r_call"]
+    # the classic log-rank test of the chosen groups stays what it is, and says so
+    assert "not corrected" in out["logrank"]["test"] and out["logrank"]["df"] == 1
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "M = 4.618" in text and "p = 0.00019 by Lau92" in text and "38 low / 99 high" in text
+    assert "Log-rank of the chosen groups (not corrected for the cutoff search)" in text
+
+
+def test_logrank_scores_are_exactranktests_cscores():
+    # R exactRankTests::cscores(Surv(c(1, 2, 2, 3, 4), c(1, 1, 0, 1, 0)), type = "LogRank")
+    #   0.800000000000000 0.466666666666667 -0.533333333333333 -0.033333333333333 -1.033333333333333
+    # i.e. a = delta - cumsum(delta / (N - r + 1)) up to the largest rank r of each time.
+    got = survival.logrank_scores([1, 2, 2, 3, 4], [1, 1, 0, 1, 0])
+    assert got == pytest.approx([0.8, 1 - (0.2 + 1 / 3), -(0.2 + 1 / 3), 1 - (0.2 + 1 / 3 + 0.5),
+                                 -(0.2 + 1 / 3 + 0.5)], abs=1e-12)
+
+
+def test_maxstat_is_the_largest_standardised_score_statistic(rossi):
+    # Brute force over the cuts, straight from Hothorn and Lausen (2003), eq. (1)-(3).
     cut = survival.risk_cutoff(rossi, "age", "maxstat", time="week", event="arrest")
     ages = rossi["age"].to_numpy(dtype=float)
-    values = np.unique(ages)
-    best = 0.0
-    for c in (values[1:] + values[:-1]) / 2:
-        h = ages >= c
-        if min(h.mean(), 1 - h.mean()) < 0.1:
+    a = survival.logrank_scores(rossi["week"], rossi["arrest"])
+    n, best = ages.size, (0.0, None)
+    for c in np.unique(ages):
+        low = ages <= c
+        m = int(low.sum())
+        if m < max(1, math.floor(n * 0.1)) or m > math.floor(n * 0.9):
             continue
-        chi2 = logrank_test(
-            rossi["week"][h], rossi["week"][~h], rossi["arrest"][h], rossi["arrest"][~h]
-        ).test_statistic
-        if chi2 > best + 1e-9:
-            best, best_cut = chi2, c
-    assert cut.value == best_cut and cut.statistic**2 == pytest.approx(best)
-    assert cut.method == "maxstat" and cut.p_method == "lausen92" and cut.n == 432
+        e = m / n * a.sum()
+        v = m * (n - m) / (n**2 * (n - 1)) * (n * (a**2).sum() - a.sum() ** 2)
+        z = abs((a[low].sum() - e) / math.sqrt(v))
+        if z > best[0] + 1e-12:
+            best = (z, c)
+    assert cut.statistic == pytest.approx(best[0], abs=1e-12) and cut.cutpoint == best[1]
+    assert cut.method == "maxstat" and cut.p_method == "Lau92" and cut.n == 432
     share = (ages >= cut.value).mean()
     assert 0.1 <= share <= 0.9
-    # the search-corrected p is larger than the naive p of the chosen split
-    assert cut.p > sps.chi2.sf(best, 1)
+    # the search-corrected p is larger than the naive p of the best standardised statistic
+    assert cut.p > 2 * sps.norm.sf(cut.statistic)
 
 
 @pytest.mark.parametrize("b", [0.5, 1.5, 2.5, 3.0902, 4.0])
@@ -198,7 +247,15 @@ def test_maxstat_permutation_p_is_seeded(rossi):
 
     first = run(0)
     assert first.p == run(0).p and 0 < first.p <= 1
-    assert first.p_method == "permutation" and first.value == run(1).value
+    assert first.p_method == "condMC" and first.value == run(1).value
+
+
+@pytest.mark.parametrize("bad", ["Lau93", "", "HL"])
+def test_maxstat_p_method_names(bad):
+    assert survival.maxstat_p_method("lausen92") == "Lau92"
+    assert survival.maxstat_p_method("EXACTGAUSS") == "exactGauss"
+    with pytest.raises(InputError, match="maxstat p method .* is not one of Lau92, Lau94"):
+        survival.maxstat_p_method(bad)
 
 
 def test_maxstat_correction_holds_its_size_on_noise():
@@ -216,7 +273,7 @@ def test_maxstat_correction_holds_its_size_on_noise():
         )
         cut = survival.risk_cutoff(frame, "s", "maxstat", time="t", event="e")
         corrected.append(cut.p)
-        naive.append(sps.chi2.sf(cut.statistic**2, 1))
+        naive.append(2 * sps.norm.sf(cut.statistic))
     assert np.mean(np.array(naive) < 0.05) > 0.3
     assert np.mean(np.array(corrected) < 0.05) <= 0.07
 
@@ -281,7 +338,9 @@ def test_categorical_covariates_are_one_hot_against_first_level(g3):
             "e": g3["event"],
         }
     )
-    fitter = CoxPHFitter().fit(design, "t", "e")
+    # converged as tightly as R's coxph, as cox_analysis is (lifelines' default stops ~1e-5 early)
+    tight = {"precision": 1e-12, "r_precision": 1e-16, "step_size": 0.95, "max_steps": 500}
+    fitter = CoxPHFitter().fit(design, "t", "e", fit_options=tight)
     assert [c["coef"] for c in result["coefficients"]] == pytest.approx(fitter.params_.tolist())
     assert "reference of 'group': 'Control'" in survival.format_cox(result)
 
