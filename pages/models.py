@@ -32,6 +32,8 @@ AGGREGATOR_HELP = {
                  "logistic regression",
     "attention": "gated attention MIL (Ilse et al. 2018)",
 }
+# How the patch CNN is used: frozen as loaded, or trained with the patients' labels.
+CNN_TRAINING = {"frozen": "frozen (fast)", "finetune": "trained on the smears (the study's)"}
 # The hyper-parameters offered here, per aggregator; the rest keep their defaults
 # (python -m cmil_core train --param NAME=VALUE sets any of them).
 SHOWN_PARAMS = {
@@ -87,10 +89,12 @@ def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame,
     return pd.DataFrame(records)
 
 def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: int, folds: int,
-                  params: dict[str, Any]) -> str:
+                  params: dict[str, Any], encoder_training: str = "frozen") -> str:
     words = ["python", "-m", "cmil_core", "train", "--db", str(db), "--cohort", cohort,
              "--aggregator", aggregator, "--encoder", encoder, "--seed", str(seed),
              "--folds", str(folds)]
+    if encoder_training != "frozen":
+        words += ["--encoder-training", encoder_training]
     for key, value in params.items():
         words += ["--param", f"{key}={value}"]
     return " ".join(shlex.quote(w) for w in words)
@@ -162,6 +166,12 @@ else:
                                     key="train_seed"))
     folds = int(cols[2].number_input("Cross-validation folds", min_value=2, max_value=20,
                                      value=5, step=1, key="train_folds"))
+    encoder_training = st.radio(
+        "Patch CNN", list(CNN_TRAINING), horizontal=True, key="train_encoder_training",
+        format_func=lambda k: CNN_TRAINING[k],
+        help="frozen: the encoder is used as it is and only the aggregator learns (minutes). "
+             "finetune: the CNN itself is trained on the patches with each patient's label, "
+             "inside every cross-validation fold (the study's method; much longer on a CPU).")
     spec = mil.AGGREGATORS[aggregator].PARAMS
     params: dict[str, Any] = {}
     param_cols = st.columns(len(SHOWN_PARAMS[aggregator]))
@@ -176,16 +186,19 @@ else:
                                                  value=float(default), format="%g",
                                                  key=f"train_{aggregator}_{key}"))
     st.caption("Same on the command line:")
-    st.code(train_command(db, cohort, aggregator, encoder, seed, folds, params), language="bash")
+    st.code(train_command(db, cohort, aggregator, encoder, seed, folds, params, encoder_training),
+            language="bash")
     if st.button("Train", type="primary", disabled=training_now or not editing,
                  key="train_button") and _common.require_editor("train", cohort=cohort):
         train_audited = _common.audited_job(
             modeling.train, "train",
-            lambda new_id, c=cohort, a=aggregator, e=encoder, s=seed, f=folds, p=dict(params): [
+            lambda new_id, c=cohort, a=aggregator, e=encoder, s=seed, f=folds, p=dict(params),
+            t=encoder_training: [
                 (c, str(new_id), {"aggregator": a, "encoder": e, "seed": s, "folds": f,
-                                  "params": p})])
+                                  "params": p, "encoder_training": t})])
         runner.start(TRAIN_JOB, train_audited, str(db), cohort, aggregator=aggregator,
-                     encoder=encoder, seed=seed, folds=folds, params=params)
+                     encoder=encoder, seed=seed, folds=folds, params=params,
+                     encoder_training=encoder_training)
         st.session_state.setdefault(SEEN, {})[TRAIN_JOB] = "running"
     if training_now:
         st.caption("A model is being trained (progress below); one training runs at a time.")

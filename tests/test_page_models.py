@@ -234,3 +234,27 @@ def test_delete_needs_the_typed_model_id(demo_db: Path) -> None:
         assert store.list_models(handle).empty
         assert store.table_counts(handle)["patient_scores"] == 0
     assert "No model trained yet" in _plain(at.info[0].value)
+
+
+@pytest.mark.slow
+def test_the_cnn_can_be_trained_from_the_page(
+    demo_db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Choosing "trained on the smears" shows the CLI flag and reaches modeling.train."""
+    seen: dict[str, Any] = {}
+
+    def fake_train(*args: Any, **kwargs: Any) -> str:
+        seen.update(kwargs)
+        return "fake-model"
+
+    monkeypatch.setattr(modeling, "train", fake_train)
+    at = _open()
+    at.radio(key="train_encoder_training").set_value("finetune")
+    _run(at)
+    assert any("--encoder-training finetune" in c.value for c in at.code)
+    at.button(key="train_button").click()
+    _run(at)
+    job = _runner().get("train")
+    assert job is not None
+    job.wait(60)
+    assert seen["encoder_training"] == "finetune"
