@@ -29,7 +29,7 @@ per second is the rate achieved, printed as a fraction of the float32 matrix
 rate (above 1 is possible in bf16, whose matrix rate is printed too).
 
 ``--slide`` adds an end-to-end line on a real slide
-(``../shared/fixtures/slides/CMU-1-Small-Region.svs``): the 450 patches of a
+(``tests/data/fixtures/slides/CMU-1-Small-Region.svs``): the 450 patches of a
 half-overlapping grid of 224 px, read with :func:`cmil_core.tiling.read_patch`
 and embedded by smallcnn (fast path in both), (a) sequentially (read a batch,
 then embed it) and (b) by :func:`cmil_core.features.slide_features` (two
@@ -64,7 +64,7 @@ from cmil_core.encoders import (  # noqa: E402
 )
 
 BATCH = 64
-CMU = ROOT.parent / "shared" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
+CMU = ROOT / "tests" / "data" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
 
 
 def _loadavg() -> str:

@@ -5,7 +5,7 @@ Run: ``.venv/bin/python bench/tiling.py [--side 8192] [--repeat 3]``
 Slides:
 
 * ``CMU-1-Small-Region.svs`` (Aperio, 2220 x 2967, 0.499 um/px; from
-  ``../shared/fixtures``);
+  ``tests/data/fixtures``);
 * two synthetic pyramidal TIFFs written into a temporary folder the way the
   demo writes slides (tiled 256, JPEG, ``photometric='rgb'``, resolution tags
   in centimetres for 0.5 um/px, each pyramid level a separate IFD with
@@ -70,7 +70,7 @@ from cmil_core import tiling  # noqa: E402
 from cmil_core.quality import QCThresholds  # noqa: E402
 from cmil_core.slides import Slide, open_slide  # noqa: E402
 
-CMU1 = ROOT.parent / "shared" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
+CMU1 = ROOT / "tests" / "data" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
 MPP = 0.5
 TILE = 256
 BLOCK = 2048  # synthetic texture period, level-0 px

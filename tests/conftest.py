@@ -1,4 +1,4 @@
-"""Shared test fixtures: paths to the real files in ../shared and temporary stores."""
+"""Shared test fixtures: paths to the real files in tests/data and temporary stores."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-REFERENCE = SHARED / "reference"
+DATA = ROOT / "tests" / "data"
+# Real slides and photographs nobody here wrote (sources and licences in SOURCES.md).
+FIXTURES = DATA / "fixtures"
+# Reference values of R survival, pROC and lifelines, with the aSAH data.
+REFERENCE = DATA / "reference"
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.exists():
-        pytest.skip(f"shared fixtures not found at {FIXTURES}")
+        pytest.fail(f"test fixtures not found at {FIXTURES}")
     return FIXTURES
 
 

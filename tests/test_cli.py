@@ -18,7 +18,7 @@ from lifelines.datasets import load_g3, load_rossi
 from cmil_core.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-ASAH = ROOT.parent / "shared" / "reference" / "asah.csv"
+ASAH = ROOT / "tests" / "data" / "reference" / "asah.csv"
 
 
 def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict:

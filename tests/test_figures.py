@@ -20,7 +20,7 @@ from cmil_core import figures, stats, survival
 from cmil_core.errors import InputError
 from cmil_core.palette import RISK_COLOURS, cohort_colour
 
-ASAH = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "asah.csv"
+ASAH = Path(__file__).resolve().parent / "data" / "reference" / "asah.csv"
 COHORTS = ["training", "external_a", "ext <b>&"]
 
 

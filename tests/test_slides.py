@@ -1,4 +1,4 @@
-"""cmil_core.slides on real files from ../shared/fixtures, including broken ones."""
+"""cmil_core.slides on real files from tests/data/fixtures, including broken ones."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Tests of cmil_core.stats: pROC reference values, brute force, properties, failures.
 
-Reference values come from ../shared/reference/REFERENCE.md; each test pastes
+Reference values come from tests/data/reference/REFERENCE.md; each test pastes
 the R call that produced its numbers. Tolerance: the digits shown, or 1e-6
 where more digits are given.
 """
@@ -24,7 +24,7 @@ from cmil_core import stats
 from cmil_core.errors import InputError
 from conftest import is_plain_json
 
-REFERENCE = Path(__file__).parents[1].parent / "shared" / "reference"
+REFERENCE = Path(__file__).parent / "data" / "reference"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Tests of cmil_core.survival: R reference values, brute force, properties, failures.
 
-Reference values come from ../shared/reference/REFERENCE.md (R survival, via
+Reference values come from tests/data/reference/REFERENCE.md (R survival, via
 lifelines' own tests and docs); each test pastes the R call. Tolerance: the
 digits shown, or 1e-6 where more digits are given.
 """

@@ -1,4 +1,4 @@
-"""cmil_core.tiling on real slides and photographs from ../shared/fixtures, and on synthetic images.
+"""cmil_core.tiling on real slides and photographs from tests/data/fixtures, and on synthetic images.
 
 The BCCD photographs (640 x 480 Wright-Giemsa blood smears) carry no
 resolution; these tests assume 0.3 um per pixel, a 40x objective on a
