@@ -107,7 +107,6 @@ __all__ = [
     "MIN_STAINED_PIXELS",
     "StainModel",
     "estimate_stains",
-    "optical_density",
 ]
 
 
@@ -206,19 +205,6 @@ DEFAULT_STAINS = StainModel(
     tuple(DEFAULT_NUCLEAR), tuple(DEFAULT_COUNTERSTAIN),  # type: ignore[arg-type]
     0.15, "default", "",
 )
-
-
-def optical_density(
-    rgb: npt.NDArray[np.uint8], glass_rgb: npt.ArrayLike
-) -> npt.NDArray[np.float32]:
-    """OD relative to the glass, ``log10(glass / I)`` per channel, clipped at 0: float32 ``[..., 3]``.
-
-    ``glass_rgb`` is three values (or broadcastable to ``rgb``'s shape); a
-    channel value of 0 counts as 1 (OD stays finite).
-    """
-    glass = np.asarray(glass_rgb, dtype=np.float32)
-    levels = np.maximum(rgb.astype(np.float32), 1.0)
-    return np.maximum(np.log10(glass / levels), 0.0, dtype=np.float32)
 
 
 def _floor_for(od: npt.NDArray[np.float64], model_u: npt.NDArray[np.float32]) -> float:
