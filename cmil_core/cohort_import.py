@@ -16,7 +16,11 @@ anything else  kept as-is in ``patients.clinical`` (age, sex, stage...)  no
 
 Column names are matched after lower-casing and turning spaces, dots and
 dashes into ``_``; :data:`COLUMN_ALIASES` lists the accepted variants (``id``,
-``os_time``, ``efs_status``...). Empty cells and ``NA`` are missing values.
+``os_time``, ``efs_status``...). Empty cells and ``NA``/``N/A``/``NaN``/``null``
+are missing values everywhere; ``none``, ``-``, ``?``, ``.`` and ``missing`` only in
+the numeric columns (times, events, and clinical columns whose other cells are
+all numbers): a categorical clinical column keeps them as values (a treatment
+"none", a 1p deletion "-"). ``-`` is a negative ``bm_metastasis``.
 
 Every problem is collected (up to :data:`MAX_PROBLEMS`) with its row and
 column; when there is any, nothing is written and :class:`TableError` carries
@@ -56,7 +60,16 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError, shown
-from cmil_core.tables import MISSING_VALUES, TextTable, parse_number, read_table
+from cmil_core.tables import (
+    ALWAYS_MISSING,
+    MISSING_VALUES,
+    NUMERIC_MISSING,
+    TextTable,
+    numeric_cells,
+    parse_number,
+    read_table,
+)
+from cmil_core.workbook import sheet_names
 
 __all__ = [
     "COLUMN_ALIASES",
@@ -160,6 +173,9 @@ class ImportResult:
     columns: dict[str, str]
     clinical_columns: list[str]
     rows: list[store_mod.PatientRow] = field(repr=False, default_factory=list)
+    encoding: str = "utf-8"
+    sheet: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _normalise(name: str) -> str:
@@ -242,8 +258,9 @@ def _parse_time(text: str, decimal_comma: bool) -> float | None:
     return value
 
 
-def _clinical_value(text: str, decimal_comma: bool) -> object:
-    if text.strip().lower() in MISSING_VALUES:
+def _clinical_value(text: str, decimal_comma: bool, numeric: bool) -> object:
+    lowered = text.strip().lower()
+    if lowered in ALWAYS_MISSING or (numeric and lowered in NUMERIC_MISSING):
         return None
     try:
         number = parse_number(text, decimal_comma=decimal_comma)
@@ -272,6 +289,14 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
     known = set(mapping.values())
     clinical_idx = [i for i in range(len(header)) if i not in known]
     dc = table.decimal_comma
+    numeric_clinical = {
+        i: numeric_cells([
+            None if row[i].strip().lower() in ALWAYS_MISSING
+            else row[i].replace(",", ".") if dc else row[i]
+            for row in table.rows
+        ])
+        for i in clinical_idx
+    }
     first_seen: dict[str, int] = {}
     patients: list[store_mod.PatientRow] = []
 
@@ -335,7 +360,8 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
             values[f"{prefix}_months"] = t_value
             values[f"{prefix}_event"] = e_value
 
-        clinical = {header[i]: _clinical_value(cells[i], dc) for i in clinical_idx}
+        clinical = {header[i]: _clinical_value(cells[i], dc, numeric_clinical[i])
+                    for i in clinical_idx}
         patients.append(
             store_mod.PatientRow(
                 patient_id=pid,
@@ -364,12 +390,15 @@ def import_cohort(
     data: bytes | None = None,
     name: str | None = None,
     dry_run: bool = False,
+    encoding: str | None = None,
+    sheet: str | int | None = None,
 ) -> ImportResult:
     """Validate a clinical table and, if it is valid, store it as ``cohort``.
 
     ``db`` is an open :class:`~cmil_core.store.Store` or a path to one.
-    ``data``/``name`` read an upload instead of a file. ``dry_run`` validates
-    only. On any problem raises :class:`TableError` (an ``InputError``) and
+    ``data``/``name`` read an upload instead of a file. ``encoding`` overrides
+    the detected encoding of a text table, ``sheet`` (name or 1-based number)
+    chooses a workbook's sheet. ``dry_run`` validates only. On any problem raises :class:`TableError` (an ``InputError``) and
     writes nothing.
     """
     cohort = cohort.strip()
@@ -383,7 +412,7 @@ def import_cohort(
     if role not in _ROLES:
         raise InputError(f"role {role!r} is not one of {', '.join(_ROLES)}")
     source = name or Path(str(csv_path)).name
-    table = read_table(csv_path or source, data=data, name=source)
+    table = read_table(csv_path or source, data=data, name=source, encoding=encoding, sheet=sheet)
     patients, mapping = validate_table(table)
     result = ImportResult(
         cohort=cohort,
@@ -395,6 +424,9 @@ def import_cohort(
         columns={fld: table.header[i] for fld, i in mapping.items()},
         clinical_columns=[h for i, h in enumerate(table.header) if i not in mapping.values()],
         rows=patients,
+        encoding=table.encoding,
+        sheet=table.sheet,
+        notes=list(table.notes),
     )
     if dry_run:
         return result
@@ -439,9 +471,15 @@ class TablePreview:
     clinical_columns: list[str]
     frame: pd.DataFrame
     mapping: pd.DataFrame
+    encoding: str = "utf-8"
+    sheet: str | None = None
+    sheets: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
-def preview_table(data: bytes, name: str) -> TablePreview:
+def preview_table(
+    data: bytes, name: str, *, encoding: str | None = None, sheet: str | int | None = None
+) -> TablePreview:
     """Validate an uploaded clinical table (bytes and file name) without writing anything.
 
     Raises :class:`TableError` (every problem, with row and column) or
@@ -454,7 +492,7 @@ def preview_table(data: bytes, name: str) -> TablePreview:
     >>> int(p.frame.loc[3, "bm_metastasis"]), int(p.frame.loc[3, "age"])
     (0, 5)
     """
-    table = read_table(name, data=data, name=name)
+    table = read_table(name, data=data, name=name, encoding=encoding, sheet=sheet)
     patients, mapping = validate_table(table)
     fields = [f for f in _CONTRACT_COLUMNS if f in mapping or f == "patient_id"]
     clinical = [h for i, h in enumerate(table.header) if i not in mapping.values()]
@@ -489,6 +527,10 @@ def preview_table(data: bytes, name: str) -> TablePreview:
         clinical_columns=clinical,
         frame=frame,
         mapping=mapping_frame,
+        encoding=table.encoding,
+        sheet=table.sheet,
+        sheets=tuple(sheet_names(data, name)) if table.sheet is not None else (),
+        notes=table.notes,
     )
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import access, discovery
+from cmil_core import access, discovery, display, workbook
 from cmil_core import pipeline
 from cmil_core import store as store_mod
 from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
 from cmil_core.errors import InputError
+from cmil_core.tables import ENCODING_CHOICES, unicode_text
 from cmil_core.jobs import Job
 from cmil_core.qc import THRESHOLD_FIELDS, flag_name
 from cmil_core.quality import QCThresholds
@@ -55,16 +56,20 @@ overview = _common.query("overview_rows", store_mod.cohort_overview)
 cohorts = overview["cohort"].tolist()
 runner = _common.job_runner()
 
-st.dataframe(cohort_rows(overview), hide_index=True, width="stretch")
+st.dataframe(cohort_rows(overview), hide_index=True, width="stretch",
+             column_config={name: st.column_config.NumberColumn(format="localized")
+                            for name in ("Patients", "Slides", "Slides failed",
+                                         "Patches passing QC")})
 st.caption(
     "One row per cohort. Slides appear after ingest; a failed slide keeps its reason "
-    "(see the ingest summary below, or the store's slides table)."
+    "(see the ingest summary below; the Patients page lists each patient's slides)."
 )
 
 # ---------------------------------------------------------------------------
 st.header("Import a clinical table")
 st.caption(
-    "A CSV, semicolon or tab-separated table with one row per patient. Required: "
+    "A CSV, semicolon or tab-separated table, or an Excel workbook (.xlsx), with one row "
+    "per patient. Required: "
     "patient_id. Optional: bm_metastasis (1/0, yes/no, positive/negative), os_months + "
     "os_event, efs_months + efs_event; common spellings are recognised, and every other "
     "column is kept as a clinical variable. Validated on upload; nothing is imported "
@@ -72,13 +77,33 @@ st.caption(
 )
 upload_round = st.session_state.get("cohort_upload_round", 0)
 uploaded = st.file_uploader(
-    "Clinical table", type=["csv", "tsv", "txt"], key=f"cohort_table_{upload_round}",
-    disabled=not editing,
+    "Clinical table", type=["csv", "tsv", "txt", "xlsx", "xlsm"],
+    key=f"cohort_table_{upload_round}", disabled=not editing,
 )
 if uploaded is not None:
     data = uploaded.getvalue()
+    chosen_encoding: str | None = None
+    chosen_sheet: str | None = None
     try:
-        preview = preview_table(data, uploaded.name)
+        sheets = workbook.sheet_names(data, uploaded.name) if workbook.is_workbook(data) else []
+    except InputError:
+        sheets = []  # the preview below says why the workbook cannot be read
+    if sheets:
+        chosen_sheet = st.selectbox(
+            "Sheet", sheets, key=f"import_sheet_{upload_round}",
+            help="The workbook's sheet holding one row per patient (default: the first). "
+                 "Same as `--sheet`.")
+    elif not workbook.is_workbook(data) and not unicode_text(data):
+        # Not UTF-8: a legacy code page, detected or chosen here.
+        picked = st.selectbox(
+            "Text encoding", ["detect", *ENCODING_CHOICES], key=f"import_encoding_{upload_round}",
+            help="Detected by default (UTF-8, UTF-16, GB18030/GBK, Big5, Shift-JIS, EUC-KR, "
+                 "cp1252, Latin-1); when the detection is unsure the table is refused with "
+                 "the candidates: choose the one it was saved in. Same as `--encoding`.")
+        chosen_encoding = None if picked == "detect" else picked
+    try:
+        preview = preview_table(data, uploaded.name, encoding=chosen_encoding,
+                                sheet=chosen_sheet)
     except InputError as exc:
         st.error(f"{md(uploaded.name)} cannot be imported; nothing was imported. Problems:")
         st.dataframe(problems_frame(exc), hide_index=True, width="stretch")
@@ -88,6 +113,13 @@ if uploaded is not None:
             f"{md(uploaded.name)}: {preview.patients} patients, {preview.positives} with bone-marrow "
             f"metastasis, {preview.negatives} without, {preview.unlabelled} unknown."
         )
+        st.caption(
+            f"Read as {md(preview.encoding)}"
+            + (f", sheet '{md(preview.sheet)}'" if preview.sheet else "")
+            + ". Missing values: empty cells and NA/N/A/NaN/null everywhere; none, -, ?, . "
+            "only in numeric columns (other columns keep them as values).")
+        for note in preview.notes:
+            st.info(md(note))
         left, right = st.columns([1, 2])
         left.markdown("**Columns detected**")
         left.dataframe(preview.mapping, hide_index=True)
@@ -111,14 +143,16 @@ if uploaded is not None:
             try:
                 result = import_cohort(
                     db, name, None, data=data, name=uploaded.name, role=role,
-                    center=center.strip() or None,
+                    center=center.strip() or None, encoding=chosen_encoding,
+                    sheet=chosen_sheet,
                 )
             except (InputError, store_mod.StoreError) as exc:
                 st.error(f"Nothing was imported: {md(exc)}")
             else:
                 _common.audit("import", cohort=result.cohort,
                               details={"source": result.source, "patients": result.patients,
-                                       "role": role})
+                                       "role": role, "encoding": result.encoding,
+                                       "sheet": result.sheet})
                 flash(
                     "success",
                     f"Imported cohort '{md(result.cohort)}' ({ROLES[role].lower()}) from "
@@ -142,8 +176,22 @@ else:
         "`python -m cmil_core ingest`."
     )
     target = st.selectbox("Cohort", cohorts, key="ingest_cohort")
+    # Server folders are offered only when configured ($CMIL_SLIDE_ROOT); else zip uploads.
+    try:
+        root = discovery.configured_slide_root()
+    except InputError as exc:
+        root = None
+        st.error(md(exc))
+    if root is None:
+        st.info(
+            "Server folders are off: the dashboard only reads folders under the folder "
+            f"named by the environment variable `{discovery.SLIDE_ROOT_ENV}`. Set it "
+            "(e.g. `CMIL_SLIDE_ROOT=/data/slides ./run.sh`) and restart the dashboard "
+            "to ingest from there; meanwhile, upload a zip."
+        )
     source_kind = st.radio(
-        "Slides from", ["server", "zip"], horizontal=True, key="ingest_source",
+        "Slides from", ["server", "zip"] if root is not None else ["zip"], horizontal=True,
+        key="ingest_source",
         format_func={"server": "A folder on the server", "zip": "A zip upload"}.get,
     )
     mpp = st.number_input(
@@ -164,7 +212,7 @@ else:
         qc_cols = st.columns(2)
         for i, name in enumerate(THRESHOLD_FIELDS):
             qc_values[name] = float(qc_cols[i % 2].number_input(
-                name.replace("_", " "), value=float(getattr(start, name)), format="%g",
+                display.threshold(name), value=float(getattr(start, name)), format="%g",
                 key=f"ingest_qc_{target}_{name}",
                 help=f"default {getattr(QCThresholds(), name):g}; `{flag_name(name)}`"))
     try:
@@ -177,20 +225,9 @@ else:
     busy = current is not None and current.running
     path = None
     extract_dir = None
+    zipped = None
     if source_kind == "server":
-        try:
-            root = discovery.configured_slide_root()
-        except InputError as exc:
-            root = None
-            st.error(md(exc))
-        if root is None:
-            st.info(
-                "Server folders are off: the dashboard only reads folders under the folder "
-                f"named by the environment variable `{discovery.SLIDE_ROOT_ENV}`. Set it "
-                "(e.g. `CMIL_SLIDE_ROOT=/data/slides ./run.sh`) and restart the dashboard, "
-                "or upload a zip."
-            )
-        else:
+        if root is not None:
             folders = discovery.folders_under_root(root)
             relative = st.text_input(
                 f"Folder (or .zip) relative to {md(root)}", key="ingest_folder",
@@ -210,8 +247,11 @@ else:
         if zipped is not None:
             folder = discovery.upload_folder(db, target)
             st.caption(f"Saved and extracted under {md(folder)} on the server when you run ingest.")
+    # Disabled where nothing can be ingested: server folders off (then only zips are
+    # offered); a missing folder or zip is said when the button is pressed.
+    server_off = source_kind == "server" and root is None
     if st.button("Run ingest", type="primary",
-                 disabled=busy or not editing or ingest_thresholds is None,
+                 disabled=busy or not editing or ingest_thresholds is None or server_off,
                  key="ingest_run") and _common.require_editor("ingest", cohort=target):
         if source_kind == "zip":
             if zipped is None:

@@ -306,6 +306,7 @@ def test_problems_frame_says_when_the_list_was_cut() -> None:
 
 _KNOWN = ("patient_id", "bm_metastasis", "os_months", "os_event", "efs_months", "efs_event")
 _MISSING = {"", "na", "n/a", "nan", "null", "none", ".", "-", "?", "missing"}
+_ALWAYS = {"", "na", "n/a", "nan", "null"}  # missing in categorical columns too
 _YES = {"1", "1.0", "yes", "y", "positive", "pos", "true", "t", "+"}
 _NO = {"0", "0.0", "no", "n", "negative", "neg", "false", "f", "-"}
 # Characters that make hostile cells: separators, quotes, line breaks, control and
@@ -362,6 +363,18 @@ def _expected(header: list[str], rows: list[list[str]], semicolon: bool) -> list
     rows = [[c.strip() for c in r] for r in rows if any(c.strip() for c in r)]
     if not rows:
         return None
+    def finite(text: str) -> bool:
+        try:
+            return "_" not in text and math.isfinite(_number(text, semicolon))
+        except ValueError:
+            return False
+
+    # A clinical column is numeric when its cells, apart from missing tokens, are all
+    # numbers (one at least): then none, -, ?, . are missing there; else they are values.
+    numeric_column = {}
+    for i in range(len(fields)):
+        present = [r[i] for r in rows if r[i].lower() not in _MISSING]
+        numeric_column[i] = bool(present) and all(finite(c) for c in present)
     out, seen = [], set()
     for cells in rows:
         cell = {f: cells[i] for i, f in enumerate(fields) if f}
@@ -400,7 +413,8 @@ def _expected(header: list[str], rows: list[list[str]], semicolon: bool) -> list
                 continue
             text = cells[i]
             value: object = None
-            if text.lower() not in _MISSING:
+            missing = _ALWAYS | (_MISSING if numeric_column[i] else set())
+            if text.lower() not in missing:
                 try:
                     number = _number(text, semicolon)
                 except ValueError:

@@ -26,7 +26,7 @@ Policies decided here (and documented in the modules):
   formula injection), hold control or invisible characters, or ``<``/``>``
   are refused at import, so exports write ids unchanged
   (:func:`cmil_core.cohort_import.identifier_problem`);
-* UTF-16 with a byte-order mark is read; without one it is binary;
+* UTF-16 is read with or without a byte-order mark (UTF-32 only with one);
 * a symbolic link out of a slide folder, or a manifest path outside it,
   refuses the whole ingest; a nested archive refuses the zip;
 * one slide file (by sha256) belongs to one patient: the same content
@@ -342,12 +342,15 @@ CASES = [
          "contains binary data"),
     Case("table_gzip_named_csv", "import",
          lambda w: _import(w, gzip.compress(TABLE + b"P1,1,3,1\n")), "a gzip-compressed file"),
-    Case("table_xlsx_named_csv", "import",
+    Case("table_broken_xlsx_named_csv", "import",
          lambda w: _import(w, _zip(w, [("xl/workbook.xml", b"<x/>")], "book.xlsx").read_bytes()),
-         "a zip archive (an Excel .xlsx workbook is one)"),
-    Case("table_utf16_without_bom", "import",
-         lambda w: _import(w, (TABLE + b"P1,1,3,1\n").decode().encode("utf-16-le")),
-         "UTF-16 text needs its byte-order mark"),
+         "an Excel workbook that cannot be read"),
+    Case("table_zip_named_csv", "import",
+         lambda w: _import(w, _zip(w, [("a.txt", b"x")], "a.zip").read_bytes()),
+         "a zip archive (and not an Excel .xlsx workbook)"),
+    Case("table_utf32_without_bom", "import",
+         lambda w: _import(w, (TABLE + b"P1,1,3,1\n").decode().encode("utf-32-le")),
+         "contains binary data"),
     Case("table_unclosed_quote", "import",
          lambda w: _import(w, TABLE + b'P1,"1,3,1\nP2,0,4,0\n'),
          "row 2: a quote opened in this row is never closed"),

@@ -200,7 +200,8 @@ def test_editor_imports_and_deletes_and_the_trail_names_them(study: Path) -> Non
     assert [(r["who"], r["action"], r["cohort"]) for r in trail] == [
         (EDITOR, "delete-cohort", "existing"), (EDITOR, "import", "new")]
     assert json.loads(trail[1]["details"]) == {
-        "source": "new.csv", "patients": 2, "role": "train", "via": "dashboard"}
+        "source": "new.csv", "patients": 2, "role": "train", "via": "dashboard",
+        "encoding": "utf-8", "sheet": None}
     assert json.loads(trail[0]["details"])["patients"] == 2
 
     # The audit page is the editor's, with filters.

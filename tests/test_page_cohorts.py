@@ -288,3 +288,43 @@ def test_user_strings_are_shown_as_typed_not_as_markup(one_cohort: Path) -> None
     shown = at.error[0].value
     assert shown.startswith(r"\*\*x\*\* \[link\]\(http\:\/\/example\.org\)\.csv cannot be imported")
     assert _plain(shown).startswith("**x** [link](http://example.org).csv cannot be imported")
+
+
+def test_legacy_encoding_is_chosen_when_detection_is_unsure(one_cohort: Path) -> None:
+    at = _cohorts_page()
+    tiny = "patient_id,性别\nP1,男\nP2,女\n".encode("gbk")  # too short to tell GBK from Big5
+    at.file_uploader[0].set_value(("gbk.csv", tiny, "text/csv"))
+    _run(at)
+    problems = at.dataframe[1].value
+    assert "the encoding cannot be told for sure" in problems["problem"][0]
+    assert "GB18030" in problems["problem"][0]
+    at.selectbox(key="import_encoding_0").set_value("gbk")
+    _run(at)
+    assert _plain(at.success[0].value).startswith("gbk.csv: 2 patients")
+    assert at.dataframe[2].value["性别"].tolist() == ["男", "女"]
+
+
+def test_workbook_sheet_is_picked_on_the_page(one_cohort: Path) -> None:
+    import io
+
+    from openpyxl import Workbook
+
+    book = Workbook()
+    book.active.title = "Notes"
+    book.active.append(["exported by", "the hospital"])
+    patients = book.create_sheet("Patients")
+    for row in (["patient_id", "bm_metastasis", "os_months", "os_event"], ["X1", 1, 12.5, 1],
+                ["X2", 0, 30, 0]):
+        patients.append(row)
+    buffer = io.BytesIO()
+    book.save(buffer)
+    at = _cohorts_page()
+    xlsx_type = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+    at.file_uploader[0].set_value(("cohort.xlsx", buffer.getvalue(), xlsx_type))
+    _run(at)
+    assert at.selectbox(key="import_sheet_0").options == ["Notes", "Patients"]
+    assert "no patient_id column" in at.dataframe[1].value["problem"][0]  # first sheet
+    at.selectbox(key="import_sheet_0").set_value("Patients")
+    _run(at)
+    assert _plain(at.success[0].value).startswith("cohort.xlsx: 2 patients, 1 with")
+    assert at.dataframe[2].value["os_months"].tolist() == [12.5, 30.0]

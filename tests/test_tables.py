@@ -68,8 +68,8 @@ def test_blank_lines_are_skipped_and_rows_keep_file_line_numbers(tmp_path: Path)
         (b"patient_id,age\nP1,3,4\n", "t.csv: row 2 has 3 fields, the header has 2"),
         (b"patient_id,age\nP1,\"3\nP2,4\n", "t.csv: row 2: a quote opened in this row is never"),
         (b"\x1f\x8b\x08\x00", "t.csv: this is not a text table: it is a gzip-compressed file"),
-        (b"PK\x03\x04", "it is a zip archive \\(an Excel .xlsx workbook is one\\)"),
-        ("patient_id,age\nP1,3\n".encode("utf-16-le"), "UTF-16 text needs its byte-order mark"),
+        (b"PK\x03\x04", "it is a zip archive \\(and not an Excel .xlsx workbook\\)"),
+        ("patient_id,age\nP1,3\n".encode("utf-32-le"), "contains binary data"),
         (b",".join([b"c"] * 10_001), "the header has about 10001 columns; at most 10000"),
     ],
 )
