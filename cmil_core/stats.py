@@ -1,6 +1,6 @@
 """Discrimination statistics: ROC, AUC with confidence intervals, tests, cutoffs.
 
-Conventions (DESIGN.md, "Statistics conventions")
+Conventions (docs/DESIGN.md, "Statistics conventions")
 -------------------------------------------------
 - ``y_true`` is a boolean array, True for a positive patient (in the cMIL
   study: bone-marrow metastasis); ``y_score`` is a float array in which a
@@ -22,7 +22,7 @@ return a number, ``roc_curve`` a curve, ``*_ci`` an interval record, ``*_test``
 a comparison record, ``*_cutoff`` a threshold, ``calibration_*`` and
 ``decision_curve`` pandas tables. They take arrays and check them once, at the
 edge. ``roc_analysis`` takes a table (pandas DataFrame) and returns the
-JSON-ready ``roc`` contract of DESIGN.md (plain ``float``/``int``/``None``,
+JSON-ready ``roc`` contract of docs/DESIGN.md (plain ``float``/``int``/``None``,
 never NaN); ``format_roc`` renders it for a terminal.
 
 Degenerate input (decided, and tested):
@@ -57,6 +57,16 @@ import numpy.typing as npt
 import pandas as pd
 from scipy import stats as _sps
 
+from cmil_core._checks import (
+    FALSE_TEXTS,
+    TRUE_TEXTS,
+    as_text,
+    complete_cases,
+    list_values,
+    numeric_column,
+    require_columns,
+)
+from cmil_core._formatting import fmt, fmt_ci, fmt_p, json_float, json_pair, text_table
 from cmil_core.errors import InputError
 
 __all__ = [
@@ -90,7 +100,6 @@ FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 CI_METHODS = ("delong", "bootstrap")
-_TRUE_TEXTS, _FALSE_TEXTS = frozenset({"1", "true"}), frozenset({"0", "false"})
 _CHUNK_ELEMENTS = 4_000_000  # bound on the cells of one bootstrap chunk (about 32 MB)
 
 
@@ -185,11 +194,11 @@ class ThresholdMetrics:
             "ppv": (self.tp, self.tp + self.fp),
             "npv": (self.tn, self.tn + self.fn),
         }
-        out: dict[str, Any] = {"threshold": _json_float(self.threshold)}
+        out: dict[str, Any] = {"threshold": json_float(self.threshold)}
         for name, (k, n) in pairs.items():
-            out[name] = _json_float(_ratio(k, n))
+            out[name] = json_float(_ratio(k, n))
         for name, (k, n) in pairs.items():
-            out[f"{name}_ci"] = _json_pair(wilson_ci(k, n, self.level)) if n else None
+            out[f"{name}_ci"] = json_pair(wilson_ci(k, n, self.level)) if n else None
         out.update(tp=self.tp, fp=self.fp, tn=self.tn, fn=self.fn)
         return out
 
@@ -212,7 +221,7 @@ def _check_arrays(
     if y.dtype != np.bool_:
         values = np.unique(y)
         if not np.all(np.isin(values, [0, 1])):
-            raise InputError(f"y_true must be 0/1 or boolean; values are {_list_values(values)}")
+            raise InputError(f"y_true must be 0/1 or boolean; values are {list_values(values)}")
         y = y.astype(bool)
     if not np.all(np.isfinite(s)):
         raise InputError("y_score contains missing or infinite values")
@@ -231,68 +240,6 @@ def _check_level(level: float) -> float:
     return float(level)
 
 
-def _list_values(values: Any, limit: int = 10) -> str:
-    """"'a', 'b', ... (n in all)" for an error message."""
-    texts = sorted({_as_text(v) for v in values})
-    shown = ", ".join(repr(t) for t in texts[:limit])
-    return shown if len(texts) <= limit else f"{shown}, ... ({len(texts)} in all)"
-
-
-def _as_text(value: Any) -> str:
-    """The text of a label or group value: 1.0 -> '1', ' Poor ' -> 'Poor'."""
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        return str(int(value)) if float(value).is_integer() else repr(float(value))
-    return str(value).strip()
-
-
-def _require_columns(frame: pd.DataFrame, columns: Sequence[str]) -> None:
-    if not isinstance(frame, pd.DataFrame):
-        raise InputError(f"expected a pandas DataFrame, got {type(frame).__name__}")
-    for column in columns:
-        if column not in frame.columns:
-            raise InputError(
-                f"column {column!r} not found; columns are {_list_values(frame.columns, 20)}"
-            )
-
-
-def _complete_cases(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.DataFrame, int]:
-    """Rows with a value in every one of ``columns``, and how many were dropped.
-
-    Missing: NaN, None, pandas NA, and blank text.
-    """
-    unique = list(dict.fromkeys(columns))
-    present = frame[unique].notna()
-    for column in unique:
-        if frame[column].dtype == object:
-            blank = frame[column].map(lambda v: isinstance(v, str) and not v.strip())
-            present[column] &= ~blank.astype(bool)
-    keep = present.all(axis=1)
-    return frame.loc[keep, unique], int((~keep).sum())
-
-
-def _numeric_column(series: pd.Series, column: str) -> FloatArray:
-    """Finite floats from a column without missing values, else InputError."""
-    if pd.api.types.is_bool_dtype(series):
-        return series.to_numpy(dtype=np.float64)
-    converted = pd.to_numeric(series, errors="coerce")
-    bad = converted.isna() & series.notna()
-    if bad.any():
-        row = bad.idxmax()
-        raise InputError(
-            f"row {row}, column {column!r}: value {_as_text(series[row])!r} is not a number"
-        )
-    values = converted.to_numpy(dtype=np.float64)
-    infinite = ~np.isfinite(values)
-    if infinite.any():
-        row = series.index[int(np.argmax(infinite))]
-        raise InputError(f"row {row}, column {column!r}: value {values[infinite][0]} is not finite")
-    return values
-
-
 def binary_labels(series: pd.Series, column: str, positive: object | None = None) -> BoolArray:
     """Turn a label column (without missing values) into a boolean array.
 
@@ -306,20 +253,20 @@ def binary_labels(series: pd.Series, column: str, positive: object | None = None
     """
     if positive is None:
         values = series.tolist()
-        texts = [_as_text(v).lower() for v in values]
-        if all(t in _TRUE_TEXTS or t in _FALSE_TEXTS for t in texts):
-            return np.array([t in _TRUE_TEXTS for t in texts], dtype=bool)
+        texts = [as_text(v).lower() for v in values]
+        if all(t in TRUE_TEXTS or t in FALSE_TEXTS for t in texts):
+            return np.array([t in TRUE_TEXTS for t in texts], dtype=bool)
         raise InputError(
-            f"column {column!r} is not 0/1 (values are {_list_values(values)}); "
+            f"column {column!r} is not 0/1 (values are {list_values(values)}); "
             "say which value is positive"
         )
-    wanted = _as_text(positive)
-    texts = np.array([_as_text(v) for v in series.tolist()], dtype=object)
+    wanted = as_text(positive)
+    texts = np.array([as_text(v) for v in series.tolist()], dtype=object)
     labels = texts == wanted
     if not labels.any():
         raise InputError(
             f"column {column!r}: positive value {wanted!r} not found; "
-            f"values are {_list_values(texts)}"
+            f"values are {list_values(texts)}"
         )
     return np.asarray(labels, dtype=bool)
 
@@ -842,7 +789,7 @@ def decision_curve(
 
 
 # ----------------------------------------------------------------------------
-# The table-level analysis (DESIGN.md "roc" JSON contract)
+# The table-level analysis (docs/DESIGN.md "roc" JSON contract)
 # ----------------------------------------------------------------------------
 
 
@@ -877,13 +824,13 @@ def roc_analysis(
     scores = _check_roc_arguments(frame, label, scores, group, ci_method)
     n_boot = _check_n_boot(n_boot)
     if cutoff_group is not None:
-        cutoff_group = _as_text(cutoff_group)
-    clean, n_dropped = _complete_cases(frame, [label, *scores] + ([group] if group else []))
+        cutoff_group = as_text(cutoff_group)
+    clean, n_dropped = complete_cases(frame, [label, *scores] + ([group] if group else []))
     warnings: list[str] = []
     if n_dropped:
         warnings.append(f"{n_dropped} rows with missing values dropped")
     y = binary_labels(clean[label], label, positive)
-    matrix = np.vstack([_numeric_column(clean[s], s) for s in scores])
+    matrix = np.vstack([numeric_column(clean[s], s) for s in scores])
     groups = _group_masks(clean, group)
     fixed_cutoffs = _cutoffs_from_group(y, matrix, groups, cutoff_group, label)
     results: list[dict[str, Any]] = []
@@ -913,7 +860,7 @@ def roc_analysis(
         "comparisons": comparisons,
         "n_dropped": n_dropped,
         "label": label,
-        "positive": "1" if positive is None else _as_text(positive),
+        "positive": "1" if positive is None else as_text(positive),
         "cutoff_group": cutoff_group,
         "warnings": warnings,
     }
@@ -932,7 +879,7 @@ def _check_roc_arguments(
         raise InputError(f"score column {sorted(duplicated)[0]!r} given twice")
     if ci_method not in CI_METHODS:
         raise InputError(f"ci method {ci_method!r} is not one of {', '.join(CI_METHODS)}")
-    _require_columns(frame, [label, *scores] + ([group] if group else []))
+    require_columns(frame, [label, *scores] + ([group] if group else []))
     for name in scores + ([group] if group else []):
         if name == label:
             raise InputError(f"column {label!r} is the label; it cannot also be a score or group")
@@ -942,7 +889,7 @@ def _check_roc_arguments(
 def _group_masks(clean: pd.DataFrame, group: str | None) -> list[tuple[str | None, BoolArray]]:
     if group is None:
         return [(None, np.ones(len(clean), dtype=bool))]
-    texts = np.array([_as_text(v) for v in clean[group].tolist()], dtype=object)
+    texts = np.array([as_text(v) for v in clean[group].tolist()], dtype=object)
     return [(str(g), np.asarray(texts == g, dtype=bool)) for g in sorted(set(texts.tolist()))]
 
 
@@ -959,7 +906,7 @@ def _cutoffs_from_group(
     wanted = cutoff_group
     if wanted not in masks:
         raise InputError(
-            f"cutoff group {wanted!r} not found; groups are {_list_values(masks.keys())}"
+            f"cutoff group {wanted!r} not found; groups are {list_values(masks.keys())}"
         )
     mask = masks[wanted]
     _require_both_classes(y[mask], label, wanted)
@@ -997,11 +944,11 @@ def _result_row(
         "n": int(y.size),
         "n_positive": int(y.sum()),
         "n_negative": int((~y).sum()),
-        "auc": _json_float(interval.auc),
-        "ci_low": _json_float(interval.low),
-        "ci_high": _json_float(interval.high),
+        "auc": json_float(interval.auc),
+        "ci_low": json_float(interval.low),
+        "ci_high": json_float(interval.high),
         "ci_method": interval.method,
-        "se": _json_float(interval.se),
+        "se": json_float(interval.se),
         "youden": youden,
     }
 
@@ -1012,74 +959,22 @@ def _comparison_row(a: str, b: str, group: str | None, test: AucComparison) -> d
         "score_b": b,
         "group": group,
         "method": test.method,
-        "auc_a": _json_float(test.auc_a),
-        "auc_b": _json_float(test.auc_b),
-        "z": _json_float(test.z),
-        "p": _json_float(test.p),
-        "diff": _json_float(test.diff),
-        "diff_ci": None if test.diff_ci is None else _json_pair(test.diff_ci),
+        "auc_a": json_float(test.auc_a),
+        "auc_b": json_float(test.auc_b),
+        "z": json_float(test.z),
+        "p": json_float(test.p),
+        "diff": json_float(test.diff),
+        "diff_ci": None if test.diff_ci is None else json_pair(test.diff_ci),
     }
 
 
 # ----------------------------------------------------------------------------
-# JSON and text helpers (shared with cmil_core.survival)
+# Text rendering
 # ----------------------------------------------------------------------------
 
 
 def _ratio(k: int, n: int) -> float | None:
     return k / n if n else None
-
-
-def _json_float(value: float | None) -> float | None:
-    """A plain float, or None for None, NaN and +-inf (JSON has no NaN)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
-
-
-def _json_pair(pair: Sequence[float | None]) -> list[float | None]:
-    return [_json_float(pair[0]), _json_float(pair[1])]
-
-
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _fmt_ci(value: float | None, ci: Sequence[float | None] | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if ci is None or ci[0] is None or ci[1] is None:
-        return _fmt(value, digits)
-    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-
-
-def _fmt_p(p: float | None) -> str:
-    if p is None:
-        return "-"
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def _p_text(p: float | None) -> str:
-    """"p = 0.014" or "p < 0.001" for a sentence."""
-    if p is None:
-        return "p = -"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Fixed-width text table: the first ``left`` columns left-aligned, the rest right."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            c.ljust(w) if i < left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
 
 
 def format_roc(result: dict[str, Any]) -> str:
@@ -1097,12 +992,12 @@ def format_roc(result: dict[str, Any]) -> str:
                 "-" if r["group"] is None else str(r["group"]),
                 str(r["n"]),
                 str(r["n_positive"]),
-                _fmt_ci(r["auc"], (r["ci_low"], r["ci_high"])),
+                fmt_ci(r["auc"], (r["ci_low"], r["ci_high"])),
                 "-" if y["threshold"] is None else f"{y['threshold']:.4g}",
-                _fmt_ci(y["sensitivity"], y["sensitivity_ci"]),
-                _fmt_ci(y["specificity"], y["specificity_ci"]),
-                _fmt_ci(y["ppv"], y.get("ppv_ci")),
-                _fmt_ci(y["npv"], y.get("npv_ci")),
+                fmt_ci(y["sensitivity"], y["sensitivity_ci"]),
+                fmt_ci(y["specificity"], y["specificity_ci"]),
+                fmt_ci(y["ppv"], y.get("ppv_ci")),
+                fmt_ci(y["npv"], y.get("npv_ci")),
             ]
         )
     method = result["results"][0]["ci_method"] if result["results"] else "delong"
@@ -1111,7 +1006,7 @@ def format_roc(result: dict[str, Any]) -> str:
         f"{result.get('positive', '?')!r}; AUC 95% CI by {method}, rates with Wilson 95% CI"
     )
     headers = ["score", "group", "n", "pos", "AUC [95% CI]", "cutoff", "Se", "Sp", "PPV", "NPV"]
-    parts = [title, _table(headers, rows, left=2)]
+    parts = [title, text_table(headers, rows, left=2)]
     if result.get("cutoff_group") is not None:
         parts.append(f"Cutoffs are the Youden cutoffs of group {result['cutoff_group']!r}.")
     if result["comparisons"]:
@@ -1120,15 +1015,15 @@ def format_roc(result: dict[str, Any]) -> str:
                 c["score_a"],
                 c["score_b"],
                 "-" if c["group"] is None else str(c["group"]),
-                _fmt_ci(c["diff"], c["diff_ci"]),
-                _fmt(c["z"]),
-                _fmt_p(c["p"]),
+                fmt_ci(c["diff"], c["diff_ci"]),
+                fmt(c["z"]),
+                fmt_p(c["p"]),
             ]
             for c in result["comparisons"]
         ]
         parts += ["", "Paired DeLong tests (diff = AUC a - AUC b)"]
         headers = ["score a", "score b", "group", "diff [95% CI]", "z", "p"]
-        parts.append(_table(headers, comp_rows, left=3))
+        parts.append(text_table(headers, comp_rows, left=3))
     parts += [f"note: {w}" for w in result.get("warnings", [])]
     return "\n".join(parts)
 
@@ -1178,7 +1073,7 @@ def _check_specificities(specificities: npt.ArrayLike | None) -> FloatArray:
     if sp.ndim != 1 or sp.size == 0:
         raise InputError("specificities must be a non-empty list of numbers")
     if not np.all(np.isfinite(sp)) or np.any((sp < 0.0) | (sp > 1.0)):
-        raise InputError(f"specificities must lie within [0, 1]; got {_list_values(sp)}")
+        raise InputError(f"specificities must lie within [0, 1]; got {list_values(sp)}")
     return sp
 
 

@@ -70,25 +70,21 @@ from lifelines.statistics import multivariate_logrank_test
 from lifelines.utils import median_survival_times
 from scipy import stats as _sps
 
-from cmil_core.errors import InputError
-from cmil_core.stats import (
-    _FALSE_TEXTS,
-    _TRUE_TEXTS,
-    _as_text,
-    _complete_cases,
-    _fmt,
-    _fmt_ci,
-    _fmt_p,
-    _p_text,
-    _json_float,
-    _json_pair,
-    _list_values,
-    _numeric_column,
-    _require_columns,
-    _table,
-    binary_labels,
-    youden_cutoff,
+from cmil_core._checks import (
+    FALSE_TEXTS,
+    TRUE_TEXTS,
+    as_text,
+    complete_cases,
+    list_values,
+    numeric_column,
+    require_columns,
 )
+from cmil_core._formatting import fmt, fmt_ci, fmt_p, json_float, json_pair, p_text, text_table
+from cmil_core import display
+from cmil_core.errors import InputError
+from cmil_core.proportional_hazards import format_zph, violations, zph_test
+from cmil_core.stats import binary_labels, youden_cutoff
+from cmil_core.time_auc import format_td_auc, td_auc
 
 __all__ = [
     "CUTOFF_METHODS",
@@ -139,17 +135,17 @@ def check_survival_data(
     ([1, 1], 1)
     """
     others = [c for c in dict.fromkeys(columns) if c is not None]
-    _require_columns(frame, [time, event, *others])
+    require_columns(frame, [time, event, *others])
     if time == event:
         raise InputError(f"column {time!r} cannot be both the time and the event")
     for column in others:
         if column in (time, event):
             raise InputError(f"column {column!r} is already the time or the event column")
-    clean, dropped = _complete_cases(frame, [time, event, *others])
+    clean, dropped = complete_cases(frame, [time, event, *others])
     if clean.empty:
         names = ", ".join(repr(c) for c in [time, event, *others])
         raise InputError(f"no rows left with values in all of the columns {names}")
-    times = _numeric_column(clean[time], time)
+    times = numeric_column(clean[time], time)
     if (times < 0).any():
         row = clean.index[int(np.argmax(times < 0))]
         raise InputError(f"row {row}, column {time!r}: time {times[times < 0][0]:g} is negative")
@@ -160,20 +156,20 @@ def check_survival_data(
 
 
 def _event_values(series: pd.Series, column: str) -> npt.NDArray[np.int64]:
-    texts = [_as_text(v).lower() for v in series.tolist()]
-    bad = [t for t in texts if t not in _TRUE_TEXTS | _FALSE_TEXTS]
+    texts = [as_text(v).lower() for v in series.tolist()]
+    bad = [t for t in texts if t not in TRUE_TEXTS | FALSE_TEXTS]
     if bad:
         raise InputError(
             f"column {column!r}: events must be 0/1 or true/false; values are "
-            f"{_list_values(series.tolist())}"
+            f"{list_values(series.tolist())}"
         )
-    return np.array([t in _TRUE_TEXTS for t in texts], dtype=np.int64)
+    return np.array([t in TRUE_TEXTS for t in texts], dtype=np.int64)
 
 
 def _group_texts(data: pd.DataFrame, group: str | None) -> npt.NDArray[np.object_]:
     if group is None:
         return np.full(len(data), _ALL, dtype=object)
-    return np.array([_as_text(v) for v in data[group].tolist()], dtype=object)
+    return np.array([as_text(v) for v in data[group].tolist()], dtype=object)
 
 
 # ----------------------------------------------------------------------------
@@ -241,7 +237,7 @@ def kaplan_meier_table(
 
 def _median_with_ci(fit: KaplanMeierFitter) -> tuple[float | None, list[float | None]]:
     ci = median_survival_times(fit.confidence_interval_)
-    return _json_float(fit.median_survival_time_), _json_pair(ci.iloc[0].tolist())
+    return json_float(fit.median_survival_time_), json_pair(ci.iloc[0].tolist())
 
 
 def _at_risk_counts(times: FloatArray, at: Sequence[float]) -> list[int]:
@@ -290,15 +286,15 @@ def _logrank(
     if len(names) < 2:
         raise InputError(
             f"column {column!r}: the log-rank test needs two or more groups; "
-            f"found only {_list_values(names)}"
+            f"found only {list_values(names)}"
         )
     if events.sum() == 0:
         raise InputError("no events: the log-rank test needs at least one")
     result = multivariate_logrank_test(times, groups, events)
     return {
-        "statistic": _json_float(result.test_statistic),
+        "statistic": json_float(result.test_statistic),
         "df": int(result.degrees_of_freedom),
-        "p": _json_float(result.p_value),
+        "p": json_float(result.p_value),
     }
 
 
@@ -404,46 +400,60 @@ def _first_line(text: str) -> str:
     return " ".join(text.strip().split("\n", 1)[0].split())
 
 
-def _design(data: pd.DataFrame, covariates: Sequence[str]) -> tuple[pd.DataFrame, dict[str, str]]:
+def _design(
+    data: pd.DataFrame, covariates: Sequence[str]
+) -> tuple[pd.DataFrame, dict[str, str], dict[str, list[int]]]:
     """Numeric covariates as they are; text ones one-hot against a reference level.
 
     The reference of a categorical covariate is its first level in sorted
     text order (R's default factor coding); columns are named "name=level".
+    Also returns the terms: covariate -> its design column positions.
     """
     columns: dict[str, FloatArray] = {}
     references: dict[str, str] = {}
+    terms: dict[str, list[int]] = {}
     for name in covariates:
         series = data[name]
         if pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series):
-            values = _numeric_column(series, name)
+            values = numeric_column(series, name)
             if np.ptp(values) == 0:
                 raise InputError(f"covariate {name!r} is constant ({values[0]:g}); drop it")
+            terms[name] = [len(columns)]
             columns[name] = values
             continue
-        texts = np.array([_as_text(v) for v in series.tolist()], dtype=object)
+        texts = np.array([as_text(v) for v in series.tolist()], dtype=object)
         levels = sorted(set(texts.tolist()))
         if len(levels) < 2:
             raise InputError(f"covariate {name!r} has a single level {levels[0]!r}; drop it")
         references[name] = levels[0]
+        terms[name] = list(range(len(columns), len(columns) + len(levels) - 1))
         for level in levels[1:]:
             columns[f"{name}={level}"] = (texts == level).astype(np.float64)
-    return pd.DataFrame(columns, index=data.index), references
+    return pd.DataFrame(columns, index=data.index), references, terms
 
 
-def _coefficient_rows(fitter: CoxPHFitter) -> list[dict[str, Any]]:
+def _coefficient_rows(
+    fitter: CoxPHFitter, ph: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per coefficient; with ``ph`` (:func:`_ph_check`), each row's term's PH p."""
     summary = fitter.summary
     rows = []
     for name, row in summary.iterrows():
         rows.append(
             {
                 "name": str(name),
-                "coef": _json_float(row["coef"]),
-                "se": _json_float(row["se(coef)"]),
-                "hr": _json_float(row["exp(coef)"]),
-                "ci": _json_pair([row["exp(coef) lower 95%"], row["exp(coef) upper 95%"]]),
-                "p": _json_float(row["p"]),
+                "coef": json_float(row["coef"]),
+                "se": json_float(row["se(coef)"]),
+                "hr": json_float(row["exp(coef)"]),
+                "ci": json_pair([row["exp(coef) lower 95%"], row["exp(coef) upper 95%"]]),
+                "p": json_float(row["p"]),
             }
         )
+    if ph is not None:
+        by_term = {t["term"]: t for t in ph["tests"]}
+        for row in rows:
+            term = by_term.get(row["name"]) or by_term.get(row["name"].split("=", 1)[0])
+            row["ph_p"] = None if term is None else term["p"]
     return rows
 
 
@@ -479,11 +489,11 @@ def cox_analysis(
     data, dropped = check_survival_data(frame, time, event, [*covariates, strata])
     if data[_E].sum() == 0:
         raise InputError(f"column {event!r} has no events; a Cox model needs at least one")
-    design, references = _design(data, covariates)
+    design, references, terms = _design(data, covariates)
     layers = None
     described: dict[str, Any] = {}
     if strata is not None:
-        layers = np.array([_as_text(v) for v in data[strata].tolist()], dtype=object)
+        layers = np.array([as_text(v) for v in data[strata].tolist()], dtype=object)
         levels = sorted(set(layers.tolist()))
         described = {"strata": {"column": strata, "levels": [
             {"level": level, "n": int((layers == level).sum()),
@@ -492,16 +502,31 @@ def cox_analysis(
     if fitter is None:
         raise InputError(notes[0])
     warnings = ([f"{dropped} rows with missing values dropped"] if dropped else []) + notes
+    ph = _ph_check(fitter, design, data[_T].to_numpy(), data[_E].to_numpy(), terms, layers)
     return {
         **described,
         "n": int(len(data)),
         "events": int(data[_E].sum()),
-        "concordance": _json_float(fitter.concordance_index_),
-        "coefficients": _coefficient_rows(fitter),
+        "concordance": json_float(fitter.concordance_index_),
+        "coefficients": _coefficient_rows(fitter, ph),
         "references": references,
+        "ph_test": ph,
         "n_dropped": dropped,
-        "warnings": warnings,
+        "warnings": warnings + violations(ph),
     }
+
+
+def _ph_check(
+    fitter: CoxPHFitter, design: pd.DataFrame, times: FloatArray,
+    events: npt.NDArray[np.int64], terms: dict[str, list[int]],
+    strata: npt.NDArray[np.object_] | None = None,
+) -> dict[str, Any] | None:
+    """R's ``cox.zph(fit)`` of a fitted model (None where it cannot be computed)."""
+    beta = fitter.params_.reindex(design.columns).to_numpy(dtype=np.float64)
+    try:
+        return zph_test(times, events, design.to_numpy(dtype=np.float64), beta, terms, strata)
+    except InputError:
+        return None
 
 
 def _two_group_cox(
@@ -511,7 +536,8 @@ def _two_group_cox(
     reference: str,
 ) -> tuple[dict[str, Any], list[str]]:
     other = next(g for g in sorted(set(groups.tolist())) if g != reference)
-    empty = {"reference": reference, "group": other, "hr": None, "ci": None, "p": None}
+    empty = {"reference": reference, "group": other, "hr": None, "ci": None, "p": None,
+             "ph_test": None}
     silent = [g for g in (reference, other) if events[groups == g].sum() == 0]
     if silent:
         return empty, [f"group {silent[0]!r} has no events: hazard ratio not estimable"]
@@ -519,8 +545,11 @@ def _two_group_cox(
     fitter, notes = _fit_cox(design, times, events)
     if fitter is None:
         return empty, notes
+    ph = _ph_check(fitter, design, times, events, {other: [0]})
     row = _coefficient_rows(fitter)[0]
-    return {**empty, "hr": row["hr"], "ci": row["ci"], "p": row["p"]}, notes
+    return {**empty, "hr": row["hr"], "ci": row["ci"], "p": row["p"], "ph_test": ph}, [
+        *notes, *(w.replace(f"covariate {other!r}", f"the HR {other} vs {reference}")
+                  for w in violations(ph)[:1])]
 
 
 # ----------------------------------------------------------------------------
@@ -557,16 +586,16 @@ class RiskCutoff:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "method": self.method,
-            "value": _json_float(self.value),
+            "value": json_float(self.value),
             "n": self.n,
-            "statistic": _json_float(self.statistic),
-            "p_corrected": _json_float(self.p),
+            "statistic": json_float(self.statistic),
+            "p_corrected": json_float(self.p),
             "p_method": self.p_method,
         }
         if self.method == "maxstat":
             out.update({
                 "statistic_name": MAXSTAT_STATISTIC,
-                "cutpoint": _json_float(self.cutpoint),
+                "cutpoint": json_float(self.cutpoint),
                 "n_low": self.n_low,
                 "n_high": self.n_high,
                 "min_share": self.min_share,
@@ -599,16 +628,16 @@ def describe_cutoff(cutoff: dict[str, Any] | None) -> str:
     classic log-rank test of the chosen groups.
 
     >>> describe_cutoff({"method": "median", "value": 0.5})
-    'score >= 0.5 is high (median cutoff)'
+    'score >= 0.500 is high (median cutoff)'
     """
     if cutoff is None:
         return ""
-    text = f"score >= {cutoff['value']:.4g} is high ({cutoff['method']} cutoff)"
+    text = f"score >= {display.cutoff(cutoff['value'])} is high ({cutoff['method']} cutoff)"
     if cutoff.get("method") != "maxstat" or cutoff.get("statistic") is None:
         return text
     return (
-        f"score >= {cutoff['value']:.4g} is high (maxstat cutoff: low group score <= "
-        f"{cutoff['cutpoint']:.4g}, {cutoff['n_low']} low / {cutoff['n_high']} high; "
+        f"score >= {display.cutoff(cutoff['value'])} is high (maxstat cutoff: low group score "
+        f"<= {display.cutoff(cutoff['cutpoint'])}, {cutoff['n_low']} low / {cutoff['n_high']} high; "
         f"maximally selected log-rank statistic M = {cutoff['statistic']:.3f}, search-corrected "
         f"p = {cutoff['p_corrected']:.2g} by {cutoff['p_method']} "
         f"({cutoff.get('p_method_name', '')}), groups of at least "
@@ -898,15 +927,15 @@ def risk_cutoff(
         choices = ", ".join(CUTOFF_METHODS)
         raise InputError(f"cutoff {method!r} is not a number nor one of {choices}")
     if method == "median":
-        clean, _ = _complete_cases(_checked(train, [score]), [score])
-        values = _numeric_column(clean[score], score)
+        clean, _ = complete_cases(_checked(train, [score]), [score])
+        values = numeric_column(clean[score], score)
         return RiskCutoff("median", float(np.median(values)), values.size)
     if method == "youden":
         if label is None:
             raise InputError("the youden cutoff needs a label column")
-        clean, _ = _complete_cases(_checked(train, [score, label]), [score, label])
+        clean, _ = complete_cases(_checked(train, [score, label]), [score, label])
         y = binary_labels(clean[label], label, positive)
-        values = _numeric_column(clean[score], score)
+        values = numeric_column(clean[score], score)
         return RiskCutoff("youden", youden_cutoff(y, values), values.size)
     if time is None or event is None:
         raise InputError("the maxstat cutoff needs time and event columns")
@@ -914,7 +943,7 @@ def risk_cutoff(
         raise InputError(f"minimum group share {min_share!r} must lie strictly between 0 and 0.5")
     p_method = maxstat_p_method(p_method)
     data, _ = check_survival_data(train, time, event, [score])
-    values = _numeric_column(data[score], score)
+    values = numeric_column(data[score], score)
     test = maxstat_test(
         data[_T].to_numpy(), data[_E].to_numpy(), values, min_share=min_share,
         p_method=p_method, n_perm=int(n_perm), seed=seed, column=score,
@@ -927,7 +956,7 @@ def risk_cutoff(
 
 
 def _checked(frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    _require_columns(frame, columns)
+    require_columns(frame, columns)
     return frame
 
 
@@ -948,7 +977,7 @@ def _as_number(value: object) -> float | None:
 
 
 # ----------------------------------------------------------------------------
-# The table-level analysis (DESIGN.md "survival" JSON contract)
+# The table-level analysis (docs/DESIGN.md "survival" JSON contract)
 # ----------------------------------------------------------------------------
 
 
@@ -968,6 +997,7 @@ def survival_analysis(
     p_method: str = "Lau92",
     n_perm: int = 10_000,
     seed: int = 0,
+    td_auc_times: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Kaplan-Meier, log-rank and Cox by group, or by risk group from a score, JSON-ready.
 
@@ -984,12 +1014,17 @@ def survival_analysis(
     tests, with a cutoff: the chosen split, not corrected for choosing it), cox
     {reference, group, hr, ci, p} (exactly two groups, else None), pairwise
     (three or more groups), at_risk {times, groups: [{group, at_risk}]},
-    n_dropped, warnings.
+    n_dropped, warnings. The Cox HR carries ``ph_test``, R's ``cox.zph``
+    (:mod:`cmil_core.proportional_hazards`). With ``score`` and
+    ``td_auc_times``: ``td_auc``, the time-dependent AUC of the score itself
+    (not of the groups) at those times (:func:`cmil_core.time_auc.td_auc`).
     """
     if (group is None) == (score is None):
         raise InputError("give either a group column or a score column with a cutoff, not both")
     if group is not None and cutoff is not None:
         raise InputError("a cutoff applies to a score column, not to a group column")
+    if td_auc_times is not None and score is None:
+        raise InputError("a time-dependent AUC needs a score column")
     data, dropped = check_survival_data(frame, time, event, [group or score])
     notes = [f"{dropped} rows with missing values dropped"] if dropped else []
     times, events = data[_T].to_numpy(), data[_E].to_numpy()
@@ -1015,7 +1050,7 @@ def survival_analysis(
                 f"the {chosen.method} cutoff was chosen on the same patients it is tested on; "
                 "the log-rank p value is optimistic (fix the cutoff on a training cohort)"
             )
-        labels = risk_groups(_numeric_column(data[score], score), chosen.value)
+        labels = risk_groups(numeric_column(data[score], score), chosen.value)
     else:
         labels = _group_texts(data, group)
     result = _describe_groups(times, events, labels, group or "risk group", at_risk_times)
@@ -1025,9 +1060,15 @@ def survival_analysis(
             f"classic log-rank test of the two groups at the {chosen.method} cutoff "
             "(a test of the chosen split, not corrected for choosing it)"
         )
+    extra: dict[str, Any] = {}
+    if score is not None and td_auc_times is not None:
+        extra["td_auc"] = {"score": score, **td_auc(
+            times, events, numeric_column(data[score], score), td_auc_times)}
+        notes += extra["td_auc"]["notes"]
     return {
         "cutoff": None if chosen is None else chosen.to_dict(),
         **result,
+        **extra,
         "n_dropped": dropped,
         "warnings": notes,
     }
@@ -1097,8 +1138,8 @@ def _survival_at(fit: KaplanMeierFitter, at: Sequence[float]) -> dict[str, Any]:
             survival.append(1.0)
             bands.append([1.0, 1.0])
             continue
-        survival.append(_json_float(float(sf.iloc[k])))
-        bands.append([_json_float(float(ci.iloc[k, 0])), _json_float(float(ci.iloc[k, 1]))])
+        survival.append(json_float(float(sf.iloc[k])))
+        bands.append([json_float(float(ci.iloc[k, 0])), json_float(float(ci.iloc[k, 1]))])
     return {"survival": survival, "survival_ci": bands}
 
 
@@ -1117,58 +1158,74 @@ def format_survival(result: dict[str, Any]) -> str:
         [g["group"], str(g["n"]), str(g["events"]), _fmt_median(g["median"], g["median_ci"])]
         for g in result["groups"]
     ]
-    parts.append(_table(["group", "n", "events", "median [95% CI]"], rows))
+    parts.append(text_table(["group", "n", "events", "median [95% CI]"], rows))
     lr = result["logrank"]
     label = "Log-rank"
     if cut is not None and cut.get("method") in ("median", "youden", "maxstat"):
         label = "Log-rank of the chosen groups (not corrected for the cutoff search)"
-    parts.append(f"{label}: chi2 = {lr['statistic']:.3f}, df = {lr['df']}, {_p_text(lr['p'])}")
+    parts.append(f"{label}: chi2 = {lr['statistic']:.3f}, df = {lr['df']}, {p_text(lr['p'])}")
     cox = result.get("cox")
     if cox is not None:
         vs = f"{cox['group']} vs {cox['reference']}"
         if cox["hr"] is None:
             parts.append(f"Cox: hazard ratio {vs} not estimable")
         else:
-            hr = _fmt_ci(cox["hr"], cox["ci"], 2)
-            parts.append(f"Cox: HR {vs} = {hr}, {_p_text(cox['p'])}")
+            hr = fmt_ci(cox["hr"], cox["ci"], 2)
+            ph = _ph_global(cox.get("ph_test"))
+            ph_text = "" if ph is None else (
+                f"; proportional hazards (Schoenfeld, cox.zph {cox['ph_test']['transform']}): "
+                f"{p_text(ph['p'])}" + (" - violated" if ph["violated"] else ""))
+            parts.append(f"Cox: HR {vs} = {hr}, {p_text(cox['p'])}{ph_text}")
     for row in result.get("pairwise", []):
         parts.append(
-            f"  {row['group_a']} vs {row['group_b']}: chi2 = {_fmt(row['statistic'])}, "
-            f"{_p_text(row['p'])}, Holm-adjusted {_p_text(row['p_holm'])}"
+            f"  {row['group_a']} vs {row['group_b']}: chi2 = {fmt(row['statistic'])}, "
+            f"{p_text(row['p'])}, Holm-adjusted {p_text(row['p_holm'])}"
         )
     at_risk = result.get("at_risk")
     if at_risk:
         headers = ["at risk", *(f"{t:g}" for t in at_risk["times"])]
         body = [[g["group"], *map(str, g["at_risk"])] for g in at_risk["groups"]]
-        parts += ["", _table(headers, body)]
+        parts += ["", text_table(headers, body)]
         if all("survival" in g for g in at_risk["groups"]):
             headers = ["S(t) [95% CI]", *(f"{t:g}" for t in at_risk["times"])]
             body = [
-                [g["group"], *(_fmt_ci(v, c, 3) for v, c in zip(g["survival"], g["survival_ci"]))]
+                [g["group"], *(fmt_ci(v, c, 3) for v, c in zip(g["survival"], g["survival_ci"]))]
                 for g in at_risk["groups"]
             ]
-            parts += ["", _table(headers, body)]
+            parts += ["", text_table(headers, body)]
+    if result.get("td_auc"):
+        parts += ["", format_td_auc(result["td_auc"], result["td_auc"].get("score", "score"))]
     parts += [f"note: {w}" for w in result.get("warnings", [])]
     return "\n".join(parts)
 
 
+def _ph_global(ph: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The GLOBAL row of a :func:`~cmil_core.proportional_hazards.zph_test` result."""
+    if not ph:
+        return None
+    return next((t for t in ph["tests"] if t["term"] == "GLOBAL" and t["p"] is not None), None)
+
+
 def _fmt_median(median: float | None, ci: Sequence[float | None]) -> str:
     """"34.0 [9.0, NR]": NR (not reached) where the curve or its band stays above 0.5."""
-    low, high = (_fmt(v, 1) if v is not None else "NR" for v in ci)
-    return f"{_fmt(median, 1) if median is not None else 'NR'} [{low}, {high}]"
+    low, high = (fmt(v, 1) if v is not None else "NR" for v in ci)
+    return f"{fmt(median, 1) if median is not None else 'NR'} [{low}, {high}]"
 
 
 def format_cox(result: dict[str, Any]) -> str:
     """Render a ``cox_analysis`` result as fixed-width text for a terminal."""
     rows = [
-        [c["name"], _fmt(c["coef"], 4), _fmt_ci(c["hr"], c["ci"], 3), _fmt_p(c["p"])]
+        [c["name"], fmt(c["coef"], 4), fmt_ci(c["hr"], c["ci"], 3), fmt_p(c["p"]),
+         fmt_p(c.get("ph_p"))]
         for c in result["coefficients"]
     ]
     head = (
         f"Cox model (Efron ties): n = {result['n']}, events = {result['events']}, "
-        f"concordance = {_fmt(result['concordance'])}"
+        f"concordance = {fmt(result['concordance'])}"
     )
-    parts = [head, _table(["covariate", "coef", "HR [95% CI]", "p"], rows)]
+    parts = [head, text_table(["covariate", "coef", "HR [95% CI]", "p", "PH p"], rows)]
+    if result.get("ph_test"):
+        parts.append(format_zph(result["ph_test"]))
     parts += [f"reference of {k!r}: {v!r}" for k, v in result.get("references", {}).items()]
     parts += [f"note: {w}" for w in result.get("warnings", [])]
     return "\n".join(parts)

@@ -7,7 +7,7 @@ statistics functions behind it. The R calls are written out in
 ``tests/r/live_check.R``, beside each quantity; the ones used are:
 
 - pROC 1.18: ``roc(y, s, levels = c(0, 1), direction = "<")``, ``auc``,
-  ``ci.auc(r, method = "delong")`` (clipped to [0, 1] as DESIGN.md says),
+  ``ci.auc(r, method = "delong")`` (clipped to [0, 1] as docs/DESIGN.md says),
   ``coords(r, "best", best.method = "youden")``, ``roc.test(r1, r2, method =
   "delong", paired = TRUE)`` and ``paired = FALSE``; Wilson intervals written
   out in R (= ``prop.test(k, n, correct = FALSE)$conf.int``);
@@ -15,10 +15,15 @@ statistics functions behind it. The R calls are written out in
   ties = "efron")`` (coefficients, SEs, p, concordance), ``summary(survfit(...,
   conf.type = "log-log"), times = ..., extend = TRUE)``;
 - maxstat 0.7: ``maxstat.test(Surv(time, status) ~ x, smethod = "LogRank",
-  pmethod = "Lau92" | "Lau94" | "exactGauss", minprop = 0.1, maxprop = 0.9)``.
+  pmethod = "Lau92" | "Lau94" | "exactGauss", minprop = 0.1, maxprop = 0.9)``;
+- survival 3.5: ``cox.zph(coxph(...))`` (the proportional-hazards score test,
+  transform "km"); stats: ``glm(y ~ lp, binomial)`` and ``glm(y ~ 1, offset =
+  lp, binomial)`` with ``confint.default`` (calibration slope and intercept);
+  the cumulative/dynamic IPCW time-dependent AUC written out in R (no R
+  package of it is installed; it is scikit-survival's definition).
 
 Data sets: pROC's aSAH (tests/data/asah.csv), survival's veteran
-(tests/data/veteran.csv; see tests/data/README.md for sources and licences)
+(tests/data/veteran.csv; see tests/data/SOURCES.md for sources and licences)
 and four generated ones (seeded numpy, written to a temporary folder):
 heavy ties, few events, three groups, heavy late censoring.
 
@@ -81,16 +86,18 @@ def r_ready() -> None:
 def _asah(folder: Path) -> tuple[Path, dict[str, Any]]:
     frame = pd.read_csv(DATA / "asah.csv")
     frame["poor"] = (frame["outcome"] == "Poor").astype(int)
+    frame["prob"] = 1.0 / (1.0 + np.exp(-0.6 * (frame["wfns"] - 3.0)))
     path = folder / "asah.csv"
     frame.to_csv(path, index=False)
     return path, {"label": "poor", "scores": ["s100b", "ndka", "wfns"],
-                  "unpaired": {"score": "s100b", "split": "gender"}}
+                  "unpaired": {"score": "s100b", "split": "gender"}, "prob": "prob"}
 
 
 def _veteran(folder: Path) -> tuple[Path, dict[str, Any]]:
     return DATA / "veteran.csv", {
         "time": "time", "event": "status", "group": "celltype", "score": "karno",
-        "covariates": ["karno", "age", "diagtime", "trt"], "times": [30, 90, 180, 365]}
+        "covariates": ["karno", "age", "diagtime", "trt"], "times": [30, 90, 180, 365],
+        "td_auc_times": [30, 90, 180, 365]}
 
 
 def _generated(kind: str, folder: Path) -> tuple[Path, dict[str, Any]]:
@@ -126,12 +133,13 @@ def _generated(kind: str, folder: Path) -> tuple[Path, dict[str, Any]]:
     frame = pd.DataFrame({"time": np.round(time, 3), "status": event, "score": score,
                           "score2": np.round(x + rng.normal(scale=1.2, size=n), 1),
                           "group": group, "age": rng.integers(1, 15, n), "label": label})
+    frame["prob"] = 1.0 / (1.0 + np.exp(-frame["score"]))  # no new draws: the data stay as they were
     path = folder / f"{kind}.csv"
     frame.to_csv(path, index=False)
     covariates = ["score", "age"] + (["group"] if kind == "three_groups" else [])
     return path, {**config, "time": "time", "event": "status", "group": "group",
-                  "score": "score", "covariates": covariates,
-                  "label": "label", "scores": ["score", "score2"]}
+                  "score": "score", "covariates": covariates, "td_auc_times": config["times"],
+                  "label": "label", "scores": ["score", "score2"], "prob": "prob"}
 
 
 DATASETS = ["asah", "veteran", "ties", "few_events", "three_groups", "late_censoring"]
@@ -306,3 +314,52 @@ def test_issue_19_veteran_case(live, capsys):
                 "--event", "status", "--score", "karno", "--cutoff", "maxstat")
     assert round(ours["cutoff"]["statistic"], 2) == 4.62
     assert f"{ours['cutoff']['p_corrected']:.1e}" == "1.9e-04"
+
+
+# ----------------------------------------------------------------------------
+# Proportional hazards, time-dependent AUC, calibration (issue 14, item 7)
+# ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SURVIVAL_SETS)
+def test_ph_test_equals_cox_zph(name, live, capsys):
+    path, config, r = live["get"](name)
+    ours = _cli(capsys, "cox", "--csv", str(path), "--time", config["time"],
+                "--event", config["event"], "--covariates", ",".join(config["covariates"]))
+    # cox.zph(coxph(Surv(time, status) ~ ..., ties = "efron"))$table: per term and GLOBAL
+    ref = r["coxzph"]
+    tests = ours["ph_test"]["tests"]
+    assert [t["term"] for t in tests] == ref["term"]
+    assert [t["df"] for t in tests] == ref["df"]
+    assert [t["chisq"] for t in tests] == pytest.approx(ref["chisq"], abs=TOL)
+    assert [t["p"] for t in tests] == pytest.approx(ref["p"], abs=TOL)
+
+
+@pytest.mark.parametrize("name", SURVIVAL_SETS)
+def test_td_auc_equals_the_ipcw_formula_in_r(name, live, capsys):
+    path, config, r = live["get"](name)
+    times = ",".join(str(t) for t in config["td_auc_times"])
+    ours = _cli(capsys, "survival", "--csv", str(path), "--time", config["time"],
+                "--event", config["event"], "--score", config["score"], "--cutoff", "median",
+                "--td-auc-times", times)["td_auc"]
+    ref = r["td_auc"]
+    assert ours["times"] == pytest.approx(ref["times"])
+    assert None not in ours["auc"]  # every chosen time has cases and controls
+    assert ours["auc"] == pytest.approx(ref["auc"], abs=1e-10)
+    assert ours["mean_auc"] == pytest.approx(ref["mean_auc"], abs=1e-10)
+
+
+@pytest.mark.parametrize("name", ROC_SETS)
+def test_calibration_intercept_and_slope_equal_glm(name, live):
+    from cmil_core.calibration import calibration_fit
+
+    path, config, r = live["get"](name)
+    frame = pd.read_csv(path)
+    fit = calibration_fit(frame[config["label"]].to_numpy(int), frame[config["prob"]])
+    ref = r["calibration"]
+    # coef(glm(y ~ lp, binomial))[2], coef(glm(y ~ 1, offset = lp, binomial))
+    assert fit["slope"] == pytest.approx(ref["slope"], abs=TOL)
+    assert fit["intercept"] == pytest.approx(ref["intercept"], abs=TOL)
+    # confint.default: Wald intervals
+    assert fit["slope_ci"] == pytest.approx(ref["slope_ci"], abs=TOL)
+    assert fit["intercept_ci"] == pytest.approx(ref["intercept_ci"], abs=TOL)

@@ -404,7 +404,7 @@ def test_calibration_accepts_a_single_class():
 # roc_analysis: the JSON contract, labels, groups, degenerate input
 # ----------------------------------------------------------------------------
 
-# DESIGN.md, "JSON" / roc: the contract keys (more keys are welcome)
+# docs/DESIGN.md, "JSON" / roc: the contract keys (more keys are welcome)
 CONTRACT_RESULT = {
     "score", "group", "n", "n_positive", "auc", "ci_low", "ci_high", "ci_method", "youden"
 }

@@ -99,7 +99,21 @@ def test_rossi_cox_matches_coxph(rossi):
     for c in result["coefficients"]:
         assert c["hr"] == pytest.approx(math.exp(c["coef"]))
         assert c["ci"][0] < c["hr"] < c["ci"][1]
-    assert is_plain_json(result) and result["warnings"] == [] and result["references"] == {}
+    assert is_plain_json(result) and result["references"] == {}
+    # R: cox.zph(fit) (survival 3.5.3, transform "km"), as R prints it:
+    #          chisq df     p
+    #   age     5.9740  1 0.015
+    #   wexp    4.2246  1 0.040
+    #   GLOBAL 17.6944  7 0.013    (fin 0.803, race 0.150, mar 0.315, paro 0.892, prio 0.471)
+    tests = {t["term"]: t for t in result["ph_test"]["tests"]}
+    assert [f"{tests[k]['chisq']:.4f}" for k in ("age", "wexp", "GLOBAL")] == [
+        "5.9740", "4.2246", "17.6944"]
+    assert [f"{tests[k]['p']:.3f}" for k in ROSSI_COVARIATES + ["GLOBAL"]] == [
+        "0.803", "0.015", "0.150", "0.040", "0.315", "0.892", "0.471", "0.013"]
+    assert [w.split(" (")[0] for w in result["warnings"]] == [
+        "proportional hazards doubtful for covariate 'age'",
+        "proportional hazards doubtful for covariate 'wexp'",
+        "proportional hazards doubtful for the model as a whole"]
 
 
 # ----------------------------------------------------------------------------

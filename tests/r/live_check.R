@@ -2,7 +2,7 @@
 # Usage: Rscript tests/r/live_check.R CONFIG.json OUT.json
 # CONFIG names the CSV and its columns; every block is optional:
 #   {"csv", "time", "event", "group", "score", "covariates": [..], "times": [..],
-#    "label", "scores": [..], "unpaired": {"score", "split"}}
+#    "td_auc_times": [..], "label", "scores": [..], "unpaired": {"score", "split"}, "prob"}
 suppressPackageStartupMessages({
   library(jsonlite); library(survival); library(maxstat); library(pROC); library(mvtnorm)
 })
@@ -47,6 +47,10 @@ if (!is.null(cfg$time)) {
                       se = unname(sqrt(diag(vcov(cx)))),
                       p = unname(sc$coefficients[, "Pr(>|z|)"]),
                       concordance = unname(sc$concordance[1]))
+    # cox.zph(fit): the survival >= 3.0 score test, transform = "km", one row per term
+    z <- cox.zph(cx)$table
+    out$coxzph <- list(term = rownames(z), chisq = unname(z[, "chisq"]),
+                       df = unname(z[, "df"]), p = unname(z[, "p"]))
   }
   if (!is.null(cfg$score)) {
     x <- d[[cfg$score]]
@@ -77,6 +81,30 @@ if (!is.null(cfg$time)) {
                             ci = unname(exp(confint(cx))[1, ]),
                             p = unname(summary(cx)$coefficients[1, "Pr(>|z|)"]))
   }
+}
+
+if (!is.null(cfg$td_auc_times)) {
+  # time-dependent AUC of the score, cumulative/dynamic with IPCW, written out (no R package
+  # of it is installed here): scikit-survival's cumulative_dynamic_auc(y, y, score, times):
+  # censoring Kaplan-Meier G with deaths leaving the risk set before censorings at a tied
+  # time, G at the case's own time; ties in the score count 1/2; the mean weights AUC(t_k)
+  # by the Kaplan-Meier drop S(t_{k-1}) - S(t_k), over 1 - S(t_last)
+  time <- d[[cfg$time]]; status <- d[[cfg$event]]; score <- d[[cfg$score]]
+  times <- sort(unique(cfg$td_auc_times))
+  ut <- sort(unique(time))
+  n_at <- sapply(ut, function(u) sum(time >= u))
+  dd <- sapply(ut, function(u) sum(time == u & status == 1))
+  cens <- sapply(ut, function(u) sum(time == u & status == 0))
+  G <- cumprod(ifelse(cens > 0, 1 - cens / (n_at - dd), 1))
+  w <- ifelse(status == 1, 1 / G[match(time, ut)], 0)
+  auc <- sapply(times, function(t) {
+    case <- which(time <= t & status == 1); ctrl <- score[time > t]
+    sum(sapply(case, function(i) w[i] * (sum(score[i] > ctrl) + 0.5 * sum(score[i] == ctrl)))) /
+      (sum(w[case]) * length(ctrl))
+  })
+  S <- summary(survfit(Surv(time, status) ~ 1), times = times, extend = TRUE)$surv
+  out$td_auc <- list(times = times, auc = auc, mean_auc = if (length(times) == 1) auc else
+                       sum(auc * -diff(c(1, S))) / (1 - S[length(S)]))
 }
 
 wilson <- function(k, n, z = qnorm(0.975)) {
@@ -120,6 +148,18 @@ if (!is.null(cfg$label)) {
     t <- roc.test(ra, rb, method = "delong", paired = FALSE)
     out$roc_unpaired <- list(levels = lv, z = unname(t$statistic), p = t$p.value)
   }
+}
+
+if (!is.null(cfg$prob)) {
+  # calibration intercept and slope: glm(y ~ lp) and glm(y ~ 1, offset = lp), lp = logit(p),
+  # Wald intervals (confint.default), converged tightly
+  y <- d[[cfg$label]]; lp <- qlogis(d[[cfg$prob]])
+  ctl <- glm.control(epsilon = 1e-14, maxit = 100)
+  sl <- glm(y ~ lp, family = binomial, control = ctl)
+  it <- glm(y ~ 1, offset = lp, family = binomial, control = ctl)
+  out$calibration <- list(slope = unname(coef(sl)[2]), slope_ci = unname(confint.default(sl)[2, ]),
+                          intercept = unname(coef(it)[1]),
+                          intercept_ci = unname(confint.default(it)[1, ]))
 }
 
 write_json(out, args[2], digits = NA, auto_unbox = TRUE)
