@@ -1,6 +1,6 @@
 """Patches kept and rejected by reason on real smear fixtures, per set and magnification.
 
-Run: ``.venv/bin/python bench/qc_fixtures.py [--fixtures ../shared/fixtures] [--json]``
+Run: ``.venv/bin/python bench/qc_fixtures.py [--fixtures DIR] [--json]``
 
 Sets (each skipped when its folder is missing):
 
@@ -19,8 +19,12 @@ Sets (each skipped when its folder is missing):
   field gives: everything should be rejected).
 
 Not a test: it prints what quality control does to real data, so that a
-change to it can be judged (before/after) on the same images. The images are
-not part of the repository; pass ``--fixtures`` to point at them.
+change to it can be judged (before/after) on the same images. By default it
+reads the fixtures copied into the repository (``tests/data/fixtures``: 40
+BCCD photographs and CMU-1; sources and licences in its ``SOURCES.md``). The
+Chulalongkorn sets need the upstream data set (github.com/singgihbekti/WBC_Dataset,
+MIT): pass ``--fixtures DIR`` with its images in ``DIR/real/chula_wbc/images``
+and their YOLO boxes in ``DIR/real/chula_wbc/yolo_labels``.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def _cells(root: Path, tmp: Path, stain: str = "as photographed") -> Counter[str
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fixtures", type=Path, default=ROOT.parent / "shared" / "fixtures")
+    parser.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "data" / "fixtures")
     parser.add_argument("--json", action="store_true", help="one JSON object on one line")
     args = parser.parse_args()
     fx = args.fixtures

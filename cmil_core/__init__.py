@@ -2,7 +2,7 @@
 
 Ma et al., J Transl Med 2026, doi:10.1186/s12967-026-08069-2.
 
-Modules, one per topic (see DESIGN.md):
+Modules, one per topic (see docs/DESIGN.md):
 
 - ``store``: the DuckDB results store, the only place that writes SQL;
 - ``tables`` and ``cohort_import``: reading and validating clinical tables;
@@ -12,10 +12,14 @@ Modules, one per topic (see DESIGN.md):
   embeddings, the MIL aggregators, ``train`` and ``score``;
 - ``stats``, ``survival``, ``study``: discrimination, survival and summaries;
 - ``demo``: the synthetic demo study generator (``_smear`` draws its pixels);
-- ``jobs``, ``progress``: background jobs and progress reporting;
-- ``cli``: ``python -m cmil_core``, argument parsing only.
+- ``jobs``, ``progress``, ``logs``: background jobs, progress reporting and
+  logging (``-v``/``-q``, the dashboard's job log file);
+- ``cli``: ``python -m cmil_core`` (installed: the ``cmil`` command),
+  argument parsing only.
 
 Nothing in this package imports Streamlit.
 """
 
+#: The version, written here only: pyproject.toml reads it (``[tool.setuptools.dynamic]``),
+#: ``cmil --version`` prints it and model configurations record it.
 __version__ = "0.1.0"

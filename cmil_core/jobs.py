@@ -12,21 +12,34 @@ page only reads a job's state. At most one job of a given name runs at once.
 
 A job's ``finished_stages`` lists the stages it has completed, in order, each
 as its last progress line: what is ready so far.
+
+Each job logs its start, its end and, when it fails, its traceback (logger
+``cmil_core.jobs``). A runner given a log file (``JobRunner(log_file=...)`` or
+:meth:`JobRunner.log_to`; the dashboard's is ``<data folder>/logs/cmil.log``,
+see :mod:`cmil_core.logs`) writes those records, and everything else
+``cmil_core`` logs at INFO and above, to that rotating file; a failed job's
+``log_path`` names it, so a page can say where the traceback is.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cmil_core.errors import InputError
+from cmil_core.logs import attach_file_log, detach_file_log
 from cmil_core.progress import Progress, ProgressCallback
 
-__all__ = ["Job", "JobRunner"]
+__all__ = ["Job", "JobRunner", "shared_runner"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +53,7 @@ class Job:
     result: Any = None
     error: str | None = None
     details: str | None = None  # traceback of an unexpected failure, for the logs
+    log_path: Path | None = None  # the log file holding its records (None: no log file)
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -54,15 +68,39 @@ class Job:
 
 
 class JobRunner:
-    """Runs named jobs in daemon threads and keeps their last state."""
+    """Runs named jobs in daemon threads and keeps their last state.
 
-    def __init__(self) -> None:
+    ``log_file``: a rotating log file for the jobs' records (see :meth:`log_to`).
+    """
+
+    def __init__(self, log_file: str | os.PathLike[str] | None = None) -> None:
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
+        self.log_file: Path | None = None
+        if log_file is not None:
+            self.log_to(log_file)
+
+    def log_to(self, log_file: str | os.PathLike[str]) -> Path:
+        """Write ``cmil_core``'s records (INFO and above) to the rotating file ``log_file``.
+
+        Idempotent; a runner writes to one file: the one it wrote to before is
+        closed. Returns the file's absolute path, which jobs started from now on
+        carry as ``log_path``.
+        """
+        previous = self.log_file
+        self.log_file = attach_file_log(log_file)
+        if previous is not None and previous != self.log_file:
+            detach_file_log(previous)
+        return self.log_file
 
     def get(self, name: str) -> Job | None:
         with self._lock:
             return self._jobs.get(name)
+
+    def forget_finished(self) -> None:
+        """Drop the jobs that have ended (done or failed); running ones stay."""
+        with self._lock:
+            self._jobs = {name: job for name, job in self._jobs.items() if job.running}
 
     def start(
         self,
@@ -81,7 +119,7 @@ class JobRunner:
             current = self._jobs.get(name)
             if current is not None and current.running:
                 return current
-            job = Job(name)
+            job = Job(name, log_path=self.log_file)
             self._jobs[name] = job
 
         def progress(event: Progress) -> None:
@@ -95,17 +133,22 @@ class JobRunner:
                 extra_progress(event)
 
         def run() -> None:
+            log.info("job %s started", name)
             try:
                 job.result = func(*args, progress=progress, **kwargs)
                 if job.progress is not None:
                     job.finished_stages.append(job.progress.describe())
                 job.state = "done"
+                log.info("job %s done in %.1f s", name, time.time() - job.started_at)
             except InputError as exc:
                 job.error = str(exc)
                 job.state = "failed"
-            except Exception as exc:  # noqa: BLE001 - reported to the user, logged in details
+                log.warning("job %s refused its input: %s", name, exc)
+            except Exception as exc:  # noqa: BLE001 - reported to the user, traceback logged
                 job.error = f"{type(exc).__name__}: {exc}"
                 job.details = traceback.format_exc()
+                job.log_path = self.log_file  # attached by now, if later than the start
+                log.exception("job %s failed: %s", name, job.error)
                 job.state = "failed"
             finally:
                 job.finished_at = time.time()
@@ -113,3 +156,16 @@ class JobRunner:
 
         threading.Thread(target=run, name=f"cmil-job-{name}", daemon=True).start()
         return job
+
+
+_SHARED: JobRunner | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_runner() -> JobRunner:
+    """The process-wide runner: the dashboard's pages and its start-up (run.sh) share it."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = JobRunner()
+        return _SHARED
