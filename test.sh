@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 . scripts/ensure_env.sh
-ensure_env requirements-dev.txt
+# requirements-cluster.txt: Ray, so that tests/test_distributed.py runs on a real local
+# Ray cluster (the app itself, run.sh, never needs it).
+ensure_env requirements-dev.txt requirements-cluster.txt
 # The browser tests drive Debian's Chromium (Playwright never downloads a browser).
 if [ ! -x /usr/bin/chromium ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

@@ -86,7 +86,7 @@ The fast path
    The precision is part of the spec and of its key.
 5. torch's intra-op threads set to the cores this process may use.
 
-On the two-core AVX-512 BF16 machine of the DESIGN (``bench/extract.py``,
+On the two-core AVX-512 BF16 machine of docs/DESIGN.md (``bench/extract.py``,
 best of 3 rounds of 512 patches of 224 px): ResNet-18 168 patches/s against
 49 for a plain float32 ``no_grad`` NCHW loop (3.4 times; 608 GFLOP/s, 73 %
 of this CPU's bf16 matrix-product rate), smallcnn 1,590 against 366. :func:`extract` overlaps the reading of the next
@@ -540,23 +540,28 @@ def _check_batch(batch: object) -> npt.NDArray[np.uint8]:
     return batch
 
 
-def preprocess(batch: npt.NDArray[np.uint8], spec: EncoderSpec) -> torch.Tensor:
+def preprocess(batch: npt.NDArray[np.uint8], spec: EncoderSpec,
+               device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> normalised float32 ``[B, 3, input_px, input_px]``, channels-last.
 
     ``x = (pixel / 255 - mean) / std`` per channel, after a bilinear
     (antialiased) resize to ``spec.input_px`` when the patches have another
     size. The result is a channels-last view of the batch's own layout: no
-    transpose is copied.
+    transpose is copied. ``device`` (a GPU): the uint8 batch is copied there
+    first (a quarter of float32's bytes) and normalised there.
     """
     arr = _check_batch(batch)
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)  # channels-last view
+    x = torch.from_numpy(np.ascontiguousarray(arr))
+    if device is not None and torch.device(device).type != "cpu":
+        x = x.to(device, non_blocking=True)
+    x = x.permute(0, 3, 1, 2)  # channels-last view
     x = x.to(torch.float32, memory_format=torch.channels_last)
     px = spec.input_px
     if x.shape[2:] != (px, px) and x.shape[0] > 0:
         x = F.interpolate(x, size=(px, px), mode="bilinear", antialias=True, align_corners=False)
         x = x.contiguous(memory_format=torch.channels_last)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
     scale = 1.0 / (255.0 * std)
     return x.mul_(scale).sub_(mean / std)
 
@@ -669,8 +674,8 @@ class Encoder:
         with torch.inference_mode(), torch.autocast(kind, dtype=torch.bfloat16, enabled=bf16):
             for start in range(0, arr.shape[0], self.batch_size):
                 chunk = arr[start : start + self.batch_size]
-                x = preprocess(chunk, self.spec)
-                y = fast(x if kind == "cpu" else x.to(self.device, non_blocking=True))
+                # On a GPU the uint8 patches go over, and are normalised there.
+                y = fast(preprocess(chunk, self.spec, self.device))
                 if not isinstance(y, torch.Tensor) or tuple(y.shape) != (
                     chunk.shape[0], self.spec.embed_dim,
                 ):

@@ -5,7 +5,7 @@ a float16 matrix ``[n_patches, D]`` (half the disk of float32; float16 keeps
 3 significant digits, far finer than what separates two patches'
 embeddings), the patch ids in row order, the patches' level-0 coordinates
 and a JSON metadata record. DuckDB holds the patch table; these matrices, a
-few kilobytes per patch, live next to it on disk (DESIGN: "outside DuckDB").
+few kilobytes per patch, live next to it on disk (docs/DESIGN.md: "outside DuckDB").
 
 Format and place
 ----------------
@@ -98,11 +98,13 @@ __all__ = [
     "FeatureFile",
     "feature_path",
     "SlideTask",
+    "as_float16",
     "default_processes",
     "load_features",
     "precompute",
     "settings_key",
     "slide_features",
+    "write_feature_file",
 ]
 
 FEATURES_FORMAT = "cmil-features"
@@ -455,13 +457,7 @@ def slide_features(
         done = 0
         batches = _read_batches(slide, coords[todo], spec.input_px, batch_size, workers)
         for emb in extract(encoder, batches):
-            peak = float(np.max(np.abs(emb))) if emb.size else 0.0
-            if not np.isfinite(peak) or peak > _FLOAT16_MAX:
-                raise InputError(
-                    f"{src.name}: encoder {spec.key} gives embeddings of magnitude {peak:g}, "
-                    "beyond float16; rescale the encoder's output."
-                )
-            features[todo[done : done + emb.shape[0]]] = emb
+            features[todo[done : done + emb.shape[0]]] = as_float16(emb, src.name, spec.key)
             done += emb.shape[0]
             if progress is not None:
                 progress(n - todo.size + done, n)
@@ -475,28 +471,61 @@ def slide_features(
         coords_out = np.concatenate([coords, existing.coords[extra]])[order]
     else:
         ids_out, coords_out = ids, coords
-    n_file = int(ids_out.size)
+    meta = write_feature_file(path, features, ids_out, coords_out, spec, slide_sha256=sha,
+                              slide_name=src.name, mpp=mpp, tiling_key=tiling_key)
+    return FeatureFile(path=path, features=wanted.features, patch_ids=ids, coords=coords,
+                       meta=meta)
+
+
+def as_float16(emb: npt.NDArray[np.floating[Any]], slide_name: str,
+               encoder_key: str) -> npt.NDArray[np.float16]:
+    """Embeddings as stored (float16); InputError naming the slide when they do not fit."""
+    peak = float(np.max(np.abs(emb))) if emb.size else 0.0
+    if not np.isfinite(peak) or peak > _FLOAT16_MAX:
+        raise InputError(
+            f"{slide_name}: encoder {encoder_key} gives embeddings of magnitude {peak:g}, "
+            "beyond float16; rescale the encoder's output."
+        )
+    return emb.astype(np.float16)
+
+
+def write_feature_file(
+    path: str | os.PathLike[str],
+    features: npt.NDArray[np.float16],
+    patch_ids: npt.NDArray[np.int64],
+    coords: npt.NDArray[np.int64],
+    spec: EncoderSpec,
+    *,
+    slide_sha256: str,
+    slide_name: str,
+    mpp: float | None,
+    tiling_key: str,
+) -> dict[str, Any]:
+    """Write one feature file atomically (the module docstring's format); returns its metadata.
+
+    What :func:`slide_features` writes, for executors that embed elsewhere
+    (:mod:`cmil_core.distributed`): rows in the order given.
+    """
     meta: dict[str, Any] = {
         "format": FEATURES_FORMAT,
         "format_version": FEATURES_FORMAT_VERSION,
         "encoder": spec.to_dict(),
         "encoder_key": spec.key,
-        "slide_sha256": sha,
-        "slide_name": src.name,
+        "slide_sha256": slide_sha256,
+        "slide_name": slide_name,
         "mpp": mpp,
         "tiling_key": tiling_key,
-        "n_patches": n_file,
+        "n_patches": int(patch_ids.size),
         "embed_dim": spec.embed_dim,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
     arrays: dict[str, npt.NDArray[Any]] = {
-        "features": features, "patch_ids": ids_out, "coords": coords_out,
+        "features": features, "patch_ids": patch_ids, "coords": coords,
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
-    _write_atomic(path, arrays)
-    return FeatureFile(path=path, features=wanted.features, patch_ids=ids, coords=coords,
-                       meta=meta)
+    _write_atomic(Path(path), arrays)
+    return meta
 
 
 # --------------------------------------------------------------------------- many slides at once

@@ -66,6 +66,7 @@ Example
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import threading
 import warnings
@@ -86,6 +87,8 @@ from torch.nn import functional as F
 
 from cmil_core.errors import InputError
 from cmil_core.stats import roc_auc
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "AGGREGATORS",
@@ -1337,6 +1340,8 @@ def cross_validate(
         oof[test_idx] = [pr.score for pr in predictions]
         folds.append(sorted(int(i) for i in test_idx))
         fold_aucs.append(_safe_auc(y[test_idx], oof[test_idx]))
+        log.info("cross-validation fold %d/%d: %d training and %d held-out patients, AUC %.3f",
+                 f + 1, k, len(train_idx), len(test_idx), fold_aucs[-1])
     if progress is not None:
         progress(100 * k, 100 * k, "done")
     return CVResult(

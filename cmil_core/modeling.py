@@ -36,6 +36,7 @@ patch that passed quality control), replacing earlier scores of that model.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import shutil
@@ -57,6 +58,8 @@ from cmil_core.progress import Progress, ProgressCallback, no_progress
 from cmil_core.stats import roc_auc, youden_cutoff
 
 __all__ = ["Bags", "artifact_dir", "cohort_bags", "load_model", "score", "train"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,12 +108,26 @@ def _embed(
     encoder: encoders.Encoder,
     progress: ProgressCallback,
     stage: tuple[str, int, int],
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> tuple[Bags, list[int]]:
     """Embed (or reuse the feature files of) the patches; no store needed. Returns the slide ids too."""
     name, index, stages = stage
     by_slide = list(inputs.patches.groupby("slide_id", sort=True))
     processes = features.default_processes()
-    if processes > 1 or torch.cuda.is_available():  # several slides at once, or on the GPU(s);
+    if executor == "ray":  # the slides' files on a Ray cluster; the loop below reads them back
+        from cmil_core.distributed import extract_features
+
+        tasks = [features.SlideTask(
+            str(rows.iloc[0]["path"]), rows[["patch_id", "x", "y", "size"]],
+            str(rows.iloc[0]["tiling_key"]), float(rows.iloc[0]["mpp"]),
+            str(rows.iloc[0]["sha256"])) for _, rows in by_slide]
+        extract_features(
+            tasks, encoder, inputs.features_root, address=ray_address,
+            progress=lambda done, total, what: progress(
+                Progress(name, index, stages, done, total, f"{what} (ray)")),
+        )
+    elif processes > 1 or torch.cuda.is_available():  # several slides at once, or on the GPU(s);
         # the loop below then reads the files back
         tasks = [features.SlideTask(
             str(rows.iloc[0]["path"]), rows[["patch_id", "x", "y", "size"]],
@@ -154,16 +171,22 @@ def cohort_bags(
     *,
     progress: ProgressCallback = no_progress,
     stage: tuple[str, int, int] = ("features", 1, 1),
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> Bags:
     """Embed (or reuse the feature files of) a cohort's passed patches, grouped by patient.
 
     Given a path, the store is opened only to read the patches and, at the
     end, to mark the slides ``encoded``: not while the CNN runs, so that
-    other processes (the dashboard) can read it meanwhile.
+    other processes (the dashboard) can read it meanwhile. ``executor``
+    ``"ray"`` computes the missing feature files on a Ray cluster
+    (:func:`cmil_core.distributed.extract_features`; ``ray_address``).
     """
+    if executor not in ("local", "ray"):
+        raise InputError(f"--executor {executor!r} is not one of local, ray")
     with store_mod.using(db, read_only=True) as st:
         inputs = _cohort_inputs(st, cohort)
-    bags, slide_ids = _embed(inputs, encoder, progress, stage)
+    bags, slide_ids = _embed(inputs, encoder, progress, stage, executor, ray_address)
     with store_mod.using(db) as st:
         store_mod.set_slides_status(st, slide_ids, "encoded")
     return bags
@@ -197,6 +220,8 @@ def train(
     input_px: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> str:
     """Train a model on ``cohort``; returns the new model id (see the module docstring).
 
@@ -209,8 +234,11 @@ def train(
     folder (``encoder-<sha256[:12]>.pt``) and is the encoder that
     :func:`score` uses. ``input_px``, ``mean``, ``std``: the encoder's
     preprocessing (default 224 px and ImageNet's when frozen, ``cnn``'s when
-    fine-tuned).
+    fine-tuned). ``executor``, ``ray_address``: where the feature files are
+    computed (:func:`cohort_bags`).
     """
+    if executor not in ("local", "ray"):
+        raise InputError(f"--executor {executor!r} is not one of local, ray")
     if aggregator not in ("histogram", "attention"):
         raise InputError(f"--aggregator {aggregator!r} is not histogram or attention")
     if encoder_training not in finetune.ENCODER_TRAINING:
@@ -239,6 +267,8 @@ def train(
         # px, metrics version) and the training cohort's QC decision (stale marks).
         trained_tiling = qc_mod.training_tiling(st, cohort)
     folder_root = _store_dir(db) / "models"
+    log.info("train on cohort %s: aggregator %s, encoder %s (%s), %d folds, seed %d",
+             cohort, aggregator, encoder, encoder_training, folds, seed)
     stages = 3
     tuned: finetune.FinetuneResult | None = None
     if cnn is not None:  # stages: pixels, CNN cross-validation, final CNN, features, training
@@ -247,7 +277,8 @@ def train(
         enc = tuned.encoder
     assert enc is not None
     data = cohort_bags(db, cohort, enc, progress=progress,
-                       stage=("features", 1 if tuned is None else 4, stages))
+                       stage=("features", 1 if tuned is None else 4, stages),
+                       executor=executor, ray_address=ray_address)
     labelled = [i for i, y in enumerate(data.labels) if y is not None]
     bags = [data.bags[i] for i in labelled]
     labels = [int(data.labels[i]) for i in labelled]  # type: ignore[arg-type]
@@ -360,6 +391,8 @@ def train(
         )
     if tuned is not None:  # saved: its checkpoints are no longer needed
         shutil.rmtree(tuned.work_dir, ignore_errors=True)
+    log.info("model %s saved in %s: %d patients, cross-validated AUC %.3f, cutoff %.4f",
+             model_id, folder, len(labels), cv.auc, cutoff)
     return model_id
 
 
@@ -433,14 +466,20 @@ def score(
     *,
     progress: ProgressCallback = no_progress,
     allow_tiling_mismatch: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> dict[str, int]:
     """Score ``cohorts`` (default: all) with a model; returns patients scored per cohort.
 
     A cohort whose patch size, overlap, output size, metrics version or QC
     thresholds differ from the training cohort's is refused (InputError, before
     anything is written) unless ``allow_tiling_mismatch``; its scores then carry
-    what differed (``patient_scores.tiling_mismatch``).
+    what differed (``patient_scores.tiling_mismatch``). ``executor``,
+    ``ray_address``: where missing feature files are computed (:func:`cohort_bags`);
+    the aggregator scores here, and this process alone writes the store.
     """
+    if executor not in ("local", "ray"):
+        raise InputError(f"--executor {executor!r} is not one of local, ray")
     # As in train: the store is held only to read and to write each cohort's scores.
     with store_mod.using(db, read_only=True) as st:
         model = load_model(st, model_id)
@@ -467,7 +506,8 @@ def score(
     done: dict[str, int] = {}
     for index, cohort in enumerate(wanted, start=1):
         data = cohort_bags(db, cohort, model.encoder, progress=progress,
-                           stage=(f"scoring {cohort}", index, len(wanted)))
+                           stage=(f"scoring {cohort}", index, len(wanted)),
+                           executor=executor, ray_address=ray_address)
         predictions = model.aggregator.predict(data.bags) if data.bags else []
         raw = np.array([p.score for p in predictions], dtype=float)
         scores = score_map.apply(raw)  # onto the out-of-fold scale, the cutoff's
@@ -490,6 +530,7 @@ def score(
                 qc_decision_id=None if decision is None else int(decision["decision_id"]),
                 tiling_mismatch="; ".join(mismatch[cohort]) or None)
         done[cohort] = len(patients)
+        log.info("cohort %s scored with %s: %d patients", cohort, model_id, len(patients))
     return done
 
 

@@ -32,13 +32,17 @@ nothing. The summary carries the decision and the bias warnings of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
+import logging
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pandas as pd
 
@@ -51,9 +55,14 @@ from cmil_core.quality import METRICS_VERSION, QCThresholds
 from cmil_core.slides import file_sha256, open_slide
 from cmil_core.tiling import TilingConfig, tile_slide
 
-__all__ = ["IngestSummary", "SlideOutcome", "format_ingest_summary", "ingest", "tiling_key"]
+__all__ = [
+    "IngestSummary", "SlideOutcome", "SlideScan", "format_ingest_summary", "ingest",
+    "scan_slide", "tiling_key",
+]
 
 PASSED = "passed"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -145,8 +154,15 @@ def ingest(
     extract_dir: str | os.PathLike[str] | None = None,
     workers: int = 2,
     who: str | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> IngestSummary:
     """Register, tile and quality-check a cohort's slides; see the module docstring.
+
+    ``executor``: ``"local"`` reads the slides here; ``"ray"`` reads and tiles
+    them on a Ray cluster (``ray_address``, else ``$CMIL_RAY_ADDRESS``, else a
+    local one; :mod:`cmil_core.distributed`) while this process alone writes
+    the store, slide by slide, with the same outcome.
 
     ``mpp`` (``--mpp``) replaces the resolution the files give; a manifest's
     ``mpp`` column wins over both, slide by slide. A zip is extracted into ``extract_dir`` (default: ``slides/<cohort>/<zip
@@ -157,6 +173,8 @@ def ingest(
     defaults); ``who`` records it (default: the operating-system user).
     """
     config = config or TilingConfig()
+    if executor not in ("local", "ray"):
+        raise InputError(f"--executor {executor!r} is not one of local, ray")
     if mpp is not None and not 0 < mpp < 1000:
         raise InputError(f"--mpp {mpp} is not a resolution in microns per pixel")
     with store_mod.using(db) as st:
@@ -195,9 +213,21 @@ def ingest(
             st, cohort, source=str(folder), manifest=str(manifest) if manifest else None,
             config=settings,
         )
+    log.info("ingest run %d of cohort %s: %d slides from %s", run_id, cohort, len(sources),
+             folder)
     report = stage_reporter(progress, stage=f"slides of {cohort}", index=1, stages=1)
     outcomes: list[SlideOutcome] = []
+    scans: Iterator[SlideScan | None] = itertools.repeat(None)
     try:
+        if executor == "ray" and sources:
+            from cmil_core.distributed import scan_slides
+
+            with store_mod.using(db, read_only=True) as st:
+                tiled = {s.path: (s.sha256, s.tiling_key, s.patient_id)
+                         for s in store_mod.list_slides(st, cohort)
+                         if s.status in ("tiled", "encoded")}
+            scans = scan_slides(sources, mpp_override=mpp, config=config, thresholds=thresholds,
+                                tiled=tiled, patients=patients, address=ray_address)
         for i, source in enumerate(sources):
             report(i, len(sources), source.path.name)
 
@@ -206,10 +236,19 @@ def ingest(
 
             outcomes.append(
                 _ingest_one(db, cohort, source, patients, mpp, config, thresholds, run_id,
-                            workers, patch_progress)
+                            workers, patch_progress, scan=next(scans))
             )
+            done = outcomes[-1]
+            log.info("slide %d/%d %s (patient %s): %s, %d patches, %d passed%s", i + 1,
+                     len(sources), source.path.name, done.patient_id, done.status, done.patches,
+                     done.passed, f": {done.reason}" if done.reason else "")
         report(len(sources), len(sources), "done")
     except BaseException:
+        log.warning("ingest run %d of cohort %s stopped after %d of %d slides", run_id, cohort,
+                    len(outcomes), len(sources))
+        close = getattr(scans, "close", None)
+        if callable(close):
+            close()
         with store_mod.using(db) as st:
             partial = IngestSummary(cohort, run_id, str(folder), outcomes).to_dict()
             store_mod.finish_ingest_run(st, run_id, "interrupted", partial)
@@ -228,6 +267,8 @@ def ingest(
         summary.slides = _recount(st, cohort, outcomes)
         summary.warnings = [w.message for w in qc_mod.qc_warnings(st, cohort)]
         store_mod.finish_ingest_run(st, run_id, "done", summary.to_dict())
+    log.info("ingest run %d of cohort %s done: %s", run_id, cohort,
+             ", ".join(f"{n} {k}" for k, n in sorted(Counter(o.status for o in outcomes).items())))
     return summary
 
 
@@ -248,6 +289,90 @@ def _recount(st: store_mod.Store, cohort: str, outcomes: list[SlideOutcome]) -> 
     return out
 
 
+@dataclass(frozen=True)
+class SlideScan:
+    """What reading one slide gives, without the store: a worker's share of ``ingest``.
+
+    :func:`scan_slide` fills it where the slide is (a Ray worker,
+    :mod:`cmil_core.distributed`); the driver then takes the same decisions as
+    the local executor, in the same order, and alone writes the store.
+    ``table`` is None when the slide was not tiled (unreadable, no
+    resolution, already tiled or its patient unknown when scanned).
+    """
+
+    sha256: str | None = None
+    size_bytes: int | None = None
+    read_error: str | None = None  # the file could not be read (hashing)
+    open_error: str | None = None  # open_slide refused it
+    kind: str | None = None
+    width: int | None = None
+    height: int | None = None
+    mpp: float | None = None
+    table: pd.DataFrame | None = None
+    tile_error: str | None = None
+
+
+def scan_slide(
+    source: SlideSource,
+    mpp_override: float | None,
+    config: TilingConfig,
+    thresholds: QCThresholds,
+    *,
+    tiled: dict[str, tuple[Any, Any, Any]] | None = None,
+    patients: set[str] | None = None,
+    workers: int = 1,
+    path: str | os.PathLike[str] | None = None,
+) -> SlideScan:
+    """Hash, open and tile one slide, as :func:`ingest` would, without the store.
+
+    ``tiled``: per slide path, the ``(sha256, tiling key, patient_id)`` of
+    slides already tiled (not tiled again when they match); ``patients``: the
+    cohort's patients (a slide of another patient is not tiled); ``path``:
+    where this node reads the file (default ``source.path``).
+    """
+    where = Path(path) if path is not None else source.path
+    name = source.path.name
+    try:
+        sha = file_sha256(where)
+        size_bytes = where.stat().st_size
+    except OSError as exc:
+        return SlideScan(read_error=f"{name}: cannot be read ({exc.strerror})")
+    wanted_mpp = source.mpp if source.mpp is not None else mpp_override
+    try:
+        slide = open_slide(where, mpp=wanted_mpp)
+    except InputError as exc:
+        return SlideScan(sha, size_bytes, open_error=str(exc))
+    with slide:
+        info: dict[str, Any] = {"kind": slide.kind, "width": slide.width, "height": slide.height,
+                "mpp": slide.mpp}
+        if slide.mpp is None:
+            return SlideScan(sha, size_bytes, **info)
+        key = tiling_key(config, slide.mpp)
+        known = (tiled or {}).get(str(source.path))
+        if known == (sha, key, source.patient_id) or (
+            patients is not None and source.patient_id not in patients
+        ):
+            return SlideScan(sha, size_bytes, **info)
+        try:
+            table = tile_slide(slide, config, thresholds, None, workers=workers)
+        except InputError as exc:
+            return SlideScan(sha, size_bytes, **info, tile_error=str(exc))
+    return SlideScan(sha, size_bytes, **info, table=table)
+
+
+class _Scanned:
+    """A scanned slide's properties where ``_ingest_one`` expects an open slide."""
+
+    def __init__(self, scan: SlideScan) -> None:
+        self.kind, self.width, self.height, self.mpp = scan.kind, scan.width, scan.height, scan.mpp
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
 def _ingest_one(
     db: store_mod.Store | str | os.PathLike[str],
     cohort: str,
@@ -259,21 +384,29 @@ def _ingest_one(
     run_id: int,
     workers: int,
     patch_progress: Any = None,
+    scan: SlideScan | None = None,
 ) -> SlideOutcome:
+    """One slide's ingest; with ``scan`` (read elsewhere) the same decisions, no pixel read here."""
     path = str(source.path)
     name = source.path.name
+    if scan is not None and scan.read_error is not None:
+        return _fail_unregistered(db, cohort, source, scan.read_error, run_id)
     try:
-        sha = file_sha256(source.path)
-        size_bytes = source.path.stat().st_size
+        sha = scan.sha256 if scan is not None else file_sha256(source.path)
+        size_bytes = scan.size_bytes if scan is not None else source.path.stat().st_size
     except OSError as exc:
         return _fail_unregistered(db, cohort, source, f"{name}: cannot be read ({exc.strerror})",
                                   run_id)
+    assert sha is not None
     duplicate = _duplicate_reason(db, cohort, source, sha)
     if duplicate is not None:
         return _record_failure(db, cohort, source, sha, size_bytes, None, duplicate, run_id)
     wanted_mpp = source.mpp if source.mpp is not None else mpp_override
+    slide: Any
+    if scan is not None and scan.open_error is not None:
+        return _record_failure(db, cohort, source, sha, size_bytes, None, scan.open_error, run_id)
     try:
-        slide = open_slide(source.path, mpp=wanted_mpp)
+        slide = _Scanned(scan) if scan is not None else open_slide(source.path, mpp=wanted_mpp)
     except InputError as exc:
         return _record_failure(db, cohort, source, sha, size_bytes, None, str(exc), run_id)
     with slide:
@@ -305,7 +438,15 @@ def _ingest_one(
                 store_mod.mark_slide_failed(st, slide_id, reason, run_id=run_id)
             return SlideOutcome(path, source.patient_id, "failed", reason)
         try:
-            table = tile_slide(slide, config, thresholds, patch_progress, workers=workers)
+            if scan is not None and scan.tile_error is not None:
+                raise InputError(scan.tile_error)
+            if scan is not None and scan.table is not None:
+                table = scan.table
+            else:  # not scanned, or the scan skipped a slide the store now wants tiled
+                with open_slide(source.path, mpp=wanted_mpp) if scan is not None \
+                        else contextlib.nullcontext(slide) as opened:
+                    table = tile_slide(opened, config, thresholds, patch_progress,
+                                       workers=workers)
         except InputError as exc:
             with store_mod.using(db) as st:
                 store_mod.mark_slide_failed(st, slide_id, str(exc), run_id=run_id)

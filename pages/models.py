@@ -17,9 +17,11 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from cmil_core import mil, modeling
+from cmil_core import display, mil, modeling
 from cmil_core import store as store_mod
+from cmil_core.distributed import ray_address
 from cmil_core.errors import InputError
+from cmil_core.evaluation import discrimination
 from cmil_core.jobs import Job
 from pages import _common
 from pages._common import flash, md, show_flash
@@ -52,7 +54,11 @@ def scored_label(row: Any) -> str:
 
 
 def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame,
-                marks: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+                marks: dict[str, pd.DataFrame] | None = None,
+                cv_ci: dict[str, tuple[float | None, float | None]] | None = None) -> pd.DataFrame:
+    """Every model, one row each; :data:`WHAT_COLUMNS` and :data:`HOW_COLUMNS` split it in two
+    tables so that every column shows at 1280 px. ``cv_ci``: the DeLong 95% CI of each
+    model's cross-validated AUC (its out-of-fold scores)."""
     records = []
     stale_models = set() if marks is None else set(
         marks["models"].loc[marks["models"]["stale"], "model_id"])
@@ -73,10 +79,11 @@ def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame,
                 "Patients trained on (BM+)": (
                     f"{m.metrics.get('n_train', '?')} ({m.metrics.get('n_positive', '?')})"
                 ),
-                "CV AUC": None if cv is None else round(float(cv), 3),
+                "CV AUC (95% CI)": "—" if cv is None else display.estimate_ci(
+                    cv, *((cv_ci or {}).get(m.model_id) or (None, None))),
                 "CV folds": m.metrics.get("cv_k"),
                 "Fold AUCs": ", ".join("—" if a is None else f"{a:.2f}" for a in folds),
-                "Cutoff": None if m.cutoff is None else round(float(m.cutoff), 3),
+                "Cutoff": display.cutoff(m.cutoff),
                 "Seed": m.config.get("seed"),
                 "QC": (f"stale (trained on decision {decision or '—'})"
                        if m.model_id in stale_models
@@ -87,6 +94,21 @@ def model_table(rows: list[store_mod.ModelRow], scored: pd.DataFrame,
             }
         )
     return pd.DataFrame(records)
+
+WHAT_COLUMNS = ["Model", "Created (UTC)", "Aggregator", "Encoder", "Training cohort",
+                "Patients trained on (BM+)", "Seed", "QC"]
+HOW_COLUMNS = ["Model", "CV AUC (95% CI)", "CV folds", "Fold AUCs", "Cutoff", "Scored"]
+
+
+def cv_intervals(s: store_mod.Store, rows: list[store_mod.ModelRow]) -> dict[str, tuple[Any, Any]]:
+    """Each model's cross-validated AUC CI: DeLong on its training cohort's out-of-fold scores."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for m in rows:
+        for r in discrimination(s, m.model_id):
+            if r["cohort"] == m.train_cohorts and r.get("ci_low") is not None:
+                out[m.model_id] = (r["ci_low"], r["ci_high"])
+    return out
+
 
 def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: int, folds: int,
                   params: dict[str, Any], encoder_training: str = "frozen") -> str:
@@ -115,7 +137,11 @@ cohorts = _common.query("cohorts", store_mod.list_cohorts)
 
 if rows:
     marks = _common.stale_marks()
-    st.dataframe(model_table(rows, scored, marks), hide_index=True, width="stretch")
+    intervals = _common.query("model_cv_ci", lambda s: cv_intervals(s, rows))
+    table = model_table(rows, scored, marks, intervals)
+    # Two tables that wrap (st.table): every column visible at 1280 px.
+    st.table(table[WHAT_COLUMNS].set_index("Model"))
+    st.table(table[HOW_COLUMNS].set_index("Model"))
     n_stale = int(marks["models"]["stale"].sum()) + int(marks["scores"]["stale"].sum())
     if n_stale:
         st.warning(
@@ -129,8 +155,8 @@ if rows:
                    icon=":material/warning:")
     st.caption(
         "CV AUC: patient-stratified k-fold cross-validation on the training cohort "
-        "(out-of-fold scores; the honest in-centre estimate). Cutoff: Youden on those "
-        "out-of-fold scores, fixed then and applied unchanged to every cohort. "
+        "(out-of-fold scores; the honest in-centre estimate), DeLong 95% CI. Cutoff: Youden "
+        "on those out-of-fold scores, fixed then and applied unchanged to every cohort. "
         "Scored: patients scored per cohort. QC: the training cohort's quality-control "
         "decision the model was trained on. Every model's full configuration is its "
         "config.json, below."
@@ -178,16 +204,18 @@ else:
     for col, key in zip(param_cols, SHOWN_PARAMS[aggregator]):
         default, kind, low, high = spec[key]
         if kind == "int":
-            params[key] = int(col.number_input(key, min_value=int(low), max_value=int(high),
+            params[key] = int(col.number_input(display.parameter(key), min_value=int(low),
+                                               max_value=int(high),
                                                value=int(default), step=1,
                                                key=f"train_{aggregator}_{key}"))
         else:
-            params[key] = float(col.number_input(key, min_value=float(low), max_value=float(high),
+            params[key] = float(col.number_input(display.parameter(key), min_value=float(low),
+                                                 max_value=float(high),
                                                  value=float(default), format="%g",
                                                  key=f"train_{aggregator}_{key}"))
     st.caption("Same on the command line:")
     st.code(train_command(db, cohort, aggregator, encoder, seed, folds, params, encoder_training),
-            language="bash")
+            language="bash", wrap_lines=True)
     if st.button("Train", type="primary", disabled=training_now or not editing,
                  key="train_button") and _common.require_editor("train", cohort=cohort):
         train_audited = _common.audited_job(
@@ -220,6 +248,14 @@ else:
         help="Score cohorts whose patch size, overlap or quality-control thresholds differ "
              "from the training cohort's (refused otherwise). Their scores are marked "
              "'tiling differs' here, on the result pages and in the report.")
+    cluster = st.text_input(
+        "Ray cluster address (optional)", value=ray_address() or "", key="score_ray_address",
+        placeholder="empty: on this server", help=(
+            "host:port of a Ray cluster's head node (ray start --head): the feature files are "
+            "then computed on the cluster (--executor ray; needs requirements-cluster.txt on "
+            "this server and the nodes, and the slides on a filesystem every node reads). "
+            "This server alone writes the store. Default: $CMIL_RAY_ADDRESS.")).strip()
+    on_cluster = {"executor": "ray", "ray_address": cluster} if cluster else {}
     if st.button("Score", type="primary", disabled=busy or not targets or not editing,
                  key="score_button") and _common.require_editor("score", model_id=model_id):
         score_audited = _common.audited_job(
@@ -228,7 +264,7 @@ else:
                 (c, m, {"patients": int(n), "allow_tiling_mismatch": a})
                 for c, n in done.items()])
         runner.start(score_job_name(model_id), score_audited, str(db), model_id, targets,
-                     allow_tiling_mismatch=allow)
+                     allow_tiling_mismatch=allow, **on_cluster)
         st.session_state.setdefault(SEEN, {})[score_job_name(model_id)] = "running"
     words = ["python", "-m", "cmil_core", "score", "--db", str(db), "--model", model_id]
     if set(targets) != {c.cohort for c in cohorts}:
@@ -236,9 +272,11 @@ else:
             words += ["--cohort", name]
     if allow:
         words.append("--allow-tiling-mismatch")
+    if cluster:
+        words += ["--executor", "ray", "--ray-address", cluster]
     st.caption("Risk groups use the model's training cutoff. Rescoring replaces the model's "
                "earlier scores of those cohorts. Same on the command line:")
-    st.code(" ".join(shlex.quote(w) for w in words), language="bash")
+    st.code(" ".join(shlex.quote(w) for w in words), language="bash", wrap_lines=True)
 
 # ---------------------------------------------------------------------------
 def describe_done(job_name: str, result: object) -> None:
@@ -252,7 +290,7 @@ def describe_done(job_name: str, result: object) -> None:
             f"Trained model {md(model.model_id)} on {md(model.train_cohorts)} "
             f"({model.metrics.get('n_train')} patients): cross-validated AUC "
             + ("—" if cv is None else f"{cv:.3f}")
-            + f" over {model.metrics.get('cv_k')} folds; cutoff {model.cutoff:.3f}. "
+            + f" over {model.metrics.get('cv_k')} folds; cutoff {display.cutoff(model.cutoff)}. "
             "Score cohorts with it below."
         )
         for warning in model.metrics.get("warnings") or []:
