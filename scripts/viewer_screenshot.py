@@ -1,0 +1,107 @@
+"""Take the README's screenshot of the deep-zoom slide viewer: docs/screenshots/viewer.png.
+
+Run: .venv/bin/python -m scripts.viewer_screenshot [--db STORE] [--out FILE]
+
+Starts ``streamlit run app.py`` on the store (default: a small demo study built
+into a temporary folder, about half a minute), opens the Patients page on a
+training patient with marrow metastasis, zooms the viewer onto that patient's
+highest-attention patch, clicks it (its Grad-CAM opens beside the viewer) and
+keeps the viewport (1280 x 900, downscaled to 1000 px wide, as
+:mod:`scripts.screenshots` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from urllib.parse import quote
+
+from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, DashboardServer
+from scripts.screenshots import HIDE_EMOJI_CSS, has_emoji_font, save_small
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "screenshots" / "viewer.png"
+POINT_JS = """(p) => { const v = window.cmilViewer.viewer, it = v.world.getItemAt(0);
+    const e = it.imageToViewerElementCoordinates(new OpenSeadragon.Point(p.x, p.y));
+    const r = document.getElementById('viewer').getBoundingClientRect();
+    return {x: e.x + r.left, y: e.y + r.top}; }"""
+
+
+def take(db: Path, out: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    from cmil_core import store
+    from cmil_core.patients import attention_patches, patient_list
+
+    with store.open_store(db, read_only=True) as st:
+        model_id = str(store.list_models(st)["model_id"].iloc[0])
+        listing = patient_list(st, model_id)
+        chosen = listing[(listing["label"] == 1) & (listing["cohort"] == "training")].iloc[0]
+        cohort, patient_id = str(chosen["cohort"]), str(chosen["patient_id"])
+        top, _ = attention_patches(st, model_id, patient=(cohort, patient_id), k=1)
+    best = top.iloc[0]
+    centre = {"x": int(best["x"] + best["size"] // 2), "y": int(best["y"] + best["size"] // 2)}
+    with tempfile.TemporaryDirectory() as tmp, \
+            DashboardServer({"CMIL_DB": str(db)}, Path(tmp) / "server.log") as server, \
+            sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url)
+        page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
+        page.goto(f"{server.url}/patients?patient={quote(cohort + '/' + patient_id)}"
+                  f"&model={quote(model_id)}")
+        iframe = page.locator("iframe[src*='cmil_slide_viewer']").first
+        iframe.wait_for(timeout=120_000)
+        page.wait_for_function(IDLE_JS, polling=100, timeout=120_000)
+        if not has_emoji_font():  # as scripts.screenshots: no empty boxes for the icons
+            page.add_style_tag(content=HIDE_EMOJI_CSS)
+        iframe.scroll_into_view_if_needed()
+        frame = next(f for f in page.frames if "cmil_slide_viewer" in f.url)
+        frame.wait_for_function("window.cmilViewer && window.cmilViewer.tilesLoaded > 0",
+                                timeout=60_000)
+        box = iframe.bounding_box()
+        assert box is not None
+        spot = frame.evaluate(POINT_JS, centre)
+        page.mouse.move(box["x"] + spot["x"], box["y"] + spot["y"])
+        for _ in range(5):
+            page.mouse.wheel(0, -300)
+            page.wait_for_timeout(150)
+        page.wait_for_timeout(1500)
+        box = iframe.bounding_box()
+        assert box is not None
+        spot = frame.evaluate(POINT_JS, centre)
+        page.mouse.click(box["x"] + spot["x"], box["y"] + spot["y"])
+        page.locator("[data-testid='stImage']", has_text="Grad-CAM").first.wait_for(
+            timeout=120_000)
+        page.wait_for_function(IDLE_JS, polling=100, timeout=60_000)
+        box = iframe.bounding_box()
+        assert box is not None
+        spot = frame.evaluate(POINT_JS, centre)
+        page.mouse.move(box["x"] + spot["x"] + 5, box["y"] + spot["y"] + 5)  # the hover card
+        page.wait_for_timeout(800)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_small(page.screenshot(), out, 1000, 400)
+        browser.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--db", type=Path, help="a scored store (default: a fresh small demo)")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    if args.db is not None:
+        take(args.db, args.out)
+    else:
+        from cmil_core.demo import generate_demo
+
+        with tempfile.TemporaryDirectory() as tmp:
+            db = Path(tmp) / "cmil.duckdb"
+            generate_demo(db, size="small", seed=0)
+            take(db, args.out)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
