@@ -3,25 +3,27 @@
 The entry point: navigation over the pages, the shared sidebar, and the first
 launch. On a first launch with the default store (no ``CMIL_DB``), the demo
 study is generated in the background, with progress on this page and in the
-terminal; later launches open at once.
+terminal; later launches open at once. ``./run.sh`` (:mod:`scripts.serve`)
+starts that build as the server starts, before any browser opens the page;
+this page then shows the same job (:func:`cmil_core.launch.start_first_launch`).
 """
 
 from __future__ import annotations
 
-import os
-
 import streamlit as st
 
+from cmil_core import launch
 from cmil_core.demo import demo_status, generate_demo
 from cmil_core.progress import TerminalProgress
 
-FIRST_LAUNCH_SIZE = os.environ.get("CMIL_DEMO_SIZE", "full")
+FIRST_LAUNCH_SIZE = launch.demo_size()
 
 
 def start_demo(size: str) -> None:
     _common.job_runner().start(
         _common.DEMO_JOB, generate_demo, str(_common.db_path()), size=size,
-        extra_progress=TerminalProgress(),
+        extra_progress=TerminalProgress(heartbeat=launch.HEARTBEAT_S),
+        who=_common.current_user().who or "anonymous", via="dashboard",
     )
 
 
@@ -41,6 +43,7 @@ def building_page() -> None:
             return
         if job.state == "failed":
             st.error(f"The demo could not be built: {job.error}")
+            _common.show_job_log(job)
             if st.button("Try again"):
                 start_demo(FIRST_LAUNCH_SIZE)
                 st.rerun()

@@ -62,6 +62,7 @@ from PIL import Image
 
 from cmil_core import _atomic, _smear
 from cmil_core import store as store_mod
+from cmil_core.access import cli_user
 from cmil_core.cohort_import import import_cohort
 from cmil_core.errors import InputError
 from cmil_core.modeling import score, train
@@ -184,6 +185,7 @@ class DemoSummary:
     patches_passed: int = 0
     skipped: bool = False
     details: dict[str, object] = field(default_factory=dict)
+    patients_scored: int = 0  # distinct patients with a score of the demo's models
 
 
 def default_demo_dir(db: str | os.PathLike[str]) -> Path:
@@ -499,6 +501,8 @@ def generate_demo(
     progress: ProgressCallback = no_progress,
     workers: int | None = None,
     force: bool = False,
+    who: str | None = None,
+    via: str = "cli",
 ) -> DemoSummary:
     """Generate the demo study into the store ``db`` (default store when None).
 
@@ -508,6 +512,10 @@ def generate_demo(
     store that
     already holds the same finished demo is left as it is (``skipped``),
     unless ``force``.
+
+    A finished build is one row of the audit trail (action ``demo``, by
+    ``who``, default the operating-system user; ``via`` says from where:
+    ``cli``, ``dashboard`` or ``run.sh``); a skipped one adds none.
     """
     if size not in SIZES:
         raise InputError(f"--size {size!r} is not one of {', '.join(SIZES)}")
@@ -531,7 +539,7 @@ def generate_demo(
             return DemoSummary(
                 str(db_path), str(out_dir), size, seed, {}, counts["slides"], 0,
                 counts["slides"], counts["demo_tumor_regions"], *_patch_totals(store),
-                skipped=True,
+                skipped=True, patients_scored=_patients_scored(store),
             )
         if status is not None and any(status.get(k) != v for k, v in stamp.items()):
             # Another demo (size or seed) lives here: remove its models and cohorts first.
@@ -620,11 +628,25 @@ def generate_demo(
         )
         counts = store_mod.table_counts(store)
         totals = _patch_totals(store)
+        scored = _patients_scored(store)
+        store_mod.record_audit(
+            store, who or cli_user(), "demo",
+            details={"size": size, "seed": seed, "patients": sum(len(p) for p in patients.values()),
+                     "slides": len(jobs), "patients_scored": scored, "via": via},
+        )
     return DemoSummary(
         str(db_path), str(out_dir), size, seed,
         {c: len(p) for c, p in patients.items()}, len(jobs), len(todo), reused,
-        counts["demo_tumor_regions"], *totals,
+        counts["demo_tumor_regions"], *totals, patients_scored=scored,
     )
+
+
+def _patients_scored(store: store_mod.Store) -> int:
+    """Distinct patients of the demo's cohorts scored by any of its models."""
+    counts = store_mod.model_score_counts(store)
+    demo = {c.cohort for c in COHORTS}
+    counts = counts[counts["cohort"].isin(demo)]
+    return int(counts.groupby("cohort")["patients"].max().sum()) if len(counts) else 0
 
 
 def _as_stage(progress: ProgressCallback, name: str, index: int, stages: int) -> ProgressCallback:

@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cmil_core import display
 from cmil_core import store as store_mod
+from cmil_core.calibration import calibration_fit, format_calibration_fit
 from cmil_core.errors import InputError
 from cmil_core.recalibration import prevalence_shift
 from cmil_core.stats import (
@@ -62,11 +64,13 @@ from cmil_core.survival import (
     risk_groups,
     survival_analysis,
 )
+from cmil_core.time_auc import td_auc
 
 __all__ = [
     "CLINICAL_COVARIATES", "CMIL_COVARIATE", "COX_STRATA", "CUTOFF_METHODS", "FINAL", "IN_SAMPLE",
-    "OUT_OF_FOLD", "OVERLAP_RULE", "PATCH_THRESHOLD", "POOLED", "calibration", "clinical_cox",
-    "cohort_comparisons", "discrimination", "format_evaluation", "format_flow", "localisation",
+    "OUT_OF_FOLD", "OVERLAP_RULE", "PATCH_THRESHOLD", "POOLED", "TD_AUC_MONTHS", "calibration",
+    "calibration_summary", "clinical_cox", "cohort_comparisons", "discrimination",
+    "format_calibration", "format_evaluation", "format_flow", "localisation",
     "metrics_table", "model_comparisons", "patient_flow", "probability_note", "risk_survival",
     "roc_curves", "scores_frame", "survival_cutoff", "training_cohorts", "tumour_fraction",
 ]
@@ -303,7 +307,8 @@ def calibration(
     training prevalence used), ``brier, bins``
     (:func:`~cmil_core.stats.calibration_bins`, 5 quantile bins), ``smooth``
     (:func:`~cmil_core.stats.calibration_smooth`), ``decision``
-    (:func:`~cmil_core.stats.decision_curve`).
+    (:func:`~cmil_core.stats.decision_curve`), ``fit`` (calibration intercept
+    and slope with Wald 95% CIs, :func:`cmil_core.calibration.calibration_fit`).
     """
     prevalence, prior = _priors(_model(st, model_id))
     scores = scores_frame(st, model_id, in_sample=in_sample).dropna(subset=["bm_metastasis"])
@@ -318,9 +323,37 @@ def calibration(
             "cohort": cohort, "scores": kind, "label": label, "n": len(part),
             "prevalence": prevalence, "brier": brier_score(y, p),
             "bins": calibration_bins(y, p, n_bins=5), "smooth": calibration_smooth(y, p),
-            "decision": decision_curve(y, p),
+            "decision": decision_curve(y, p), "fit": _calibration_fit(y, p),
         })
     return out
+
+
+def calibration_summary(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """JSON-ready rows of :func:`calibration`: cohort, scores, label, n, prevalence, brier, and
+    the calibration intercept and slope with their Wald 95% CIs (``*_ci``) and ``note``."""
+    keep = ("intercept", "intercept_se", "intercept_ci", "slope", "slope_se", "slope_ci", "note")
+    return [{**{k: e[k] for k in ("cohort", "scores", "label", "n", "prevalence", "brier")},
+             **{k: e["fit"].get(k) for k in keep}} for e in entries]
+
+
+def format_calibration(entries: list[dict[str, Any]]) -> str:
+    """Terminal lines of :func:`calibration`: Brier score, calibration intercept and slope."""
+    lines = ["calibration (probabilities at the training prevalence; intercept ideal 0, "
+             "slope ideal 1; Wald 95% CIs)"]
+    for e in entries:
+        lines.append(f"  {e['label']}: n {e['n']}, Brier {e['brier']:.3f}, "
+                     f"{format_calibration_fit(e['fit'])}")
+    return "\n".join(lines)
+
+
+def _calibration_fit(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """:func:`cmil_core.calibration.calibration_fit`, or its empty form with the reason."""
+    try:
+        return calibration_fit(y, p)
+    except InputError as exc:
+        return {"n": int(y.size), "events": int(y.sum()), "intercept": None, "intercept_se": None,
+                "intercept_ci": None, "slope": None, "slope_se": None, "slope_ci": None,
+                "note": str(exc)}
 
 
 ENDPOINTS = {"os": ("os_months", "os_event", "overall survival"),
@@ -370,9 +403,13 @@ def survival_cutoff(
             "scores": kind}
 
 
+#: Times (months) of the time-dependent AUC of :func:`risk_survival`.
+TD_AUC_MONTHS = (12.0, 24.0, 36.0)
+
+
 def risk_survival(
     st: store_mod.Store, model_id: str, endpoint: str = "os", cutoff: str | float = "model",
-    *, in_sample: bool = False,
+    *, in_sample: bool = False, td_auc_times: Sequence[float] = TD_AUC_MONTHS,
 ) -> list[dict[str, Any]]:
     """Per cohort: Kaplan-Meier by cMIL risk group, log-rank and Cox HR.
 
@@ -383,8 +420,11 @@ def risk_survival(
     ``curves`` (the long table of
     :func:`~cmil_core.survival.kaplan_meier_table`), ``result`` (the
     :func:`~cmil_core.survival.survival_analysis` dict: groups, logrank, cox
-    with "high" against "low", at_risk). Cohorts without follow-up, or with a
-    single risk group, come with ``note`` instead. When two or more validation
+    with "high" against "low" and its proportional-hazards test ``ph_test``,
+    at_risk), ``td_auc`` (the time-dependent AUC of the continuous score at
+    ``td_auc_times`` months, :func:`cmil_core.time_auc.td_auc`; needs events,
+    not two risk groups). Cohorts without follow-up, or with a single risk
+    group, come with ``note`` instead of curves and result. When two or more validation
     cohorts (not trained on) have follow-up, a last entry named
     :data:`POOLED` pools their patients (``pooled`` lists them).
     """
@@ -399,12 +439,13 @@ def risk_survival(
     for c in cohorts:
         part = scores[scores["cohort"] == c]
         kind, label = _cohort_scores(part)
-        out.append({**_risk_entry(c, part, chosen, time, event), "scores": kind, "label": label})
+        out.append({**_risk_entry(c, part, chosen, time, event, td_auc_times),
+                    "scores": kind, "label": label})
     validation = [c for c in cohorts if c not in training_cohorts(st, model_id)]
     with_followup = [e["cohort"] for e in out if e["cohort"] in validation and e["n"] > 0]
     if len(with_followup) >= 2:
         pooled = scores[scores["cohort"].isin(with_followup)]
-        entry = _risk_entry(POOLED, pooled, chosen, time, event)
+        entry = _risk_entry(POOLED, pooled, chosen, time, event, td_auc_times)
         entry.update(pooled=with_followup, scores=FINAL, label=POOLED)
         out.append(entry)
     return out
@@ -423,10 +464,18 @@ def training_cohorts(st: store_mod.Store, model_id: str) -> list[str]:
 
 
 def _risk_entry(
-    name: str, scores: pd.DataFrame, chosen: dict[str, Any], time: str, event: str
+    name: str, scores: pd.DataFrame, chosen: dict[str, Any], time: str, event: str,
+    td_auc_times: Sequence[float] = TD_AUC_MONTHS,
 ) -> dict[str, Any]:
     part = scores.dropna(subset=[time, event]).copy()
     entry: dict[str, Any] = {"cohort": name, "n": len(part), "cutoff": chosen}
+    # Patients left out for want of follow-up: how many, and which column is empty.
+    entry["n_dropped"] = len(scores) - len(part)
+    entry["n_dropped_by_column"] = {c: int(scores[c].isna().sum()) for c in (time, event)
+                                    if scores[c].isna().any()}
+    if len(part) and part[event].sum() > 0 and td_auc_times:
+        entry["td_auc"] = td_auc(part[time].to_numpy(dtype=float), part[event].to_numpy(dtype=float),
+                                 part["score"].to_numpy(dtype=float), td_auc_times)
     part["risk_group"] = risk_groups(part["score"], chosen["value"]) if len(part) else []
     if part.empty or part[event].sum() == 0 or part["risk_group"].nunique() < 2:
         entry["note"] = "no follow-up, no events, or a single risk group"
@@ -794,10 +843,11 @@ def clinical_cox(
         group = "high" if frame[CMIL_COVARIATE].iloc[0] else "low"
         raise InputError(
             f"model '{model_id}': every validation patient is in the {group} risk group at "
-            f"cutoff {chosen['value']:.4g}; no hazard ratio to estimate"
+            f"cutoff {display.cutoff(chosen['value'])}; no hazard ratio to estimate"
         )
     covariates = [{"name": CMIL_COVARIATE, "column": "score",
-                   "definition": f"cMIL score >= {chosen['value']:.4g} ({chosen['description']})"}]
+                   "definition": f"cMIL score >= {display.cutoff(chosen['value'])} "
+                                 f"({chosen['description']})"}]
     excluded = []
     records = [c if isinstance(c, dict) else {} for c in data["clinical"]]
     for column, (name, definition, code) in CLINICAL_COVARIATES.items():

@@ -35,6 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from cmil_core import display
 from cmil_core.errors import InputError
 from cmil_core.palette import CHANCE_GREY, COHORT_COLOURS, RISK_COLOURS, cohort_colour
 
@@ -80,9 +81,7 @@ def _legend(ax: Axes, loc: str, title: str | None = None) -> None:
 
 
 def _p_text(p: float | None) -> str:
-    if p is None:
-        return "p n/a"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return display.p_value(p)
 
 
 def auc_label(curve: dict[str, Any]) -> str:

@@ -14,12 +14,17 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from cmil_core import display
 from cmil_core.palette import CHANCE_GREY, COHORT_COLOURS, RISK_COLOURS, cohort_colour
 
 __all__ = [
-    "calibration_figure", "decision_figure", "forest_figure", "km_figure", "qc_histogram_figure",
-    "roc_figure",
+    "MIN_CALIBRATION_BIN", "calibration_drawable", "calibration_figure", "colour_bar_figure",
+    "decision_figure", "forest_figure", "km_figure", "log_ticks", "qc_histogram_figure",
+    "roc_figure", "wrap_title",
 ]
+
+#: A cohort's calibration is drawn only when each of its score bins holds this many patients.
+MIN_CALIBRATION_BIN = 10
 
 
 
@@ -70,9 +75,7 @@ def roc_figure(
 
 
 def _p_text(p: float | None) -> str:
-    if p is None:
-        return "p n/a"
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return display.p_value(p)
 
 
 def km_figure(
@@ -133,9 +136,11 @@ def km_figure(
         extra += f"; HR {cox['group']} vs {cox['reference']} " + (
             f"{cox['hr']:.2f} ({cox['ci'][0]:.2f}-{cox['ci'][1]:.2f})" if _estimable(cox)
             else "not estimable (too few events in a group)")
+    lines = wrap_title(title)
     fig.update_layout(
-        title=dict(text=f"{title}<br><sup>{extra}</sup>"), height=520, template="plotly_white",
-        margin=dict(l=10, r=10, t=70, b=10),
+        title=dict(text="<br>".join(lines) + f"<br><sup>{extra}</sup>"),
+        height=500 + 22 * len(lines), template="plotly_white",
+        margin=dict(l=10, r=10, t=50 + 22 * len(lines), b=10),
         legend=dict(x=0.02, y=0.3, bgcolor="rgba(255,255,255,0.8)"),
     )
     fig.update_yaxes(title="survival probability", range=[0, 1.02], row=1, col=1)
@@ -150,10 +155,29 @@ def km_figure(
     return fig
 
 
+def wrap_title(title: str, width: int = 44) -> list[str]:
+    """A figure title as lines of at most ``width`` characters (broken at spaces): a title
+    wider than a half-width plot is cut off by plotly, never wrapped."""
+    lines: list[str] = []
+    for word in title.split():
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
 def calibration_figure(
     entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | None = None
 ) -> go.Figure:
-    """Observed against predicted: quantile bins with Wilson CIs, and the smoothed curve, per cohort."""
+    """Observed against predicted: quantile bins with Wilson CIs, and the smoothed curve, per cohort.
+
+    Only cohorts whose every bin holds :data:`MIN_CALIBRATION_BIN` patients
+    are drawn (:func:`calibration_drawable`; say which are left out), and the
+    smoothed curve only over the range of scores the bins cover: a kernel
+    curve outside its data reads as a broken model.
+    """
+    entries, _ = calibration_drawable(entries)
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="ideal",
                              line=dict(color=CHANCE_GREY, dash="dot"), hoverinfo="skip"))
@@ -168,14 +192,36 @@ def calibration_figure(
                          array=bins["observed_high"] - bins["observed"],
                          arrayminus=bins["observed"] - bins["observed_low"]),
         ))
-        fig.add_trace(go.Scatter(x=e["smooth"]["predicted"], y=e["smooth"]["observed"],
+        smooth = e["smooth"]
+        inside = ((smooth["predicted"] >= float(bins["mean_predicted"].min()))
+                  & (smooth["predicted"] <= float(bins["mean_predicted"].max())))
+        smooth = smooth[inside]
+        fig.add_trace(go.Scatter(x=smooth["predicted"], y=smooth["observed"],
                                  mode="lines", line=dict(color=colour), showlegend=False,
                                  hoverinfo="skip", name=f"{e['cohort']} smoothed"))
-    fig.update_layout(title="Calibration", height=420, template="plotly_white",
+    fig.update_layout(title="Calibration", height=460, template="plotly_white",
+                      legend=dict(orientation="h", y=-0.18, yanchor="top"),
                       xaxis=dict(title="predicted (cMIL score)", range=[0, 1]),
                       yaxis=dict(title="observed share with metastasis", range=[0, 1.02]),
-                      margin=dict(l=10, r=10, t=50, b=10))
+                      margin=dict(l=10, r=10, t=50, b=90))
     return fig
+
+
+def calibration_drawable(
+    entries: Sequence[dict[str, Any]], min_bin: int = MIN_CALIBRATION_BIN,
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """``(drawn, notes)``: the cohorts whose every calibration bin holds ``min_bin`` patients,
+    and for each other one why it is not drawn."""
+    drawn, notes = [], []
+    for e in entries:
+        bins = e["bins"]
+        smallest = int(bins["n"].min()) if len(bins) else 0
+        if len(bins) and smallest >= min_bin:
+            drawn.append(e)
+        else:
+            notes.append(f"{e.get('label', e['cohort'])}: {display.count(e.get('n'))} patients, "
+                         f"{smallest} in its smallest bin (needs {min_bin})")
+    return drawn, notes
 
 
 def decision_figure(
@@ -224,13 +270,26 @@ def qc_histogram_figure(
         ))
         fig.add_trace(go.Scatter(
             x=middle, y=part["rejected"] / total, mode="lines",
-            line=dict(color=colour, shape="hvh", width=1, dash="dot"), name=f"{cohort}: rejected",
+            line=dict(color=colour, shape="hvh", width=1.5, dash="dash"),
+            fill="tozeroy", fillcolor=_translucent(colour), name=f"{cohort}: rejected",
             hovertemplate="%{x:.3g}: %{y:.1%} rejected<extra></extra>",
         ))
-    fig.update_layout(title=f"{metric.replace('_', ' ')} per cohort", height=340,
+    name = display.column(metric)
+    fig.update_layout(title=f"{name} per cohort", height=340,
                       template="plotly_white", margin=dict(l=10, r=10, t=50, b=10),
-                      xaxis=dict(title=metric), yaxis=dict(title="share of patches", tickformat=".0%"))
+                      xaxis=dict(title=name),
+                      yaxis=dict(title="share of patches", tickformat=".0%"),
+                      legend=dict(orientation="h", y=-0.25))
     return fig
+
+
+def _translucent(colour: str, alpha: float = 0.25) -> str:
+    """``#rrggbb`` as an rgba() fill."""
+    c = colour.lstrip("#")
+    if len(c) != 6:
+        return colour
+    r, g, b = (int(c[i:i + 2], 16) for i in (0, 2, 4))
+    return f"rgba({r},{g},{b},{alpha})"
 
 
 def _estimable(row: dict[str, Any]) -> bool:
@@ -258,6 +317,8 @@ def forest_figure(result: dict[str, Any], *, title: str) -> go.Figure:
     rows = [r for r in coefficients if _estimable(r)]
     dropped = [r["name"] for r in coefficients if not _estimable(r)]
     labels = [f"{r['name']}  ·  {_hr_text(r)}" for r in rows]
+    ticks = log_ticks(min([r["ci"][0] for r in rows] or [1.0]),
+                      max([r["ci"][1] for r in rows] or [1.0]))
     fig = go.Figure()
     fig.add_trace(go.Scatter(
         x=[r["hr"] for r in rows], y=labels, mode="markers", name="hazard ratio",
@@ -277,7 +338,43 @@ def forest_figure(result: dict[str, Any], *, title: str) -> go.Figure:
         title=dict(text=f"{title}<br><sup>n = {result.get('n')}, events = {result.get('events')}; "
                         f"Cox proportional hazards, Efron ties</sup>"),
         height=140 + 45 * len(rows), template="plotly_white", margin=dict(l=10, r=10, t=70, b=10),
-        xaxis=dict(title="hazard ratio (log scale)", type="log"),
-        yaxis=dict(autorange="reversed"),
+        xaxis=dict(title="hazard ratio (log scale)", type="log", tickmode="array",
+                   tickvals=ticks, ticktext=[f"{t:g}" for t in ticks]),
+        yaxis=dict(autorange="reversed", automargin=True),
     )
+    return fig
+
+
+_LOG_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0,
+              20.0, 50.0, 100.0)
+
+
+def log_ticks(low: float, high: float, most: int = 9) -> list[float]:
+    """Ticks of a log axis from ``low`` to ``high``: readable numbers, 1 always among them.
+
+    Plotly's own log ticks label 0.8 and 0.9 as "8" and "9" (minor digits);
+    these are labelled in full.
+    """
+    low, high = min(low, 1.0), max(high, 1.0)
+    ticks = [t for t in _LOG_TICKS if low / 1.05 <= t <= high * 1.05]
+    if len(ticks) > most:  # a wide range: the 1-2-5 series
+        ticks = [t for t in ticks if f"{t:g}".strip("0.").lstrip("0") in ("1", "2", "5")]
+    while len(ticks) > most:  # thin out, keeping 1
+        ticks = [t for k, t in enumerate(ticks) if t == 1.0 or k % 2 == 0]
+    return ticks or [1.0]
+
+
+def colour_bar_figure(title: str, low: float, high: float, ticks: Sequence[float],
+                      ticktext: Sequence[str], colorscale: str = "Inferno") -> go.Figure:
+    """A horizontal colour bar alone, naming its scale: the legend of an image heatmap."""
+    fig = go.Figure(go.Heatmap(
+        z=[[low, high]], x=[low, high], y=[0], zmin=low, zmax=high, colorscale=colorscale,
+        showscale=True, hoverinfo="skip", opacity=0,
+        colorbar=dict(orientation="h", thickness=14, len=1.0, x=0.5, xanchor="center",
+                      y=0.0, yanchor="bottom", tickvals=list(ticks), ticktext=list(ticktext),
+                      title=dict(text=title, side="top")),
+    ))
+    fig.update_layout(height=95, margin=dict(l=10, r=10, t=5, b=5), template="plotly_white",
+                      xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      plot_bgcolor="rgba(0,0,0,0)", paper_bgcolor="rgba(0,0,0,0)")
     return fig

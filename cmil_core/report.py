@@ -7,7 +7,8 @@
       report.json     the same numbers as plain JSON
       figures/        roc, calibration, decision, km_<cohort>, cox_forest (.png 200 dpi, .svg)
       tables/         cohort_overview, discrimination, roc_band, metrics_at_cutoff,
-                      survival_summary, survival_at_risk, cox_coefficients, patient_scores (.csv)
+                      calibration, survival_summary, survival_at_risk, time_dependent_auc,
+                      cox_coefficients, patient_scores (.csv)
 
 Every number comes from :mod:`cmil_core.evaluation`, :mod:`cmil_core.survival`
 and :mod:`cmil_core.stats`; this module only gathers, formats and writes.
@@ -51,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cmil_core import access, evaluation, figures, qc
+from cmil_core import access, display, evaluation, figures, qc
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
@@ -210,6 +211,7 @@ def _tables(data: dict[str, Any]) -> dict[str, pd.DataFrame]:
                 "hr_group": cox.get("group"), "hr_reference": cox.get("reference"),
                 "hr": cox.get("hr"), "hr_ci_low": (cox.get("ci") or [None, None])[0],
                 "hr_ci_high": (cox.get("ci") or [None, None])[1], "hr_p": cox.get("p"),
+                "hr_ph_p": _ph_global_p(cox.get("ph_test")),
                 "note": "",
             })
         for g in r["at_risk"]["groups"]:
@@ -218,11 +220,16 @@ def _tables(data: dict[str, Any]) -> dict[str, pd.DataFrame]:
                 at_risk_rows.append({"cohort": e["cohort"], "group": g["group"], "time": t,
                                      "at_risk": n, "survival": s, "survival_ci_low": ci[0],
                                      "survival_ci_high": ci[1]})
+    td_rows = [{"cohort": e["cohort"], "time": t, "auc": a, "cases": c, "controls": n,
+                "mean_auc": e["td_auc"]["mean_auc"]}
+               for e in data["survival"] if e.get("td_auc")
+               for t, a, c, n in zip(e["td_auc"]["times"], e["td_auc"]["auc"],
+                                     e["td_auc"]["cases"], e["td_auc"]["controls"], strict=True)]
     cox = data["cox"]
     cox_rows = [
         {"name": c["name"], "coef": c["coef"], "se": c["se"], "hr": c["hr"],
          "hr_ci_low": (c["ci"] or [None, None])[0], "hr_ci_high": (c["ci"] or [None, None])[1],
-         "p": c["p"]}
+         "p": c["p"], "ph_p": c.get("ph_p")}
         for c in cox.get("coefficients", [])
     ]
     discrimination = pd.DataFrame(data["discrimination"])
@@ -235,7 +242,10 @@ def _tables(data: dict[str, Any]) -> dict[str, pd.DataFrame]:
         "survival_at_risk": pd.DataFrame(at_risk_rows),
         "cox_coefficients": pd.DataFrame(cox_rows,
                                          columns=["name", "coef", "se", "hr", "hr_ci_low",
-                                                  "hr_ci_high", "p"]),
+                                                  "hr_ci_high", "p", "ph_p"]),
+        "calibration": pd.DataFrame(evaluation.calibration_summary(data["calibration"])),
+        "time_dependent_auc": pd.DataFrame(td_rows, columns=["cohort", "time", "auc", "cases",
+                                                              "controls", "mean_auc"]),
         "patient_scores": data["scores"],
         "patient_flow": data["flow"],
     }
@@ -323,9 +333,25 @@ def _hr(row: dict[str, Any]) -> str:
 
 
 def _p(p: Any) -> str:
-    if p is None:
+    return display.p_cell(p).replace("<", "&lt;")
+
+
+def _ph_global_p(ph: dict[str, Any] | None) -> float | None:
+    """The GLOBAL p of a cox.zph result (:mod:`cmil_core.proportional_hazards`), or None."""
+    row = next((t for t in (ph or {}).get("tests", []) if t["term"] == "GLOBAL"), None)
+    return None if row is None else row["p"]
+
+
+def _ph(p: Any) -> str:
+    """A proportional-hazards p for a table cell, flagged below 0.05."""
+    return _p(p) + (" (not proportional)" if p is not None and p < 0.05 else "")
+
+
+def _signed(value: Any, ci: Sequence[Any] | None) -> str:
+    """"-0.12 (-0.55 to 0.31)": an estimate that may be negative, with its 95% CI."""
+    if value is None:
         return "—"
-    return "&lt; 0.001" if p < 0.001 else f"{p:.3f}"
+    return _n(value, 2) + ("" if not ci else f" ({_n(ci[0], 2)} to {_n(ci[1], 2)})")
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, raw: bool = False) -> str:
@@ -446,9 +472,17 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
 
     parts.append("<h2>Calibration and clinical usefulness</h2>")
     parts.append(_figure_html(figs, "calibration"))
-    parts.append(_table(["Cohort", "Patients", "Brier score"],
-                        [[_e(e["label"]), _e(e["n"]), _n(e["brier"])]
+    parts.append(_table(["Cohort", "Patients", "Brier score", "Calibration intercept (95% CI)",
+                         "Calibration slope (95% CI)"],
+                        [[_e(e["label"]), _e(e["n"]), _n(e["brier"]),
+                          _signed(e["fit"]["intercept"], e["fit"]["intercept_ci"]),
+                          _signed(e["fit"]["slope"], e["fit"]["slope_ci"])]
                          for e in data["calibration"]], raw=True))
+    parts.append("<p class=\"note\">Calibration intercept (ideal 0) and slope (ideal 1): "
+                 "logistic recalibration of the outcome on the log-odds of the probability "
+                 "(R glm), Wald 95% CIs."
+                 + "".join(f" {_e(e['label'])}: {_e(e['fit']['note'])}."
+                           for e in data["calibration"] if e["fit"].get("note")) + "</p>")
     parts.append(f"<p class=\"note\">{_e(data['probability_note'])}</p>")
     parts.append(_figure_html(figs, "decision"))
 
@@ -462,6 +496,8 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
         r = e["result"]
         cox = r.get("cox") or {}
         hr = _hr(cox) + (f", p {_p(cox.get('p'))}" if cox.get("hr") is not None else "")
+        if _ph_global_p(cox.get("ph_test")) is not None:
+            hr += f"; proportional hazards (cox.zph) p {_ph(_ph_global_p(cox['ph_test']))}"
         parts.append(_table(
             ["Group", "Patients", "Events", "Median (95% CI)"],
             [[_e(g["group"]), _e(g["n"]), _e(g["events"]),
@@ -476,6 +512,21 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
         for w in r.get("warnings", []):
             parts.append(f"<p class=\"note\">Note: {_e(w)}</p>")
 
+    td = [e for e in data["survival"] if e.get("td_auc")]
+    if td:
+        times = td[0]["td_auc"]["times"]
+        parts.append("<h3>Time-dependent AUC of the cMIL score</h3>")
+        parts.append(_table(
+            ["Cohort", *(f"{t:g} months" for t in times), "Mean"],
+            [[_e(e["cohort"]), *(f"{_n(a)} ({c} / {n})" if a is not None else "—"
+                                  for a, c, n in zip(e["td_auc"]["auc"], e["td_auc"]["cases"],
+                                                     e["td_auc"]["controls"], strict=True)),
+              _n(e["td_auc"]["mean_auc"])] for e in td], raw=True))
+        parts.append("<p class=\"note\">Cumulative/dynamic AUC of the continuous score (cases: "
+                     "event by that time; controls: event-free after it; in brackets cases / "
+                     "controls), inverse probability of censoring weights (Uno 2007; "
+                     "scikit-survival cumulative_dynamic_auc).</p>")
+
     parts.append("<h2>Cox model with clinical factors</h2>")
     cox = data["cox"]
     if "note" in cox:
@@ -489,9 +540,15 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
         parts.append(_figure_html(figs, "cox_forest"))
         definitions = {c["name"]: c["definition"] for c in cox["covariates"]}
         parts.append(_table(
-            ["Covariate", "Definition", "HR (95% CI)", "p"],
-            [[_e(c["name"]), _e(definitions.get(c["name"])), _hr(c), _p(c["p"])]
+            ["Covariate", "Definition", "HR (95% CI)", "p", "Proportional hazards p (cox.zph)"],
+            [[_e(c["name"]), _e(definitions.get(c["name"])), _hr(c), _p(c["p"]),
+              _ph(c.get("ph_p"))]
              for c in cox["coefficients"]], raw=True))
+        if cox.get("ph_test"):
+            parts.append("<p class=\"note\">Proportional hazards: Schoenfeld-residual score "
+                         "test of R's cox.zph (transform \"km\"), whole model p "
+                         f"{_ph(_ph_global_p(cox['ph_test']))}; p &lt; 0.05: the hazard ratio "
+                         "changes with follow-up and is an average over it.</p>")
         for x in cox.get("excluded", []):
             parts.append(f"<p class=\"note\">Not in the model: {_e(x['column'])} "
                          f"({_e(x['reason'])}).</p>")
@@ -681,6 +738,8 @@ def _json_sections(data: dict[str, Any]) -> dict[str, Any]:
         else:
             r = e["result"]
             entry.update({k: r.get(k) for k in ("groups", "logrank", "cox", "at_risk", "warnings")})
+        if e.get("td_auc"):
+            entry["td_auc"] = e["td_auc"]
         survival.append(entry)
     return {
         "cutoff": data["cutoff"],
@@ -693,7 +752,10 @@ def _json_sections(data: dict[str, Any]) -> dict[str, Any]:
         "metrics_at_cutoff": data["metrics"],
         "patient_flow": data["flow"],
         "calibration": [{"cohort": e["cohort"], "scores": e["scores"], "n": e["n"],
-                         "prevalence": e["prevalence"], "brier": e["brier"], "bins": e["bins"]}
+                         "prevalence": e["prevalence"], "brier": e["brier"], "bins": e["bins"],
+                         **{k: e["fit"].get(k) for k in (
+                             "intercept", "intercept_se", "intercept_ci", "slope", "slope_se",
+                             "slope_ci", "note")}}
                         for e in data["calibration"]],
         "probability_note": data["probability_note"],
         "survival": survival,

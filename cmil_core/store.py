@@ -131,13 +131,19 @@ def default_db_path() -> Path:
     """The store the dashboard and commands use.
 
     ``$CMIL_DB`` when set, else ``cmil.duckdb`` in the data folder:
-    ``$CMIL_DATA_DIR`` when set, else the project's ``data/``.
+    ``$CMIL_DATA_DIR`` when set, else the project's ``data/`` (in a checkout),
+    else ``data/`` in the current folder (the package installed with ``pip
+    install .``, whose own folder is no place for data).
     """
     env = os.environ.get("CMIL_DB", "").strip()
     if env:
         return Path(env)
     home = os.environ.get("CMIL_DATA_DIR", "").strip()
-    base = Path(home) if home else Path(__file__).resolve().parent.parent / "data"
+    if home:
+        base = Path(home)
+    else:
+        checkout = Path(__file__).resolve().parent.parent
+        base = checkout / "data" if (checkout / "app.py").is_file() else Path.cwd() / "data"
     return base / "cmil.duckdb"
 
 
@@ -162,7 +168,7 @@ def store_fingerprint(path: str | os.PathLike[str]) -> tuple[int, int, int]:
 # --------------------------------------------------------------------------
 
 def _migration_1(con: duckdb.DuckDBPyConnection) -> None:
-    """The tables of DESIGN.md's minimum contract."""
+    """The tables of docs/DESIGN.md's minimum contract."""
     con.execute(
         """
         CREATE TABLE cohorts (
@@ -1172,7 +1178,7 @@ def qc_counts(store: Store, cohort: str | None = None, slide_id: int | None = No
 
 #: What the audit table records (one row per finished action).
 AUDIT_ACTIONS = ("import", "delete-cohort", "ingest", "train", "score", "delete-model",
-                 "export", "restore", "qc-decision")
+                 "export", "restore", "qc-decision", "demo")
 
 
 def record_audit(

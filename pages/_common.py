@@ -19,14 +19,15 @@ from typing import Any, TypeVar
 import pandas as pd
 import streamlit as st
 
-from cmil_core import access
+from cmil_core import access, launch
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
-from cmil_core.jobs import Job, JobRunner
+from cmil_core.jobs import Job, JobRunner, shared_runner
+from cmil_core.logs import job_log_path
 
 T = TypeVar("T")
 
-DEMO_JOB = "demo"
+DEMO_JOB = launch.DEMO_JOB  # the demo build, started here or by run.sh (cmil_core.launch)
 
 
 def db_path() -> Path:
@@ -40,8 +41,18 @@ def using_default_store() -> bool:
 
 @st.cache_resource
 def job_runner() -> JobRunner:
-    """One runner per server process: jobs outlive pages and browser refreshes."""
-    return JobRunner()
+    """One runner per server process: jobs outlive pages and browser refreshes.
+
+    The process-wide runner, which the server's start-up (run.sh: the demo
+    build of a first launch, :mod:`cmil_core.launch`) uses too; a job still
+    running there (the demo build) shows on the pages. Clearing Streamlit's
+    resource cache forgets the jobs that have ended.
+    """
+    runner = shared_runner()
+    runner.forget_finished()
+    # The jobs' log (a failed job's traceback): <data folder>/logs/cmil.log.
+    runner.log_to(job_log_path(db_path()))
+    return runner
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -179,7 +190,7 @@ def sidebar() -> str | None:
     """Draw the shared sidebar; returns the chosen model id (None when there is none)."""
     with st.sidebar:
         st.caption("Results store")
-        st.code(str(db_path()), language=None)
+        st.code(str(db_path()), language=None, wrap_lines=True)  # a long path wraps, never cut
         models = pd.DataFrame()
         if db_path().exists():
             try:
@@ -212,6 +223,8 @@ def sidebar() -> str | None:
         key = "model_picker" + (f"_{hashlib.sha1(marked.encode()).hexdigest()[:8]}"
                                 if marked else "")
         choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key=key)
+        # The picker cuts a long label: the whole of it, wrapped, under it.
+        st.caption(md(labels.get(choice, choice)))
         st.query_params["model"] = choice
         return str(choice)
 
@@ -302,6 +315,13 @@ def show_flash() -> None:
         st.warning(f"Done, but {md(problem)}")
 
 
+def show_job_log(job: Job) -> None:
+    """For editors, where a failed job's traceback is: the log file's path."""
+    if job.details is None or job.log_path is None or not can_edit():
+        return
+    st.caption(f"Details (the traceback) are in the log file `{job.log_path}`.")
+
+
 def show_jobs(
     jobs: list[Job], label: Callable[[Job], str], finished: Callable[[Job], None], seen_key: str
 ) -> bool:
@@ -324,6 +344,7 @@ def show_jobs(
                 st.caption(f"✓ {md(line)}")
         elif job.state == "failed":
             st.error(f"{label(job)} failed: {md(job.error)}")
+            show_job_log(job)
         else:
             finished(job)
     return ended

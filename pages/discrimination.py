@@ -6,17 +6,24 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import figures
+from cmil_core import display, figures
 from cmil_core import store as store_mod
 from cmil_core.evaluation import (
     calibration,
+    calibration_summary,
     cohort_comparisons,
     metrics_table,
     model_comparisons,
     probability_note,
     roc_curves,
 )
-from cmil_core.plots import calibration_figure, decision_figure, roc_figure
+from cmil_core.plots import (
+    MIN_CALIBRATION_BIN,
+    calibration_drawable,
+    calibration_figure,
+    decision_figure,
+    roc_figure,
+)
 from pages import _common
 
 st.title("Discrimination")
@@ -38,7 +45,8 @@ if not curves:
 st.caption(
     f"Model {model_id}. Patient score against bone-marrow metastasis; AUC with DeLong 95% CI, "
     "shaded band: stratified-bootstrap 95% CI of the sensitivity at each specificity (2000 "
-    f"resamples, as pROC's ci.se). The operating cutoff ({model.cutoff:.3f}) was fixed on the "
+    f"resamples, as pROC's ci.se). The operating cutoff ({display.cutoff(model.cutoff)}) was "
+    "fixed on the "
     "training cohort and is applied unchanged to every cohort."
 )
 if in_sample:
@@ -62,6 +70,13 @@ def rate(value: object, interval: object) -> str:
     return "—" if value is None or pd.isna(value) else f"{value:.2f}{ci(*interval)}"
 
 
+def signed(value: float | None, interval: list[float] | None) -> str:
+    """"0.40 (-0.73 to 1.53)": an estimate that may be negative, with its interval."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + ("" if not interval else f" ({interval[0]:.2f} to {interval[1]:.2f})")
+
+
 shown = pd.DataFrame(
     {
         "Cohort": r.label,
@@ -75,22 +90,20 @@ shown = pd.DataFrame(
     for r in table.itertuples()
 )
 st.subheader("At the training cutoff")
-st.dataframe(shown, hide_index=True, width="stretch")
+st.table(shown.set_index("Cohort") if len(shown) else shown)  # wraps: every column visible
 st.caption("Wilson 95% confidence intervals.")
 _common.downloads(f"{model_id}_metrics_at_cutoff", table=table)
 
 
 def p_text(p: object) -> str:
-    if p is None or pd.isna(p):
-        return "—"
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return display.p_cell(p)
 
 
 def comparison_table(frame: pd.DataFrame, first: str) -> pd.DataFrame:
     return pd.DataFrame({
         first: frame["cohort"] if first == "Cohort" else frame["a"] + " vs " + frame["b"],
         "Patients": frame["n"],
-        "AUC": [f"{a:.3f} vs {b:.3f}" for a, b in zip(frame["auc_a"], frame["auc_b"])],
+        "AUC": [f"{a:.2f} vs {b:.2f}" for a, b in zip(frame["auc_a"], frame["auc_b"])],
         "Difference (95% CI)": [
             f"{d:+.3f}" + ("" if pd.isna(lo) else f" ({lo:+.3f} to {hi:+.3f})")
             for d, lo, hi in zip(frame["difference"], frame["diff_ci_low"], frame["diff_ci_high"])
@@ -129,11 +142,28 @@ st.subheader("Calibration and clinical usefulness")
 entries = _common.query(f"calibration:{model_id}:{in_sample}",
                         lambda s: calibration(s, model_id, in_sample=in_sample))
 note = _common.query(f"probability-note:{model_id}", lambda s: probability_note(s, model_id))
-left, right = st.columns(2)
+# One above the other: side by side, each plot is too narrow at 1280 px.
+left, right = st.container(), st.container()
 with left:
     st.plotly_chart(calibration_figure(entries, cohorts=order), width="stretch")
+    _drawn, not_drawn = calibration_drawable(entries)
+    if not_drawn:
+        st.info("Calibration not drawn where a bin would hold fewer than "
+                f"{MIN_CALIBRATION_BIN} patients: " + "; ".join(not_drawn) + ".",
+                icon=":material/info:")
     _common.downloads(f"{model_id}_calibration",
                       lambda: figures.calibration(entries, cohorts=order))
+    fits = calibration_summary(entries)
+    st.dataframe(pd.DataFrame({
+        "Cohort": [f["label"] for f in fits],
+        "Brier": [f"{f['brier']:.3f}" for f in fits],
+        "Intercept (95% CI)": [signed(f["intercept"], f["intercept_ci"]) for f in fits],
+        "Slope (95% CI)": [signed(f["slope"], f["slope_ci"]) for f in fits],
+    }), hide_index=True, width="stretch")
+    st.caption("Calibration intercept (ideal 0; above 0: predictions too low on average) and "
+               "slope (ideal 1; below 1: predictions too extreme), logistic recalibration "
+               "with Wald 95% CIs (R glm). "
+               + " ".join(f"{f['label']}: {f['note']}." for f in fits if f["note"]))
 with right:
     st.plotly_chart(decision_figure(entries, cohorts=order), width="stretch")
     _common.downloads(f"{model_id}_decision_curve",

@@ -6,12 +6,13 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from cmil_core import display
 from cmil_core import store as store_mod
 from cmil_core.demo import demo_status
-from cmil_core.evaluation import discrimination
-from cmil_core.slides import SlideError, open_slide
+from cmil_core.evaluation import discrimination, metrics_table
 from cmil_core.plots import qc_histogram_figure
 from cmil_core.qc import qc_warnings
+from cmil_core.slides import SlideError, open_slide
 from cmil_core.study import qc_table, study_overview
 from pages import _common
 
@@ -29,28 +30,31 @@ def thumbnail(path: str, sha256: str | None, mpp: float | None) -> object | None
 
 
 def cohort_table(overview: pd.DataFrame) -> pd.DataFrame:
+    """One row per cohort, every column visible at 1280 px (an HTML table that wraps)."""
     rows = []
     for r in overview.itertuples():
         labelled = r.positives + r.negatives
         share = f" ({r.positives / labelled:.0%})" if labelled else ""
         followup = "—" if pd.isna(r.followup_median) else f"{r.followup_median:.1f}"
+        slides = display.count(r.slides) + (f" ({display.count(r.slides_failed)} failed)"
+                                             if r.slides_failed else "")
         rows.append(
             {
                 "Cohort": r.cohort,
                 "Role": ROLE_NAMES.get(r.role, r.role),
                 "Centre": r.center or "—",
-                "Patients": r.patients,
-                "BM metastasis +": f"{r.positives}{share}",
-                "BM metastasis −": r.negatives,
-                "Label unknown": r.unlabelled,
+                "Patients": display.count(r.patients),
+                "BM metastasis + / − / unknown": (
+                    f"{display.count(r.positives)}{share} / {display.count(r.negatives)} / "
+                    f"{display.count(r.unlabelled)}"),
                 "Median follow-up (months)": followup,
-                "Deaths": r.os_events,
-                "Slides": r.slides,
-                "Slides failed": r.slides_failed,
-                "Patches (passed QC)": f"{r.patches} ({r.patches_passed})",
+                "Deaths": display.count(r.os_events),
+                "Slides": slides,
+                "Patches passing QC": (display.count_share(r.patches_passed, r.patches)
+                                       if r.patches else "—"),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).set_index("Cohort")
 
 
 def label_chart(overview: pd.DataFrame) -> go.Figure:
@@ -82,10 +86,10 @@ totals = st.columns(4)
 totals[0].metric("Cohorts", len(overview))
 totals[1].metric("Patients", int(overview["patients"].sum()))
 totals[2].metric("Slides", int(overview["slides"].sum()))
-totals[3].metric("Patches passing QC", f"{int(overview['patches_passed'].sum()):,}")
+totals[3].metric("Patches passing QC", display.count(overview["patches_passed"].sum()))
 
 st.subheader("Cohorts")
-st.dataframe(cohort_table(overview), hide_index=True, width="stretch")
+st.table(cohort_table(overview))
 st.caption(
     "Median follow-up by the reverse Kaplan-Meier method; deaths are overall-survival "
     "events. Patches appear once slides are ingested."
@@ -102,21 +106,25 @@ if qc.empty:
     st.caption("No patches yet: ingest slides (`python -m cmil_core ingest`) to see quality control.")
 else:
     reasons = [c for c in qc.columns if c not in ("cohort", "patches", "kept", "kept_share")]
+    # Only the rules that rejected something: every column fits at 1280 px.
+    hit = [r for r in reasons if int(qc[r].sum()) > 0]
     shown_qc = pd.DataFrame({
         "Cohort": qc["cohort"],
-        "Patches": qc["patches"],
-        "Kept": [f"{k:,} ({share:.0%})" for k, share in zip(qc["kept"], qc["kept_share"])],
-        **{f"Rejected: {reason}": qc[reason] for reason in reasons},
-    })
-    st.dataframe(shown_qc, hide_index=True, width="stretch")
+        "Patches": [display.count(n) for n in qc["patches"]],
+        "Kept": [display.count_share(k, n) for k, n in zip(qc["kept"], qc["patches"])],
+        **{f"Rejected: {reason}": [display.count(n) for n in qc[reason]] for reason in hit},
+    }).set_index("Cohort")
+    st.table(shown_qc)
+    quiet = [r for r in reasons if r not in hit]
     st.caption(
-        "Each rejected patch is counted under the first rule it fails (background, thick "
+        (f"No patch was rejected for: {', '.join(quiet)}. " if quiet else "")
+        + "Each rejected patch is counted under the first rule it fails (background, thick "
         "smear, too dark, too bright, blurred, no nucleated cell). Compare the metric "
         "distributions between centres before trusting the thresholds on a new cohort; "
         "change them, per cohort, on the Quality control page."
     )
     metric = st.selectbox("Metric distribution", store_mod.QC_METRICS, key="qc_metric",
-                          format_func=lambda m: m.replace("_", " "))
+                          format_func=display.column)
     hist = _common.query(f"qc_hist:{metric}", lambda st_: store_mod.qc_metric_histogram(st_, metric))
     st.plotly_chart(qc_histogram_figure(hist, metric, cohorts=overview["cohort"].tolist()),
                     width="stretch")
@@ -125,33 +133,45 @@ model_id = _common.selected_model()
 if model_id is not None:
     model = _common.query(f"model:{model_id}", lambda st_: store_mod.get_model(st_, model_id))
     rows = _common.query(f"discrimination:{model_id}", lambda st_: discrimination(st_, model_id))
+    at_cutoff = _common.query(f"metrics:{model_id}:False",
+                              lambda st_: metrics_table(st_, model_id, in_sample=False))
+    rates = {r.cohort: r for r in at_cutoff.itertuples()}
     st.subheader("Model")
     if model is not None:
         cv = model.metrics.get("cv_auc")
         st.caption(
             f"{model.model_id}: {model.aggregator} aggregator on {model.encoder} features, "
             f"trained on {model.train_cohorts}"
-            + (f" (cross-validated AUC {cv:.3f})" if cv is not None else "")
-            + f"; risk groups at the training cutoff {model.cutoff:.3f}."
+            + (f" (cross-validated AUC {cv:.2f}; its 95% CI is in the training row below)"
+               if cv is not None else "")
+            + f"; risk groups at the training cutoff {display.cutoff(model.cutoff)}."
         )
+
+    def rate(cohort: str, name: str) -> str:
+        r = rates.get(cohort)
+        if r is None:
+            return "—"
+        low, high = getattr(r, f"{name}_ci")
+        return display.proportion_ci(getattr(r, name), low, high)
+
     table = pd.DataFrame(
         {
             "Cohort": r.get("label", r["cohort"]),
-            "Patients scored": r["n"],
+            "Patients scored": display.count(r["n"]),
             "AUC (95% CI)": (
-                f"{r['auc']:.3f} ({r['ci_low']:.3f}-{r['ci_high']:.3f})"
+                display.estimate_ci(r["auc"], r["ci_low"], r["ci_high"])
                 if r.get("auc") is not None and r.get("ci_low") is not None
                 else "—"
             ),
-            "Sensitivity": "—" if r.get("sensitivity") is None else f"{r['sensitivity']:.2f}",
-            "Specificity": "—" if r.get("specificity") is None else f"{r['specificity']:.2f}",
+            "Sensitivity (95% CI)": rate(r["cohort"], "sensitivity"),
+            "Specificity (95% CI)": rate(r["cohort"], "specificity"),
         }
         for r in rows
     )
-    st.dataframe(table, hide_index=True)
+    st.table(table.set_index("Cohort") if len(table) else table)
     st.caption(
-        "AUC with DeLong 95% CI; sensitivity and specificity at the cutoff fixed on the "
-        "training cohort. The training row uses out-of-fold scores (each patient scored by the "
+        "AUC with DeLong 95% CI; sensitivity and specificity (Wilson 95% CI) at the cutoff "
+        "fixed on the training cohort. The training row uses out-of-fold scores (each patient scored by the "
         "cross-validation model that did not see them); the external centres are the test of "
         "transport to other centres."
     )
@@ -165,7 +185,7 @@ status_of = {
 st.subheader("Slides")
 for cohort in overview["cohort"]:
     these = [s for s in slides if s.cohort == cohort]
-    st.markdown(f"**{cohort}** · {len(these)} slides")
+    st.markdown(f"**{_common.md(cohort)}** · {display.count(len(these))} slides")
     if not these:
         st.caption("No slides registered yet.")
         continue

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from cmil_core import attention_view, display
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.patients import (
@@ -30,12 +31,14 @@ from cmil_core.patients import (
     read_patch,
     read_patches,
     rejected_patches,
-    slide_heatmap,
 )
-from pages import _common
+from cmil_core.plots import colour_bar_figure
+from pages import _common, _viewer
 from pages._common import md
 
 GALLERY_K = 8
+GALLERY_COLUMNS = 4  # 8 patches: two full rows at any width
+LIST_ROWS = 16  # rows of the patient list visible without scrolling
 HEATMAP_SIDE = 1024
 COLUMN_NAMES = {
     "attention": "attention", "attention_raw": "raw attention", "probability": "probability",
@@ -53,8 +56,18 @@ def yes_no(label: Any) -> str:
 
 @st.cache_data(show_spinner=False, max_entries=16)
 def heatmap_images(db: str, stamp: tuple[int, int, int], model_id: str, slide_id: int,
-                   by: str) -> tuple[np.ndarray, np.ndarray]:
-    return _common.read(lambda s: slide_heatmap(s, model_id, slide_id, HEATMAP_SIDE, by=by))
+                   by: str, scale: str) -> tuple[np.ndarray, np.ndarray, attention_view.Spread]:
+    return _common.read(lambda s: attention_view.slide_heat(s, model_id, slide_id, HEATMAP_SIDE,
+                                                            by=by, scale=scale))
+
+
+def image_grid(images: list[np.ndarray], captions: list[str]) -> None:
+    """Images in rows of GALLERY_COLUMNS, every row full but the last."""
+    for start in range(0, len(images), GALLERY_COLUMNS):
+        cols = st.columns(GALLERY_COLUMNS)
+        for col, image, text in zip(cols, images[start:start + GALLERY_COLUMNS],
+                                    captions[start:start + GALLERY_COLUMNS]):
+            col.image(image, caption=text, width="stretch")
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -114,32 +127,57 @@ n_fn = int((listing["review"] == "false negative").sum())
 n_fp = int((listing["review"] == "false positive").sum())
 cutoff = float(model.cutoff if model.cutoff is not None else model.config["cutoff"])
 st.caption(
-    f"{len(listing)} patients scored by model {md(model_id)}. Review queue first: "
+    f"{display.count(len(listing))} patients scored by model {md(model_id)}. Review queue first: "
     f"{n_fn} false negatives, then {n_fp} false positives at the operating cutoff "
-    f"{cutoff:.3f} (fixed on the training cohort), each from the most confidently wrong; "
-    "then every other patient by score. Select a row to open the patient."
+    f"{display.cutoff(cutoff)} (fixed on the training cohort), each from the most confidently "
+    "wrong; then every other patient by score. Select a row to open the patient."
 )
+REVIEW_NAMES = {"false negative": "false negative", "false positive": "false positive",
+                "": "no review needed"}
+filters = st.columns(3)
+pick_cohorts = filters[0].multiselect("Cohort", list(dict.fromkeys(listing["cohort"])),
+                                      key="patients_cohorts", placeholder="all cohorts")
+pick_reviews = filters[1].multiselect("Review reason", list(REVIEW_NAMES),
+                                      format_func=REVIEW_NAMES.get, key="patients_reviews",
+                                      placeholder="all")
+pick_risks = filters[2].multiselect("Risk group", sorted(set(listing["risk_group"].dropna())),
+                                    key="patients_risks", placeholder="all risk groups")
+keep = pd.Series(True, index=listing.index)
+if pick_cohorts:
+    keep &= listing["cohort"].isin(pick_cohorts)
+if pick_reviews:
+    keep &= listing["review"].fillna("").isin(pick_reviews)
+if pick_risks:
+    keep &= listing["risk_group"].isin(pick_risks)
+filtered = listing[keep].reset_index(drop=True)
+if len(filtered) < len(listing):
+    st.caption(f"{display.count(len(filtered))} of {display.count(len(listing))} patients shown.")
 shown = pd.DataFrame({
-    "Review": ["⚑ " + r if r else "" for r in listing["review"]],
-    "Cohort": listing["cohort"],
-    "Patient": listing["patient_id"],
-    "cMIL score": listing["score"],
-    "BM metastasis": [yes_no(v) for v in listing["label"]],
-    "Risk group": listing["risk_group"],
+    "Review": ["⚑ " + r if r else "" for r in filtered["review"]],
+    "Cohort": filtered["cohort"],
+    "Patient": filtered["patient_id"],
+    "cMIL score": filtered["score"],
+    "BM metastasis": [yes_no(v) for v in filtered["label"]],
+    "Risk group": filtered["risk_group"],
 })
 event = st.dataframe(
-    shown, key="patient_table", on_select="rerun", selection_mode="single-row",
-    hide_index=True, height=280,
-    column_config={"cMIL score": st.column_config.NumberColumn(format="%.3f")},
+    shown, key="patient_table", on_select="rerun", selection_mode="single-row", hide_index=True,
+    height=35 * (LIST_ROWS + 1) + 3, width="stretch",
+    column_config={
+        "Review": st.column_config.TextColumn(width="medium"),
+        "cMIL score": st.column_config.NumberColumn(format="%.3f"),
+    },
 )
 rows = list(event.selection.rows) if event is not None else []
 # Apply a selection once, when it changes: a link opened later is not overridden by it.
 if rows and rows != st.session_state.get("_patients_applied_rows"):
-    chosen = listing.iloc[rows[0]]
+    chosen = filtered.iloc[rows[0]]
     st.query_params["patient"] = patient_ref(str(chosen["cohort"]), str(chosen["patient_id"]))
 st.session_state["_patients_applied_rows"] = rows
-# The list as CSV; patient ids pseudonymised when the sidebar switch says so.
-_common.downloads(f"{model_id}_patients", table=shown)
+# The list as CSV, raw column names; patient ids pseudonymised when the sidebar switch says so.
+_common.downloads(f"{model_id}_patients",
+                  table=filtered[["cohort", "patient_id", "score", "label", "risk_group",
+                                  "review"]].rename(columns={"label": "bm_metastasis"}))
 
 # --------------------------------------------------------------------------- one patient
 
@@ -171,27 +209,15 @@ metrics[3].metric("Patches kept / rejected",
                   f"{detail['patches_kept']:,} / {detail['patches_rejected']:,}")
 if detail["review"] == "false negative":
     st.warning(f"False negative: marrow metastasis, but scored below the training cutoff "
-               f"({detail['cutoff']:.3f}).")
+               f"({display.cutoff(detail['cutoff'])}).")
 elif detail["review"] == "false positive":
     st.warning(f"False positive: no marrow metastasis, but scored at or above the training "
-               f"cutoff ({detail['cutoff']:.3f}).")
+               f"cutoff ({display.cutoff(detail['cutoff'])}).")
 
 left, right = st.columns([1, 2])
 with left:
     st.markdown("**Clinical variables**")
-    clinical = pd.DataFrame({
-        "Variable": list(detail["clinical"]),
-        "Value": ["—" if v is None else str(v) for v in detail["clinical"].values()],
-    })
-    st.dataframe(clinical, hide_index=True, width="stretch")
-    slides = detail["slides"]
-    st.markdown(f"**Slides ({len(slides)})**")
-    if len(slides):
-        st.dataframe(
-            slides[["slide_id", "name", "kind", "width", "height", "mpp", "status",
-                    "patches_kept", "patches_rejected"]],
-            hide_index=True, width="stretch",
-        )
+    st.table(display.clinical_rows(detail["clinical"]).set_index("Variable"))
 
 slides = detail["slides"]
 if slides.empty:
@@ -212,23 +238,55 @@ with right:
                                 key=f"slide:{wanted}")
     else:
         slide_id = slide_ids[0]
-    opacity = st.slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05)
+    controls = st.columns([1, 1])
+    scale = controls[0].radio(
+        "Colour by", list(attention_view.SCALES), format_func=attention_view.SCALES.get,
+        horizontal=True, key="heat_scale",
+        help="Rank within the slide always shows hot spots, even where every patch scored "
+             "alike; the absolute value shows how much the patches really differ.")
+    opacity = controls[1].slider("Heatmap opacity", 0.0, 1.0, 0.5, 0.05)
     try:
-        thumb, heat = heatmap_images(str(_common.db_path()), _common.fingerprint(), model_id,
-                                     int(slide_id), by)
+        thumb, heat, spread = heatmap_images(str(_common.db_path()), _common.fingerprint(),
+                                             model_id, int(slide_id), by, scale)
     except InputError as exc:
         st.warning("This slide cannot be shown:")
         st.text(str(exc))
     else:
+        if spread.flat:
+            st.info(
+                f"No patch stands out: {spread.text}. "
+                + (f"Under {attention_view.FLAT_RATIO:g}× the median is nearly flat"
+                   if spread.ratio is not None else
+                   f"A spread under {attention_view.FLAT_PROBABILITY_RANGE:g} is nearly flat")
+                + " — the hot spots of a rank colouring mean little here.",
+                icon=":material/blur_on:")
         st.image(overlay(thumb, heat, opacity, "inferno"), width="stretch")
+        legend = attention_view.heat_scale(by, scale)
+        st.plotly_chart(colour_bar_figure(legend.title, legend.low, legend.high, legend.ticks,
+                                          legend.ticktext),
+                        width="stretch", key="heat_colour_bar",
+                        config={"displayModeBar": False, "staticPlot": True})
         if np.isnan(heat).all():
             st.caption("No scored patch on this slide (none passed quality control).")
         else:
-            st.caption(
-                f"Patch {COLUMN_NAMES[by]} as a rank percentile within the slide "
-                "(inferno: dark = lowest, yellow = highest); glass and rejected patches stay "
-                "uncoloured."
-            )
+            st.caption("Glass and rejected patches stay uncoloured.")
+
+if len(slides):  # below the heatmap's row, full width: every column shows at 1280 px
+    st.markdown(f"**Slides ({len(slides)})**")
+    st.table(pd.DataFrame({
+        "Slide": [str(i) for i in slides["slide_id"]],
+        "File": slides["name"],
+        "Type": [display.value("kind", k) for k in slides["kind"]],
+        "Size (px)": [f"{display.count(w)} × {display.count(h)}"
+                      for w, h in zip(slides["width"], slides["height"])],
+        "Patches kept / rejected": [f"{display.count(k)} / {display.count(r)}" for k, r
+                                    in zip(slides["patches_kept"], slides["patches_rejected"])],
+    }).set_index("Slide"))
+
+# --------------------------------------------------------------------------- deep-zoom viewer
+
+# A patch chosen in the galleries below ("Inspect a patch") is zoomed to (issue 16).
+_viewer.patient_viewer(model_id, int(slide_id), focus_patch=st.session_state.get(f"patch:{wanted}"))
 
 # --------------------------------------------------------------------------- galleries
 
@@ -240,7 +298,7 @@ name = COLUMN_NAMES[by]
 
 def captions(frame: pd.DataFrame) -> list[str]:
     return [
-        f"{name} {getattr(r, by):.3f} · ({r.x}, {r.y})"
+        f"{getattr(r, by):.3f} · ({display.count(r.x)}, {display.count(r.y)})"
         + (f" · slide {r.slide_id}" if several else "")
         for r in frame.itertuples()
     ]
@@ -252,17 +310,17 @@ else:
     px = int(model.config.get("encoder", {}).get("input_px", 224))
     st.markdown(f"**The {len(top)} patches of highest {name}**")
     try:
-        st.image(read_images(top, slides, px), caption=captions(top), width=120)
+        image_grid(read_images(top, slides, px), captions(top))
         if bottom.empty:
             st.caption(f"All of this patient's {len(top)} scored patches are shown above.")
         else:
             st.markdown(f"**The {len(bottom)} patches of lowest {name}**")
-            st.image(read_images(bottom, slides, px), caption=captions(bottom), width=120)
+            image_grid(read_images(bottom, slides, px), captions(bottom))
     except InputError as exc:
         st.warning("The patches cannot be read from the slide file:")
         st.text(str(exc))
-    st.caption("Coordinates: the patch's top-left corner in level-0 pixels of its slide; "
-               "pixels read from the slide file on demand.")
+    st.caption(f"Under each patch: its {name}, then its top-left corner (x, y) in level-0 "
+               "pixels of its slide; pixels read from the slide file on demand.")
 
     both = pd.concat([top.assign(rank="high"), bottom.assign(rank="low")], ignore_index=True)
     labels = {
@@ -307,11 +365,12 @@ with st.expander(f"Rejected patches of slide {slide_id} ({int(counts.get(slide_i
     else:
         sample = rejected.groupby("qc_reason", sort=True).head(2).head(8)
         try:
-            st.image(read_images(sample, slides, 160),
-                     caption=[f"{r.qc_reason} · ({r.x}, {r.y})" for r in sample.itertuples()],
-                     width=120)
+            image_grid(read_images(sample, slides, 160),
+                       [f"{r.qc_reason} · ({display.count(r.x)}, {display.count(r.y)})"
+                        for r in sample.itertuples()])
         except InputError as exc:
             st.text(str(exc))
-        st.dataframe(rejected.drop(columns=["slide_id"]), hide_index=True, width="stretch")
+        st.dataframe(display.renamed(rejected.drop(columns=["slide_id"])), hide_index=True,
+                     width="stretch")
         if len(rejected) < int(counts.get(slide_id, 0)):
             st.caption(f"The first {len(rejected)} rejected patches, by reason.")

@@ -14,13 +14,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cmil_core import qc
+from cmil_core import display, qc
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.patients import read_patches
 from cmil_core.quality import QC_REASONS, QC_RULES, QCThresholds
 from cmil_core.study import qc_table
-from pages import _common
+from pages import _common, _viewer
 from pages._common import flash, md, show_flash
 
 GALLERY_K = 6
@@ -93,7 +93,7 @@ for i, name in enumerate(qc.THRESHOLD_FIELDS):
     low, high, step = qc.threshold_range(name, value, ranges)
     reads = ", ".join(sorted({c for r in QC_RULES for c, _, n in r.conditions if n == name}))
     values[name] = columns[i % 2].slider(
-        name.replace("_", " "), min_value=low, max_value=high, value=value, step=step,
+        display.threshold(name), min_value=low, max_value=high, value=value, step=step,
         key=f"qc_{cohort}_{name}", format="%g",
         help=f"`{name}` (default {getattr(QCThresholds(), name):g}; the rule reads {reads}). "
              f"Same as `{qc.flag_name(name)}` on the command line.",
@@ -194,3 +194,6 @@ if candidate is not None:
                              caption=[caption(r, metrics) for _, r in part.iterrows()])
                 except InputError as exc:  # a slide file moved or unreadable
                     st.caption(f"The patches cannot be read: {md(exc)}")
+
+# The deep-zoom viewer on one slide of the cohort, rejected patches outlined (issue 16).
+_viewer.quality_viewer(cohort)

@@ -4,7 +4,7 @@ Run: .venv/bin/python -m scripts.screenshots [--db STORE] [--out DIR]
 
 Starts ``streamlit run app.py`` on the store (default: a small demo study built
 into a temporary folder, about half a minute), opens each page in Chromium
-(/usr/bin/chromium, driven by Playwright) at 1400 x 900 by clicking its sidebar
+(/usr/bin/chromium, driven by Playwright) at 1280 x 900 by clicking its sidebar
 link, and keeps the viewport only, downscaled to 1000 px wide and optimised
 (a 256-colour palette when the full-colour file is over --max-kb). The Patients
 page is taken with a patient opened, from the review queue when it has one, and
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "screenshots"
-VIEWPORT = {"width": 1400, "height": 900}
+VIEWPORT = {"width": 1280, "height": 900}  # a laptop (issue 18)
 # File names of the pages, by sidebar label (= the page's h1); a page added later is
 # taken too, under a name made from its label.
 PAGE_NAMES = {

@@ -92,3 +92,29 @@ def rerun_until(at: Any, done: Any, seconds: float = 120, describe: Any = None) 
             what = describe(at) if describe else [m.value for m in at.markdown]
             raise AssertionError(f"never done; page says {what}")
         time.sleep(0.3)
+
+
+# --- a small scored demo and a dashboard server on it, once per test session ---------
+# For browser tests that only read (layout checks): build nothing twice. Tests that
+# write to the store make their own.
+
+
+@pytest.fixture(scope="session")
+def small_demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small demo study (seed 0), built once per session; treat it as read-only."""
+    from cmil_core.demo import generate_demo
+
+    db = tmp_path_factory.mktemp("small-demo") / "cmil.duckdb"
+    generate_demo(db, size="small", seed=0, workers=1)
+    return db
+
+
+@pytest.fixture(scope="session")
+def demo_dashboard(small_demo_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A Streamlit server (``.url``, ``.log``) on :func:`small_demo_store`, once per session."""
+    from scripts.dashboard_server import DashboardServer
+
+    server = DashboardServer({"CMIL_DB": str(small_demo_store)},
+                             tmp_path_factory.mktemp("demo-dashboard") / "server.log")
+    yield server
+    server.stop()

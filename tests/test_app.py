@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cmil_core import store
+from cmil_core import display, store
 from cmil_core.cohort_import import import_cohort
 from cmil_core.slides import file_sha256, open_slide
 from conftest import run_app as _run
@@ -56,14 +57,15 @@ def test_overview_counts_equal_the_store(study_db: Path) -> None:
     assert metrics["Cohorts"] == "3"
     assert metrics["Patients"] == str(counts["patients"]) == "9"
     assert metrics["Slides"] == str(counts["slides"]) == "3"
-    table = at.dataframe[0].value.set_index("Cohort")
+    table = at.table[0].value  # an HTML table (wraps at 1280 px), indexed by cohort
     assert table.index.tolist() == ["train", "extA", "extB"]  # training first
     for row in overview.itertuples():
-        assert table.loc[row.cohort, "Patients"] == row.patients
-        assert table.loc[row.cohort, "BM metastasis −"] == row.negatives
-        assert table.loc[row.cohort, "Slides"] == row.slides
-    assert table.loc["train", "BM metastasis +"] == "2 (50%)"
-    assert table.loc["extB", "Label unknown"] == 1
+        assert table.loc[row.cohort, "Patients"] == f"{row.patients:,}"
+        labels = table.loc[row.cohort, "BM metastasis + / − / unknown"]
+        assert labels.split(" / ")[1:] == [f"{row.negatives:,}", f"{row.unlabelled:,}"]
+        assert table.loc[row.cohort, "Slides"].split(" ")[0] == f"{row.slides:,}"
+    assert table.loc["train", "BM metastasis + / − / unknown"].startswith("2 (50%) / ")
+    assert table.loc["extB", "BM metastasis + / − / unknown"].endswith(" / 1")
     assert table.loc["train", "Role"] == "Training"
     assert table.loc["extB", "Median follow-up (months)"] == "—"
     # Reverse Kaplan-Meier: censored at 50 and 20 (T2, T3) -> median follow-up 50.
@@ -120,8 +122,8 @@ def test_first_launch_builds_the_demo_with_progress(
     with store.open_store(tmp_path / "data" / "cmil.duckdb", read_only=True) as st:
         passed = int(store.cohort_overview(st)["patches_passed"].sum())
     assert passed > 0 and metrics["Patches passing QC"] == f"{passed:,}"
-    table = at.dataframe[0].value
-    assert table["Cohort"].tolist() == ["training", "external_a", "external_b"]
+    table = at.table[0].value
+    assert table.index.tolist() == ["training", "external_a", "external_b"]
     assert "Synthetic demo study (small" in at.info[0].value
     assert len(at.get("image")) == 18  # six thumbnails per cohort
     # The demo is scored: the sidebar picks its model and the overview shows its AUCs.
@@ -129,13 +131,17 @@ def test_first_launch_builds_the_demo_with_progress(
         (model_id,) = store.list_models(st)["model_id"]
         scored = store.patient_scores_frame(st, model_id)
     assert at.sidebar.selectbox[0].value == model_id
-    auc = next(d.value for d in at.dataframe if "AUC (95% CI)" in d.value.columns)
+    auc = next(t.value for t in at.table if "AUC (95% CI)" in t.value.columns)
     # The training row holds the out-of-fold scores, and says so.
-    assert auc["Cohort"].tolist() == ["training (out-of-fold)", "external_a", "external_b"]
-    shown = dict(zip(auc["Cohort"].str.replace(" (out-of-fold)", ""), auc["Patients scored"]))
+    assert auc.index.tolist() == ["training (out-of-fold)", "external_a", "external_b"]
+    shown = dict(zip(auc.index.str.replace(" (out-of-fold)", ""),
+                     auc["Patients scored"].astype(int)))
     assert shown == scored.groupby("cohort").size().to_dict() == {
         "training": 14, "external_a": 8, "external_b": 8}
     assert all(" (" in text for text in auc["AUC (95% CI)"])
+    # Sensitivity and specificity with their Wilson CIs, as on the Discrimination page.
+    assert all(re.fullmatch(r"\d\.\d\d \(\d\.\d\d-\d\.\d\d\)", text)
+               for text in auc["Sensitivity (95% CI)"])
 
 
 @pytest.mark.slow
@@ -205,11 +211,10 @@ def test_discrimination_page_shows_the_models_numbers(
         tests = cohort_comparisons(st, model_id)
     between = next(d.value for d in at.dataframe if "Cohorts" in d.value.columns)
     assert between["Cohorts"].tolist() == [f"{a} vs {b}" for a, b in zip(tests["a"], tests["b"])]
-    assert between["p (DeLong)"].tolist() == [
-        "< 0.001" if p < 0.001 else f"{p:.3f}" for p in tests["p"]]
-    shown = at.dataframe[0].value.set_index("Cohort")
+    assert between["p (DeLong)"].tolist() == [display.p_cell(p) for p in tests["p"]]
+    shown = at.table[0].value
     for row in table.itertuples():
-        assert shown.loc[row.label, "Patients"] == row.n
+        assert int(shown.loc[row.label, "Patients"]) == row.n
         assert shown.loc[row.label, "TP / FN / TN / FP"] == f"{row.tp} / {row.fn} / {row.tn} / {row.fp}"
         assert shown.loc[row.label, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
     # Calibration: the legend carries each cohort's Brier score, as evaluation computes it
@@ -221,7 +226,13 @@ def test_discrimination_page_shows_the_models_numbers(
     legend = [t["name"] for t in calibration["data"] if t.get("mode") == "markers"]
     with store.open_store(scored_demo, read_only=True) as st:
         entries = calibration_entries(st, model_id)
-    assert legend == [f"{e['label']} (Brier {e['brier']:.3f})" for e in entries]
+    # Only cohorts whose every score bin holds 10 patients are drawn; the page names the rest.
+    drawn = [e for e in entries if int(e["bins"]["n"].min()) >= 10]
+    assert legend == [f"{e['label']} (Brier {e['brier']:.3f})" for e in drawn]
+    left_out = [e for e in entries if e not in drawn]
+    if left_out:
+        notice = next(i.value for i in at.info if "Calibration not drawn" in i.value)
+        assert all(f"{e['label']}: {e['n']} patients" in notice for e in left_out)
     assert any("training prevalence" in c.value for c in at.caption)
     decision = json.loads(at.get("plotly_chart")[2].proto.spec)
     assert decision["layout"]["title"]["text"] == "Decision curve"
@@ -246,9 +257,11 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
     for entry in drawn:
         chart = charts[f"km-{entry['cohort']}-os-model"]
         title = json.loads(chart.proto.spec)["layout"]["title"]["text"]
+        # Long titles wrap (a plotly title is cut, not wrapped, at the plot's width).
+        assert all(len(line) <= 44 for line in title.split("<br><sup>")[0].split("<br>"))
+        title = title.replace("<br>", " ")
         assert title.startswith(f"{entry['label']}: overall survival by cMIL risk group")
-        p = entry["result"]["logrank"]["p"]
-        assert ("p < 0.001" if p < 0.001 else f"p = {p:.3f}") in title
+        assert display.p_value(entry["result"]["logrank"]["p"]) in title
     # The multivariable Cox model: the forest plot shows clinical_cox's hazard ratios.
     from cmil_core.evaluation import clinical_cox
 
@@ -310,18 +323,19 @@ def test_overview_shows_quality_control_per_cohort(
     with store.open_store(scored_demo, read_only=True) as st:
         expected = qc_table(st).set_index("cohort")
         hist = store.qc_metric_histogram(st, "blur_variance")
-    shown = next(d.value for d in at.dataframe if "Kept" in d.value.columns).set_index("Cohort")
+    shown = next(t.value for t in at.table if "Kept" in t.value.columns)
     assert shown.index.tolist() == ["training", "external_a", "external_b"]
     for cohort, row in expected.iterrows():
-        assert shown.loc[cohort, "Patches"] == row["patches"]
-        assert shown.loc[cohort, "Kept"] == f"{int(row['kept']):,} ({row['kept_share']:.0%})"
-        assert shown.loc[cohort, "Rejected: background"] == row["background"]
+        assert shown.loc[cohort, "Patches"] == f"{int(row['patches']):,}"
+        assert shown.loc[cohort, "Kept"] == (
+            f"{int(row['kept']):,} of {int(row['patches']):,} ({row['kept_share']:.0%})")
+        assert shown.loc[cohort, "Rejected: background"] == f"{int(row['background']):,}"
     at.selectbox(key="qc_metric").set_value("blur_variance")
     _run(at)
     from conftest import plotly_values
 
     figure = next(f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
-                  if f["layout"]["title"]["text"] == "blur variance per cohort")
+                  if f["layout"]["title"]["text"] == "Sharpness (Laplacian variance) per cohort")
     trace = next(t for t in figure["data"] if t["name"] == "training: all patches")
     totals = plotly_values(trace["y"])
     part = hist[hist["cohort"] == "training"]

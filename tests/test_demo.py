@@ -91,7 +91,7 @@ def test_scanned_slides_are_pyramidal_tiffs_openslide_reads(small_demo: Path) ->
         assert float(osr.properties["openslide.mpp-x"]) == pytest.approx(0.5)
         assert osr.dimensions == (row.width, row.height) == SIZES["small"].slide_px
         assert row.kind == "openslide:generic-tiff"
-        assert Path(row.path).name.startswith(f"{row.patient_id}_")  # DESIGN's file-name rule
+        assert Path(row.path).name.startswith(f"{row.patient_id}_")  # docs/DESIGN.md's file-name rule
         osr.close()
 
 
@@ -101,7 +101,7 @@ def test_centre_b_is_folders_of_photographs_with_a_manifest(small_demo: Path) ->
     assert set(fov["kind"]) == {"image:jpeg"}
     assert (fov["mpp"] == 0.3).all()
     for row in fov.itertuples():
-        assert Path(row.path).parent.name == row.patient_id  # DESIGN's folder rule
+        assert Path(row.path).parent.name == row.patient_id  # docs/DESIGN.md's folder rule
     manifest = pd.read_csv(small_demo.parent / "demo" / "external_b_manifest.csv")
     assert list(manifest.columns) == ["slide_path", "patient_id", "mpp"]
     assert len(manifest) == len(fov)

@@ -140,6 +140,11 @@ def test_pooled_validation_survival_pools_the_external_cohorts(scored) -> None: 
     frame["risk_group"] = risk_groups(frame["score"], model.cutoff)
     expected = survival_analysis(frame, "os_months", "os_event", group="risk_group")
     assert pooled["n"] == len(frame)
+    external = scores[scores["cohort"] != "training"]
+    assert pooled["n_dropped"] == len(external) - len(frame)
+    assert pooled["n_dropped_by_column"] == {
+        c: int(external[c].isna().sum()) for c in ("os_months", "os_event")
+        if external[c].isna().any()}
     assert pooled["result"]["logrank"]["p"] == pytest.approx(expected["logrank"]["p"])
 
 
@@ -362,3 +367,83 @@ def test_clinical_cox_stratified_by_centre_matches_r(report_store: Path) -> None
         assert row["ci"] == pytest.approx([low, high], rel=1e-6)
         assert row["p"] == pytest.approx(p, rel=1e-5)
     assert result["concordance"] == pytest.approx(R_COX_STRATA_CONCORDANCE, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------
+# Issue 14, item 7: the PH check, the time-dependent AUC and calibration
+# intercept/slope reach the evaluation tables (the statistics themselves are
+# checked against R in test_proportional_hazards.py, test_time_auc.py,
+# test_calibration.py and test_r_live.py)
+# ---------------------------------------------------------------------------
+
+
+def test_clinical_cox_carries_the_ph_test_of_its_model(report_store: Path) -> None:
+    with store_mod.open_store(report_store, read_only=True) as st:
+        result = evaluation.clinical_cox(st, MODEL, "os", "model")
+        scores = store_mod.patient_scores_frame(st, MODEL)
+        patients = store_mod.patients_frame(st)
+    data = scores[scores["cohort"] != "training"].merge(patients[["cohort", "patient_id",
+                                                                  "clinical"]])
+    frame = pd.DataFrame({
+        "t": data["os_months"], "e": data["os_event"],
+        "risk": (data["score"] >= 0.5).astype(float),
+        "age": [float(c["age_months"] > 18) for c in data["clinical"]],
+        "stage": [float(c["inss_stage"] == 4) for c in data["clinical"]],
+        "mycn": [float(c["mycn"] == "amplified") for c in data["clinical"]],
+    })
+    direct = cox_analysis(frame, "t", "e", ["risk", "age", "stage", "mycn"])
+    ours, theirs = result["ph_test"]["tests"], direct["ph_test"]["tests"]
+    assert [t["term"] for t in ours] == [*(c["name"] for c in result["covariates"]), "GLOBAL"]
+    assert [t["chisq"] for t in ours] == pytest.approx([t["chisq"] for t in theirs], rel=1e-9)
+    assert [c["ph_p"] for c in result["coefficients"]] == [t["p"] for t in ours[:-1]]
+    flagged = [t["term"] for t in ours if t["violated"]]
+    notes = [w for w in result["warnings"] if "proportional hazards doubtful" in w]
+    assert flagged == ["age > 18 months"]  # p = 0.025 in this store
+    assert notes == ["proportional hazards doubtful for covariate 'age > 18 months' (Schoenfeld "
+                     "test, cox.zph km: p = 0.025): its hazard ratio changes with time; the HR "
+                     "is an average over follow-up"]
+
+
+def test_risk_survival_gives_the_td_auc_of_the_score(report_store: Path) -> None:
+    from cmil_core.time_auc import td_auc
+
+    with store_mod.open_store(report_store, read_only=True) as st:
+        entries = evaluation.risk_survival(st, MODEL, "os")
+        scores = evaluation.scores_frame(st, MODEL)
+    assert evaluation.TD_AUC_MONTHS == (12.0, 24.0, 36.0)
+    for entry in entries[:-1]:  # the last one pools the validation cohorts
+        part = scores[scores["cohort"] == entry["cohort"]].dropna(subset=["os_months", "os_event"])
+        expected = td_auc(part["os_months"], part["os_event"], part["score"], [12, 24, 36])
+        assert entry["td_auc"]["times"] == [12.0, 24.0, 36.0]
+        assert entry["td_auc"]["auc"] == pytest.approx(expected["auc"], abs=1e-12)
+        assert entry["result"]["cox"]["ph_test"]["tests"][-1]["term"] == "GLOBAL"
+
+
+def test_calibration_gives_intercept_and_slope_per_cohort(report_store: Path, capsys) -> None:
+    import json
+
+    from cmil_core.calibration import calibration_fit
+    from cmil_core.cli import main
+    from cmil_core.recalibration import prevalence_shift
+
+    with store_mod.open_store(report_store, read_only=True) as st:
+        entries = evaluation.calibration(st, MODEL)
+        scores = evaluation.scores_frame(st, MODEL).dropna(subset=["bm_metastasis"])
+    for e in entries:
+        part = scores[scores["cohort"] == e["cohort"]]
+        p = prevalence_shift(part["score"].to_numpy(float), e["prevalence"], 0.5)
+        expected = calibration_fit(part["bm_metastasis"].to_numpy(int), p)
+        assert e["fit"]["slope"] == pytest.approx(expected["slope"], rel=1e-12)
+        assert e["fit"]["intercept_ci"] == pytest.approx(expected["intercept_ci"], rel=1e-12)
+    assert main(["evaluate", "--db", str(report_store), "--model", MODEL, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["calibration"]
+    assert [r["cohort"] for r in rows] == [e["cohort"] for e in entries]
+    assert set(rows[0]) == {"cohort", "scores", "label", "n", "prevalence", "brier", "intercept",
+                            "intercept_se", "intercept_ci", "slope", "slope_se", "slope_ci",
+                            "note"}
+    assert rows[0]["slope"] == pytest.approx(entries[0]["fit"]["slope"], rel=1e-12)
+    assert main(["evaluate", "--db", str(report_store), "--model", MODEL]) == 0
+    text = capsys.readouterr().out
+    first = entries[0]
+    assert (f"  {first['label']}: n {first['n']}, Brier {first['brier']:.3f}, calibration "
+            f"intercept {first['fit']['intercept']:.2f}") in text

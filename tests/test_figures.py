@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from cmil_core import figures, stats, survival
+from cmil_core import display, figures, stats, survival
 from cmil_core.errors import InputError
 from cmil_core.palette import RISK_COLOURS, cohort_colour
 
@@ -164,10 +164,10 @@ def test_forest_rows_equal_the_coefficients(rossi_cox: dict) -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == names == ["fin", "age", "prio", "race"]
     # coxph(Surv(week, arrest) ~ fin + age + prio + race, rossi): exp(coef) age 0.934, p = 0.0014
     texts = figures.forest_texts(fig)
-    assert texts[1] == "HR 0.93 (0.90-0.97), p = 0.001"
+    assert texts[1] == "HR 0.93 (0.90-0.97), p = 0.0013"  # two significant digits
     assert texts[2] == "HR 1.11 (1.05-1.17), p < 0.001"
     for text, c in zip(texts, rossi_cox["coefficients"], strict=True):
-        p = "p < 0.001" if c["p"] < 0.001 else f"p = {c['p']:.3f}"
+        p = display.p_value(c["p"])
         assert text == f"HR {c['hr']:.2f} ({c['ci'][0]:.2f}-{c['ci'][1]:.2f}), {p}"
     assert ax.get_xscale() == "log"
     markers = [line for line in ax.get_lines() if line.get_marker() == "s"]
@@ -185,7 +185,7 @@ def test_forest_shows_a_non_estimable_interval_as_text() -> None:
         {"name": "MYCN amplified", "hr": None, "ci": None, "p": None}]}
     fig = figures.forest(result, title="separation")
     assert figures.forest_texts(fig) == [
-        "HR 1.47 (0.31-6.97), p = 0.626", "HR 3e+07 (CI not estimable), p = 0.996",
+        "HR 1.47 (0.31-6.97), p = 0.63", "HR 3e+07 (CI not estimable), p = 1.0",
         "HR not estimable"]
     low, high = fig.axes[0].get_xlim()
     assert low < 0.31 and 6.97 < high < 100  # the separated row does not stretch the axis

@@ -293,7 +293,7 @@ def test_backup_and_restore_bring_back_the_same_store(
         (model,) = store.list_models(st)["model_id"]
         assert store.get_model(st, model).artifact_path == str(target.parent / "models" / model)
         audit = store.audit_frame(st)
-    assert audit["action"].tolist() == ["restore"]
+    assert audit["action"].tolist() == ["restore", "demo"]  # the demo build is audited too
     assert audit["who"].iloc[0] == getpass.getuser()
     assert json.loads(audit["details"].iloc[0])["backup"] == str(archive.resolve())
     assert check_store(target).ok
@@ -308,7 +308,7 @@ def test_backup_and_restore_bring_back_the_same_store(
     assert summary.replaced and summary.check.ok
     assert not (target.parent / "models" / "stray").exists()
     with store.open_store(target, read_only=True) as st:
-        assert store.audit_frame(st)["action"].tolist() == ["restore"]  # the backup's state
+        assert store.audit_frame(st)["action"].tolist() == ["restore", "demo"]  # the backup's
     assert sorted(p.name for p in target.parent.iterdir()) == [
         "features", "models", "restored.duckdb"]
 

@@ -81,15 +81,14 @@ def test_list_shows_configuration_and_cv_metrics(demo_db: Path) -> None:
     at = _open()
     assert at.title[0].value == "Models"
     (model,) = _models(demo_db)
-    table = at.dataframe[0].value
-    assert len(table) == 1
-    row = table.iloc[0]
-    assert row["Model"] == model.model_id
+    what, how = at.table[0].value, at.table[1].value  # two tables: every column fits 1280 px
+    assert what.index.tolist() == how.index.tolist() == [model.model_id]
+    row = {**what.iloc[0].to_dict(), **how.iloc[0].to_dict()}
     assert (row["Aggregator"], row["Encoder"], row["Training cohort"]) == (
         "attention", "smallcnn", "training")
-    assert row["CV AUC"] == round(model.metrics["cv_auc"], 3)
-    assert row["CV folds"] == model.metrics["cv_k"] == 5
-    assert row["Cutoff"] == round(model.cutoff, 3)
+    assert row["CV AUC (95% CI)"].startswith(f"{model.metrics['cv_auc']:.2f} (")
+    assert int(row["CV folds"]) == model.metrics["cv_k"] == 5
+    assert row["Cutoff"] == f"{model.cutoff:.3f}"
     n, positive = model.metrics["n_train"], model.metrics["n_positive"]
     assert row["Patients trained on (BM+)"] == f"{n} ({positive})"
     assert row["Scored"] == "external_a (8), external_b (8), training (14)"
@@ -135,8 +134,8 @@ def test_training_from_the_page_gives_the_jobs_model_and_its_cv_metric(demo_db: 
         f"cross-validated AUC {cv:.3f} over 3 folds; cutoff {model.cutoff:.3f}. "
         "Score cohorts with it below.")
     # The store's fingerprint changed, so the cached list shows the new model by itself.
-    table = at.dataframe[0].value.set_index("Model")
-    assert table.loc[job.result, "CV AUC"] == round(cv, 3)
+    table = at.table[1].value
+    assert table.loc[job.result, "CV AUC (95% CI)"].startswith(f"{cv:.2f}")
     assert table.loc[job.result, "Scored"] == "—"
     # The model pickers (the sidebar's among them) offer it too.
     offered = {o for box in at.selectbox if box.label == "Model" for o in box.options}
@@ -209,7 +208,7 @@ def test_scoring_from_the_page(demo_db: Path) -> None:
         scores = store.patient_scores_frame(handle, model.model_id, "external_a")
     assert len(scores) == 8 and set(scores["risk_group"]) <= {"high", "low"}
     assert (scores["risk_group"] == "high").tolist() == (scores["score"] >= model.cutoff).tolist()
-    table = at.dataframe[0].value.set_index("Model")
+    table = at.table[1].value
     assert table.loc[model.model_id, "Scored"] == "external_a (8), external_b (8), training (14)"
 
 

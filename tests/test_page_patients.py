@@ -83,15 +83,16 @@ def test_link_opens_the_patient_with_its_score_and_top_patches(
     assert metrics["cMIL score"] == f"{scores.loc['T009', 'score']:.3f}"
     assert metrics["Risk group"] == scores.loc["T009", "risk_group"]
     assert metrics["BM metastasis"] == ("yes" if scores.loc["T009", "bm_metastasis"] == 1 else "no")
-    captions = _captions(at)
-    # The slide heatmap (one image without caption), then the two galleries.
-    assert captions[1] == [f"attention {r.attention:.3f} · ({r.x}, {r.y})"
-                           for r in top.itertuples()]
-    assert captions[2] == [f"attention {r.attention:.3f} · ({r.x}, {r.y})"
-                           for r in bottom.itertuples()]
+    # The slide heatmap (one image without caption), then the two galleries, in full rows of
+    # four (one image per column): the patch's attention and its corner, in level-0 pixels.
+    captions = [c for call in _captions(at)[1:] for c in call]
+    expected = [f"{r.attention:.3f} · ({r.x:,}, {r.y:,})"
+                for r in (*top.itertuples(), *bottom.itertuples())]
+    assert captions[:len(expected)] == expected
     assert at.query_params["model"] == model_id
-    clinical = at.dataframe[1].value.set_index("Variable")
-    assert "mycn" in clinical.index and "os_months" in clinical.index
+    clinical = at.table[0].value  # in words, not column names
+    assert "MYCN" in clinical.index and "OS (months)" in clinical.index
+    assert "mycn" not in clinical.index
 
 
 @pytest.mark.slow
@@ -150,7 +151,7 @@ def test_several_slides_get_a_picker_and_rejected_patches_their_reasons(
     total = int(rejected["patches"].sum())
     assert expander.label == f"Rejected patches of slide {slide.slide_id} ({total})"
     table = expander.dataframe[0].value
-    assert table["qc_reason"].value_counts().to_dict() == dict(
+    assert table["Rejected because"].value_counts().to_dict() == dict(
         zip(rejected["qc_reason"], rejected["patches"]))
 
 

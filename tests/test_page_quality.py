@@ -140,10 +140,9 @@ def test_result_pages_and_models_page_show_the_marks(db: Path, study: tuple[Path
     assert any(f"Scores of cohort(s) 'B' by {model_id} are stale" in n for n in notes), notes
     at.switch_page("pages/models.py")
     run_app(at)
-    table = at.dataframe[0].value
-    row = table[table["Model"] == model_id].iloc[0]
-    assert row["QC"] == "decision 1"  # the model itself is not stale: its cohort is A
-    assert row["Scored"] == "A (6), B (6, stale)"
+    what, how = at.table[0].value, at.table[1].value  # two tables: every column fits 1280 px
+    assert what.loc[model_id, "QC"] == "decision 1"  # the model is not stale: its cohort is A
+    assert how.loc[model_id, "Scored"] == "A (6), B (6, stale)"
     assert at.checkbox(key="score_allow_mismatch").value is False
 
 

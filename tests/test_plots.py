@@ -120,7 +120,7 @@ def test_forest_figure_lists_a_separated_covariate_instead_of_drawing_it() -> No
         {"name": "age > 18 months", "coef": 17.3, "se": 3469.0, "hr": 3.3e7, "ci": [0.0, None], "p": 0.996},
     ]}
     fig = forest_figure(result, title="t")
-    assert list(fig.data[0].y) == ["cMIL high risk  ·  HR 1.85 (0.49-7.05), p = 0.370"]
+    assert list(fig.data[0].y) == ["cMIL high risk  ·  HR 1.85 (0.49-7.05), p = 0.37"]
     assert "age > 18 months" in fig.layout.annotations[-1].text
 
 

@@ -111,7 +111,7 @@ def test_report_folder_holds_every_file(scored: Path, written) -> None:
     assert {Path(f).name for f in meta["files"] if f.startswith("tables/")} == {
         "cohort_overview.csv", "discrimination.csv", "roc_band.csv", "metrics_at_cutoff.csv",
         "survival_summary.csv", "survival_at_risk.csv", "cox_coefficients.csv",
-        "patient_scores.csv", "patient_flow.csv"}
+        "patient_scores.csv", "patient_flow.csv", "calibration.csv", "time_dependent_auc.csv"}
     with Image.open(out / "figures" / "roc.png") as image:
         assert image.size == (920, 920)  # 4.6 in at 200 dpi
     assert events[-1].done == events[-1].total and events[-1].overall == 1.0
@@ -275,3 +275,35 @@ def test_training_rows_are_out_of_fold_unless_in_sample_is_asked(tmp_path: Path)
     assert first["label"] == "training (in-sample)"
     assert first["auc"] == pytest.approx(roc_auc(y, training["score"].to_numpy()))
     assert "--in-sample" in json.loads((optimistic / "report.json").read_text())["command"]
+
+
+def test_report_carries_ph_tests_td_auc_and_calibration_fit(scored: Path, written) -> None:
+    # issue 14, item 7: beside the hazard ratios, the survival curves and the calibration plot
+    out = written[0].parent
+    meta = json.loads((out / "report.json").read_text())
+    with store_mod.open_store(scored, read_only=True) as st:
+        calibration = evaluation.calibration(st, MODEL)
+        surv = evaluation.risk_survival(st, MODEL, "os", "model")
+        cox = evaluation.clinical_cox(st, MODEL, "os", "model")
+    table = _read(out / "tables" / "calibration.csv")
+    assert table["cohort"].tolist() == [e["cohort"] for e in calibration]
+    np.testing.assert_allclose(table["slope"], [e["fit"]["slope"] for e in calibration],
+                               rtol=1e-12)
+    assert [j["intercept_ci"] for j in meta["calibration"]] == [
+        pytest.approx(e["fit"]["intercept_ci"], rel=1e-12) for e in calibration]
+    td = _read(out / "tables" / "time_dependent_auc.csv")
+    first = next(e for e in surv if e.get("td_auc"))
+    rows = td[td["cohort"] == first["cohort"]]
+    assert rows["time"].tolist() == [12.0, 24.0, 36.0]
+    assert rows["auc"].tolist() == pytest.approx(first["td_auc"]["auc"], rel=1e-12)
+    assert meta["survival"][0]["td_auc"]["auc"] == pytest.approx(surv[0]["td_auc"]["auc"])
+    c = _read(out / "tables" / "cox_coefficients.csv")
+    np.testing.assert_allclose(c["ph_p"], [r["ph_p"] for r in cox["coefficients"]], rtol=1e-12)
+    s = _read(out / "tables" / "survival_summary.csv")
+    global_p = surv[0]["result"]["cox"]["ph_test"]["tests"][-1]["p"]
+    assert s[s["cohort"] == "training"]["hr_ph_p"].tolist() == pytest.approx([global_p] * 2)
+    html_text = written[0].read_text()
+    assert "Proportional hazards p (cox.zph)" in html_text
+    assert "0.025 (not proportional)" in html_text  # age > 18 months in this store
+    assert "Calibration slope (95% CI)" in html_text
+    assert "Time-dependent AUC of the cMIL score" in html_text
