@@ -4,14 +4,21 @@ This module only parses arguments and prints results; the work is done by the
 functions of the other modules. Exit status: 0 success; 2 bad input or
 arguments, with one line ``error: ...`` on stderr naming the file, row and
 column where that applies; 1 any other failure (such as a store in use by
-another process), also as one ``error:`` line. Set ``CMIL_DEBUG=1`` to see
-tracebacks.
+another process), also as one ``error:`` line. Set ``CMIL_DEBUG=1`` (or pass
+``-v``) to see tracebacks.
+
+Global flags, before or after the command: ``-v``/``--verbose`` prints the
+debug log of ``cmil_core`` on stderr (each slide, each fold...); ``-q``/
+``--quiet`` prints no progress bar and no warnings, only errors and the
+results. ``--version`` prints the version. Installed, the same entry point is
+the ``cmil`` command (``cmil demo``, ``cmil train`` ...).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import traceback
@@ -19,13 +26,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import NoReturn
 
+from cmil_core import __version__
 from cmil_core.errors import CmilError, InputError
+from cmil_core.logs import cli_logging
+from cmil_core.progress import ProgressCallback
 
-__all__ = ["main"]
+__all__ = ["console_main", "main"]
+
+log = logging.getLogger(__name__)
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with DESIGN.md's one-line ``error:`` and exit status 2."""
+    """argparse, with docs/DESIGN.md's one-line ``error:`` and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
@@ -75,11 +87,58 @@ def _model_id(text: str) -> str:
     return text
 
 
+def _progress(args: argparse.Namespace) -> ProgressCallback:
+    """A progress bar on stderr, or none with ``-q``."""
+    from cmil_core.progress import TerminalProgress, no_progress
+
+    return no_progress if args.verbosity < 0 else TerminalProgress()
+
+
+def _add_verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """``-v`` and ``-q``, on the main parser (defaults) and on each command (no defaults,
+    so that ``cmil -q demo`` and ``cmil demo -q`` both work)."""
+    group = p.add_mutually_exclusive_group()
+    default = 0 if top else argparse.SUPPRESS
+    group.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                       default=default,
+                       help="print the debug log on stderr (each slide, each fold, tracebacks)")
+    group.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                       default=default,
+                       help="no progress bar and no warnings: only errors and the results")
+
+
+def _add_executor(p: argparse.ArgumentParser, what: str) -> None:
+    """``--executor local|ray`` and ``--ray-address`` (cmil_core.distributed)."""
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help=f"where the command {what}: local (this machine, the default) or ray "
+                        "(a Ray cluster; needs requirements-cluster.txt); this process alone "
+                        "writes the store")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="Ray cluster to join with --executor ray, e.g. 10.0.0.1:6379 "
+                        "(default $CMIL_RAY_ADDRESS, else a cluster started with ray start on "
+                        "this machine, else a new local one)")
+
+
 def _add_db(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument(
         "--db", required=required, metavar="PATH",
         help="results store (DuckDB file); default $CMIL_DB or data/cmil.duckdb",
     )
+
+
+def _add_table_flags(p: argparse.ArgumentParser, drop_missing: bool = False) -> None:
+    """``--encoding`` and ``--sheet`` of the commands reading a clinical table (and
+    ``--drop-missing`` of those that compare groups)."""
+    p.add_argument("--encoding", metavar="NAME",
+                   help="text encoding of the table (e.g. gb18030, gbk, big5, shift_jis, "
+                        "euc_kr, utf-16, cp1252); default: detected, refused when unsure")
+    p.add_argument("--sheet", metavar="NAME|NUMBER",
+                   help="sheet of an .xlsx workbook, by name or number (1 = first; default "
+                        "the first)")
+    if drop_missing:
+        p.add_argument("--drop-missing", action="store_true",
+                       help="go on when every row of a group level misses a value (the level "
+                            "is left out); refused otherwise")
 
 
 def _audit(args: argparse.Namespace, action: str, **fields: object) -> None:
@@ -93,11 +152,10 @@ def _audit(args: argparse.Namespace, action: str, **fields: object) -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cmil_core.demo import generate_demo, summary_dict
-    from cmil_core.progress import TerminalProgress
 
     summary = generate_demo(
         args.db, size=args.size, seed=args.seed, folder=args.out,
-        progress=TerminalProgress(), force=args.force,
+        progress=_progress(args), force=args.force,
     )
     if args.json:
         print(json.dumps(summary_dict(summary), indent=2))
@@ -120,7 +178,7 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
 
     result = import_cohort(
         args.db, args.cohort, args.csv, role=args.role, center=args.center,
-        replace=args.replace, dry_run=args.dry_run,
+        replace=args.replace, dry_run=args.dry_run, encoding=args.encoding, sheet=args.sheet,
     )
     if not args.dry_run:
         _audit(args, "import", cohort=result.cohort,
@@ -139,6 +197,9 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
     print(f"  columns: {mapped}")
     if result.clinical_columns:
         print(f"  kept as clinical variables: {', '.join(result.clinical_columns)}")
+    print(f"  read as {result.encoding}" + (f", sheet '{result.sheet}'" if result.sheet else ""))
+    for note in result.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -165,7 +226,6 @@ def _add_qc_flags(p: argparse.ArgumentParser) -> None:
 def _cmd_ingest(args: argparse.Namespace) -> int:
     from cmil_core.access import cli_user
     from cmil_core.pipeline import format_ingest_summary, ingest
-    from cmil_core.progress import TerminalProgress
     from cmil_core.qc import resolve_thresholds
     from cmil_core.tiling import TilingConfig
 
@@ -174,7 +234,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
     _check_store_path(args.db, must_exist=True)
     summary = ingest(
         args.db, args.cohort, args.slides, manifest=args.manifest, mpp=args.mpp,
-        config=config, thresholds=thresholds, progress=TerminalProgress(), who=cli_user(),
+        config=config, thresholds=thresholds, progress=_progress(args), who=cli_user(),
+        executor=args.executor, ray_address=args.ray_address,
     )
     from cmil_core.access import ingest_details
 
@@ -234,7 +295,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from cmil_core.finetune import FinetuneConfig
     from cmil_core.mil import make_aggregator
     from cmil_core.modeling import train
-    from cmil_core.progress import TerminalProgress
 
     params = dict(args.param or [])
     make_aggregator(args.aggregator, **params)  # refuse a bad --param before any work
@@ -248,8 +308,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model_id = train(
         args.db, args.cohort, aggregator=args.aggregator, encoder=args.encoder,
         weights=args.weights, seed=args.seed, folds=args.folds, params=params or None,
-        progress=TerminalProgress(), encoder_training=args.encoder_training, cnn=cnn,
+        progress=_progress(args), encoder_training=args.encoder_training, cnn=cnn,
         input_px=args.input_px, mean=args.mean, std=args.std,
+        executor=args.executor, ray_address=args.ray_address,
     )
     _audit(args, "train", cohort=args.cohort, model_id=model_id,
            details={"aggregator": args.aggregator, "encoder": args.encoder, "seed": args.seed,
@@ -261,11 +322,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_score(args: argparse.Namespace) -> int:
     from cmil_core.modeling import score
-    from cmil_core.progress import TerminalProgress
 
     _check_store_path(args.db, must_exist=True)
-    done = score(args.db, args.model, args.cohort or None, progress=TerminalProgress(),
-                 allow_tiling_mismatch=args.allow_tiling_mismatch)
+    done = score(args.db, args.model, args.cohort or None, progress=_progress(args),
+                 allow_tiling_mismatch=args.allow_tiling_mismatch,
+                 executor=args.executor, ray_address=args.ray_address)
     for cohort, n in done.items():
         _audit(args, "score", cohort=cohort, model_id=args.model,
                details={"patients": n, "via": "cli"})
@@ -303,7 +364,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cmil_core import store
     from cmil_core.controls import colour_control, format_control
     from cmil_core.evaluation import (
+        calibration,
+        calibration_summary,
         discrimination,
+        format_calibration,
         format_evaluation,
         localisation,
         patient_flow,
@@ -315,11 +379,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         loc = localisation(st, args.model) if store.table_counts(st)["demo_tumor_regions"] else None
         flow = patient_flow(st, args.model)
         control = colour_control(st, [r["cohort"] for r in rows])
+        calibrated = calibration(st, args.model, in_sample=args.in_sample)
     if args.json:
         print(json.dumps({"cohorts": rows, "localisation": loc, "colour_control": control,
-                          "patient_flow": flow.to_dict("records")}, indent=2))
+                          "patient_flow": flow.to_dict("records"),
+                          "calibration": calibration_summary(calibrated)}, indent=2))
     else:
         print(format_evaluation(rows, loc, flow))
+        print(format_calibration(calibrated))
         print(format_control(control, rows))
     return 0
 
@@ -344,15 +411,18 @@ def _naming_file(path: str, func: Callable[[], dict]) -> dict:  # type: ignore[t
 
 
 def _cmd_roc(args: argparse.Namespace) -> int:
+    from cmil_core.missing import prepare, read_raw
     from cmil_core.stats import format_roc, roc_analysis
-    from cmil_core.tables import read_frame
 
-    frame = read_frame(args.csv)
+    raw = read_raw(args.csv, encoding=args.encoding, sheet=args.sheet)
+    prepared = _naming_file(args.csv, lambda: prepare(
+        raw, numeric=[args.label, *args.score], groups=[args.group],
+        drop_missing=args.drop_missing))
     result = _naming_file(args.csv, lambda: roc_analysis(
-        frame, args.label, args.score, positive=args.positive, group=args.group,
+        prepared.frame, args.label, args.score, positive=args.positive, group=args.group,
         ci_method=args.ci, n_boot=args.n_boot, seed=args.seed, cutoff_group=args.cutoff_group,
     ))
-    return _print_result(result, args.json, format_roc)
+    return _print_result(prepared.annotate(result), args.json, format_roc)
 
 
 def _cutoff(text: str) -> str | float:
@@ -377,28 +447,38 @@ def _times(text: str) -> list[float]:
 
 
 def _cmd_survival(args: argparse.Namespace) -> int:
+    from cmil_core.missing import prepare, read_raw
     from cmil_core.survival import format_survival, survival_analysis
-    from cmil_core.tables import read_frame
 
-    frame = read_frame(args.csv)
     if args.score is not None and args.cutoff is None:
         raise InputError("--score needs --cutoff median|youden|maxstat|NUMBER")
+    if args.td_auc_times is not None and args.score is None:
+        raise InputError("--td-auc-times needs --score (the AUC is of a score)")
+    raw = read_raw(args.csv, encoding=args.encoding, sheet=args.sheet)
+    prepared = _naming_file(args.csv, lambda: prepare(
+        raw, numeric=[args.time, args.event, args.score, args.label], groups=[args.group],
+        drop_missing=args.drop_missing))
+    frame = prepared.frame
     result = _naming_file(args.csv, lambda: survival_analysis(
         frame, args.time, args.event, group=args.group, score=args.score, cutoff=args.cutoff,
         label=args.label, positive=args.positive, at_risk_times=args.times,
         min_share=args.min_share, p_method=args.maxstat_p, n_perm=args.n_perm, seed=args.seed,
+        td_auc_times=args.td_auc_times,
     ))
-    return _print_result(result, args.json, format_survival)
+    return _print_result(prepared.annotate(result), args.json, format_survival)
 
 
 def _cmd_cox(args: argparse.Namespace) -> int:
+    from cmil_core.missing import prepare, read_raw
     from cmil_core.survival import cox_analysis, format_cox
-    from cmil_core.tables import read_frame
 
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
-    frame = read_frame(args.csv)
+    raw = read_raw(args.csv, encoding=args.encoding, sheet=args.sheet)
+    prepared = _naming_file(args.csv, lambda: prepare(
+        raw, numeric=[args.time, args.event], auto=covariates))
+    frame = prepared.frame
     result = _naming_file(args.csv, lambda: cox_analysis(frame, args.time, args.event, covariates))
-    return _print_result(result, args.json, format_cox)
+    return _print_result(prepared.annotate(result), args.json, format_cox)
 
 
 def _report_cutoff(text: str) -> str | float:
@@ -413,12 +493,11 @@ def _report_cutoff(text: str) -> str | float:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cmil_core.progress import TerminalProgress
     from cmil_core.report import write_report
 
     _check_store_path(args.db, must_exist=True)
     path = write_report(args.db, args.model, args.out, endpoint=args.endpoint,
-                        cutoff=args.cutoff, progress=TerminalProgress(),
+                        cutoff=args.cutoff, progress=_progress(args),
                         pseudonymise=args.pseudonymise, in_sample=args.in_sample)
     _audit(args, "export", model_id=args.model,
            details={"kind": "report", "out": str(path.parent), "endpoint": args.endpoint,
@@ -471,11 +550,32 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0 if summary.check.ok else 1
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _cmd_export_geojson(args: argparse.Namespace) -> int:
+    from cmil_core.overlays import export_geojson
+
+    _check_store_path(args.db, must_exist=True)
+    if args.out is None:
+        collections = export_geojson(args.db, args.model, args.cohort, args.patient)
+        if len(collections) != 1:
+            raise InputError(f"the selection holds {len(collections)} slides, one GeoJSON each: "
+                             "give --out DIR (or --patient for one patient's slide)")
+        print(json.dumps(collections[0][1]))
+    else:
+        written = export_geojson(args.db, args.model, args.cohort, args.patient, args.out)
+        for file, collection in written:
+            print(f"{file}: {len(collection['features'])} features")
+    _audit(args, "export", cohort=args.cohort, model_id=args.model,
+           details={"kind": "geojson", "patient": args.patient, "out": args.out, "via": "cli"})
+    return 0
+
+
+def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="python -m cmil_core",
+        prog=prog,
         description="cMIL: bone-marrow cytology multiple-instance learning for neuroblastoma.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -493,7 +593,8 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_db(p, required=True)
     p.add_argument("--cohort", required=True, help="cohort name, e.g. A")
     p.add_argument("--csv", required=True, metavar="FILE",
-                   help="clinical table (comma, semicolon or tab separated)")
+                   help="clinical table (comma, semicolon or tab separated text, or .xlsx)")
+    _add_table_flags(p)
     p.add_argument("--role", choices=["train", "validation", "test"], default="validation")
     p.add_argument("--center", metavar="TEXT", help="centre that contributed the cohort")
     p.add_argument("--replace", action="store_true",
@@ -515,6 +616,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="patch side in microns (default 112: 224 px at 0.5 um/px)")
     p.add_argument("--overlap", type=float, default=0.0, help="patch overlap, 0 to 0.9")
     _add_qc_flags(p)
+    _add_executor(p, "reads and tiles the slides")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_ingest)
 
@@ -570,6 +672,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "--param lr=0.001; histogram: hidden, dropout, lr, max_epochs, n_bins, C, "
                         "...; attention: embed_dim, attention_dim, dropout, lr, max_epochs, ... "
                         "(the model's config.json lists them all)")
+    _add_executor(p, "computes the feature files")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("score", help="score cohorts with a trained model")
@@ -581,6 +684,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-tiling-mismatch", action="store_true",
                    help="score cohorts whose patch size, overlap or QC thresholds differ from "
                         "the training cohort's (refused otherwise); their scores are marked")
+    _add_executor(p, "computes the feature files")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("evaluate", help="a model's AUC per cohort (and, on the demo, localisation)")
@@ -600,12 +704,13 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score", required=True, action="append", metavar="COL",
                    help="score column, higher = more likely positive (repeat to compare)")
     p.add_argument("--group", metavar="COL", help="analyse each value of this column apart")
+    _add_table_flags(p, drop_missing=True)
     p.add_argument("--cutoff-group", metavar="VALUE",
                    help="fix the Youden cutoff on this group (training) and apply it to all")
     p.add_argument("--ci", choices=["delong", "bootstrap"], default="delong")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
+    p.add_argument("--json", action="store_true", help="print JSON (docs/DESIGN.md keys)")
     p.set_defaults(func=_cmd_roc)
 
     p = sub.add_parser("survival", help="Kaplan-Meier, log-rank and Cox HR by group or risk group")
@@ -615,6 +720,7 @@ def _build_parser() -> argparse.ArgumentParser:
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--group", metavar="COL", help="compare the groups of this column")
     how.add_argument("--score", metavar="COL", help="split patients by this score at --cutoff")
+    _add_table_flags(p, drop_missing=True)
     p.add_argument("--cutoff", type=_cutoff, metavar="median|youden|maxstat|NUMBER")
     p.add_argument("--label", metavar="COL", help="binary label column, for --cutoff youden")
     p.add_argument("--positive", metavar="VALUE", help="positive value of --label")
@@ -628,7 +734,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-perm", type=int, default=10_000, metavar="B",
                    help="maxstat condMC: number of permutations (default 10000, as R)")
     p.add_argument("--seed", type=int, default=0, help="maxstat condMC: permutation seed")
-    p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
+    p.add_argument("--td-auc-times", type=_times, metavar="T1,T2,...",
+                   help="with --score: time-dependent AUC of the score at these times "
+                        "(cumulative/dynamic, IPCW; e.g. 12,24,36)")
+    p.add_argument("--json", action="store_true", help="print JSON (docs/DESIGN.md keys)")
     p.set_defaults(func=_cmd_survival)
 
     p = sub.add_parser("cox", help="multivariable Cox model (Efron ties), HRs, concordance")
@@ -637,7 +746,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event", required=True, metavar="COL")
     p.add_argument("--covariates", required=True, metavar="A,B,...",
                    help="comma-separated columns; text columns are coded against a reference")
-    p.add_argument("--json", action="store_true", help="print JSON (DESIGN.md keys)")
+    _add_table_flags(p)
+    p.add_argument("--json", action="store_true", help="print JSON (docs/DESIGN.md keys)")
     p.set_defaults(func=_cmd_cox)
 
     p = sub.add_parser("report", help="every table and figure of a model: HTML, JSON, CSV, PNG, SVG")
@@ -686,25 +796,47 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-hash", action="store_true", help="check without hashing slide files")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_restore)
+    p = sub.add_parser("export-geojson", help="patch scores and QC as GeoJSON detections for "
+                                              "QuPath (level-0 pixels), one file per slide")
+    _add_db(p, required=True)
+    p.add_argument("--model", required=True, type=_model_id, metavar="ID")
+    p.add_argument("--cohort", required=True, metavar="NAME")
+    p.add_argument("--patient", metavar="ID", help="only this patient's slides")
+    p.add_argument("--out", metavar="FILE_OR_DIR",
+                   help="a .geojson file (one slide) or a folder (one file per slide); "
+                        "without it the one slide's GeoJSON goes to standard output")
+    p.set_defaults(func=_cmd_export_geojson)
+    for command in sub.choices.values():
+        _add_verbosity(command, top=False)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m cmil_core") -> int:
     """Run the command line; returns the exit status."""
-    parser = _build_parser()
+    parser = _build_parser(prog)
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    try:
-        _check_store_path(getattr(args, "db", None))
-        return func(args)
-    except InputError as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
-    except (CmilError, OSError) as exc:
-        print(f"error: {_one_line(str(exc))}", file=sys.stderr)
-        if os.environ.get("CMIL_DEBUG"):
-            traceback.print_exc()
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    with cli_logging(args.verbosity):
+        log.debug("%s %s: %s", prog, __version__, args.command)
+        try:
+            _check_store_path(getattr(args, "db", None))
+            status = func(args)
+            log.debug("%s finished with exit status %d", args.command, status)
+            return status
+        except InputError as exc:
+            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+            log.debug("refused input", exc_info=True)
+            return 2
+        except (CmilError, OSError) as exc:
+            print(f"error: {_one_line(str(exc))}", file=sys.stderr)
+            if os.environ.get("CMIL_DEBUG") or args.verbosity > 0:
+                traceback.print_exc()
+            return 1
+        except KeyboardInterrupt:
+            print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
+
+
+def console_main() -> int:
+    """The ``cmil`` command (installed with the package): :func:`main` named ``cmil``."""
+    return main(prog="cmil")

@@ -369,3 +369,100 @@ def test_qc_thresholds_decisions_and_tiling_mismatch_end_to_end(
     assert any(n.startswith("Cohort 'C' was scored") for n in notes)
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Quality control" in html and "despite a tiling or QC mismatch" in html
+
+
+# --------------------------------------------------------------------------- clinical tables
+
+
+def test_survival_keeps_a_categorical_none_group_and_counts_drops_per_column(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # rossi with aid = "aid"/"none" (fin 1/0): two groups, as lifelines' fin gives.
+    rossi = load_rossi()
+    table = rossi.assign(aid=rossi["fin"].map({1: "aid", 0: "none"})).astype(
+        {"week": object, "arrest": object})
+    table.loc[[3, 7], "week"] = "?"
+    table.loc[11, "arrest"] = "NA"
+    path = tmp_path / "rossi.csv"
+    table.to_csv(path, index=False)
+    out = _json(capsys, ["survival", "--csv", str(path), "--time", "week", "--event", "arrest",
+                         "--group", "aid", "--json"])
+    kept = rossi.drop(index=[3, 7, 11])
+    assert {g["group"]: g["n"] for g in out["groups"]} == {
+        "aid": int((kept["fin"] == 1).sum()), "none": int((kept["fin"] == 0).sum())}
+    assert out["n_dropped"] == 3
+    assert out["n_dropped_by_column"] == {"week": 2, "arrest": 1}
+    assert out["missing_values"] == {"week": {"role": "numeric", "values": {"?": 2}},
+                                     "arrest": {"role": "numeric", "values": {"NA": 1}}}
+    assert out["table"] == {"source": "rossi.csv", "encoding": "utf-8", "sheet": None}
+    assert out["levels_lost"] == []
+    code, text, _ = _run(capsys, ["survival", "--csv", path, "--time", "week", "--event",
+                                  "arrest", "--group", "aid"])
+    assert code == 0
+    assert ("note: 3 row(s) dropped for missing values; by column: 'week' 2 (numeric: '?' 2); "
+            "'arrest' 1 (numeric: 'NA' 1)") in text
+
+
+def test_a_group_level_lost_to_missing_values_needs_drop_missing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("week,arrest,aid,score\n10,1,aid,0.3\n20,0,aid,0.5\n30,1,aid,0.2\n"
+                    "?,1,none,0.9\n,0,none,0.1\n12,1,-,0.5\n7,0,-,0.4\n9,1,-,0.7\n")
+    base = ["survival", "--csv", path, "--time", "week", "--event", "arrest", "--group", "aid"]
+    code, out, err = _run(capsys, base)
+    assert (code, out) == (2, "")
+    assert err == ("error: t.csv: column 'aid': the level 'none' (2 row(s): 5, 6) would be "
+                   "lost: every row of it misses a value in 'week' ('?' 1, empty 1); correct "
+                   "the table, or pass --drop-missing to analyse without it\n")
+    code, out, _ = _run(capsys, [*base, "--drop-missing", "--json"])
+    result = json.loads(out)
+    assert code == 0 and {g["group"]: g["n"] for g in result["groups"]} == {"-": 3, "aid": 3}
+    assert result["levels_lost"] == [{"column": "aid", "level": "none", "rows": 2}]
+    # roc: the score is numeric ('?' and '-' missing), the group keeps '-' as a level.
+    roc = ["roc", "--csv", path, "--label", "arrest", "--score", "score", "--group", "aid"]
+    path.write_text("arrest,aid,score\n1,aid,0.3\n0,aid,0.5\n1,none,?\n0,none,-\n"
+                    "1,-,0.5\n0,-,0.4\n1,-,0.7\n0,aid,0.1\n")
+    code, _, err = _run(capsys, roc)
+    assert code == 2 and "the level 'none' (2 row(s): 4, 5)" in err and "'score' ('?' 1, '-' 1)" \
+        in err
+    code, out, _ = _run(capsys, [*roc, "--drop-missing", "--json"])
+    assert code == 0
+    assert [r["group"] for r in json.loads(out)["results"]] == ["-", "aid"]
+
+
+def test_encoding_and_sheet_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    from openpyxl import Workbook
+
+    tiny = tmp_path / "gbk.csv"
+    tiny.write_bytes("patient_id,性别\nP1,男\nP2,女\n".encode("gbk"))
+    base = ["import-cohort", "--db", tmp_path / "s.duckdb", "--cohort", "A", "--dry-run"]
+    code, _, err = _run(capsys, [*base, "--csv", tiny])
+    assert code == 2 and err.startswith("error: gbk.csv: the encoding cannot be told for sure")
+    code, out, _ = _run(capsys, [*base, "--csv", tiny, "--encoding", "gbk", "--json"])
+    result = json.loads(out)
+    assert code == 0 and (result["encoding"], result["patients"]) == ("gbk", 2)
+    assert result["clinical_columns"] == ["性别"]
+
+    book = Workbook()
+    book.active.title = "Readme"
+    book.active.append(["exported", "2024"])
+    sheet = book.create_sheet("Cohort")
+    for row in (["week", "arrest", "grp"], [5, 1, "a"], [8, 0, "a"], [3, 1, "b"], [9, 0, "b"]):
+        sheet.append(row)
+    buffer = io.BytesIO()
+    book.save(buffer)
+    xlsx = tmp_path / "cohort.xlsx"
+    xlsx.write_bytes(buffer.getvalue())
+    surv = ["survival", "--csv", xlsx, "--time", "week", "--event", "arrest", "--group", "grp"]
+    code, _, err = _run(capsys, surv)  # the first sheet has no such columns
+    assert code == 2 and "column 'week' not found" in err
+    for choice in ("Cohort", "2"):
+        code, out, _ = _run(capsys, [*surv, "--sheet", choice, "--json"])
+        result = json.loads(out)
+        assert code == 0 and result["table"] == {"source": "cohort.xlsx", "encoding": "xlsx",
+                                                 "sheet": "Cohort"}
+        assert [(g["group"], g["n"], g["events"]) for g in result["groups"]] == [
+            ("a", 2, 1), ("b", 2, 1)]
+    code, _, err = _run(capsys, [*surv, "--sheet", "3"])
+    assert code == 2 and "sheet number 3 does not exist; the workbook has 2 sheet(s)" in err
