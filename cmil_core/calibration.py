@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from scipy import special
 from scipy import stats as _sps
 
 from cmil_core._formatting import fmt_ci, json_float, json_pair
@@ -54,7 +55,7 @@ def _logistic(
     deviance = np.inf
     for _ in range(_MAX_STEPS):
         eta = x @ beta + offset
-        mu = 1.0 / (1.0 + np.exp(-eta))
+        mu = special.expit(eta)
         w = mu * (1.0 - mu)
         info = x.T @ (w[:, None] * x)
         try:
@@ -69,7 +70,7 @@ def _logistic(
         deviance = new
     else:
         return None
-    mu = 1.0 / (1.0 + np.exp(-(x @ beta + offset)))
+    mu = special.expit(x @ beta + offset)
     info = x.T @ ((mu * (1.0 - mu))[:, None] * x)
     if not np.all(np.isfinite(beta)):
         return None

@@ -53,6 +53,12 @@ class _LogFile(RotatingFileHandler):
         os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         return super()._open()
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None and not os.path.exists(self.baseFilename):
+            self.stream.close()  # the file was deleted under us: write a new one
+            self.stream = None  # type: ignore[assignment]
+        super().emit(record)
+
 
 def package_logger() -> logging.Logger:
     """The ``cmil_core`` logger, parent of every module's logger."""
@@ -73,7 +79,9 @@ def _lower_level(logger: logging.Logger, level: int) -> None:
 def attach_file_log(path: str | os.PathLike[str], level: int = logging.INFO) -> Path:
     """Write ``cmil_core``'s records of ``level`` and above to the rotating file ``path``.
 
-    Creates the folder. Attaching the same file twice keeps one handler.
+    The file and its folder are made when the first record is written (a
+    page that only reads leaves the data folder as it was). Attaching the same
+    file twice keeps one handler.
     Returns the file's absolute path.
     """
     target = Path(path).expanduser().resolve()
@@ -83,7 +91,6 @@ def attach_file_log(path: str | os.PathLike[str], level: int = logging.INFO) -> 
             if isinstance(handler, RotatingFileHandler) and Path(handler.baseFilename) == target:
                 _lower_level(logger, level)
                 return target
-        target.parent.mkdir(parents=True, exist_ok=True)
         handler = _LogFile(target, maxBytes=MAX_BYTES, backupCount=BACKUP_COUNT,
                            encoding="utf-8", delay=True)
         handler.setLevel(level)

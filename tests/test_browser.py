@@ -346,7 +346,7 @@ def test_eight_sessions_keep_reading_while_a_command_line_job_writes(
 def test_quality_control_page_counts_apply_and_stale_marks(tmp_path: Path,
                                                           browser_page: Page) -> None:
     """Move a threshold slider, see the live counts change, apply, see the stale marks."""
-    from cmil_core import store
+    from cmil_core import display, store
     from qc_helpers import BLUR_THRESHOLD, photo_study
 
     db, model_id = photo_study(tmp_path / "study")
@@ -363,7 +363,7 @@ def test_quality_control_page_counts_apply_and_stale_marks(tmp_path: Path,
         with store.open_store(db, read_only=True) as st_:
             assert before == store.current_qc_decisions(st_)["A"]["kept"]
         slider = page.locator("[data-testid='stSlider']",
-                              has_text=BLUR_THRESHOLD.replace("_", " ")).locator(
+                              has_text=display.threshold(BLUR_THRESHOLD)).locator(
                                   "input[type='range']")
         slider.focus()
         slider.press("End")  # the strictest blur threshold the slider offers

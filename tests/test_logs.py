@@ -91,6 +91,10 @@ def test_a_runner_writes_to_one_log_file(tmp_path: Path, log_file: Path) -> None
     runner = JobRunner(log_file=tmp_path / "old" / "logs" / "cmil.log")
     assert runner.log_to(log_file) == log_file
     assert len(_file_handlers()) == before + 1  # the old file is closed
+    # Attaching writes nothing: a page that only reads leaves the data folder alone.
+    assert not log_file.parent.exists()
+    runner.start("add", lambda a, b, progress: a + b, 1, 2).wait(30)
+    assert "job add done" in log_file.read_text(encoding="utf-8")
     # A log folder deleted while the dashboard runs is made again.
     shutil.rmtree(log_file.parent)
     runner.start("add", lambda a, b, progress: a + b, 1, 2).wait(30)
