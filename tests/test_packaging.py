@@ -219,3 +219,50 @@ def test_pip_install_gives_a_working_cmil_command(tmp_path: Path) -> None:
     assert requires == set(_pins("requirements.txt"))
     assert "License-Expression: MIT" in metadata
     assert "cmil = cmil_core.cli:console_main" in (info / "entry_points.txt").read_text()
+
+
+def _third_party_imports(folders: list[str]) -> dict[str, str]:
+    """Top-level modules imported in these folders' .py files that are neither the
+    standard library nor this repository's own, mapped to one file that imports them."""
+    import ast
+
+    local = {p.stem for p in ROOT.iterdir() if p.suffix == ".py"} | {
+        p.name for p in ROOT.iterdir() if p.is_dir()
+    } | {p.stem for p in (ROOT / "tests").glob("*.py")} | {"conftest"}
+    found: dict[str, str] = {}
+    for folder in folders:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in sys.stdlib_module_names or top in local or top == "__future__":
+                        continue
+                    found.setdefault(top, str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_imported_package_is_pinned() -> None:
+    # A test module importing a package that only this machine happens to have passes
+    # here and fails collection in a fresh CI environment (it happened with geojson).
+    from importlib.metadata import packages_distributions
+
+    declared: set[str] = set()
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-cluster.txt"):
+        declared |= set(_pins(name))
+    # Installed by a pinned package itself (playwright's greenlet, pytest's pluggy ...)
+    # counts only when its distributor is pinned; these come with the pins above.
+    implied = {"packaging"}  # setuptools, pytest and ray all require it
+    dists = packages_distributions()
+    missing = {}
+    for module, where in _third_party_imports(["cmil_core", "pages", "scripts", "bench", "tests"]).items():
+        names = {canonicalize_name(d) for d in dists.get(module, [module])}
+        if not names & (declared | implied):
+            missing[module] = where
+    assert not missing, f"imported but not pinned in any requirements file: {missing}"
