@@ -1,6 +1,8 @@
 """Patches kept and rejected by reason on real smear fixtures, per set and magnification.
 
-Run: ``.venv/bin/python bench/qc_fixtures.py [--fixtures DIR] [--json]``
+Run: ``.venv/bin/python bench/qc_fixtures.py [--fixtures DIR] [--nucleated-scope
+field|patch] [--json]`` (``patch``: photographs judged patch by patch, as before
+the field scope; the default ``field`` is the product's default).
 
 Sets (each skipped when its folder is missing):
 
@@ -47,10 +49,12 @@ from cmil_core.quality import QCThresholds  # noqa: E402
 from cmil_core.slides import open_slide  # noqa: E402
 from cmil_core.tiling import TilingConfig, tile_slide  # noqa: E402
 
+THRESHOLDS = [QCThresholds()]  # set by --nucleated-scope
+
 
 def _tile(path: Path, mpp: float | None, patch_um: float) -> Counter[str]:
     with open_slide(path, mpp=mpp) as slide:
-        table = tile_slide(slide, TilingConfig(patch_um=patch_um), QCThresholds(), workers=0)
+        table = tile_slide(slide, TilingConfig(patch_um=patch_um), THRESHOLDS[0], workers=0)
     return Counter(r if isinstance(r, str) else "kept" for r in table["qc_reason"].tolist())
 
 
@@ -110,7 +114,8 @@ def _cells(root: Path, tmp: Path, stain: str = "as photographed") -> Counter[str
     for f in sorted((root / "images").glob("*.jpg")):
         rgb = np.asarray(Image.open(f).convert("RGB"))
         h, w = rgb.shape[:2]
-        _, cx, cy, _, _ = map(float, (root / "yolo_labels" / f"{f.stem}.txt").read_text().split()[:5])
+        label = (root / "yolo_labels" / f"{f.stem}.txt").read_text()
+        _, cx, cy, _, _ = map(float, label.split()[:5])
         side = 200
         x0 = int(min(max(cx * w - side / 2, 0), w - side))
         y0 = int(min(max(cy * h - side / 2, 0), h - side))
@@ -124,7 +129,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--fixtures", type=Path, default=ROOT / "tests" / "data" / "fixtures")
     parser.add_argument("--json", action="store_true", help="one JSON object on one line")
+    parser.add_argument("--nucleated-scope", choices=("field", "patch"), default="field",
+                        help="QC setting nucleated_scope (default: field)")
     args = parser.parse_args()
+    THRESHOLDS[0] = QCThresholds(nucleated_scope=args.nucleated_scope)
     fx = args.fixtures
     rows: list[dict[str, object]] = []
     with tempfile.TemporaryDirectory(prefix="cmil-qc-fixtures-") as tmp_name:
@@ -148,7 +156,8 @@ def main() -> int:
                              "counts": dict(_cells(chula, tmp, stain))})
         cmu1 = fx / "slides" / "CMU-1-Small-Region.svs"
         if cmu1.exists():
-            rows.append({"set": "cmu1 @0.50 um/px, 112 um", "counts": dict(_tile(cmu1, None, 112.0))})
+            rows.append({"set": "cmu1 @0.50 um/px, 112 um",
+                         "counts": dict(_tile(cmu1, None, 112.0))})
     if args.json:
         print(json.dumps(rows))
         return 0

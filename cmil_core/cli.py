@@ -24,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from cmil_core import __version__
 from cmil_core.errors import CmilError, InputError
@@ -34,6 +34,8 @@ from cmil_core.progress import ProgressCallback
 __all__ = ["console_main", "main"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -141,11 +143,11 @@ def _add_table_flags(p: argparse.ArgumentParser, drop_missing: bool = False) -> 
                             "is left out); refused otherwise")
 
 
-def _audit(args: argparse.Namespace, action: str, **fields: object) -> None:
+def _audit(args: argparse.Namespace, action: str, **fields: Any) -> None:
     """Record a finished command in the store's audit trail, as the operating-system user."""
     from cmil_core.access import cli_user, record
 
-    problem = record(args.db, cli_user(), action, **fields)  # type: ignore[arg-type]
+    problem = record(args.db, cli_user(), action, **fields)
     if problem:
         print(f"warning: {problem}", file=sys.stderr)
 
@@ -170,6 +172,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"under {summary.folder}")
         print(f"  patches: {summary.patches} ({summary.patches_passed} passed quality control)")
         print(f"  ground-truth tumour regions: {summary.tumour_regions}")
+        patch_cnn = summary.details.get("patch_cnn")
+        for model_id, how in (patch_cnn.items() if isinstance(patch_cnn, dict) else ()):
+            print(f"  model {model_id}: patch CNN {how}")
     return 0
 
 
@@ -203,15 +208,15 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
     return 0
 
 
-def _qc_flags(args: argparse.Namespace) -> dict[str, float | None]:
-    from cmil_core.qc import THRESHOLD_FIELDS
+def _qc_flags(args: argparse.Namespace) -> dict[str, float | str | None]:
+    from cmil_core.qc import QC_FIELDS
 
-    return {name: getattr(args, f"qc_{name}") for name in THRESHOLD_FIELDS}
+    return {name: getattr(args, f"qc_{name}") for name in QC_FIELDS}
 
 
 def _add_qc_flags(p: argparse.ArgumentParser) -> None:
     """``--qc FILE`` and one flag per QC threshold (from the dataclass's fields)."""
-    from cmil_core.qc import THRESHOLD_FIELDS, flag_name
+    from cmil_core.qc import SETTING_FIELDS, THRESHOLD_FIELDS, flag_name
     from cmil_core.quality import QCThresholds
 
     p.add_argument("--qc", metavar="FILE",
@@ -221,6 +226,12 @@ def _add_qc_flags(p: argparse.ArgumentParser) -> None:
     for name in THRESHOLD_FIELDS:
         p.add_argument(flag_name(name), dest=f"qc_{name}", type=float, metavar="X",
                        help=f"QC threshold {name} (default {getattr(defaults, name):g})")
+    for name, choices in SETTING_FIELDS.items():
+        p.add_argument(flag_name(name), dest=f"qc_{name}", choices=choices,
+                       help=f"QC setting {name} (default {getattr(defaults, name)}): 'field' "
+                            "keeps a photograph's patches without nuclear material when the "
+                            "photograph holds a nucleated cell, 'patch' judges each patch; "
+                            "whole-slide files are always judged per patch")
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
@@ -288,7 +299,24 @@ def _triple(text: str) -> tuple[float, float, float]:
         values = ()
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"'{text}' is not three numbers R,G,B (e.g. 0.5,0.5,0.5)")
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
+
+
+def _print_encoder_training(db: str, model_id: str, *, quiet: bool) -> None:
+    """One line on stderr: whether the patch CNN was trained or frozen, and why (auto rule)."""
+    from cmil_core import store
+
+    if quiet:
+        return
+    with store.using(db, read_only=True) as st:
+        row = store.get_model(st, model_id)
+    if row is None:
+        return
+    metrics = row.metrics
+    line = f"patch CNN: {metrics.get('encoder_training', 'frozen')}"
+    if metrics.get("encoder_training_note"):
+        line += f" ({metrics['encoder_training_note']})"
+    print(line, file=sys.stderr)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -300,10 +328,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     make_aggregator(args.aggregator, **params)  # refuse a bad --param before any work
     cnn_params = dict(args.cnn_param or [])
     cnn = None
-    if args.encoder_training == "finetune":  # refuse a bad --cnn-param before any work
+    if args.encoder_training != "frozen":  # refuse a bad --cnn-param before any work
         cnn = FinetuneConfig.from_params(cnn_params)
     elif cnn_params:
-        raise InputError("--cnn-param applies to --encoder-training finetune only")
+        raise InputError("--cnn-param applies to --encoder-training finetune or auto only")
     _check_store_path(args.db, must_exist=True)
     model_id = train(
         args.db, args.cohort, aggregator=args.aggregator, encoder=args.encoder,
@@ -312,6 +340,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         input_px=args.input_px, mean=args.mean, std=args.std,
         executor=args.executor, ray_address=args.ray_address,
     )
+    _print_encoder_training(args.db, model_id, quiet=args.verbosity < 0)
     _audit(args, "train", cohort=args.cohort, model_id=model_id,
            details={"aggregator": args.aggregator, "encoder": args.encoder, "seed": args.seed,
                     "folds": args.folds, "params": params, "via": "cli",
@@ -338,8 +367,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
 def _cmd_qc(args: argparse.Namespace) -> int:
     from cmil_core import store
     from cmil_core.access import cli_user
-    from cmil_core.qc import apply_thresholds, cohort_thresholds, format_qc, qc_status
-    from cmil_core.qc import resolve_thresholds
+    from cmil_core.qc import (
+        apply_thresholds,
+        cohort_thresholds,
+        format_qc,
+        qc_status,
+        resolve_thresholds,
+    )
 
     _check_store_path(args.db, must_exist=True)
     with store.open_store(args.db, read_only=not args.apply) as st:
@@ -391,7 +425,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(result: dict[str, object], as_json: bool, formatter: Callable[[dict], str]) -> int:  # type: ignore[type-arg]
+def _print_result(
+    result: dict[str, Any], as_json: bool, formatter: Callable[[dict[str, Any]], str]
+) -> int:
     if as_json:
         print(json.dumps(result, indent=2, allow_nan=False))
     else:
@@ -399,7 +435,7 @@ def _print_result(result: dict[str, object], as_json: bool, formatter: Callable[
     return 0
 
 
-def _naming_file(path: str, func: Callable[[], dict]) -> dict:  # type: ignore[type-arg]
+def _naming_file(path: str, func: Callable[[], _T]) -> _T:
     """Run an analysis of the table ``path``; its input errors name the file first."""
     name = os.path.basename(path)
     try:
@@ -440,7 +476,8 @@ def _times(text: str) -> list[float]:
     try:
         values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers like 12,24,36") from None
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a list of numbers like 12,24,36") from None
     if not values or any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"'{text}': give non-negative times like 12,24,36")
     return sorted(values)
@@ -584,7 +621,8 @@ def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
     p.add_argument("--size", choices=["small", "full"], default="small",
                    help="small: about 30 patients (tests); full: the paper's 359")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same study)")
-    p.add_argument("--out", metavar="DIR", help="folder for the demo's files; default <store folder>/demo")
+    p.add_argument("--out", metavar="DIR",
+                   help="folder for the demo's files; default <store folder>/demo")
     p.add_argument("--force", action="store_true", help="rebuild even if the store holds this demo")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     p.set_defaults(func=_cmd_demo)
@@ -607,7 +645,8 @@ def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
     _add_db(p, required=True)
     p.add_argument("--cohort", required=True, help="cohort whose clinical table is imported")
     p.add_argument("--slides", required=True, metavar="DIR_OR_ZIP",
-                   help="folder (or zip) of slides: files named PATIENT_..., or one folder per patient")
+                   help="folder (or zip) of slides: files named PATIENT_..., "
+                        "or one folder per patient")
     p.add_argument("--manifest", metavar="CSV",
                    help="table with slide_path, patient_id and optionally mpp, per slide")
     p.add_argument("--mpp", type=float, metavar="X",
@@ -646,10 +685,13 @@ def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
                         "safetensors file), a TorchScript file with --encoder torchscript, a "
                         "torch.export .pt2 program with --encoder export; without it a seeded "
                         "initialisation")
-    p.add_argument("--encoder-training", choices=["finetune", "frozen"], default="frozen",
+    p.add_argument("--encoder-training", choices=["auto", "finetune", "frozen"], default="auto",
                    help="finetune: train the patch CNN on the smears with the patients' labels "
                         "inside each cross-validation fold (the study's method; --weights is "
-                        "its starting point); frozen: embed with the encoder as loaded")
+                        "its starting point); frozen: embed with the encoder as loaded; auto "
+                        "(default): finetune, unless the smaller class has under 10 patients "
+                        "or 100 quality-passed patches, or the encoder is a whole program "
+                        "(then frozen, and train says so)")
     p.add_argument("--cnn-param", type=_cnn_param, action="append", metavar="NAME=VALUE",
                    help="CNN training setting (repeat; finetune only), e.g. --cnn-param "
                         "max_epochs=8 --cnn-param input_px=64: input_px, patches_per_patient, "
@@ -716,7 +758,8 @@ def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
     p = sub.add_parser("survival", help="Kaplan-Meier, log-rank and Cox HR by group or risk group")
     p.add_argument("--csv", required=True, metavar="FILE")
     p.add_argument("--time", required=True, metavar="COL", help="follow-up time column")
-    p.add_argument("--event", required=True, metavar="COL", help="event column (1 event, 0 censored)")
+    p.add_argument("--event", required=True, metavar="COL",
+                   help="event column (1 event, 0 censored)")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--group", metavar="COL", help="compare the groups of this column")
     how.add_argument("--score", metavar="COL", help="split patients by this score at --cutoff")
@@ -750,7 +793,8 @@ def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (docs/DESIGN.md keys)")
     p.set_defaults(func=_cmd_cox)
 
-    p = sub.add_parser("report", help="every table and figure of a model: HTML, JSON, CSV, PNG, SVG")
+    p = sub.add_parser("report",
+                       help="every table and figure of a model: HTML, JSON, CSV, PNG, SVG")
     _add_db(p, required=True)
     p.add_argument("--model", required=True, type=_model_id, metavar="ID")
     p.add_argument("--out", required=True, metavar="DIR",

@@ -46,8 +46,7 @@ from typing import Any, Self
 
 import pandas as pd
 
-from cmil_core import qc as qc_mod
-from cmil_core import store as store_mod
+from cmil_core import qc as qc_mod, store as store_mod
 from cmil_core.discovery import SlideSource, discover_slides
 from cmil_core.errors import InputError, shown
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
@@ -165,10 +164,11 @@ def ingest(
     the store, slide by slide, with the same outcome.
 
     ``mpp`` (``--mpp``) replaces the resolution the files give; a manifest's
-    ``mpp`` column wins over both, slide by slide. A zip is extracted into ``extract_dir`` (default: ``slides/<cohort>/<zip
-    name>`` beside the store). Raises :class:`InputError` before writing
-    anything when the cohort does not exist, the folder has no slides, or a
-    manifest is wrong; a bad slide only fails itself. ``thresholds``: the QC
+    ``mpp`` column wins over both, slide by slide. A zip is extracted into
+    ``extract_dir`` (default: ``slides/<cohort>/<zip name>`` beside the store).
+    Raises :class:`InputError` before writing anything when the cohort does
+    not exist, the folder has no slides, or a manifest is wrong; a bad slide
+    only fails itself. ``thresholds``: the QC
     decision of this run (None: the cohort's current decision, else the
     defaults); ``who`` records it (default: the operating-system user).
     """
@@ -231,7 +231,9 @@ def ingest(
         for i, source in enumerate(sources):
             report(i, len(sources), source.path.name)
 
-            def patch_progress(done: int, total: int, i: int = i, name: str = source.path.name) -> None:
+            def patch_progress(
+                done: int, total: int, i: int = i, name: str = source.path.name
+            ) -> None:
                 report(i, len(sources), f"{name}: {done}/{total} patches")
 
             outcomes.append(
@@ -550,7 +552,7 @@ def format_ingest_summary(summary: IngestSummary) -> str:
     decision = summary.qc_decision
     if decision is not None:
         state = "new" if decision.get("new") else "unchanged"
-        values = ", ".join(f"{k}={v:g}" for k, v in decision["thresholds"].items())
+        values = qc_mod.format_thresholds(decision["thresholds"])
         lines.append(f"quality control: decision {decision['decision_id']} ({state}): {values}")
     lines.extend(f"warning: {w}" for w in summary.warnings)
     return "\n".join(lines)

@@ -7,7 +7,10 @@ of precedence, from one flag per threshold (``--min-blur-variance 8``), a file
 (``--qc FILE``: TOML, or JSON when the name ends in ``.json``), the cohort's
 current decision, and the defaults (:func:`resolve_thresholds`). A file holds
 the thresholds as top-level keys (or under one ``[qc]`` table); an unknown key
-or a bad value is refused with the file and key named.
+or a bad value is refused with the file and key named. Every threshold is a
+number but one setting, ``nucleated_scope`` (``"field"`` or ``"patch"``,
+``--nucleated-scope``): whether a photograph is judged "no nucleated cell" as a
+whole field or patch by patch (:mod:`cmil_core.quality`).
 
 Decisions
 ---------
@@ -57,17 +60,21 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
-from cmil_core.quality import QC_REASONS, QCThresholds
+from cmil_core.quality import NUCLEATED_SCOPES, NUMERIC_THRESHOLDS, QC_REASONS, QCThresholds
 
 __all__ = [
     "MAX_CLASS_GAP",
     "MAX_COHORT_LOSS",
-    "QCWarning",
+    "QC_FIELDS",
+    "SETTING_FIELDS",
     "THRESHOLD_FIELDS",
+    "QCWarning",
     "apply_thresholds",
     "cohort_thresholds",
+    "decision_thresholds",
     "flag_name",
     "format_qc",
+    "format_thresholds",
     "load_thresholds_file",
     "model_notes",
     "qc_status",
@@ -81,8 +88,12 @@ __all__ = [
     "what_if",
 ]
 
-#: Names of the thresholds, in the dataclass's order (one flag each).
-THRESHOLD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QCThresholds))
+#: Names of the numeric thresholds, in the dataclass's order (one flag and slider each).
+THRESHOLD_FIELDS: tuple[str, ...] = NUMERIC_THRESHOLDS
+#: Names of the QC settings that are words, not numbers, with their allowed values.
+SETTING_FIELDS: dict[str, tuple[str, ...]] = {"nucleated_scope": NUCLEATED_SCOPES}
+#: Every field of :class:`~cmil_core.quality.QCThresholds` (what a decision records).
+QC_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QCThresholds))
 #: A cohort losing more than this share of its patches is warned about.
 MAX_COHORT_LOSS = 0.30
 #: Kept shares of the two label classes differing by more than this are warned about.
@@ -96,10 +107,16 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def format_thresholds(thresholds: Mapping[str, Any], sep: str = "=") -> str:
+    """``max_dark_fraction=0.5, ..., nucleated_scope=field``: numbers as ``:g``, words as is."""
+    return ", ".join(f"{k}{sep}{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool)
+                     else f"{k}{sep}{v}" for k, v in thresholds.items())
+
+
 # --------------------------------------------------------------------------- thresholds
 
 
-def load_thresholds_file(path: str | os.PathLike[str]) -> dict[str, float]:
+def load_thresholds_file(path: str | os.PathLike[str]) -> dict[str, float | str]:
     """The thresholds a ``--qc`` file sets (TOML, or JSON for ``*.json``), checked one by one.
 
     Raises :class:`InputError` naming the file (and the key) when it cannot be
@@ -122,11 +139,17 @@ def load_thresholds_file(path: str | os.PathLike[str]) -> dict[str, float]:
         raise InputError(f"{name}: expected a table of thresholds (key = number)")
     if set(data) == {"qc"} and isinstance(data["qc"], dict):
         data = data["qc"]
-    out: dict[str, float] = {}
+    out: dict[str, float | str] = {}
     for key, value in data.items():
+        if key in SETTING_FIELDS:
+            if value not in SETTING_FIELDS[key]:
+                raise InputError(f"{name}: key '{key}': {value!r} is not one of "
+                                 f"{', '.join(repr(v) for v in SETTING_FIELDS[key])}")
+            out[key] = str(value)
+            continue
         if key not in THRESHOLD_FIELDS:
             raise InputError(f"{name}: unknown QC threshold '{key}'; the thresholds are "
-                             f"{', '.join(THRESHOLD_FIELDS)}")
+                             f"{', '.join(QC_FIELDS)}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(
                 value):
             raise InputError(f"{name}: key '{key}': {value!r} is not a finite number")
@@ -143,22 +166,29 @@ def load_thresholds_file(path: str | os.PathLike[str]) -> dict[str, float]:
 def cohort_thresholds(st: store_mod.Store, cohort: str) -> QCThresholds | None:
     """The thresholds of the cohort's current decision (None: never decided)."""
     decision = store_mod.current_qc_decisions(st).get(cohort)
-    if decision is None:
-        return None
-    known = {k: v for k, v in decision["thresholds"].items() if k in THRESHOLD_FIELDS}
+    return None if decision is None else decision_thresholds(decision)
+
+
+def decision_thresholds(decision: Mapping[str, Any]) -> QCThresholds:
+    """The thresholds a recorded decision (a row of ``qc_decisions``) was made with."""
+    known = {k: v for k, v in decision["thresholds"].items() if k in QC_FIELDS}
+    # A decision recorded before photographs could be judged by field was decided patch
+    # by patch: re-deciding it keeps that, so an old cohort's outcome never changes
+    # silently (the user opts in with --nucleated-scope field or on the QC page).
+    known.setdefault("nucleated_scope", "patch")
     return QCThresholds.from_dict(known)
 
 
 def resolve_thresholds(
     file: str | os.PathLike[str] | None = None,
-    overrides: Mapping[str, float | None] | None = None,
+    overrides: Mapping[str, float | str | None] | None = None,
     base: QCThresholds | None = None,
 ) -> QCThresholds | None:
     """Thresholds from ``base`` (default: the defaults), then ``file``, then ``overrides``
     (None values ignored). Returns None when neither a file nor an override is given
     (the caller then keeps the cohort's current decision)."""
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(THRESHOLD_FIELDS))
+    unknown = sorted(set(given) - set(QC_FIELDS))
     if unknown:
         raise InputError(f"unknown QC threshold(s) {', '.join(unknown)}")
     if file is None and not given:
@@ -166,7 +196,7 @@ def resolve_thresholds(
     values = (base or QCThresholds()).to_dict()
     if file is not None:
         values.update(load_thresholds_file(file))
-    values.update({k: float(v) for k, v in given.items()})  # type: ignore[arg-type]
+    values.update({k: (v if k in SETTING_FIELDS else float(v)) for k, v in given.items()})
     try:
         return QCThresholds.from_dict(values)
     except InputError as exc:
@@ -192,7 +222,7 @@ def what_if(st: store_mod.Store, cohort: str, thresholds: QCThresholds) -> dict[
     """Counts under candidate thresholds, nothing written: ``{"patches", "kept",
     "rejected": {reason: n} (every reason, in rule order), "warnings": [...]}``."""
     frame = store_mod.qc_what_if(st, thresholds.to_dict(), cohort)
-    rejected = {r: 0 for r in QC_REASONS}
+    rejected = dict.fromkeys(QC_REASONS, 0)
     kept = 0
     for row in frame.itertuples():
         if row.qc_reason is None or pd.isna(row.qc_reason):
@@ -387,9 +417,11 @@ def tiling_differences(st: store_mod.Store, trained: Mapping[str, Any], cohort: 
     mine = (trained.get("qc_decision") or {}).get("thresholds")
     theirs = (here.get("qc_decision") or {}).get("thresholds")
     if mine and theirs and mine != theirs:
-        changed = [f"{k} {mine.get(k)} vs {theirs.get(k)}" for k in THRESHOLD_FIELDS
-                   if mine.get(k) != theirs.get(k)]
-        out.append("QC thresholds " + ", ".join(changed) + f" (training vs '{cohort}')")
+        default = QCThresholds().to_dict()  # decisions older than a setting had its default
+        changed = [f"{k} {mine.get(k, default[k])} vs {theirs.get(k, default[k])}"
+                   for k in QC_FIELDS if mine.get(k, default[k]) != theirs.get(k, default[k])]
+        if changed:
+            out.append("QC thresholds " + ", ".join(changed) + f" (training vs '{cohort}')")
     return out
 
 
@@ -437,7 +469,7 @@ def format_qc(result: dict[str, Any]) -> str:
         verb = "applied" if result["applied"] else "current"
         lines.append(f"cohort '{cohort}': {verb} decision {d['decision_id']} ({d['source']}, "
                      f"{d['who']}, {d['decided_at']})")
-    lines.append("thresholds: " + ", ".join(f"{k}={v:g}" for k, v in result["thresholds"].items()))
+    lines.append("thresholds: " + format_thresholds(result["thresholds"]))
     rows = [("kept", "kept")] + [(r, f"rejected: {r}") for r in QC_REASONS]
     now, then = result["current"], result["candidate"]
     width = max(len(label) for _, label in rows)

@@ -69,10 +69,12 @@ cells. Platelet clumps, basophilic granules, stain precipitate and the violet
 cytoplasm of plasma cells or blasts count; smudged cells count; a pale single
 platelet usually does not. On peripheral-blood photographs (BCCD, 32 um
 patches) about a third of the patches hold red cells, glass and at most a
-few platelets, and are rejected: in a marrow smear such fields are rare. It says "some
-nuclear-stained material is here", which is what the rejection "no nucleated
-cell" needs: a patch of red cells and glass alone cannot hold the small round
-blue tumour cells the model looks for.
+few platelets: judged patch by patch they are rejected, judged by field (the
+default for photographs, below) they are kept with the white cell the
+operator photographed. It says "some nuclear-stained material is here",
+which is what the rejection "no nucleated cell" needs: a patch (of a
+whole-slide file) or a photograph of red cells and glass alone cannot hold
+the small round blue tumour cells the model looks for.
 
 Decision (:func:`qc_decision`, :data:`QC_RULES`)
 ------------------------------------------------
@@ -90,9 +92,25 @@ Rules are checked in this order and the first that fails names the reason
 4. ``"too bright"``: ``mean_intensity > max_mean_intensity`` (washed out);
    exposure comes before blur because a black or white patch has no edges;
 5. ``"blurred"``: ``blur_variance < min_blur_variance``;
-6. ``"no nucleated cell"``: ``nuclear_area_um2 < min_nuclear_area_um2``.
+6. ``"no nucleated cell"``: ``nuclear_area_um2 < min_nuclear_area_um2``, judged
+   per patch or per field (``nucleated_scope``, below).
 
-A NaN metric fails its rule. The defaults (:class:`QCThresholds`) were set on
+A NaN metric fails its rule.
+
+The field of a photograph (``nucleated_scope``)
+-----------------------------------------------
+A photograph (a one-level image tiled edge to edge, :func:`cmil_core.tiling.is_photograph`)
+is a field of view the operator chose, as a cytologist reads a field: with
+``nucleated_scope = "field"`` (the default) a photograph that holds at least one
+patch with nuclear material keeps its patches of red cells and glass (they are
+part of the chosen field; other rules still apply to them one by one), while a
+photograph with none (a field of red cells only, or such a crop saved as its own
+image) is rejected as ``"no nucleated cell"``. Whole-slide files (and large
+stitched images) are always judged patch by patch: nobody chose their fields.
+``nucleated_scope = "patch"`` judges photographs patch by patch too. Only the
+"no nucleated cell" rule has a field scope (:attr:`QCRule.field_setting`); a
+patch's field is its slide, and the store re-decides it in SQL from the stored
+metrics like every rule. The defaults (:class:`QCThresholds`) were set on
 real Romanowsky-stained photographs (BCCD at 0.1 um/px, Chulalongkorn WBC
 fields), an Aperio H&E scan (CMU-1, 0.5 um/px) and stain rotations of them;
 they are a starting point: look at the metric distributions of your own
@@ -125,11 +143,13 @@ __all__ = [
     "GLASS_OD",
     "METRICS_VERSION",
     "METRIC_COLUMNS",
-    "QCRule",
-    "QCThresholds",
+    "NUCLEATED_SCOPES",
+    "NUMERIC_THRESHOLDS",
     "QC_REASONS",
     "QC_RULES",
     "REFERENCE_UM",
+    "QCRule",
+    "QCThresholds",
     "measure_scale",
     "measured_od",
     "patch_metrics",
@@ -157,6 +177,14 @@ QC_REASONS: tuple[str, ...] = (
     "too bright",
     "blurred",
     "no nucleated cell",
+)
+
+#: Values of :attr:`QCThresholds.nucleated_scope`.
+NUCLEATED_SCOPES: tuple[str, ...] = ("field", "patch")
+#: The :class:`QCThresholds` fields that are numbers (every one but ``nucleated_scope``).
+NUMERIC_THRESHOLDS: tuple[str, ...] = (
+    "max_background_fraction", "max_thick_fraction", "min_mean_intensity", "max_dark_fraction",
+    "max_mean_intensity", "min_blur_variance", "min_nuclear_area_um2",
 )
 
 #: Microns per pixel at which sharpness and nuclear material are measured.
@@ -205,6 +233,12 @@ class QCThresholds:
       (after the 1.5 um opening): the edge of a nucleus cut by the patch
       border; a small lymphocyte nucleus is about 38 um2. A field of red
       cells and glass alone has none.
+    * ``nucleated_scope = "field"``: a photograph keeps its patches without
+      nuclear material when another patch of it has some (module docstring);
+      ``"patch"``: every patch on its own. Whole-slide files: always per patch.
+
+    Every threshold but ``nucleated_scope`` (a word, :data:`NUCLEATED_SCOPES`)
+    is a number (:data:`NUMERIC_THRESHOLDS`).
     """
 
     max_background_fraction: float = 0.85
@@ -214,9 +248,15 @@ class QCThresholds:
     max_mean_intensity: float = 240.0
     min_blur_variance: float = 6.0
     min_nuclear_area_um2: float = 3.0
+    nucleated_scope: str = "field"
 
     def __post_init__(self) -> None:
+        if self.nucleated_scope not in NUCLEATED_SCOPES:
+            raise InputError(f"QC setting nucleated_scope={self.nucleated_scope!r} must be one "
+                             f"of {', '.join(repr(s) for s in NUCLEATED_SCOPES)}.")
         for f in fields(self):
+            if f.name not in NUMERIC_THRESHOLDS:
+                continue
             value = getattr(self, f.name)
             numeric = isinstance(value, numbers.Real) and not isinstance(value, bool)
             if not numeric or not math.isfinite(value):
@@ -243,9 +283,10 @@ class QCThresholds:
             if getattr(self, name) < 0:
                 raise InputError(f"QC threshold {name}={getattr(self, name)} must be >= 0.")
 
-    def to_dict(self) -> dict[str, float]:
-        """A JSON-ready dict; :meth:`from_dict` reads it back."""
-        return {k: float(v) for k, v in asdict(self).items()}
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (numbers as floats); :meth:`from_dict` reads it back."""
+        return {k: (float(v) if k in NUMERIC_THRESHOLDS else str(v))
+                for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QCThresholds:
@@ -270,18 +311,30 @@ class QCThresholds:
         return cls(**dict(data))
 
 
+assert tuple(f.name for f in fields(QCThresholds)) == (*NUMERIC_THRESHOLDS, "nucleated_scope")
+
+
 @dataclass(frozen=True)
 class QCRule:
     """One rule of :func:`qc_decision`: a patch passes when every condition holds.
 
     ``conditions`` are ``(metric column, ">=" or "<=", threshold field of
     :class:`QCThresholds`)``. A NaN (or SQL NULL) metric fails its condition.
+    ``field_setting`` names the :class:`QCThresholds` field that, when
+    ``"field"``, lets a patch of a photograph pass the rule when any patch of
+    the same photograph holds every condition (module docstring).
     The store re-decides QC in SQL from the same table
     (:data:`QC_RULES`), so Python and SQL cannot drift apart.
     """
 
     reason: str
     conditions: tuple[tuple[str, str, str], ...]
+    field_setting: str | None = None
+
+    def by_field(self, thresholds: QCThresholds) -> bool:
+        """Whether photographs are judged by field under ``thresholds``."""
+        return self.field_setting is not None and getattr(
+            thresholds, self.field_setting) == "field"
 
     def passes(
         self, metrics: Mapping[str, npt.ArrayLike], thresholds: QCThresholds
@@ -307,7 +360,8 @@ QC_RULES: tuple[QCRule, ...] = (
                         ("dark_fraction", "<=", "max_dark_fraction"))),
     QCRule("too bright", (("mean_intensity", "<=", "max_mean_intensity"),)),
     QCRule("blurred", (("blur_variance", ">=", "min_blur_variance"),)),
-    QCRule("no nucleated cell", (("nuclear_area_um2", ">=", "min_nuclear_area_um2"),)),
+    QCRule("no nucleated cell", (("nuclear_area_um2", ">=", "min_nuclear_area_um2"),),
+           field_setting="nucleated_scope"),
 )
 assert tuple(r.reason for r in QC_RULES) == QC_REASONS
 
@@ -495,11 +549,11 @@ def _measure_one(
 
     # Sharpness and nuclear material at the measuring scale (box-resampled, area average).
     small = _at_scale(rgb, um_per_px, scale)
-    out["blur_variance"][i] = _laplacian_variance(_grey_u16(small))
+    out["blur_variance"][i] = _laplacian_variance(grey if small is rgb else _grey_u16(small))
     # Unmixing through one 256-entry table per channel: OD (log10 once per level,
     # not per pixel) already multiplied by each stain model's nuclear projection.
     tables = _od_tables(glass)
-    r, g, b = (np.ascontiguousarray(small[..., c]) for c in range(3))
+    r, g, b = small[..., 0], small[..., 1], small[..., 2]  # take reads strided views as fast
     nuclear = np.zeros(small.shape[:2], dtype=bool)
     for k in range(project.shape[1]):
         conc = np.take(tables[0] * project[0, k], r)
@@ -517,14 +571,18 @@ def qc_decision(
     thresholds: QCThresholds,
     *,
     thick_fraction: npt.ArrayLike | None = None,
+    field: npt.ArrayLike | None = None,
 ) -> tuple[npt.NDArray[np.bool_], list[str | None]]:
     """``(qc_pass, qc_reason)`` per patch: the first failing rule names the reason.
 
     ``metrics`` maps every name of :data:`METRIC_COLUMNS` to equal-length
     arrays (a dict from :func:`patch_metrics` or a DataFrame); ``thick_fraction``
-    (from the tiling's thumbnail mask) enables the ``"thick smear"`` rule. The
-    order of the rules is in the module docstring; ``qc_reason`` is None where
-    the patch passes.
+    (from the tiling's thumbnail mask) enables the ``"thick smear"`` rule;
+    ``field`` gives each patch's photograph (an integer label; negative: not a
+    photograph, judged per patch), for the rules with a field scope
+    (``nucleated_scope``; None: no patch is in a photograph). The order of the
+    rules is in the module docstring; ``qc_reason`` is None where the patch
+    passes.
     """
     missing = [name for name in METRIC_COLUMNS if name not in metrics]
     if missing:
@@ -535,6 +593,11 @@ def qc_decision(
     n = cols[METRIC_COLUMNS[0]].size
     if any(v.size != n for v in cols.values()):
         raise InputError("qc_decision: metric columns have different lengths.")
+    labels: npt.NDArray[np.int64] | None = None
+    if field is not None:
+        labels = np.asarray(field, dtype=np.int64).reshape(-1)
+        if labels.size != n:
+            raise InputError(f"qc_decision: field has {labels.size} values for {n} patches.")
     passes: list[tuple[str, np.ndarray]] = []
     for rule in QC_RULES:
         if rule.reason == "thick smear":
@@ -548,7 +611,10 @@ def qc_decision(
             values = {**cols, "thick_fraction": thick}
         else:
             values = cols
-        passes.append((rule.reason, rule.passes(values, thresholds)))
+        ok = rule.passes(values, thresholds)
+        if labels is not None and rule.by_field(thresholds):
+            ok = ok | _field_any(ok, labels)
+        passes.append((rule.reason, ok))
     rules = passes
     reason_code = np.full(n, -1, dtype=np.int16)  # -1: passes so far
     names: list[str] = []
@@ -558,3 +624,14 @@ def qc_decision(
     qc_pass = reason_code < 0
     qc_reason: list[str | None] = [None if c < 0 else names[c] for c in reason_code.tolist()]
     return qc_pass, qc_reason
+
+
+def _field_any(ok: npt.NDArray[np.bool_], labels: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Per patch: whether any patch of its field (label >= 0) is ``ok`` (False off fields)."""
+    inside = labels >= 0
+    out = np.zeros(ok.shape, dtype=bool)
+    if not inside.any():
+        return out
+    good = np.unique(labels[inside & ok])
+    out[inside] = np.isin(labels[inside], good)
+    return out

@@ -45,15 +45,14 @@ import shutil
 import uuid
 import zipfile
 from collections.abc import Callable, Sequence
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from cmil_core import access, display, evaluation, figures, qc
-from cmil_core import store as store_mod
+from cmil_core import access, display, evaluation, figures, qc, store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
 from cmil_core.stats import roc_ci_band
@@ -99,7 +98,7 @@ def _split_intervals(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame.copy()
     for column in list(out.columns):
         values = out[column].tolist()
-        pairs = all(v is None or isinstance(v, (list, tuple)) and len(v) == 2 for v in values)
+        pairs = all(v is None or (isinstance(v, (list, tuple)) and len(v) == 2) for v in values)
         if values and pairs:
             base = column.removesuffix("_ci")
             position = out.columns.get_loc(column)
@@ -354,7 +353,7 @@ def _signed(value: Any, ci: Sequence[Any] | None) -> str:
     return _n(value, 2) + ("" if not ci else f" ({_n(ci[0], 2)} to {_n(ci[1], 2)})")
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, raw: bool = False) -> str:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, raw: bool = False) -> str:
     """An HTML table; cells are escaped unless ``raw`` (then the caller escaped them)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join(
@@ -440,7 +439,7 @@ def _html(meta: dict[str, Any], data: dict[str, Any], figs: dict[str, tuple[str,
     parts.append(_table(
         ["Cohort", "QC decision", "Decided", "Thresholds"],
         [[d["cohort"], d["decision_id"], d["decided_at"],
-          ", ".join(f"{k} {v:g}" for k, v in d["thresholds"].items())]
+          qc.format_thresholds(d["thresholds"], " ")]
          for d in quality["decisions"]]))
     notes = quality["warnings"] + quality["model_notes"]
     for note in notes:
@@ -688,7 +687,7 @@ def write_report(
     meta = {
         "generator": GENERATOR,
         "format_version": FORMAT_VERSION,
-        "created_at": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "created_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "store": str(db),
         "command": _command(db, model_id, out, endpoint, cutoff, masker is not None, in_sample),
         "training_scores": evaluation.IN_SAMPLE if in_sample else evaluation.OUT_OF_FOLD,

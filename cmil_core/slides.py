@@ -90,7 +90,8 @@ class Slide:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Slide({self.path.name!r}, kind={self.kind!r}, {self.width}x{self.height}, mpp={self.mpp})"
+        return (f"Slide({self.path.name!r}, kind={self.kind!r}, {self.width}x{self.height}, "
+                f"mpp={self.mpp})")
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -172,7 +173,8 @@ class Slide:
                 thumb = self._osr.get_thumbnail((max_size, max_size))  # type: ignore[attr-defined]
             except openslide.OpenSlideError as exc:
                 raise SlideError(f"{self.path.name}: cannot read pixels ({exc})") from exc
-            return thumb.convert("RGB")
+            rgb: Image.Image = thumb.convert("RGB")
+            return rgb
         assert self._image is not None
         thumb = self._image.copy()
         thumb.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
@@ -236,14 +238,16 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
         vendor = openslide.OpenSlide.detect_format(str(p))
     except openslide.OpenSlideError:
         vendor = None
-    if vendor is not None and not (suffix in (".jpg", ".jpeg", ".png", ".bmp")):
+    if vendor is not None and suffix not in (".jpg", ".jpeg", ".png", ".bmp"):
         try:
             osr = openslide.OpenSlide(str(p))
         except openslide.OpenSlideError as exc:
             raise SlideError(f"{name}: OpenSlide cannot open it ({exc})") from exc
-        levels = _Levels(tuple(osr.level_dimensions), tuple(float(d) for d in osr.level_downsamples))
+        levels = _Levels(tuple(osr.level_dimensions),
+                         tuple(float(d) for d in osr.level_downsamples))
         file_mpp = _mpp_from_openslide(dict(osr.properties))
-        return Slide(p, f"openslide:{vendor}", mpp if mpp is not None else file_mpp, levels, osr, None)
+        return Slide(p, f"openslide:{vendor}", mpp if mpp is not None else file_mpp, levels,
+                     osr, None)
 
     if suffix in _OPENSLIDE_SUFFIXES:
         raise SlideError(

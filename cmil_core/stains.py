@@ -94,11 +94,11 @@ __all__ = [
     "DEFAULT_COUNTERSTAIN",
     "DEFAULT_NUCLEAR",
     "DEFAULT_STAINS",
+    "LEAK_MARGIN",
     "MAX_COUNTERSTAIN_RED",
     "MAX_NUCLEAR_FLOOR",
-    "MAX_OD_NORM",
     "MAX_NUCLEAR_SHIFT_DEG",
-    "LEAK_MARGIN",
+    "MAX_OD_NORM",
     "MIN_ANGLE_DEG",
     "MIN_NUCLEAR_FLOOR",
     "MIN_NUCLEAR_RED",
@@ -171,14 +171,17 @@ class StainModel:
         for name in ("nuclear", "counterstain"):
             v = np.asarray(getattr(self, name), dtype=np.float64)
             if v.shape != (3,) or not np.all(np.isfinite(v)) or np.linalg.norm(v) <= 0:
-                raise InputError(f"stain vector {name}={getattr(self, name)!r} is not an OD vector.")
+                raise InputError(
+                    f"stain vector {name}={getattr(self, name)!r} is not an OD vector.")
             v = v / np.linalg.norm(v)
             object.__setattr__(self, name, (float(v[0]), float(v[1]), float(v[2])))
         if not (math.isfinite(self.nuclear_floor) and self.nuclear_floor > 0):
             raise InputError(f"nuclear_floor={self.nuclear_floor!r} must be a positive number.")
 
     def unmixing(self) -> npt.NDArray[np.float32]:
-        """``[3, 3]`` matrix ``U`` with ``concentrations = OD @ U`` (columns: nuclear, counter, rest)."""
+        """``[3, 3]`` matrix ``U`` with ``concentrations = OD @ U``.
+
+        Columns: nuclear, counterstain, the rest (their cross product)."""
         nuc, cs = np.asarray(self.nuclear), np.asarray(self.counterstain)
         rest = np.cross(nuc, cs)
         norm = np.linalg.norm(rest)
@@ -195,14 +198,14 @@ class StainModel:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StainModel:
-        return cls(tuple(data["nuclear"]), tuple(data["counterstain"]),  # type: ignore[arg-type]
+        return cls(tuple(data["nuclear"]), tuple(data["counterstain"]),
                    float(data["nuclear_floor"]), str(data["source"]), str(data.get("note", "")),
                    data.get("default_floor"))
 
 
 #: The Romanowsky defaults, with the middle of the floor's range.
 DEFAULT_STAINS = StainModel(
-    tuple(DEFAULT_NUCLEAR), tuple(DEFAULT_COUNTERSTAIN),  # type: ignore[arg-type]
+    tuple(DEFAULT_NUCLEAR), tuple(DEFAULT_COUNTERSTAIN),
     0.15, "default", "",
 )
 
@@ -267,7 +270,7 @@ def estimate_stains(od_pixels: npt.ArrayLike) -> StainModel:
     if off > MAX_NUCLEAR_SHIFT_DEG:
         return fallback(f"the red-absorbing stain is {off:.0f} degrees from a thiazine dye "
                         "(an artefact, not chromatin)")
-    model = StainModel(tuple(nuclear), tuple(counter), 1.0, "estimated")  # type: ignore[arg-type]
+    model = StainModel(tuple(nuclear), tuple(counter), 1.0, "estimated")
     floor = _floor_for(stained, model.unmixing())
     return StainModel(model.nuclear, model.counterstain, floor, "estimated",
                       default_floor=_floor_for(stained, DEFAULT_STAINS.unmixing()))

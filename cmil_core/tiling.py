@@ -146,13 +146,13 @@ __all__ = [
     "Foreground",
     "PatchGrid",
     "TilingConfig",
-    "map_ordered",
     "detect_foreground",
     "estimate_slide_stains",
     "glass_per_patch",
     "is_photograph",
     "iter_patch_batches",
     "make_grid",
+    "map_ordered",
     "measure_grid",
     "read_patch",
     "tile_slide",
@@ -682,8 +682,8 @@ def _geometry(slide: Slide, config: TilingConfig) -> tuple[int, int, int, int, t
     size = config.patch_l0_px(mpp)
     if size < MIN_PATCH_L0_PX:
         raise InputError(
-            f"{slide.path.name}: at {mpp:g} um/px a {config.patch_um:g} um patch is only {size} px; "
-            "that resolution is not a microscope's: pass the right --mpp"
+            f"{slide.path.name}: at {mpp:g} um/px a {config.patch_um:g} um patch is only "
+            f"{size} px; that resolution is not a microscope's: pass the right --mpp"
         )
     stride = max(1, round(size * (1.0 - config.overlap)))
     if slide.width < size or slide.height < size:
@@ -853,6 +853,10 @@ def _read_cells(slide: Slide, grid: PatchGrid, idx: npt.NDArray[np.int64]) -> np
     return out
 
 
+# A photograph's cells are read once and kept when they take at most this many bytes.
+_PHOTO_CELLS_BYTES = 64 * 1024 * 1024
+
+
 def _chunks(n: int, batch_size: int) -> Iterator[npt.NDArray[np.int64]]:
     for start in range(0, n, batch_size):
         yield np.arange(start, min(n, start + batch_size), dtype=np.int64)
@@ -945,7 +949,8 @@ def glass_per_patch(grid: PatchGrid, foreground: Foreground) -> npt.NDArray[np.f
                                  mode="nearest") for c in range(3)],
         axis=-1,
     )
-    return np.clip(glass, 1.0, 255.0)
+    out: npt.NDArray[np.float64] = np.clip(glass, 1.0, 255.0).astype(np.float64)
+    return out
 
 
 def _um_per_output_px(slide: Slide, grid: PatchGrid) -> float:
@@ -953,12 +958,15 @@ def _um_per_output_px(slide: Slide, grid: PatchGrid) -> float:
 
 
 def estimate_slide_stains(slide: Slide, grid: PatchGrid, glass: npt.NDArray[np.float64],
-                          *, workers: int = 2) -> StainModel:
+                          *, workers: int = 2,
+                          cells: npt.NDArray[np.uint8] | None = None) -> StainModel:
     """The slide's stain vectors (:func:`cmil_core.stains.estimate_stains`) from a sample of cells.
 
     Up to :data:`_STAIN_SAMPLE_CELLS` cells spread evenly through the grid are
     read and their pixels, at the measuring scale and relative to the glass
-    under each (``glass``: :func:`glass_per_patch`), are pooled.
+    under each (``glass``: :func:`glass_per_patch`), are pooled. ``cells``:
+    every cell of the grid already read (:func:`tile_slide` reads a
+    photograph's once), else they are read here.
     """
     n = len(grid)
     if n == 0:
@@ -967,8 +975,8 @@ def estimate_slide_stains(slide: Slide, grid: PatchGrid, glass: npt.NDArray[np.f
     um_px, mpp = _um_per_output_px(slide, grid), _require_mpp(slide)
 
     def od_of(idx: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        return measured_od(_read_cells(slide, grid, idx), glass[idx], um_per_px=um_px,
-                           native_um=mpp)
+        pixels = cells[idx] if cells is not None else _read_cells(slide, grid, idx)
+        return measured_od(pixels, glass[idx], um_per_px=um_px, native_um=mpp)
 
     chunks = [picks[i:i + 8] for i in range(0, picks.size, 8)]
     return estimate_stains(np.concatenate(list(map_ordered(od_of, chunks, workers))))
@@ -984,6 +992,7 @@ def measure_grid(
     batch_size: int = 32,
     workers: int = 2,
     stains: StainModel | None = None,
+    cells: npt.NDArray[np.uint8] | None = None,
 ) -> pd.DataFrame:
     """Read every cell of ``grid``, measure it and judge it: the table of :func:`tile_slide`.
 
@@ -994,7 +1003,7 @@ def measure_grid(
     table has no ``attrs`` (:func:`tile_slide` adds them). Each worker thread
     reads a chunk of ``batch_size`` cells and measures it, so reading and
     arithmetic overlap; ``progress(done, total)`` is called from this thread
-    after each chunk.
+    after each chunk. ``cells``: every cell already read (then nothing is read).
     """
     _check_batching(batch_size, workers)
     n = len(grid)
@@ -1010,8 +1019,8 @@ def measure_grid(
 
     def measure(idx: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], _Metrics]:
         g = glass[idx] if per_cell else glass
-        return idx, patch_metrics(_read_cells(slide, grid, idx), g, um_per_px=um_px,
-                                  native_um=mpp, stains=stains)
+        pixels = cells[idx] if cells is not None else _read_cells(slide, grid, idx)
+        return idx, patch_metrics(pixels, g, um_per_px=um_px, native_um=mpp, stains=stains)
 
     done = 0
     for idx, values in map_ordered(measure, _chunks(n, batch_size), workers):
@@ -1020,7 +1029,10 @@ def measure_grid(
         done += idx.size
         if progress is not None:
             progress(done, n)
-    qc_pass, qc_reason = qc_decision(metrics, thresholds, thick_fraction=grid.thick_fraction)
+    # A photograph is one field of view (quality.py: nucleated_scope); a slide is not.
+    field = np.zeros(n, dtype=np.int64) if grid.fitted else None
+    qc_pass, qc_reason = qc_decision(metrics, thresholds, thick_fraction=grid.thick_fraction,
+                                     field=field)
     table: dict[str, Any] = {
         "g_col": grid.g_col.astype(np.int32),
         "g_row": grid.g_row.astype(np.int32),
@@ -1071,9 +1083,13 @@ def tile_slide(
     mask_numbers = foreground.thresholds()
     glass = glass_per_patch(grid, foreground)
     del foreground  # the thumbnail and masks are not needed while reading patches
-    stains = estimate_slide_stains(slide, grid, glass, workers=workers)
+    # A photograph's cells are few: read them once for the stain estimate and the metrics.
+    n = len(grid)
+    small = grid.fitted and n * grid.output_px * grid.output_px * 3 <= _PHOTO_CELLS_BYTES
+    cells = _read_cells(slide, grid, np.arange(n, dtype=np.int64)) if small else None
+    stains = estimate_slide_stains(slide, grid, glass, workers=workers, cells=cells)
     table = measure_grid(slide, grid, glass, thresholds, progress,
-                         batch_size=batch_size, workers=workers, stains=stains)
+                         batch_size=batch_size, workers=workers, stains=stains, cells=cells)
     table.attrs["tiling"] = {
         "config": config.to_dict(),
         "thresholds": thresholds.to_dict(),

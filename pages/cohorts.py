@@ -8,19 +8,16 @@ every visit. Server folders are only offered under ``$CMIL_SLIDE_ROOT``.
 
 from __future__ import annotations
 
-
 import pandas as pd
 import streamlit as st
 
-from cmil_core import access, discovery, display, workbook
-from cmil_core import pipeline
-from cmil_core import store as store_mod
+from cmil_core import access, discovery, display, pipeline, store as store_mod, workbook
 from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
 from cmil_core.errors import InputError
-from cmil_core.tables import ENCODING_CHOICES, unicode_text
 from cmil_core.jobs import Job
-from cmil_core.qc import THRESHOLD_FIELDS, flag_name
+from cmil_core.qc import THRESHOLD_FIELDS, decision_thresholds, flag_name
 from cmil_core.quality import QCThresholds
+from cmil_core.tables import ENCODING_CHOICES, unicode_text
 from pages import _common
 from pages._common import flash, md, show_flash
 
@@ -110,8 +107,8 @@ if uploaded is not None:
         st.caption("Rows are numbered as a spreadsheet shows them: the header is row 1.")
     else:
         st.success(
-            f"{md(uploaded.name)}: {preview.patients} patients, {preview.positives} with bone-marrow "
-            f"metastasis, {preview.negatives} without, {preview.unlabelled} unknown."
+            f"{md(uploaded.name)}: {preview.patients} patients, {preview.positives} with "
+            f"bone-marrow metastasis, {preview.negatives} without, {preview.unlabelled} unknown."
         )
         st.caption(
             f"Read as {md(preview.encoding)}"
@@ -134,8 +131,8 @@ if uploaded is not None:
         exists = name.strip() in cohorts
         if exists:
             st.error(
-                f"A cohort named '{md(name.strip())}' already exists. Choose another name, or delete "
-                "that cohort first (below)."
+                f"A cohort named '{md(name.strip())}' already exists. Choose another name, or "
+                "delete that cohort first (below)."
             )
         if st.button("Import", type="primary", disabled=exists or not name.strip() or not editing,
                      key="import_confirm") and _common.require_editor("import",
@@ -200,8 +197,7 @@ else:
         placeholder="as the files say",
     )
     decided = _common.query("qc_decisions", store_mod.current_qc_decisions).get(target)
-    start = (QCThresholds.from_dict({k: v for k, v in decided["thresholds"].items()
-                                     if k in THRESHOLD_FIELDS}) if decided else QCThresholds())
+    start = decision_thresholds(decided) if decided else QCThresholds()
     qc_values: dict[str, float] = {}
     with st.expander("Quality-control thresholds"):
         st.caption(
@@ -216,7 +212,8 @@ else:
                 key=f"ingest_qc_{target}_{name}",
                 help=f"default {getattr(QCThresholds(), name):g}; `{flag_name(name)}`"))
     try:
-        ingest_thresholds: QCThresholds | None = QCThresholds(**qc_values)
+        ingest_thresholds: QCThresholds | None = QCThresholds(
+            **qc_values, nucleated_scope=start.nucleated_scope)
     except InputError as exc:
         ingest_thresholds = None
         st.error(f"Quality-control thresholds: {md(exc)}")

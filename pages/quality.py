@@ -14,8 +14,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, qc
-from cmil_core import store as store_mod
+from cmil_core import display, qc, store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.patients import read_patches
 from cmil_core.quality import QC_REASONS, QC_RULES, QCThresholds
@@ -63,9 +62,7 @@ names = table["cohort"].tolist()
 cohort = st.selectbox("Cohort", names, key="qc_cohort")
 decisions = _common.query("qc_decisions", store_mod.current_qc_decisions)
 decision = decisions.get(cohort)
-current = QCThresholds.from_dict(
-    {k: v for k, v in decision["thresholds"].items() if k in qc.THRESHOLD_FIELDS}
-) if decision else QCThresholds()
+current = qc.decision_thresholds(decision) if decision else QCThresholds()
 if decision is None:
     st.caption(f"Cohort {md(cohort)} has no recorded QC decision yet (its patches were judged "
                "with the default thresholds); applying records the first one.")
@@ -98,8 +95,18 @@ for i, name in enumerate(qc.THRESHOLD_FIELDS):
         help=f"`{name}` (default {getattr(QCThresholds(), name):g}; the rule reads {reads}). "
              f"Same as `{qc.flag_name(name)}` on the command line.",
     )
+SCOPE_LABELS = {"field": "by photograph (a field with a nucleated cell keeps all its patches)",
+                "patch": "patch by patch"}
+scope = st.radio(
+    "Judge \"no nucleated cell\" in photographs", list(qc.SETTING_FIELDS["nucleated_scope"]),
+    index=list(qc.SETTING_FIELDS["nucleated_scope"]).index(current.nucleated_scope),
+    format_func=SCOPE_LABELS.get, horizontal=True, key=f"qc_{cohort}_nucleated_scope",
+    help="`nucleated_scope`: a photograph is a field the operator chose; by photograph, its "
+         "patches of red cells only are kept when another patch of it holds a nucleated cell, "
+         "and a photograph of red cells only is rejected. Whole-slide files are always judged "
+         f"patch by patch. Same as `{qc.flag_name('nucleated_scope')}` on the command line.")
 try:
-    candidate: QCThresholds | None = QCThresholds(**values)
+    candidate: QCThresholds | None = QCThresholds(**values, nucleated_scope=str(scope))
 except InputError as exc:
     candidate = None
     st.error(f"These thresholds cannot be used: {md(exc)}")

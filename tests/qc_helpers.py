@@ -25,7 +25,7 @@ def _good() -> dict[str, float]:
             low, high = bounds.setdefault(column, [-math.inf, math.inf])
             limit = float(getattr(t, name))
             bounds[column] = [max(low, limit), high] if op == ">=" else [low, min(high, limit)]
-    out = {c: 0.5 for c in METRIC_COLUMNS}
+    out = dict.fromkeys(METRIC_COLUMNS, 0.5)
     for column, (low, high) in bounds.items():
         if math.isfinite(low) and math.isfinite(high):
             out[column] = (low + high) / 2

@@ -129,6 +129,27 @@ def test_a_slider_moves_the_counts_and_apply_records_a_decision(
 
 
 @pytest.mark.slow
+def test_the_nucleated_scope_is_chosen_beside_the_sliders(db: Path) -> None:
+    """Photographs judged by field (the default) keep their patches without a nucleus; patch
+    by patch, the live counts reject them as "no nucleated cell", nothing written."""
+    at = _open()
+    scope = at.radio(key="qc_A_nucleated_scope")
+    assert scope.value == "field" and list(scope.options) != []
+    by_field = _kept(db, "A", QCThresholds())
+    by_patch = _kept(db, "A", QCThresholds(nucleated_scope="patch"))
+    assert by_patch["kept"] < by_field["kept"]  # type: ignore[operator]
+    assert _metrics(at)["Kept"] == by_field["kept"]
+    scope.set_value("patch")
+    run_app(at)
+    shown = _metrics(at)
+    assert shown["Kept"] == by_patch["kept"]
+    assert shown["Rejected: no nucleated cell"] == \
+        by_patch["rejected"]["no nucleated cell"]  # type: ignore[index]
+    with store.open_store(db, read_only=True) as st_:
+        assert store.current_qc_decisions(st_)["A"]["thresholds"]["nucleated_scope"] == "field"
+
+
+@pytest.mark.slow
 def test_result_pages_and_models_page_show_the_marks(db: Path, study: tuple[Path, str]) -> None:
     model_id = study[1]
     with store.open_store(db) as st_:

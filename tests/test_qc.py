@@ -13,8 +13,16 @@ import pytest
 from cmil_core import qc, store
 from cmil_core.errors import InputError
 from cmil_core.quality import METRIC_COLUMNS, QC_REASONS, QC_RULES, QCThresholds, qc_decision
-from qc_helpers import (BLUR_COLUMN, BLUR_LIMIT, BLUR_THRESHOLD, BLURRED, GOOD, TILING, blur,
-                        cohort_with_patches)
+from qc_helpers import (
+    BLUR_COLUMN,
+    BLUR_LIMIT,
+    BLUR_THRESHOLD,
+    BLURRED,
+    GOOD,
+    TILING,
+    blur,
+    cohort_with_patches,
+)
 
 DEFAULTS = QCThresholds().to_dict()
 
@@ -41,7 +49,8 @@ def test_thresholds_from_toml_json_and_flags(tmp_path: Path) -> None:
         max_dark_fraction=0.3, min_blur_variance=1.0)
     assert qc.resolve_thresholds(None, {"min_blur_variance": None}) is None  # keep the current
     assert qc.flag_name("min_blur_variance") == "--min-blur-variance"
-    assert qc.THRESHOLD_FIELDS == tuple(DEFAULTS)
+    assert tuple(DEFAULTS) == qc.QC_FIELDS
+    assert tuple(k for k in DEFAULTS if k != "nucleated_scope") == qc.THRESHOLD_FIELDS
 
 
 @pytest.mark.parametrize(("name", "text", "message"), [
@@ -126,6 +135,107 @@ def test_decision_in_the_store_agrees_with_python_nulls_included(db_path: Path,
     assert stored["qc_pass"].tolist() == expected_pass.tolist()
     assert decision["kept"] == int(expected_pass.sum())
     assert decision["rejected"] == 600 - int(expected_pass.sum())
+
+
+# --------------------------------------------------------------------------- field scope
+
+NO_NUCLEUS = {**GOOD, "nuclear_area_um2": 0.0}
+
+
+def test_the_nucleated_scope_is_a_setting_of_files_and_flags(tmp_path: Path) -> None:
+    toml = tmp_path / "qc.toml"
+    toml.write_text('nucleated_scope = "patch"\nmin_blur_variance = 5\n')
+    assert qc.load_thresholds_file(toml) == {"nucleated_scope": "patch",
+                                             "min_blur_variance": 5.0}
+    assert qc.resolve_thresholds(toml, {}) == QCThresholds(nucleated_scope="patch",
+                                                          min_blur_variance=5.0)
+    assert qc.resolve_thresholds(None, {"nucleated_scope": "patch"}).nucleated_scope == "patch"
+    assert QCThresholds().nucleated_scope == "field"
+    assert QCThresholds.from_dict(QCThresholds(nucleated_scope="patch").to_dict()) == \
+        QCThresholds(nucleated_scope="patch")
+    toml.write_text('nucleated_scope = "cell"\n')
+    with pytest.raises(InputError, match="^qc.toml: key 'nucleated_scope': 'cell' is not one "
+                                         "of 'field', 'patch'"):
+        qc.load_thresholds_file(toml)
+    with pytest.raises(InputError, match="nucleated_scope='slide' must be one of"):
+        QCThresholds(nucleated_scope="slide")
+
+
+def test_sql_and_python_agree_on_fields_of_photographs() -> None:
+    rng = np.random.default_rng(5)
+    metrics = _edge_metrics(rng, 3000)
+    # Small fields (photographs, about two patches each) and rows of no photograph (-1).
+    metrics["field"] = rng.integers(-1, 1500, len(metrics))
+    for scope in ("field", "patch"):
+        thresholds = QCThresholds(nucleated_scope=scope)
+        expected = qc_decision(metrics[list(METRIC_COLUMNS)], thresholds,
+                               thick_fraction=metrics["thick_fraction"],
+                               field=metrics["field"])[1]
+        assert store.judge_metrics(metrics, thresholds.to_dict()) == expected
+    by_field = qc_decision(metrics[list(METRIC_COLUMNS)], QCThresholds(),
+                           thick_fraction=metrics["thick_fraction"], field=metrics["field"])[1]
+    by_patch = qc_decision(metrics[list(METRIC_COLUMNS)], QCThresholds(nucleated_scope="patch"),
+                           thick_fraction=metrics["thick_fraction"])[1]
+    assert by_field.count("no nucleated cell") < by_patch.count("no nucleated cell")
+    assert by_field.count("no nucleated cell") > 0  # fields without any nuclear material
+
+
+def test_photographs_are_judged_by_field_and_slides_by_patch(db_path: Path,
+                                                             tmp_path: Path) -> None:
+    """A photograph holding one nucleated cell keeps its red-cell patches; a photograph of
+    red cells only loses them all; a whole-slide file is judged patch by patch, and with
+    nucleated_scope 'patch' photographs are too. Blur stays a rule of each patch."""
+    photo = {**TILING, "photograph": True}
+    patches = [GOOD, NO_NUCLEUS, NO_NUCLEUS, BLURRED]
+    cohort_with_patches(db_path, tmp_path, "F", {"P1": (1, patches), "P2": (0, patches)},
+                        tiling=photo)
+    cohort_with_patches(db_path, tmp_path, "R", {"P1": (1, [NO_NUCLEUS] * 3)}, tiling=photo)
+    cohort_with_patches(db_path, tmp_path, "W", {"P1": (1, patches), "P2": (0, patches)})
+    with store.open_store(db_path) as st:
+        for cohort in ("F", "R", "W"):
+            qc.apply_thresholds(st, cohort, QCThresholds(), who="ann", source="cli")
+
+        def reasons(cohort: str) -> list[str | None]:
+            frame = pd.concat([store.patches_frame(st, s.slide_id)
+                               for s in store.list_slides(st, cohort)])
+            return frame["qc_reason"].where(frame["qc_reason"].notna(), None).tolist()
+
+        assert reasons("F") == [None, None, None, "blurred"] * 2
+        assert reasons("R") == ["no nucleated cell"] * 3
+        assert reasons("W") == [None, "no nucleated cell", "no nucleated cell", "blurred"] * 2
+        per_patch = QCThresholds(nucleated_scope="patch")
+        # The live counts (what-if) and the patient counts follow the scope as well.
+        assert qc.what_if(st, "F", QCThresholds())["kept"] == 6
+        assert qc.what_if(st, "F", per_patch)["kept"] == 2
+        assert qc.what_if(st, "W", QCThresholds())["kept"] == 2
+        made = qc.apply_thresholds(st, "F", per_patch, who="ann", source="dashboard")
+        assert (made["kept"], made["rejected"]) == (2, 6)
+        assert made["thresholds"]["nucleated_scope"] == "patch"
+        assert reasons("F") == [None, "no nucleated cell", "no nucleated cell", "blurred"] * 2
+        assert qc.cohort_thresholds(st, "F") == per_patch
+        near = store.qc_near_threshold(st, "F", "no nucleated cell", QCThresholds().to_dict())
+        assert set(near["side"]) == {"kept"}  # by field, nothing is rejected for it
+        status = qc.format_qc(qc.qc_status(st, "F", QCThresholds()))
+        assert "nucleated_scope=field" in status
+
+
+def test_the_qc_command_takes_the_nucleated_scope(db_path: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from cmil_core.cli import main
+
+    photo = {**TILING, "photograph": True}
+    cohort_with_patches(db_path, tmp_path, "F", {"P1": (1, [GOOD, NO_NUCLEUS, NO_NUCLEUS])},
+                        tiling=photo)
+    assert main(["qc", "--db", str(db_path), "--cohort", "F", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["candidate"]["kept"] == 3
+    assert main(["qc", "--db", str(db_path), "--cohort", "F", "--nucleated-scope", "patch",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["candidate"]["kept"] == 1 and out["thresholds"]["nucleated_scope"] == "patch"
+    with pytest.raises(SystemExit) as exited:
+        main(["qc", "--db", str(db_path), "--cohort", "F", "--nucleated-scope", "cell"])
+    assert exited.value.code == 2
+    assert "invalid choice: 'cell'" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- decisions
@@ -317,3 +427,15 @@ def test_slider_ranges_hold_the_value_and_the_metrics_on_a_round_grid() -> None:
     low, high, step = qc.threshold_range("max_dark_fraction", 0.5, pd.DataFrame(
         {"column": ["dark_fraction"], "low": [0.0], "high": [0.0], "p01": [0.0], "p99": [0.0]}))
     assert (low, high, step) == (0.0, 0.5, 0.001)
+
+
+def test_a_decision_recorded_before_field_scope_keeps_deciding_patch_by_patch() -> None:
+    # Older decisions have no nucleated_scope: they were decided patch by patch, and
+    # re-deciding them must not change their photographs' outcome silently.
+    from cmil_core.qc import decision_thresholds
+
+    old = {"thresholds": {"min_blur_variance": 8.0}}
+    assert decision_thresholds(old).nucleated_scope == "patch"
+    assert decision_thresholds(old).min_blur_variance == 8.0
+    new = {"thresholds": {"min_blur_variance": 8.0, "nucleated_scope": "field"}}
+    assert decision_thresholds(new).nucleated_scope == "field"

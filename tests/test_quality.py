@@ -7,7 +7,6 @@ import pytest
 from scipy import ndimage
 
 from cmil_core.errors import InputError
-from cmil_core.stains import DEFAULT_STAINS
 from cmil_core.quality import (
     GLASS_OD,
     METRIC_COLUMNS,
@@ -16,6 +15,7 @@ from cmil_core.quality import (
     patch_metrics,
     qc_decision,
 )
+from cmil_core.stains import DEFAULT_STAINS
 
 SIZE = 224
 PINK = (214, 150, 160)       # a red cell, as on the demo and BCCD smears

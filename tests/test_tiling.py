@@ -191,9 +191,11 @@ def test_slide_without_mpp_needs_the_option(fixtures_dir: Path) -> None:
 
 
 def test_unreadable_pixels_propagate_the_slide_error(fixtures_dir: Path) -> None:
-    with open_slide(_slides(fixtures_dir) / "unreadable.svs") as slide:
-        with pytest.raises(SlideError, match="unreadable.svs: cannot read pixels"):
-            tile_slide(slide, TilingConfig(patch_um=4.0, output_px=8), QCThresholds())
+    with (
+        open_slide(_slides(fixtures_dir) / "unreadable.svs") as slide,
+        pytest.raises(SlideError, match="unreadable.svs: cannot read pixels"),
+    ):
+        tile_slide(slide, TilingConfig(patch_um=4.0, output_px=8), QCThresholds())
 
 
 def test_slide_smaller_than_a_patch(fixtures_dir: Path) -> None:
