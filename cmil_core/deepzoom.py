@@ -36,6 +36,7 @@ proxy set ``$CMIL_TILE_URL`` to the public address that forwards to it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -94,7 +95,8 @@ def cache_folder(db: str | os.PathLike[str]) -> Path:
 
 
 def cache_limit_bytes() -> int:
-    """The tile cache's size limit: ``$CMIL_TILE_CACHE_MB`` megabytes, else :data:`DEFAULT_CACHE_MB`."""
+    """The tile cache's size limit: ``$CMIL_TILE_CACHE_MB`` megabytes, else
+    :data:`DEFAULT_CACHE_MB`."""
     text = os.environ.get(CACHE_ENV, "").strip()
     if not text:
         return DEFAULT_CACHE_MB * 1024 * 1024
@@ -209,7 +211,8 @@ class _OpenSlide:
         # The same checks as ingest (empty, damaged, decompression bombs) first.
         with open_slide(path) as checked:
             whole_slide = checked.kind.startswith("openslide:")
-        self.osr: Any = openslide.OpenSlide(str(path)) if whole_slide else openslide.ImageSlide(str(path))
+        self.osr: Any = (openslide.OpenSlide(str(path)) if whole_slide
+                         else openslide.ImageSlide(str(path)))
         self.lock = None if whole_slide else threading.Lock()  # PIL images are not thread-safe
         self.dz = DeepZoomGenerator(self.osr, tile_size=TILE_SIZE, overlap=OVERLAP,
                                     limit_bounds=False)
@@ -302,10 +305,8 @@ class TileCache:
         except FileNotFoundError:
             pass
         else:
-            try:
+            with contextlib.suppress(OSError):
                 os.utime(file)
-            except OSError:
-                pass
             return data
         data = self._opened(key).tile(level, col, row)
         self._store(file, data)
@@ -346,7 +347,10 @@ class TileCache:
         return found
 
     def evict(self, target: float = 0.8) -> int:
-        """Delete least recently used tiles until at most ``target`` of the limit is used; bytes freed."""
+        """Delete least recently used tiles until at most ``target`` of the limit is used.
+
+        Returns the bytes freed.
+        """
         with self._lock:
             files = sorted(self._files(), key=lambda f: f[0])
             total = sum(size for _, _, size in files)
@@ -355,10 +359,8 @@ class TileCache:
             for _, path, size in files:
                 if total - freed <= goal:
                     break
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-                except FileNotFoundError:
-                    pass
                 freed += size
             self._size = total - freed
         return freed

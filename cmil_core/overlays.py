@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -45,11 +44,8 @@ __all__ = [
     "viewer_layers",
 ]
 
-#: Quality metrics shown on hover and exported as measurements (those the store holds).
-QC_METRICS = (
-    "background_fraction", "foreground_fraction", "thick_fraction", "mean_intensity",
-    "dark_fraction", "bright_fraction", "blur_variance", "nuclei_fraction", "nuclear_area_um2",
-)
+#: Quality metrics shown on hover and exported as measurements.
+QC_METRICS = store_mod.VIEWER_METRICS
 #: Outline colour of each QC rejection reason (Okabe-Ito, colour-blind safe).
 QC_COLOURS = {
     "background": "#56B4E9",
@@ -62,7 +58,6 @@ QC_COLOURS = {
 OTHER_QC_COLOUR = "#999999"
 #: Largest heatmap PNG (pixels): a finer level must be exported by region in QuPath.
 MAX_PNG_PIXELS = 64_000_000
-_SCORES = ("probability", "attention", "attention_raw")
 
 
 def _importance(st: store_mod.Store, model_id: str) -> str:
@@ -73,69 +68,104 @@ def _importance(st: store_mod.Store, model_id: str) -> str:
 
 
 def _percentile(values: np.ndarray) -> np.ndarray:
-    """Rank percentiles in (0, 1] of the finite values (ties averaged); NaN stays NaN."""
-    from scipy.stats import rankdata
+    """Rank percentiles in (0, 1] of the finite values (ties averaged); NaN stays NaN.
 
+    The same as ``scipy.stats.rankdata(v, method="average") / len(v)`` on the
+    finite values, in numpy alone: the viewer's first open of a patient need
+    not import scipy (about a second on a loaded machine).
+    """
     out = np.full(values.shape, np.nan)
-    finite = np.isfinite(values)
-    if finite.any():
-        out[finite] = rankdata(values[finite], method="average") / finite.sum()
+    finite = np.flatnonzero(np.isfinite(values))
+    if finite.size:
+        v = values[finite]
+        order = np.argsort(v, kind="stable")
+        _, first, counts = np.unique(v[order], return_index=True, return_counts=True)
+        ranks = np.empty(v.size)
+        ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based, ties averaged
+        out[finite] = ranks / v.size
     return out
+
+
+def _slide_arrays(st: store_mod.Store, slide_id: int,
+                  model_id: str | None) -> tuple[dict[str, Any], str | None]:
+    """:func:`cmil_core.store.slide_patch_arrays` plus ``percentile``; the importance ranked."""
+    if store_mod.get_slide(st, int(slide_id)) is None:
+        raise InputError(f"no slide {slide_id} in the store")
+    by = None if model_id is None else _importance(st, model_id)
+    arrays = store_mod.slide_patch_arrays(st, int(slide_id), model_id)
+    if by is not None:
+        arrays["percentile"] = _percentile(arrays[by])
+    return arrays, by
 
 
 def slide_patches(st: store_mod.Store, slide_id: int, model_id: str | None = None) -> pd.DataFrame:
     """Every patch of a slide: position, QC and metrics, and under ``model_id`` its scores.
 
     Columns: patch_id, x, y, size (level-0 pixels), qc_pass, qc_reason, the
-    :data:`QC_METRICS` the store holds, and with a model: probability,
-    attention, attention_raw (NaN where not scored) and ``percentile``, the
-    rank percentile in (0, 1] of the model's importance (attention, or
+    :data:`QC_METRICS`, and with a model: probability, attention,
+    attention_raw (NaN where not scored) and ``percentile``, the rank
+    percentile in (0, 1] of the model's importance (attention, or
     probability for aggregators without attention) within the slide.
     """
-    if store_mod.get_slide(st, int(slide_id)) is None:
-        raise InputError(f"no slide {slide_id} in the store")
-    patches = store_mod.patches_frame(st, int(slide_id))
-    metrics = [m for m in QC_METRICS if m in patches.columns]
-    out = patches[["patch_id", "x", "y", "size", "qc_pass", "qc_reason", *metrics]].copy()
-    out["qc_pass"] = out["qc_pass"].astype(bool)
-    if model_id is not None:
-        by = _importance(st, model_id)
-        scored = store_mod.scored_patches_frame(st, model_id, slide_id=int(slide_id))
-        out = out.merge(scored[["patch_id", *_SCORES]], on="patch_id", how="left")
-        out["percentile"] = _percentile(out[by].to_numpy(dtype=float))
-    return out.reset_index(drop=True)
+    arrays, _ = _slide_arrays(st, slide_id, model_id)
+    return pd.DataFrame(arrays)
 
 
-def _plain(values: pd.Series, digits: int) -> list[Any]:
-    """Floats rounded, NaN as None: JSON for the browser."""
-    arr = values.to_numpy(dtype=float)
-    return [None if not math.isfinite(v) else round(float(v), digits) for v in arr]
+def _plain(values: np.ndarray, digits: int) -> list[Any]:
+    """Floats to ``digits`` significant digits, NaN as None: compact JSON for the browser.
+
+    Significant digits, not decimals: attention on a slide of thousands of
+    patches is of the order of 1e-4, which 4 decimals would flatten.
+    """
+    arr = np.asarray(values, dtype=float)
+    finite = np.isfinite(arr)
+    out = arr.copy()  # zeros stay; NaN and infinities become None below
+    nonzero = finite & (arr != 0)
+    if nonzero.any():
+        v = arr[nonzero]
+        shift = digits - 1 - np.floor(np.log10(np.abs(v))).astype(int)
+        up = shift >= 0  # scale by an exact power of ten, so the result prints short
+        r = np.empty_like(v)
+        r[up] = np.round(v[up] * 10.0 ** shift[up]) / 10.0 ** shift[up]
+        r[~up] = np.round(v[~up] / 10.0 ** -shift[~up]) * 10.0 ** -shift[~up]
+        out[nonzero] = r
+    listed = out.astype(object)
+    listed[~finite] = None
+    return list(listed.tolist())
 
 
-def viewer_layers(st: store_mod.Store, slide_id: int, model_id: str | None = None) -> dict[str, Any]:
+def viewer_layers(st: store_mod.Store, slide_id: int,
+                  model_id: str | None = None) -> dict[str, Any]:
     """The viewer's overlay data for one slide, as JSON-ready lists (one entry per patch).
 
     Keys: ``id, x, y, size``; ``qc`` (reason, or None for a passed patch);
-    ``metrics`` (name -> list); with a model ``probability``, ``attention``,
-    ``percentile`` and ``by`` (the importance the percentile ranks);
+    ``metrics`` (name -> list, 4 significant digits); with a model
+    ``probability``, ``attention`` (4 significant digits), ``percentile``
+    (4 decimals) and ``by`` (the importance the percentile ranks);
     ``regions``: the demo's ground-truth tumour boxes ``[x, y, w, h]``;
-    ``qc_colours``: reason -> colour.
+    ``qc_colours``: reason -> colour. One query
+    (:func:`cmil_core.store.slide_patch_arrays`) and numpy: about 20 ms for
+    a slide of the paper-scale store (bench/viewer.py, ``open_patient_ms``).
     """
-    frame = slide_patches(st, slide_id, model_id)
+    arrays, by = _slide_arrays(st, slide_id, model_id)
     layers: dict[str, Any] = {
-        "id": [int(v) for v in frame["patch_id"]],
-        "x": [int(v) for v in frame["x"]],
-        "y": [int(v) for v in frame["y"]],
-        "size": [int(v) for v in frame["size"]],
-        "qc": [None if bool(p) else (str(r) if isinstance(r, str) else "rejected")
-               for p, r in zip(frame["qc_pass"], frame["qc_reason"], strict=True)],
-        "metrics": {m: _plain(frame[m], 4) for m in QC_METRICS if m in frame.columns},
+        "id": arrays["patch_id"].tolist(),
+        "x": arrays["x"].tolist(),
+        "y": arrays["y"].tolist(),
+        "size": arrays["size"].tolist(),
+        "qc": [None if passed else ("rejected" if reason is None else str(reason))
+               for passed, reason in zip(arrays["qc_pass"].tolist(),
+                                         arrays["qc_reason"].tolist(), strict=True)],
+        "metrics": {m: _plain(arrays[m], 4) for m in QC_METRICS},
         "qc_colours": {**QC_COLOURS, "rejected": OTHER_QC_COLOUR},
     }
-    if model_id is not None:
-        layers["by"] = _importance(st, model_id)
-        for name in ("probability", "attention", "percentile"):
-            layers[name] = _plain(frame[name], 4)
+    if by is not None:
+        layers["by"] = by
+        layers["probability"] = _plain(arrays["probability"], 4)
+        layers["attention"] = _plain(arrays["attention"], 4)
+        percentile = np.round(arrays["percentile"], 4).astype(object)
+        percentile[~np.isfinite(arrays["percentile"])] = None
+        layers["percentile"] = percentile.tolist()
     regions = store_mod.tumor_regions_frame(st, int(slide_id))
     layers["regions"] = [[int(r.x), int(r.y), int(r.width), int(r.height)]
                          for r in regions.itertuples()]
@@ -206,7 +236,8 @@ def slide_geojson(st: store_mod.Store, slide_id: int, model_id: str) -> dict[str
             "geometry": {"type": "Polygon",
                          "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]]},
             "properties": {"objectType": "annotation",
-                           "classification": {"name": "Tumour (demo truth)", "color": [0, 158, 115]}},
+                           "classification": {"name": "Tumour (demo truth)",
+                                              "color": [0, 158, 115]}},
         })
     return {"type": "FeatureCollection", "features": features}
 

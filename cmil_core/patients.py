@@ -520,7 +520,10 @@ def overlay(
             f"colormap {colormap!r} is not a matplotlib colormap (e.g. inferno, viridis)"
         ) from None
     covered = np.isfinite(values)
-    colours = cmap(np.clip(np.where(covered, values, 0.0), 0.0, 1.0))[..., :3] * 255.0
-    out = base.astype(np.float64)
-    out[covered] = (1.0 - opacity) * out[covered] + opacity * colours[covered]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    # Only the covered pixels are coloured and blended (a thumbnail is mostly glass);
+    # the arithmetic per pixel is the same as blending the whole image.
+    colours = cmap(np.clip(values[covered], 0.0, 1.0))[:, :3] * 255.0
+    out = base.copy()
+    blended = (1.0 - opacity) * base[covered].astype(np.float64) + opacity * colours
+    out[covered] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    return out

@@ -64,8 +64,9 @@ def slide_viewer(slide_id: int, model_id: str | None, *, key: str,
                  initial: dict[str, bool] | None = None) -> int | None:
     """Draw the viewer for a slide; the id of the patch last clicked on it (None: none yet).
 
-    ``focus``: ``{"patch_id"}`` of a patch of this slide to zoom to (a
-    gallery's choice). ``initial``: which overlays start switched on.
+    ``focus``: ``{"patch_id", "n"}``: a patch of this slide to zoom to and
+    select (a gallery's choice; ``n`` counts the choices, so that choosing the
+    same patch again zooms again). ``initial``: which overlays start switched on.
     """
     db = str(_common.db_path())
     try:
@@ -81,7 +82,8 @@ def slide_viewer(slide_id: int, model_id: str | None, *, key: str,
     if focus is not None and focus.get("patch_id") in layers["id"]:
         i = layers["id"].index(focus["patch_id"])
         focus_arg = {"patch_id": focus["patch_id"], "x": layers["x"][i], "y": layers["y"][i],
-                     "size": layers["size"][i], "nonce": f"{slide_id}:{focus['patch_id']}"}
+                     "size": layers["size"][i],
+                     "nonce": f"{slide_id}:{focus['patch_id']}:{focus.get('n', 0)}"}
     public = os.environ.get("CMIL_TILE_URL", "").strip()
     value = _component(
         slide={"key": tiles.key, "width": tiles.width, "height": tiles.height,
@@ -159,11 +161,13 @@ def patch_panel(slide_id: int, model_id: str | None, patch_id: int) -> None:
     if model_id is not None:
         by = layers.get("by", "attention")
         rows += [(f"{by} rank percentile in slide", _num(layers["percentile"][i])),
-                 ("attention", _num(layers["attention"][i], 4)),
+                 ("attention", "—" if layers["attention"][i] is None
+                  else f"{layers['attention'][i]:.3g}"),
                  ("probability", _num(layers["probability"][i]))]
     qc = layers["qc"][i]
     rows.append(("quality control", "passed" if qc is None else f"rejected: {qc}"))
-    rows += [(name.replace("_", " "), _num(values[i])) for name, values in layers["metrics"].items()]
+    rows += [(name.replace("_", " "), _num(values[i]))
+             for name, values in layers["metrics"].items()]
     st.dataframe(pd.DataFrame(rows, columns=["Measure", "Value"]), hide_index=True,
                  width="stretch")
 
@@ -219,16 +223,23 @@ def export_buttons(slide_id: int, model_id: str, *, stem: str) -> None:
 # --------------------------------------------------------------------------- page sections
 
 
-def patient_viewer(model_id: str, slide_id: int, *, focus_patch: int | None = None) -> None:
-    """The Patients page's viewer: overlays, the clicked patch beside it, exports below."""
+def patient_viewer(model_id: str, slide_id: int, *, focus_patch: int | None = None,
+                   focus_n: int = 0) -> None:
+    """The Patients page's viewer: overlays, the clicked patch beside it, exports below.
+
+    ``focus_patch``: a gallery's patch to zoom to (its ``n``-th choice, see
+    :func:`slide_viewer`); the viewer then selects it, as a click would.
+    """
     st.markdown("**Slide viewer**")
     st.caption("Scroll or pinch to zoom, drag to pan; switch each overlay and its opacity above "
                "the slide. Hover a patch for its scores and QC metrics; click it to see it at full "
-               "resolution with its Grad-CAM. Choosing a patch of the galleries below zooms here.")
+               "resolution with its Grad-CAM. **Show on slide** under a patch of the galleries "
+               "below zooms here to it.")
     left, right = st.columns([3, 2])
     with left:
         clicked = slide_viewer(int(slide_id), model_id, key=f"viewer:{model_id}:{slide_id}",
-                               focus=None if focus_patch is None else {"patch_id": focus_patch})
+                               focus=None if focus_patch is None
+                               else {"patch_id": focus_patch, "n": focus_n})
     with right:
         if clicked is None:
             st.info("Click a patch on the slide to see it at full resolution with its Grad-CAM.")
@@ -239,7 +250,7 @@ def patient_viewer(model_id: str, slide_id: int, *, focus_patch: int | None = No
 
 
 def quality_viewer(cohort: str) -> None:
-    """The Quality control page's viewer: one slide of the cohort with its rejected patches outlined."""
+    """The Quality control page's viewer: a slide of the cohort, its rejected patches outlined."""
     slides = _common.query(f"slides:{cohort}", lambda s: store_mod.list_slides(s, cohort))
     slides = [s for s in slides if s.status != "failed"]
     st.subheader("Rejected patches on the slide")

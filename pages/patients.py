@@ -15,8 +15,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cmil_core import attention_view, display
-from cmil_core import store as store_mod
+from cmil_core import attention_view, display, store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.patients import (
     MAX_PATCH_PX,
@@ -61,13 +60,30 @@ def heatmap_images(db: str, stamp: tuple[int, int, int], model_id: str, slide_id
                                                             by=by, scale=scale))
 
 
-def image_grid(images: list[np.ndarray], captions: list[str]) -> None:
-    """Images in rows of GALLERY_COLUMNS, every row full but the last."""
+def image_grid(images: list[np.ndarray], captions: list[str],
+               zoom: list[tuple[int, int]] | None = None, zoom_for: str = "") -> None:
+    """Images in rows of GALLERY_COLUMNS, every row full but the last.
+
+    ``zoom``: (patch id, slide id) per image; a "Show on slide" button under
+    each then zooms the slide viewer above to that patch (:func:`show_on_slide`).
+    """
     for start in range(0, len(images), GALLERY_COLUMNS):
         cols = st.columns(GALLERY_COLUMNS)
-        for col, image, text in zip(cols, images[start:start + GALLERY_COLUMNS],
-                                    captions[start:start + GALLERY_COLUMNS]):
+        for j, (col, image, text) in enumerate(zip(cols, images[start:start + GALLERY_COLUMNS],
+                                                   captions[start:start + GALLERY_COLUMNS])):
             col.image(image, caption=text, width="stretch")
+            if zoom is not None:
+                patch, slide = zoom[start + j]
+                col.button("Show on slide", key=f"zoom:{zoom_for}:{patch}",
+                           icon=":material/center_focus_strong:", width="stretch",
+                           on_click=show_on_slide, args=(zoom_for, patch, slide))
+
+
+def show_on_slide(patient: str, patch_id: int, slide_id: int) -> None:
+    """A gallery patch's button: choose it ("Inspect a patch") and its slide; the viewer zooms."""
+    st.session_state[f"patch:{patient}"] = int(patch_id)
+    st.session_state[f"slide:{patient}"] = int(slide_id)
+    st.session_state["viewer_focus_n"] = int(st.session_state.get("viewer_focus_n", 0)) + 1
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -89,7 +105,8 @@ def gradcam_map(db: str, stamp: tuple[int, int, int], model_id: str, path: str,
                 sha256: str | None, mpp: float | None, x: int, y: int, size: int,
                 px: int) -> tuple[np.ndarray, np.ndarray]:
     image = read_patch(path, mpp, x, y, size, px)
-    return image, patch_gradcam(db, model_id, image, model=_common.loaded_model(db, model_id, stamp))
+    model = _common.loaded_model(db, model_id, stamp)
+    return image, patch_gradcam(db, model_id, image, model=model)
 
 
 def read_images(frame: pd.DataFrame, slides: pd.DataFrame, out_px: int) -> list[np.ndarray]:
@@ -286,7 +303,8 @@ if len(slides):  # below the heatmap's row, full width: every column shows at 12
 # --------------------------------------------------------------------------- deep-zoom viewer
 
 # A patch chosen in the galleries below ("Inspect a patch") is zoomed to (issue 16).
-_viewer.patient_viewer(model_id, int(slide_id), focus_patch=st.session_state.get(f"patch:{wanted}"))
+_viewer.patient_viewer(model_id, int(slide_id), focus_patch=st.session_state.get(f"patch:{wanted}"),
+                       focus_n=int(st.session_state.get("viewer_focus_n", 0)))
 
 # --------------------------------------------------------------------------- galleries
 
@@ -310,17 +328,21 @@ else:
     px = int(model.config.get("encoder", {}).get("input_px", 224))
     st.markdown(f"**The {len(top)} patches of highest {name}**")
     try:
-        image_grid(read_images(top, slides, px), captions(top))
+        image_grid(read_images(top, slides, px), captions(top),
+                   list(zip(top["patch_id"].astype(int), top["slide_id"].astype(int))), wanted)
         if bottom.empty:
             st.caption(f"All of this patient's {len(top)} scored patches are shown above.")
         else:
             st.markdown(f"**The {len(bottom)} patches of lowest {name}**")
-            image_grid(read_images(bottom, slides, px), captions(bottom))
+            image_grid(read_images(bottom, slides, px), captions(bottom),
+                       list(zip(bottom["patch_id"].astype(int), bottom["slide_id"].astype(int))),
+                       wanted)
     except InputError as exc:
         st.warning("The patches cannot be read from the slide file:")
         st.text(str(exc))
     st.caption(f"Under each patch: its {name}, then its top-left corner (x, y) in level-0 "
-               "pixels of its slide; pixels read from the slide file on demand.")
+               "pixels of its slide; pixels read from the slide file on demand. **Show on "
+               "slide** zooms the slide viewer above to the patch, with its Grad-CAM beside it.")
 
     both = pd.concat([top.assign(rank="high"), bottom.assign(rank="low")], ignore_index=True)
     labels = {

@@ -3,11 +3,13 @@
 Run: .venv/bin/python -m scripts.viewer_screenshot [--db STORE] [--out FILE]
 
 Starts ``streamlit run app.py`` on the store (default: a small demo study built
-into a temporary folder, about half a minute), opens the Patients page on a
-training patient with marrow metastasis, zooms the viewer onto that patient's
-highest-attention patch, clicks it (its Grad-CAM opens beside the viewer) and
-keeps the viewport (1280 x 900, downscaled to 1000 px wide, as
-:mod:`scripts.screenshots` does).
+into a temporary folder, a minute or two), in Chromium at 1400 x 1000 px opens
+the Patients page on a training patient with marrow metastasis, presses "Show
+on slide" under the top patch of the attention gallery (the viewer centres
+that patch and shows its Grad-CAM beside it), zooms three more steps onto a
+tumour cell of it with the attention overlay on (opacity 0.3, so the cells
+show through) and keeps the viewport with the viewer and the Grad-CAM, at
+1400 px wide.
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from scripts.screenshots import HIDE_EMOJI_CSS, has_emoji_font, save_small
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "screenshots" / "viewer.png"
+WIDTH = 1400
 POINT_JS = """(p) => { const v = window.cmilViewer.viewer, it = v.world.getItemAt(0);
     const e = it.imageToViewerElementCoordinates(new OpenSeadragon.Point(p.x, p.y));
     const r = document.getElementById('viewer').getBoundingClientRect();
     return {x: e.x + r.left, y: e.y + r.top}; }"""
+CENTRED_JS = """(p) => { const s = window.cmilViewer;
+    if (!s || !s.viewer || s.selected !== p.id) return false;
+    const v = s.viewer, it = v.world.getItemAt(0);
+    const c = it.viewportToImageCoordinates(v.viewport.getCenter(true));
+    return Math.abs(c.x - p.x) < p.size / 2 && Math.abs(c.y - p.y) < p.size / 2; }"""
 
 
 def take(db: Path, out: Path) -> None:
@@ -46,9 +54,7 @@ def take(db: Path, out: Path) -> None:
             DashboardServer({"CMIL_DB": str(db)}, Path(tmp) / "server.log") as server, \
             sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(server.url)
-        page.get_by_role("heading", name="Study overview", level=1).wait_for(timeout=120_000)
+        page = browser.new_page(viewport={"width": WIDTH, "height": 1000})
         page.goto(f"{server.url}/patients?patient={quote(cohort + '/' + patient_id)}"
                   f"&model={quote(model_id)}")
         iframe = page.locator("iframe[src*='cmil_slide_viewer']").first
@@ -56,32 +62,36 @@ def take(db: Path, out: Path) -> None:
         page.wait_for_function(IDLE_JS, polling=100, timeout=120_000)
         if not has_emoji_font():  # as scripts.screenshots: no empty boxes for the icons
             page.add_style_tag(content=HIDE_EMOJI_CSS)
-        iframe.scroll_into_view_if_needed()
         frame = next(f for f in page.frames if "cmil_slide_viewer" in f.url)
         frame.wait_for_function("window.cmilViewer && window.cmilViewer.tilesLoaded > 0",
                                 timeout=60_000)
+        # The top patch of the attention gallery: "Show on slide".
+        page.locator("[data-testid='stButton']", has_text="Show on slide").first.locator(
+            "button").click()
+        frame.wait_for_function(CENTRED_JS, arg={**centre, "id": int(best["patch_id"]),
+                                                 "size": int(best["size"])}, timeout=60_000)
+        page.locator("[data-testid='stImage']", has_text="Grad-CAM").first.wait_for(
+            timeout=120_000)
+        page.wait_for_function(IDLE_JS, polling=100, timeout=60_000)
+        frame.get_by_label("Attention opacity").fill("0.3")
+        frame.evaluate("document.activeElement && document.activeElement.blur()")
+        iframe.scroll_into_view_if_needed()
+        page.evaluate("window.scrollBy(0, -120)")  # the viewer's heading and caption too
+        page.wait_for_timeout(500)
         box = iframe.bounding_box()
         assert box is not None
         spot = frame.evaluate(POINT_JS, centre)
         page.mouse.move(box["x"] + spot["x"], box["y"] + spot["y"])
-        for _ in range(5):
+        for _ in range(3):  # closer, onto the cells of the patch
             page.mouse.wheel(0, -300)
-            page.wait_for_timeout(150)
-        page.wait_for_timeout(1500)
-        box = iframe.bounding_box()
-        assert box is not None
-        spot = frame.evaluate(POINT_JS, centre)
-        page.mouse.click(box["x"] + spot["x"], box["y"] + spot["y"])
-        page.locator("[data-testid='stImage']", has_text="Grad-CAM").first.wait_for(
-            timeout=120_000)
-        page.wait_for_function(IDLE_JS, polling=100, timeout=60_000)
-        box = iframe.bounding_box()
-        assert box is not None
-        spot = frame.evaluate(POINT_JS, centre)
-        page.mouse.move(box["x"] + spot["x"] + 5, box["y"] + spot["y"] + 5)  # the hover card
-        page.wait_for_timeout(800)
+            page.wait_for_timeout(300)
+        page.mouse.move(box["x"] + 5, box["y"] + box["height"] - 5)  # no hover card over a cell
+        frame.wait_for_function(
+            "window.cmilViewer.maxLevelLoaded === "
+            "window.cmilViewer.viewer.world.getItemAt(0).source.maxLevel", timeout=60_000)
+        page.wait_for_timeout(2000)  # the finest tiles drawn
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_small(page.screenshot(), out, 1000, 400)
+        save_small(page.screenshot(), out, WIDTH, 700)
         browser.close()
 
 

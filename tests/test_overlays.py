@@ -151,3 +151,81 @@ def test_cli_exports_one_file_per_slide(demo: tuple[Path, str], tmp_path: Path,
     assert "'NOPE'" in capsys.readouterr().err
     with pytest.raises(InputError, match="no model"):
         export_geojson(db, "missing-model", "training")
+
+
+# --------------------------------------------------------------------------- a hand-made store
+
+
+def _tiny_store(db: Path) -> tuple[int, int, str]:
+    """Two slides of 6 patches (the second a neighbour in id range); scores with ties and gaps."""
+    from datetime import datetime
+
+    import pandas as pd
+
+    metrics = {m: [0.5] * 6 for m in store.VIEWER_METRICS}
+    metrics["mean_intensity"] = [163.4567, 200.0, 1e-5, 0.0, 12345.678, 0.123456]
+    table = pd.DataFrame({
+        "g_col": range(6), "g_row": [0] * 6, "x": [224 * i for i in range(6)], "y": [0] * 6,
+        "size": [224] * 6, "qc_pass": [True, True, True, True, False, False],
+        "qc_reason": [None, None, None, None, "blurred", None], **metrics,
+    })
+    with store.open_store(db) as st:
+        store.import_patients(st, "A", [store.PatientRow("P1", 1), store.PatientRow("P2", 0)],
+                              role="train", center=None)
+        one = store.register_slide(st, cohort="A", patient_id="P1", path=str(db.parent / "a.tiff"),
+                                   sha256="a", kind="tiff", width=1344, height=224, mpp=0.5,
+                                   size_bytes=1)
+        two = store.register_slide(st, cohort="A", patient_id="P2", path=str(db.parent / "b.tiff"),
+                                   sha256="b", kind="tiff", width=1344, height=224, mpp=0.5,
+                                   size_bytes=1)
+        for sid in (one, two):
+            store.write_slide_patches(st, sid, table, tiling_key="k", tiling={}, run_id=None)
+        store.add_model(st, store.ModelRow("m", datetime(2026, 1, 1), "attention", "resnet18", "A",
+                                           {"cutoff": 0.5}, {}, str(db.parent), 0.5))
+        ids = [sid * store.PATCH_ID_BASE + i for sid in (one, two) for i in range(4)]
+        # Slide one: attention with a tie (2e-4 twice) and one passed patch unscored.
+        attention = [2e-4, 1.23456e-4, 2e-4, None, 0.9, 0.1, 0.5, 0.2]
+        store.write_scores(
+            st, "m", "A",
+            pd.DataFrame({"patient_id": ["P1", "P2"], "score": [0.7, 0.2],
+                          "risk_group": ["high", "low"]}),
+            pd.DataFrame({"patch_id": ids[:3] + ids[4:],
+                          "probability": [0.25, 0.5, 0.75, 0.1, 0.2, 0.3, 0.4],
+                          "attention": attention[:3] + attention[4:],
+                          "attention_raw": [1.0] * 7}))
+    return one, two, "m"
+
+
+def test_viewer_layers_of_a_slide_read_by_its_id_range(tmp_path: Path) -> None:
+    from scipy.stats import rankdata
+
+    db = tmp_path / "cmil.duckdb"
+    one, two, model_id = _tiny_store(db)
+    with store.open_store(db, read_only=True) as st:
+        layers = viewer_layers(st, one, model_id)
+        plain = viewer_layers(st, one)
+        other = viewer_layers(st, two, model_id)
+        frame = slide_geojson(st, one, model_id)
+    # Only this slide's patches, in grid order, though its neighbour's ids follow at once.
+    assert layers["id"] == [one * store.PATCH_ID_BASE + i for i in range(6)]
+    assert other["id"] == [two * store.PATCH_ID_BASE + i for i in range(6)]
+    assert layers["x"] == [0, 224, 448, 672, 896, 1120] and layers["size"] == [224] * 6
+    # QC: None for a passed patch, the reason, or "rejected" when none was recorded.
+    assert layers["qc"] == [None, None, None, None, "blurred", "rejected"]
+    # Attention keeps 4 significant digits (1e-4 is typical on large slides), not 4 decimals.
+    assert layers["attention"] == [2e-4, 1.235e-4, 2e-4, None, None, None]
+    assert layers["probability"] == [0.25, 0.5, 0.75, None, None, None]
+    # Rank percentiles within the slide, ties averaged, as scipy's rankdata.
+    expected = rankdata([2e-4, 1.23456e-4, 2e-4]) / 3
+    assert layers["percentile"][:3] == pytest.approx(list(expected), abs=1e-4)
+    assert layers["percentile"][3:] == [None, None, None] and layers["by"] == "attention"
+    assert layers["metrics"]["mean_intensity"] == [163.5, 200.0, 1e-5, 0.0, 12350.0, 0.1235]
+    assert "percentile" not in plain and plain["qc"] == layers["qc"]
+    assert json.loads(json.dumps(layers, allow_nan=False)) == layers
+    # The GeoJSON carries the same percentiles, unrounded.
+    detections = [f["properties"]["measurements"] for f in frame["features"]
+                  if f["properties"]["objectType"] == "detection"]
+    assert [d.get("attention percentile") for d in detections][:3] == pytest.approx(list(expected))
+    assert detections[1]["attention"] == pytest.approx(1.23456e-4)
+    with store.open_store(db, read_only=True) as st, pytest.raises(InputError, match="no slide 99"):
+        viewer_layers(st, 99, model_id)

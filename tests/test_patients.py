@@ -333,7 +333,7 @@ def test_patch_gradcam_maps_the_patch(demo: tuple[Path, str]) -> None:
     image = read_patch(slide.path, slide.mpp, *(int(v) for v in top[["x", "y", "size"]].iloc[0]))
     cam = patch_gradcam(db, model_id, image)
     assert cam.shape == (224, 224) and cam.dtype == np.float32
-    assert 0.0 <= float(cam.min()) and float(cam.max()) <= 1.0
+    assert float(cam.min()) >= 0.0 and float(cam.max()) <= 1.0
     assert overlay(image, cam, 0.5).shape == image.shape
     with pytest.raises(InputError, match="RGB uint8"):
         patch_gradcam(db, model_id, image[..., 0])

@@ -154,12 +154,17 @@ function fmt(v, digits) {
   return v === null || v === undefined ? "—" : Number(v).toFixed(digits);
 }
 
+// Significant digits: attention on a slide of thousands of patches is of the order of 1e-4.
+function fmtSig(v, digits) {
+  return v === null || v === undefined ? "—" : Number(Number(v).toPrecision(digits)).toString();
+}
+
 function describe(i) {
   const d = state.data;
   const lines = ["patch " + d.id[i] + " · level-0 (" + d.x[i] + ", " + d.y[i] + ") · " + d.size[i] + " px"];
   if (d.percentile) {
     lines.push((d.by === "attention" ? "attention" : "importance") + " percentile " +
-      fmt(d.percentile[i], 3) + " · attention " + fmt(d.attention[i], 4) +
+      fmt(d.percentile[i], 3) + " · attention " + fmtSig(d.attention[i], 3) +
       " · probability " + fmt(d.probability[i], 3));
   }
   lines.push(d.qc[i] ? "QC: rejected (" + d.qc[i] + ")" : "QC: passed");
@@ -296,16 +301,27 @@ function createViewer(args) {
   state.viewer = viewer;
 }
 
+// A gallery's "Show on slide": centre the patch with half a patch around it (its cells fill
+// the view), select it as a click would (the page then shows its Grad-CAM), and bring the
+// viewer into view.
 function applyFocus() {
   const f = state.args && state.args.focus;
   const v = state.viewer;
   if (!f || f.nonce === state.focusNonce || !v || v.world.getItemCount() === 0) return;
   state.focusNonce = f.nonce;
   const item = v.world.getItemAt(0);
-  const margin = f.size * 2;
+  const margin = f.size / 2;
   const rect = item.imageToViewportRectangle(f.x - margin, f.y - margin, f.size + 2 * margin, f.size + 2 * margin);
   v.viewport.fitBounds(rect, false);
-  if (f.patch_id !== undefined && f.patch_id !== null) state.selected = f.patch_id;
+  state.focused = (state.focused || 0) + 1;
+  if (f.patch_id !== undefined && f.patch_id !== null) {
+    state.selected = f.patch_id;
+    state.clicks++;
+    send("streamlit:setComponentValue", { value: { patch_id: f.patch_id, n: state.clicks }, dataType: "json" });
+  }
+  try {
+    if (window.frameElement) window.frameElement.scrollIntoView({ block: "center", behavior: "smooth" });
+  } catch (e) { /* another origin: the page stays where it is */ }
   redraw();
 }
 
