@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
           f"[median {statistics.median(plain):.1f}]")
     print(f"ours ({precision}, channels-last, augmentation prefetched {args.prefetch} ahead): "
           f"{best_ours:.1f} patches/s [median {statistics.median(mine):.1f}]")
-    print(f"train_ratio {ratio:.2f} [medians {statistics.median(mine) / statistics.median(plain):.2f}]")
+    medians = statistics.median(mine) / statistics.median(plain)
+    print(f"train_ratio {ratio:.2f} [medians {medians:.2f}]")
     print(f"load average at the end {_loadavg()} (other work on the machine slows rounds down)")
 
 

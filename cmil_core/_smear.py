@@ -90,6 +90,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import itertools
 import math
 import struct
 from collections.abc import Callable, Sequence
@@ -105,14 +106,14 @@ from cmil_core.errors import InputError
 
 __all__ = [
     "CLUSTER_KINDS",
+    "DEFAULT_DENSITY",
     "LOOKALIKE_KINDS",
-    "cells_for_dark_area",
-    "lookalike_boxes",
     "PRESET_STYLES",
     "CenterStyle",
     "Cluster",
-    "DEFAULT_DENSITY",
+    "cells_for_dark_area",
     "cluster_cell_centres",
+    "lookalike_boxes",
     "render_field",
     "smear_density_map",
     "tumour_boxes",
@@ -376,8 +377,8 @@ class _Grid:
         """Smooth noise of unit standard deviation with grain ``sigma_um``."""
         z = self.rng.standard_normal((self.n, self.n))
         sig = max(sigma_um / self.mpp, 0.35)
-        z = ndimage.gaussian_filter(z, sig, mode="wrap")
-        return z / max(float(z.std()), 1e-9)
+        smooth: F64 = ndimage.gaussian_filter(z, sig, mode="wrap")
+        return smooth / max(float(smooth.std()), 1e-9)
 
     def dots(self, mask: F64, per_um2: float, radius_um: float) -> F64:
         """Granules: little blobs of peak ~1 scattered where ``mask`` > 0.5."""
@@ -413,7 +414,7 @@ def _lobed_nucleus(g: _Grid, n_lobes: int, r_lobe: float, spread: float) -> F64:
         sd = np.minimum(
             sd, g.ellipse_sd(cx, cy, rl, rl * rng.uniform(0.7, 0.95), rng.uniform(0, np.pi))
         )
-    for p0, p1 in zip(centres[:-1], centres[1:], strict=True):
+    for p0, p1 in itertools.pairwise(centres):
         sd = np.minimum(sd, g.capsule_sd(p0, p1, rng.uniform(0.3, 0.5)))
     return g.soft(sd)
 
@@ -463,7 +464,8 @@ def _cell_rbc(g: _Grid, level: float) -> F64:
 
 
 def _cytoplasm(g: _Grid, r: float, irregular: float = 0.04) -> F64:
-    return g.soft(g.blob_sd(*g.rng.normal(0, 0.2, 2), r, irregular))
+    cx, cy = g.rng.normal(0, 0.2, 2)
+    return g.soft(g.blob_sd(cx, cy, r, irregular))
 
 
 def _cell_neutrophil(g: _Grid) -> F64:
@@ -844,11 +846,11 @@ def smear_density_map(
         raise InputError("smear_density_map: sizes and resolution must be positive.")
     nx = math.ceil(width_um / resolution_um) + 1
     ny = math.ceil(height_um / resolution_um) + 1
-    x = (np.arange(nx) * resolution_um / width_um)[None, :]
-    y = (np.arange(ny) * resolution_um / height_um)[:, None]
+    x = np.asarray((np.arange(nx) * resolution_um / width_um)[None, :], dtype=np.float64)
+    y = np.asarray((np.arange(ny) * resolution_um / height_um)[:, None], dtype=np.float64)
 
     def noise(shape: tuple[int, int], sig: tuple[float, float]) -> F64:
-        z = ndimage.gaussian_filter(rng.standard_normal(shape), sig, mode="reflect")
+        z: F64 = ndimage.gaussian_filter(rng.standard_normal(shape), sig, mode="reflect")
         return z / max(float(z.std()), 1e-9)
 
     edge_noise = noise((2, nx), (0, max(1.0, 0.08 * nx)))
@@ -867,7 +869,8 @@ def smear_density_map(
     streaks = noise((ny, nx), (max(0.7, 0.015 * ny), max(1.0, 0.12 * nx)))
     patches = noise((ny, nx), (max(1.0, 0.05 * ny), max(1.0, 0.05 * nx)))
     d = thickness * lateral * body * (1.0 + 0.13 * streaks + 0.12 * patches)
-    return np.clip(d, 0.0, 1.0).astype(np.float32)
+    dmap: F32 = np.clip(d, 0.0, 1.0).astype(np.float32)
+    return dmap
 
 
 def _sample_density(
@@ -887,14 +890,15 @@ def _sample_density(
     d = dmap.astype(np.float64)
     top = d[y0, x0] * (1 - tx) + d[y0, x1] * tx
     bot = d[y1, x0] * (1 - tx) + d[y1, x1] * tx
-    return top * (1 - ty) + bot * ty
+    out: F64 = top * (1 - ty) + bot * ty
+    return out
 
 
 def _interp_matrix(coords: F64, n: int) -> tuple[F64, int]:
     """Dense linear-interpolation weights onto a sub-range of ``n`` samples."""
     f = np.clip(coords, 0, n - 1)
-    lo = int(math.floor(float(f.min())))
-    hi = min(int(math.floor(float(f.max()))) + 1, n - 1)
+    lo = math.floor(float(f.min()))
+    hi = min(math.floor(float(f.max())) + 1, n - 1)
     m = np.zeros((f.size, hi - lo + 1))
     i0 = np.minimum(np.floor(f).astype(np.int64), hi) - lo
     i1 = np.minimum(i0 + 1, hi - lo)
@@ -918,8 +922,8 @@ def _density_field(
     if dmap is None:
         return DEFAULT_DENSITY
     ny, nx = dmap.shape
-    xs = (gx0 + np.arange(w) + 0.5) * mpp / res[0]
-    ys = (gy0 + np.arange(h) + 0.5) * mpp / res[1]
+    xs = np.asarray((gx0 + np.arange(w) + 0.5) * mpp / res[0], dtype=np.float64)
+    ys = np.asarray((gy0 + np.arange(h) + 0.5) * mpp / res[1], dtype=np.float64)
     wx, x_lo = _interp_matrix(xs, nx)
     wy, y_lo = _interp_matrix(ys, ny)
     sub = dmap[y_lo : y_lo + wy.shape[1], x_lo : x_lo + wx.shape[1]].astype(np.float64)
@@ -953,13 +957,14 @@ def _cluster_rng(cluster: Cluster) -> np.random.Generator:
 
 
 def _hex_lattice(rng: np.random.Generator, spacing: float, extent: float) -> F64:
-    k = int(math.ceil(extent / spacing)) + 2
+    k = math.ceil(float(extent / spacing)) + 2
     i, j = np.meshgrid(np.arange(-k, k + 1), np.arange(-k, k + 1))
     pts = np.stack([(i + 0.5 * (j % 2)) * spacing, j * spacing * math.sqrt(3) / 2], -1)
     pts = pts.reshape(-1, 2) + rng.uniform(-0.5, 0.5, 2) * spacing
     rot = rng.uniform(0, np.pi)
     c, s = math.cos(rot), math.sin(rot)
-    return pts @ np.array([[c, s], [-s, c]])
+    out: F64 = pts @ np.array([[c, s], [-s, c]])
+    return out
 
 
 def _outline(rng: np.random.Generator, radius: float) -> Callable[[F64], F64]:
@@ -1010,7 +1015,7 @@ def _layout(cluster: Cluster) -> _Layout:
     # each a little smaller), and only then spill outwards on the glass
     n_layers = 4 if cluster.kind == "tumour" else 1
     pts, layer, score = [], [], []
-    for lay in range(n_layers):
+    for level in range(n_layers):
         p = _hex_lattice(rng, spacing, cluster.radius_um * 1.7 + spacing)
         p = p + rng.normal(0, jitter * spacing, p.shape)
         rho = np.hypot(p[:, 0], p[:, 1])
@@ -1021,14 +1026,14 @@ def _layout(cluster: Cluster) -> _Layout:
             sc = sc + rng.uniform(0, 0.12, sc.size)
         if hole:
             sc = np.where(rho < hole, 99.0, sc)  # the macrophage's place
-        if lay == 0:
+        if level == 0:
             keep = sc < 1.7
             sc = np.where(sc < 1.0, sc, 10.0 + sc)
         else:
-            keep = sc < 1.0 - 0.08 * lay
-            sc = sc + lay
+            keep = sc < 1.0 - 0.08 * level
+            sc = sc + level
         pts.append(p[keep])
-        layer.append(np.full(int(keep.sum()), lay))
+        layer.append(np.full(int(keep.sum()), level))
         score.append(sc[keep])
     p_all = np.concatenate(pts)
     l_all = np.concatenate(layer)
@@ -1059,9 +1064,9 @@ def _layout(cluster: Cluster) -> _Layout:
     if order.size < n:  # a tiny radius: pile the rest on top, spiralling out
         extra = n - order.size
         k = np.arange(extra)
-        ang = k * 2.39996
+        spiral = k * 2.39996
         rad = spacing * 0.6 * np.sqrt(k + 1)
-        p_all = np.concatenate([p_all, np.stack([rad * np.cos(ang), rad * np.sin(ang)], -1)])
+        p_all = np.concatenate([p_all, np.stack([rad * np.cos(spiral), rad * np.sin(spiral)], -1)])
         l_all = np.concatenate([l_all, 1 + (k % 3)])
         order = np.concatenate([order, np.arange(p_all.shape[0] - extra, p_all.shape[0])])
     xy = p_all[order].copy()
@@ -1070,10 +1075,10 @@ def _layout(cluster: Cluster) -> _Layout:
     theta = rng.uniform(0, np.pi, n)
     ra = r_mean * rng.uniform(0.84, 1.2, n)
     rb = ra / rng.uniform(1.0, 1.3, n)
-    for cx, cy, _ in rosettes:
-        d = np.hypot(xy[:, 0] - cx, xy[:, 1] - cy)
+    for rx, ry, _ in rosettes:
+        d = np.hypot(xy[:, 0] - rx, xy[:, 1] - ry)
         on_ring = d < rosettes[:, 2].max() + 1.5 * r_mean
-        theta[on_ring] = np.arctan2(xy[on_ring, 1] - cy, xy[on_ring, 0] - cx)
+        theta[on_ring] = np.arctan2(xy[on_ring, 1] - ry, xy[on_ring, 0] - rx)
         ra[on_ring] = r_mean * rng.uniform(1.05, 1.2, int(on_ring.sum()))
         rb[on_ring] = r_mean * rng.uniform(0.75, 0.88, int(on_ring.sum()))
     if cluster.kind == "tumour" and n >= 8:  # a few cells drift off the clump
@@ -1163,7 +1168,8 @@ def lookalike_boxes(
     *,
     image_size: tuple[int, int] | None = None,
 ) -> list[tuple[str, int, int, int, int]]:
-    """``(kind, x, y, width, height)`` around each benign look-alike clump (as :func:`tumour_boxes`)."""
+    """``(kind, x, y, width, height)`` around each benign look-alike clump
+    (as :func:`tumour_boxes`)."""
     return [(kind, *box) for kind, box in _boxes(clusters, mpp, LOOKALIKE_KINDS, image_size)]
 
 
@@ -1225,7 +1231,7 @@ def _tumour_pixels(cluster: Cluster, mpp: float, blur_um: float) -> tuple[int, i
     xs_um = (gx0 + np.arange(w) + 0.5) * mpp
 
     def tex(sig_um: tuple[float, float]) -> F64:
-        z = ndimage.gaussian_filter(
+        z: F64 = ndimage.gaussian_filter(
             rng.standard_normal((h, w)), (max(sig_um[0] / mpp, 0.35), max(sig_um[1] / mpp, 0.35))
         )
         return z / max(float(z.std()), 1e-9)
@@ -1354,7 +1360,8 @@ def _spectra(style: CenterStyle) -> F32:
     if style.stain_rotation_deg:
         eff = eff @ _grey_axis_rotation(style.stain_rotation_deg).T
         eff = np.maximum(eff, 0.005)
-    return eff.T.astype(np.float32)  # (3, K)
+    out: F32 = eff.T.astype(np.float32)  # (3, K)
+    return out
 
 
 def _grey_axis_rotation(degrees: float) -> F64:
@@ -1362,7 +1369,8 @@ def _grey_axis_rotation(degrees: float) -> F64:
     k = np.ones(3) / math.sqrt(3.0)
     a = math.radians(degrees)
     kx = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
-    return np.eye(3) + math.sin(a) * kx + (1 - math.cos(a)) * (kx @ kx)
+    rot: F64 = np.eye(3) + math.sin(a) * kx + (1 - math.cos(a)) * (kx @ kx)
+    return rot
 
 
 # --------------------------------------------------------------------------
@@ -1389,8 +1397,8 @@ def _lattice(
                   math.ceil((x1 - px + reach) / spacing) + 1, dtype=np.int64)
     j = np.arange(math.floor((y0 - py - reach) / spacing) - 1,
                   math.ceil((y1 - py + reach) / spacing) + 1, dtype=np.int64)
-    jj, ii = np.meshgrid(j, i, indexing="ij")
-    ii, jj = ii.ravel(), jj.ravel()
+    jg, ig = np.meshgrid(j, i, indexing="ij")
+    ii, jj = ig.ravel(), jg.ravel()
     u = _site_uniforms(seed, stream, ii, jj, 2 + n_uniforms)
     x = (ii + 0.5) * spacing + px + (u[0] - 0.5) * 2 * reach
     y = (jj + 0.5) * spacing + py + (u[1] - 0.5) * 2 * reach

@@ -52,7 +52,7 @@ import shutil
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -60,8 +60,7 @@ import pandas as pd
 import tifffile
 from PIL import Image
 
-from cmil_core import _atomic, _smear
-from cmil_core import store as store_mod
+from cmil_core import _atomic, _smear, store as store_mod
 from cmil_core.access import cli_user
 from cmil_core.cohort_import import import_cohort
 from cmil_core.errors import InputError
@@ -88,7 +87,10 @@ __all__ = [
 # 3: and trains and scores a model.
 # 4: benign look-alikes as dark as tumour in both classes (sized by dark area),
 #    dispersed single tumour cells, rotated stain vectors per centre.
-DEMO_VERSION = 4
+# 5: the demo's model trains its patch CNN (train's default, encoder_training
+#    "auto": the full demo fine-tunes, the small one is below the auto rule's
+#    size and keeps the encoder frozen). The slides are the same as version 4's.
+DEMO_VERSION = 5
 # Models the demo trains on its training centre, then scores every cohort with.
 DEMO_AGGREGATORS: tuple[str, ...] = ("attention",)
 _META_KEY = "demo"
@@ -106,9 +108,13 @@ class DemoSize:
 
 SIZES: dict[str, DemoSize] = {
     # About 30 patients: for tests and a first look (well under a minute).
-    "small": DemoSize(patients=(14, 8, 8), slide_px=(1536, 1536), fov_count=3, fov_px=(960, 720)),
+    "small": DemoSize(
+        patients=(14, 8, 8), slide_px=(1536, 1536), fov_count=3, fov_px=(960, 720)
+    ),
     # The paper's 359 patients.
-    "full": DemoSize(patients=(189, 94, 76), slide_px=(2048, 2048), fov_count=4, fov_px=(1280, 960)),
+    "full": DemoSize(
+        patients=(189, 94, 76), slide_px=(2048, 2048), fov_count=4, fov_px=(1280, 960)
+    ),
 }
 
 SLIDE_MPP = 0.5  # scanned at 20x
@@ -444,7 +450,8 @@ def _slide_jobs(
                 w, h = size.slide_px
                 jobs.append(
                     _SlideJob(
-                        ci, patient, str(folder / cohort.cohort / f"{patient.patient_id}_slide1.tiff"),
+                        ci, patient,
+                        str(folder / cohort.cohort / f"{patient.patient_id}_slide1.tiff"),
                         "wsi", w, h, SLIDE_MPP, int(base.generate_state(1)[0]),
                         patient.burden, patient.lookalike_clumps, patient.dispersed,
                     )
@@ -461,7 +468,8 @@ def _slide_jobs(
                     jobs.append(
                         _SlideJob(
                             ci, patient,
-                            str(folder / cohort.cohort / patient.patient_id / f"fov{k + 1:02d}.jpg"),
+                            str(folder / cohort.cohort / patient.patient_id
+                                / f"fov{k + 1:02d}.jpg"),
                             "fov", w, h, FOV_MPP, int(states[k]),
                             patient.burden * area * 4.0, patient.lookalike_clumps * area * 4.0,
                             patient.dispersed * area * 4.0,
@@ -508,7 +516,10 @@ def generate_demo(
 
     Stages, reported to ``progress``: clinical tables, slides, patches (the
     same ``ingest`` a user runs, with each cohort's manifest), training (the
-    same ``train``, on the training centre) and scoring of every cohort. A
+    same ``train`` with its defaults, on the training centre: the patch CNN is
+    trained inside each cross-validation fold on the full demo; the small
+    demo's 14 training patients are below ``train``'s auto rule, so its
+    encoder stays frozen) and scoring of every cohort. A
     store that
     already holds the same finished demo is left as it is (``skipped``),
     unless ``force``.
@@ -610,6 +621,7 @@ def generate_demo(
             row.aggregator: row.model_id for row in models.itertuples()
             if row.train_cohorts == COHORTS[0].cohort
         }
+        patch_cnn: dict[str, str] = {}
         for aggregator in DEMO_AGGREGATORS:
             model_id = trained.get(aggregator)
             if model_id is None:
@@ -618,12 +630,18 @@ def generate_demo(
                     progress=_as_stage(progress, "training", 4, stages),
                 )
             score(store, model_id, progress=_as_stage(progress, "scoring", 5, stages))
+            row = store_mod.get_model(store, model_id)
+            metrics = row.metrics if row is not None else {}
+            patch_cnn[model_id] = " ".join(
+                [str(metrics.get("encoder_training", "frozen"))]
+                + ([f"({metrics['encoder_training_note']})"]
+                   if metrics.get("encoder_training_note") else []))
         _atomic.remove_stale(out_dir, recursive=True)
         store_mod.set_meta(
             store, _META_KEY,
             json.dumps(
                 {**stamp, "complete": True,
-                 "completed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                 "completed_at": datetime.now(UTC).isoformat(timespec="seconds")}
             ),
         )
         counts = store_mod.table_counts(store)
@@ -638,6 +656,7 @@ def generate_demo(
         str(db_path), str(out_dir), size, seed,
         {c: len(p) for c, p in patients.items()}, len(jobs), len(todo), reused,
         counts["demo_tumor_regions"], *totals, patients_scored=scored,
+        details={"patch_cnn": patch_cnn},
     )
 
 

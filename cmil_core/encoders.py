@@ -89,9 +89,10 @@ The fast path
 On the two-core AVX-512 BF16 machine of docs/DESIGN.md (``bench/extract.py``,
 best of 3 rounds of 512 patches of 224 px): ResNet-18 168 patches/s against
 49 for a plain float32 ``no_grad`` NCHW loop (3.4 times; 608 GFLOP/s, 73 %
-of this CPU's bf16 matrix-product rate), smallcnn 1,590 against 366. :func:`extract` overlaps the reading of the next
-batches (in a background thread, at most ``prefetch`` batches ahead) with the
-computation of the current one.
+of this CPU's bf16 matrix-product rate), smallcnn 1,590 against 366.
+:func:`extract` overlaps the reading of the next batches (in a background
+thread, at most ``prefetch`` batches ahead) with the computation of the
+current one.
 
 Example::
 
@@ -129,12 +130,12 @@ from cmil_core.slides import file_sha256
 
 __all__ = [
     "ARCHITECTURES",
-    "BasicBlock",
-    "Bottleneck",
     "ENCODERS_VERSION",
     "ENCODER_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BasicBlock",
+    "Bottleneck",
     "Encoder",
     "EncoderSpec",
     "Precision",
@@ -143,10 +144,10 @@ __all__ = [
     "available_cores",
     "bf16_supported",
     "build_backbone",
-    "load_backbone",
     "count_macs",
     "encoder_from_spec",
     "extract",
+    "load_backbone",
     "load_encoder",
     "preprocess",
     "set_threads",
@@ -199,7 +200,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        y: torch.Tensor = self.relu(out + identity)
+        return y
 
 
 class Bottleneck(nn.Module):
@@ -224,7 +226,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        y: torch.Tensor = self.relu(out + identity)
+        return y
 
 
 class ResNet(nn.Module):
@@ -277,7 +280,8 @@ class _ConvBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
+        y: torch.Tensor = self.relu(self.bn(self.conv(x)))
+        return y
 
 
 class SmallCNN(nn.Module):
@@ -501,7 +505,7 @@ def bf16_supported() -> bool:
     Elsewhere bf16 still works, emulated, but slower than float32: the
     ``"auto"`` precision then chooses float32.
     """
-    if not torch.backends.mkldnn.is_available():
+    if not torch.backends.mkldnn.is_available():  # type: ignore[no-untyped-call]  # unannotated in torch
         return False
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
@@ -594,7 +598,7 @@ def _fast_module(module: nn.Module, torchscript: bool) -> nn.Module:
     """An inference copy of ``module``: BN folded, channels-last weights, frozen."""
     if torchscript:
         return module  # foreign graph: only the input's layout and autocast apply
-    fast = copy.deepcopy(module).eval()
+    fast: nn.Module = copy.deepcopy(module).eval()
     _fuse_bn(fast)
     fast = fast.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     fast.requires_grad_(False)
@@ -721,7 +725,8 @@ def _keys_text(keys: list[str]) -> str:
 
 
 def _is_safetensors(path: Path) -> bool:
-    """Whether a file starts like ``safetensors``: an 8-byte little-endian header size, then ``{``."""
+    """Whether a file starts like ``safetensors``: an 8-byte little-endian header size,
+    then ``{``."""
     try:
         with path.open("rb") as fh:
             head = fh.read(9)
@@ -871,7 +876,8 @@ def _load_torchscript(path: Path, input_px: int) -> tuple[nn.Module, int]:
     try:
         with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; it still loads
             warnings.simplefilter("ignore", DeprecationWarning)
-            module = torch.jit.load(str(path), map_location="cpu")
+            # torch.jit.load carries no annotations (and has no typed alternative)
+            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
     except Exception as exc:  # torch raises RuntimeError and friends for anything unreadable
         raise InputError(
             f"{path.name}: not a readable TorchScript file ({_first_line(exc)})."
@@ -1050,7 +1056,7 @@ def extract(
                 if not put(item):
                     return
             put(_DONE)
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             put(_Failure(exc))
         finally:
             close = getattr(source, "close", None)

@@ -38,16 +38,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cmil_core import display
-from cmil_core import store as store_mod
+from cmil_core import display, store as store_mod
 from cmil_core.calibration import calibration_fit, format_calibration_fit
 from cmil_core.errors import InputError
 from cmil_core.recalibration import prevalence_shift
 from cmil_core.stats import (
+    AucComparison,
     brier_score,
     calibration_bins,
     calibration_smooth,
-    AucComparison,
     decision_curve,
     delong_ci,
     delong_paired_test,
@@ -247,7 +246,9 @@ def model_comparisons(
         y = part["bm_metastasis"].to_numpy(dtype=int)
         if not 0 < y.sum() < len(y):
             continue
-        test = delong_paired_test(y, part["score_a"].to_numpy(float), part["score_b"].to_numpy(float))
+        test = delong_paired_test(
+            y, part["score_a"].to_numpy(float), part["score_b"].to_numpy(float)
+        )
         kinds = f"{part['scores_a'].iloc[0]} / {part['scores_b'].iloc[0]}"
         rows.append({"cohort": cohort, "scores": kinds,
                      **_test_row(model_a, model_b, test, str(len(part)))})
@@ -474,7 +475,8 @@ def _risk_entry(
     entry["n_dropped_by_column"] = {c: int(scores[c].isna().sum()) for c in (time, event)
                                     if scores[c].isna().any()}
     if len(part) and part[event].sum() > 0 and td_auc_times:
-        entry["td_auc"] = td_auc(part[time].to_numpy(dtype=float), part[event].to_numpy(dtype=float),
+        entry["td_auc"] = td_auc(part[time].to_numpy(dtype=float),
+                                 part[event].to_numpy(dtype=float),
                                  part["score"].to_numpy(dtype=float), td_auc_times)
     part["risk_group"] = risk_groups(part["score"], chosen["value"]) if len(part) else []
     if part.empty or part[event].sum() == 0 or part["risk_group"].nunique() < 2:
@@ -671,7 +673,8 @@ def _pct(value: float | None) -> str:
 def format_evaluation(
     rows: list[dict[str, Any]], loc: dict[str, Any] | None, flow: pd.DataFrame | None = None
 ) -> str:
-    """A terminal table of :func:`discrimination` (and :func:`localisation`, :func:`patient_flow`)."""
+    """A terminal table of :func:`discrimination` (and :func:`localisation`,
+    :func:`patient_flow`)."""
     width = max([14, *(len(str(r.get("label", r["cohort"]))) + 1 for r in rows)])
     lines = [f"{'cohort':<{width}}  n  pos  AUC [95% CI]          Se     Sp   "
              "(at the training cutoff)"]

@@ -96,15 +96,16 @@ __all__ = [
     "FEATURES_FORMAT_VERSION",
     "PATCH_COLUMNS",
     "FeatureFile",
-    "feature_path",
     "SlideTask",
     "as_float16",
     "default_processes",
+    "feature_path",
     "load_features",
     "precompute",
     "settings_key",
     "slide_features",
     "write_feature_file",
+    "write_slide_features",
 ]
 
 FEATURES_FORMAT = "cmil-features"
@@ -328,7 +329,7 @@ def _remove_stale_partials(path: Path) -> None:
 def _write_atomic(path: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
     """``np.savez`` to a temporary file in ``path``'s folder, fsync, then ``os.replace``."""
     with _atomic.replacing(path) as tmp, tmp.open("wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez(fh, allow_pickle=True, **arrays)  # savez's default, named for mypy
     _remove_stale_partials(path)
 
 
@@ -411,8 +412,9 @@ def slide_features(
     where reading a patch costs about as much as embedding it, two readers
     overlapped with the encoder gave 800 patches/s on CMU-1-Small-Region.svs
     against 570 with one and 690 for reading then embedding in turn;
-    ``bench/extract.py --slide``. With ResNets the encoder dominates). ``progress(done, total)`` gets patch
-    counts (once ``(n, n)`` when the file is reused).
+    ``bench/extract.py --slide``. With ResNets the encoder dominates).
+    ``progress(done, total)`` gets patch counts (once ``(n, n)`` when the file
+    is reused).
 
     Raises :class:`~cmil_core.errors.InputError` for a bad table or key, and
     :class:`~cmil_core.slides.SlideError` for an unreadable slide.
@@ -528,6 +530,38 @@ def write_feature_file(
     return meta
 
 
+def write_slide_features(
+    root: str | os.PathLike[str],
+    patches: pd.DataFrame,
+    embeddings: npt.NDArray[np.floating[Any]],
+    spec: EncoderSpec,
+    *,
+    slide_sha256: str,
+    slide_name: str,
+    mpp: float | None,
+    tiling_key: str,
+) -> Path:
+    """Write one slide's feature file from embeddings computed elsewhere; returns its path.
+
+    ``patches``: rows as for :func:`slide_features` (columns
+    :data:`PATCH_COLUMNS`); ``embeddings``: one row per patch, in that order,
+    made by the encoder of ``spec`` from the patches as :func:`slide_features`
+    reads them (for example from pixels already in memory, as the CNN
+    training holds them). :func:`slide_features` then reuses the file.
+    """
+    _check_tiling_key(tiling_key)
+    ids, coords = _patch_arrays(patches)
+    emb = np.asarray(embeddings)
+    if emb.shape != (ids.size, spec.embed_dim):
+        raise InputError(f"{slide_name}: {emb.shape} embeddings for {ids.size} patches of "
+                         f"{spec.embed_dim} dimensions.")
+    sha = _check_sha256(slide_sha256)
+    path = feature_path(root, spec.key, sha, tiling_key)
+    write_feature_file(path, as_float16(emb, slide_name, spec.key), ids, coords, spec,
+                       slide_sha256=sha, slide_name=slide_name, mpp=mpp, tiling_key=tiling_key)
+    return path
+
+
 # --------------------------------------------------------------------------- many slides at once
 
 
@@ -562,7 +596,8 @@ def _worker_run(task: SlideTask, root: str) -> str:
 
 
 def default_processes() -> int:
-    """Extraction processes: one per GPU where there are GPUs, else ``$CMIL_EXTRACT_PROCESSES`` or 1."""
+    """Extraction processes: one per GPU where there are GPUs, else
+    ``$CMIL_EXTRACT_PROCESSES`` or 1."""
     import torch
 
     env = os.environ.get("CMIL_EXTRACT_PROCESSES", "").strip()

@@ -126,6 +126,7 @@ __all__ = [
     "autocast_dtype",
     "class_balanced_draws",
     "cross_validate",
+    "final_cnn_config",
     "finetune_encoder",
     "load_patch_set",
     "resolve_device",
@@ -134,6 +135,7 @@ __all__ = [
     "train_cnn",
     "train_epoch",
     "trained_encoder",
+    "write_feature_files",
 ]
 
 #: How ``train`` gets its patch encoder: trained on the smears, or frozen as loaded.
@@ -177,6 +179,7 @@ _FIELDS: dict[str, tuple[Any, float, float]] = {
     "precision": (("auto", "bf16", "fp16", "fp32"), 0, 0),
     "device": (("auto", "cpu", "cuda"), 0, 0),
     "prefetch": ("int", 0, 64),
+    "final": (("fold_median", "early_stopping"), 0, 0),
 }
 
 
@@ -200,14 +203,22 @@ class FinetuneConfig:
     Gaussian of sigma 0.3-1.0 px). ``precision``: ``auto`` = bf16 where the
     hardware has it (fp16 with loss scaling on CUDA without bf16), else
     float32. ``device``: ``auto`` = CUDA when present. ``prefetch``: batches
-    augmented ahead in a background thread (0: in turn). ``mean``, ``std``:
-    input normalisation (ImageNet's, what pretrained weights expect).
+    augmented ahead in a background thread (0: in turn). ``final``: how long
+    the final CNN (on every training patient) trains: ``fold_median`` (the
+    median of the cross-validation folds' best epochs, on all training
+    patients, no inner validation split: no patient is held back and no
+    epoch is spent past the best) or ``early_stopping`` (as in a fold).
+    ``mean``, ``std``: input normalisation (ImageNet's, what pretrained
+    weights expect).
     """
 
     architecture: str = "smallcnn"
     input_px: int = 96
     patches_per_patient: int = 64
     batch_size: int = 64
+    # 1,536 / 12 / 4: on the full demo the CNN's validation AUC swings from epoch
+    # to epoch, and 1,024 / 8 / 2 stopped before it learned (external AUC 0.78 /
+    # 0.75, no better than frozen); these reached 0.84 / 0.83 (README, issue 13).
     patches_per_epoch: int = 1536
     max_epochs: int = 12
     patience: int = 4
@@ -226,6 +237,7 @@ class FinetuneConfig:
     precision: str = "auto"
     device: str = "auto"
     prefetch: int = 2
+    final: str = "fold_median"
     mean: tuple[float, float, float] = encoders.IMAGENET_MEAN
     std: tuple[float, float, float] = encoders.IMAGENET_STD
 
@@ -243,7 +255,8 @@ class FinetuneConfig:
                 ok = isinstance(value, (int, np.integer)) if kind == "int" else isinstance(
                     value, (int, float, np.integer, np.floating))
                 if isinstance(value, bool) or not ok or not math.isfinite(float(value)):
-                    raise InputError(f"{name}={value!r} must be a{'n integer' if kind == 'int' else ' number'}.")
+                    a_kind = "an integer" if kind == "int" else "a number"
+                    raise InputError(f"{name}={value!r} must be {a_kind}.")
                 if not low <= value <= high:
                     raise InputError(f"{name}={value!r} must lie in [{low:g}, {high:g}].")
                 object.__setattr__(self, name, int(value) if kind == "int" else float(value))
@@ -260,8 +273,11 @@ class FinetuneConfig:
             object.__setattr__(self, name, triple)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None = None, **overrides: Any) -> FinetuneConfig:
-        """A config from ``NAME=VALUE`` settings (the command line's ``--cnn-param``); unknown names raise."""
+    def from_params(
+        cls, params: Mapping[str, Any] | None = None, **overrides: Any
+    ) -> FinetuneConfig:
+        """A config from ``NAME=VALUE`` settings (the command line's ``--cnn-param``);
+        unknown names raise."""
         values = {**dict(params or {}), **overrides}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
@@ -491,7 +507,8 @@ def _uniform(gen: torch.Generator, shape: tuple[int, ...], spread: float) -> tor
 def augment_batch(
     batch: torch.Tensor, config: FinetuneConfig, generator: torch.Generator,
 ) -> torch.Tensor:
-    """Augment and normalise uint8 patches ``[B, H, W, 3]``: float32 ``[B, 3, H, W]``, channels-last.
+    """Augment and normalise uint8 patches ``[B, H, W, 3]``: float32 ``[B, 3, H, W]``,
+    channels-last.
 
     In order, each patch independently (random numbers from ``generator``,
     on the CPU, so a seed gives the same batch on any device):
@@ -586,7 +603,8 @@ class PatchClassifier(nn.Module):
         self.head = nn.Linear(embed_dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x)).squeeze(1)
+        logits: torch.Tensor = self.head(self.backbone(x)).squeeze(1)
+        return logits
 
 
 def _new_classifier(config: FinetuneConfig, seed: int,
@@ -626,7 +644,7 @@ def _prefetched(items: Iterable[Any], depth: int) -> Iterator[Any]:
                 if stop.is_set():
                     return
             slots.put((True, done))
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             slots.put((False, exc))
 
     thread = threading.Thread(target=produce, name="cmil-finetune-batches", daemon=True)
@@ -699,19 +717,21 @@ def train_epoch(
         loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         optimiser.zero_grad(set_to_none=True)
         if scaler is not None:
-            scaler.scale(loss).backward()
+            torch.autograd.backward(scaler.scale(loss))  # .backward() is untyped
             scaler.step(optimiser)
             scaler.update()
         else:
-            loss.backward()
+            torch.autograd.backward(loss)
             optimiser.step()
         total += float(loss.detach()) * x.shape[0]
         seen += int(x.shape[0])
     return (total / seen if seen else float("nan")), seen
 
 
-def _patch_probabilities(model: PatchClassifier, data: PatchSet, rows: npt.NDArray[np.int64],
-                         config: FinetuneConfig, amp_dtype: torch.dtype | None) -> npt.NDArray[np.float64]:
+def _patch_probabilities(
+    model: PatchClassifier, data: PatchSet, rows: npt.NDArray[np.int64],
+    config: FinetuneConfig, amp_dtype: torch.dtype | None,
+) -> npt.NDArray[np.float64]:
     device = next(model.parameters()).device
     model.eval()
     out = np.empty(rows.size, dtype=np.float64)
@@ -905,7 +925,7 @@ def train_cnn(
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model = model.to("cpu").eval()
-    model = model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    model = model.to(memory_format=torch.contiguous_format)
     return TrainedCNN(
         model=model, config=config, history=history, best_epoch=int(best["epoch"]),
         val_auc=float(best["key"][0]) if best["key"] is not None else None,
@@ -929,7 +949,7 @@ def _read_checkpoint(path: Path) -> dict[str, Any] | None:
     """A checkpoint's contents, or None when it cannot be read (then training starts afresh)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # truncated or foreign file: any torch/zip/pickle error means "unusable"
+    except Exception:  # noqa: BLE001 - truncated or foreign file: any error means "unusable"
         return None
     if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
         return None
@@ -958,7 +978,8 @@ def save_backbone(backbone: nn.Module, folder: str | os.PathLike[str]) -> tuple[
 
 
 def trained_encoder(backbone: nn.Module, config: FinetuneConfig) -> encoders.Encoder:
-    """An :class:`~cmil_core.encoders.Encoder` of a trained backbone held in memory (cross-validation).
+    """An :class:`~cmil_core.encoders.Encoder` of a trained backbone held in memory
+    (cross-validation).
 
     Its spec names no file; ``weights_sha256`` is the digest of the
     backbone's saved state, so its features never mix with another's. Same
@@ -1075,6 +1096,7 @@ class FinetuneResult:
     work_dir: Path
     n_patches: int
     seconds: dict[str, float]
+    data: PatchSet | None = None  # the patches in memory (their pixels at config.input_px)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready record for the model's config."""
@@ -1146,7 +1168,8 @@ def finetune_encoder(
                                    progress=report("cnn cross-validation"))
     timings["cross_validation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    final = train_cnn(data, config, seed=seed, weights=weights,
+    final_config = final_cnn_config(config, fold_cnns)
+    final = train_cnn(data, final_config, seed=seed, weights=weights,
                       checkpoint=root / "final.ckpt", progress=report("final cnn"))
     timings["final_cnn"] = time.perf_counter() - t0
     path, sha = save_backbone(final.backbone, root)
@@ -1157,7 +1180,58 @@ def finetune_encoder(
     if resolve_device(config).type == "cuda":
         encoder = encoder.to("cuda")
     return FinetuneResult(cv, encoder, path, sha, list(data.patient_ids), config, fold_cnns,
-                          final, root, len(data), timings)
+                          final, root, len(data), timings, data)
+
+
+def final_cnn_config(config: FinetuneConfig, folds: Sequence[TrainedCNN]) -> FinetuneConfig:
+    """The settings of the final CNN (every training patient) after the folds' CNNs.
+
+    ``config.final == "fold_median"``: ``max_epochs`` = the median of the
+    folds' best epochs (rounded up, at least 1) and no inner validation split
+    (``val_fraction=0``), so the final CNN trains on every patient for about
+    as long as the folds found best; ``"early_stopping"``: ``config`` as is.
+    """
+    if config.final != "fold_median" or not folds:
+        return config
+    epochs = max(1, math.ceil(float(np.median([cnn.best_epoch for cnn in folds]))))
+    return FinetuneConfig.from_params(config.to_dict(), max_epochs=epochs, val_fraction=0.0)
+
+
+def write_feature_files(
+    data: PatchSet | None,
+    patches: pd.DataFrame,
+    root: str | os.PathLike[str],
+    encoder: encoders.Encoder,
+) -> int:
+    """Feature files of the final CNN for every slide whose passed patches are all in memory.
+
+    ``data``: the patches the CNN trained on (:attr:`FinetuneResult.data`),
+    ``patches``: the training cohort's passed patches (columns of
+    :func:`cmil_core.store.passed_patches`); ``encoder``: the final CNN as
+    ``train`` saves it. Those pixels are the patches as the feature files
+    read them (:func:`load_patch_set`), so embedding them here spares
+    reading those slides again. Slides with patches outside the
+    budget are left to :func:`cmil_core.features.slide_features`. Returns the
+    number of files written.
+    """
+    from cmil_core.features import write_slide_features
+
+    if data is None or len(data) == 0:
+        return 0
+    row_of = pd.Series(np.arange(len(data)), index=data.patch_ids)
+    written = 0
+    for _, rows in patches.groupby("slide_id", sort=True):
+        ids = rows["patch_id"].to_numpy(np.int64)
+        if not np.isin(ids, data.patch_ids).all():
+            continue
+        first = rows.iloc[0]
+        emb = encoder.embed(data.pixels[row_of.loc[ids].to_numpy()])
+        write_slide_features(root, rows[["patch_id", "x", "y", "size"]], emb, encoder.spec,
+                             slide_sha256=str(first["sha256"]),
+                             slide_name=Path(str(first["path"])).name,
+                             mpp=float(first["mpp"]), tiling_key=str(first["tiling_key"]))
+        written += 1
+    return written
 
 
 def run_key(cohort: str, seed: int, folds: int, aggregator: str, config: FinetuneConfig,

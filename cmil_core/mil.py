@@ -369,7 +369,7 @@ def inner_split(
         if idx.size < 2:
             return None
         idx = rng.permutation(idx)
-        n_val = min(idx.size - 1, max(1, int(round(fraction * idx.size))))
+        n_val = min(idx.size - 1, max(1, round(float(fraction * idx.size))))
         val.extend(idx[:n_val].tolist())
         train.extend(idx[n_val:].tolist())
     return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
@@ -611,6 +611,9 @@ class Aggregator(ABC):
 class _Standardise(nn.Module):
     """(x - mean) / std with the training cohort's embedding moments."""
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(self, mean: np.ndarray, std: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(np.asarray(mean, dtype=np.float32)))
@@ -630,7 +633,8 @@ class _PatchHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        logits: torch.Tensor = self.net(x).squeeze(-1)
+        return logits
 
 
 class HistogramMIL(Aggregator):
@@ -730,7 +734,7 @@ class HistogramMIL(Aggregator):
     """
 
     name = "histogram"
-    PARAMS = {
+    PARAMS: ClassVar[dict[str, tuple[Any, str, float, float]]] = {
         "hidden": (64, "int", 1, 4096),
         "dropout": (0.25, "float", 0.0, 0.95),
         "input_dropout": (0.1, "float", 0.0, 0.95),
@@ -894,7 +898,7 @@ class HistogramMIL(Aggregator):
                 target = torch.from_numpy(row_label[rows])
                 loss = F.binary_cross_entropy_with_logits(head(x), target)
                 optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+                torch.autograd.backward(loss)  # loss.backward(), which is untyped
                 optimiser.step()
                 losses.append(float(loss.detach()))
             if report is None:
@@ -1095,7 +1099,7 @@ class AttentionMIL(Aggregator):
     """
 
     name = "attention"
-    PARAMS = {
+    PARAMS: ClassVar[dict[str, tuple[Any, str, float, float]]] = {
         "embed_dim": (128, "int", 1, 4096),
         "attention_dim": (64, "int", 1, 4096),
         "dropout": (0.25, "float", 0.0, 0.95),

@@ -42,7 +42,7 @@ import platform
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cmil_core import _atomic, encoders, features, finetune, mil, recalibration
-from cmil_core import qc as qc_mod
-from cmil_core import store as store_mod
+from cmil_core import (
+    _atomic,
+    encoders,
+    features,
+    finetune,
+    mil,
+    qc as qc_mod,
+    recalibration,
+    store as store_mod,
+)
 from cmil_core.errors import InputError
 from cmil_core.progress import Progress, ProgressCallback, no_progress
 from cmil_core.stats import roc_auc, youden_cutoff
 
-__all__ = ["Bags", "artifact_dir", "cohort_bags", "load_model", "score", "train"]
+__all__ = [
+    "MIN_FINETUNE_PATCHES", "MIN_FINETUNE_PATIENTS", "Bags", "artifact_dir",
+    "choose_encoder_training", "cohort_bags", "load_model", "score", "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +121,10 @@ def _embed(
     executor: str = "local",
     ray_address: str | None = None,
 ) -> tuple[Bags, list[int]]:
-    """Embed (or reuse the feature files of) the patches; no store needed. Returns the slide ids too."""
+    """Embed (or reuse the feature files of) the patches; no store needed.
+
+    Returns the slide ids too.
+    """
     name, index, stages = stage
     by_slide = list(inputs.patches.groupby("slide_id", sort=True))
     processes = features.default_processes()
@@ -139,7 +152,7 @@ def _embed(
                 Progress(name, index, stages, done, total, f"{what} ({processes} processes)")),
         )
     per_patient: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    for done, (slide_id, rows) in enumerate(by_slide):
+    for done, (_slide_id, rows) in enumerate(by_slide):
         first = rows.iloc[0]
         progress(Progress(name, index, stages, done, len(by_slide), Path(first["path"]).name))
         ff = features.slide_features(
@@ -215,7 +228,7 @@ def train(
     folds: int = 5,
     params: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
-    encoder_training: str = "frozen",
+    encoder_training: str = "auto",
     cnn: finetune.FinetuneConfig | None = None,
     input_px: int | None = None,
     mean: tuple[float, float, float] | None = None,
@@ -230,7 +243,11 @@ def train(
     that CNN on the cohort's smears with the patients' labels, inside every
     cross-validation fold and once more on all training patients for the
     final model (:mod:`cmil_core.finetune`; ``cnn``: its settings;
-    ``weights``: its starting point). The trained CNN is saved in the model
+    ``weights``: its starting point); ``"auto"`` (the default) is
+    ``"finetune"`` unless the study is too small to train a CNN on or the
+    encoder cannot be trained (:func:`choose_encoder_training`: then
+    ``"frozen"``, and the reason is logged and kept in the model's
+    ``config["encoder_training_note"]`` and ``metrics``). The trained CNN is saved in the model
     folder (``encoder-<sha256[:12]>.pt``) and is the encoder that
     :func:`score` uses. ``input_px``, ``mean``, ``std``: the encoder's
     preprocessing (default 224 px and ImageNet's when frozen, ``cnn``'s when
@@ -241,11 +258,21 @@ def train(
         raise InputError(f"--executor {executor!r} is not one of local, ray")
     if aggregator not in ("histogram", "attention"):
         raise InputError(f"--aggregator {aggregator!r} is not histogram or attention")
-    if encoder_training not in finetune.ENCODER_TRAINING:
+    if encoder_training not in (*finetune.ENCODER_TRAINING, "auto"):
         raise InputError(f"--encoder-training {encoder_training!r} is not "
-                         f"{' or '.join(finetune.ENCODER_TRAINING)}")
+                         f"{', '.join(finetune.ENCODER_TRAINING)} or auto")
     prep: dict[str, Any] = {k: v for k, v in (("input_px", input_px), ("mean", mean),
                                              ("std", std)) if v is not None}
+    requested, note = encoder_training, ""
+    if encoder_training == "auto":
+        with store_mod.using(db, read_only=True) as st:
+            if cohort not in {c.cohort for c in store_mod.list_cohorts(st)}:
+                raise InputError(f"cohort '{cohort}' does not exist in {st.path}")
+            inputs = _cohort_inputs(st, cohort)
+        encoder_training, note = choose_encoder_training(inputs.patches, inputs.patients,
+                                                         encoder)
+        if note:
+            log.info("cohort %s: %s", cohort, note)  # the CLI prints the choice after training
     if encoder_training == "finetune":
         if encoder not in encoders.ARCHITECTURES:
             raise InputError(
@@ -256,6 +283,7 @@ def train(
                                                   architecture=encoder, **prep)
         enc = None  # the trained CNN, once trained
     else:
+        cnn = None  # frozen (asked for, or chosen by the auto rule): no CNN training
         enc = encoders.load_encoder(encoder, weights, seed=seed, **prep)
     # The store is held only for each read and write, never while the CNN or
     # the aggregator runs: the dashboard and other readers keep working.
@@ -323,7 +351,7 @@ def train(
     oof_fold = np.zeros(len(labels), dtype=int)
     for f, held_out in enumerate(cv.folds):
         oof_fold[held_out] = f
-    created = datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0)
+    created = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}"
     folder = folder_root / model_id
     suffix = 1
@@ -358,6 +386,9 @@ def train(
         "versions": _versions(),
     }
     config["encoder_training"] = encoder_training
+    config["encoder_training_requested"] = requested
+    if note:
+        config["encoder_training_note"] = note
     if tuned is not None:  # the trained CNN is a file of the model folder
         config["encoder"] = {**enc.spec.to_dict(),
                              "weights": str(folder / tuned.weights_path.name)}
@@ -379,6 +410,8 @@ def train(
                "n_train": len(labels), "n_positive": int(sum(labels)),
                "warnings": list(cv.warnings)}
     metrics["encoder_training"] = encoder_training
+    if note:
+        metrics["encoder_training_note"] = note
     oof = pd.DataFrame({"patient_id": training_ids, "fold": oof_fold, "score": cv.oof_scores})
     with store_mod.using(db) as st:
         # Out-of-fold scores first: a kill in between leaves rows without a model,
@@ -394,6 +427,48 @@ def train(
     log.info("model %s saved in %s: %d patients, cross-validated AUC %.3f, cutoff %.4f",
              model_id, folder, len(labels), cv.auc, cutoff)
     return model_id
+
+
+#: ``encoder_training="auto"`` trains the CNN only when the smaller class has at
+#: least this many labelled patients with quality-passed patches ...
+MIN_FINETUNE_PATIENTS = 10
+#: ... and at least this many quality-passed patches.
+MIN_FINETUNE_PATCHES = 100
+
+
+def choose_encoder_training(patches: pd.DataFrame, patients: pd.DataFrame,
+                            encoder: str) -> tuple[str, str]:
+    """What ``encoder_training="auto"`` does: ``("finetune", "")`` or ``("frozen", why)``.
+
+    The rule: fine-tune (the study's method) when ``encoder`` is an
+    architecture whose weights can be trained, and the smaller class has at
+    least :data:`MIN_FINETUNE_PATIENTS` labelled patients with quality-passed
+    patches and at least :data:`MIN_FINETUNE_PATCHES` such patches.
+    Otherwise the encoder stays frozen: with a handful of patients, the inner
+    validation split that stops the CNN's training early holds one or two
+    patients per class, and a CNN trained on a few dozen patches learns
+    noise; frozen features are the steadier choice. ``patches``:
+    :func:`cmil_core.store.passed_patches`; ``patients``: ``patient_id,
+    bm_metastasis``.
+    """
+    if encoder not in encoders.ARCHITECTURES:
+        return "frozen", (f"encoder {encoder} is a whole program, not trainable weights: "
+                          "used frozen (auto rule)")
+    labels = patients.dropna(subset=["bm_metastasis"]).set_index("patient_id")["bm_metastasis"]
+    counts = patches.groupby("patient_id").size()
+    counts = counts[counts.index.isin(labels.index)]
+    per_class = {c: (int((labels.loc[counts.index] == c).sum()),
+                     int(counts[(labels.loc[counts.index] == c).to_numpy()].sum()))
+                 for c in (0, 1)}
+    few_patients = min(n for n, _ in per_class.values())
+    few_patches = min(n for _, n in per_class.values())
+    if few_patients >= MIN_FINETUNE_PATIENTS and few_patches >= MIN_FINETUNE_PATCHES:
+        return "finetune", ""
+    return "frozen", (
+        f"too small to train the patch CNN on (smaller class: {few_patients} patients, "
+        f"{few_patches} quality-passed patches; auto fine-tunes from "
+        f"{MIN_FINETUNE_PATIENTS} patients and {MIN_FINETUNE_PATCHES} patches per class): "
+        "frozen encoder (auto rule; --encoder-training finetune forces training)")
 
 
 def _finetune(
@@ -418,10 +493,16 @@ def _finetune(
         if weights is not None else None
     work = _store_dir(db) / "checkpoints" / finetune.run_key(
         cohort, seed, folds, aggregator, cnn, params, weights_sha)
-    return finetune.finetune_encoder(
+    result = finetune.finetune_encoder(
         inputs.patches, inputs.patients, aggregator=aggregator, folds=folds, seed=seed,
         work_dir=work, config=cnn, params=params, weights=weights, progress=report,
     )
+    # The final CNN's feature files of the slides whose patches are all in memory:
+    # no second read of those slides in the features stage.
+    written = finetune.write_feature_files(result.data, inputs.patches, inputs.features_root,
+                                           result.encoder)
+    log.info("feature files of %d slides written from the patches in memory", written)
+    return result
 
 
 def _tiling_settings(st: store_mod.Store, cohort: str) -> list[dict[str, Any]]:
@@ -449,7 +530,9 @@ def load_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> L
         config = json.loads((folder / "config.json").read_text())
         saved = torch.load(folder / "model.pt", weights_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
-        raise InputError(f"model '{model_id}': its files in {folder} cannot be read ({exc})") from exc
+        raise InputError(
+            f"model '{model_id}': its files in {folder} cannot be read ({exc})"
+        ) from exc
     aggregator = mil.aggregator_from_state(saved["config"], saved["state"])
     spec = config["encoder"]
     trained = None  # a CNN trained by `train` lives in the model folder, wherever it moved

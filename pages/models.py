@@ -17,8 +17,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, mil, modeling
-from cmil_core import store as store_mod
+from cmil_core import display, mil, modeling, store as store_mod
 from cmil_core.distributed import ray_address
 from cmil_core.errors import InputError
 from cmil_core.evaluation import discrimination
@@ -35,7 +34,8 @@ AGGREGATOR_HELP = {
     "attention": "gated attention MIL (Ilse et al. 2018)",
 }
 # How the patch CNN is used: frozen as loaded, or trained with the patients' labels.
-CNN_TRAINING = {"frozen": "frozen (fast)", "finetune": "trained on the smears (the study's)"}
+CNN_TRAINING = {"auto": "auto (trained unless the study is tiny)",
+                "finetune": "trained on the smears (the study's)", "frozen": "frozen (fast)"}
 # The hyper-parameters offered here, per aggregator; the rest keep their defaults
 # (python -m cmil_core train --param NAME=VALUE sets any of them).
 SHOWN_PARAMS = {
@@ -100,22 +100,24 @@ WHAT_COLUMNS = ["Model", "Created (UTC)", "Aggregator", "Encoder", "Training coh
 HOW_COLUMNS = ["Model", "CV AUC (95% CI)", "CV folds", "Fold AUCs", "Cutoff", "Scored"]
 
 
-def cv_intervals(s: store_mod.Store, rows: list[store_mod.ModelRow]) -> dict[str, tuple[Any, Any]]:
+def cv_intervals(
+    store: store_mod.Store, rows: list[store_mod.ModelRow]
+) -> dict[str, tuple[Any, Any]]:
     """Each model's cross-validated AUC CI: DeLong on its training cohort's out-of-fold scores."""
     out: dict[str, tuple[Any, Any]] = {}
     for m in rows:
-        for r in discrimination(s, m.model_id):
+        for r in discrimination(store, m.model_id):
             if r["cohort"] == m.train_cohorts and r.get("ci_low") is not None:
                 out[m.model_id] = (r["ci_low"], r["ci_high"])
     return out
 
 
 def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: int, folds: int,
-                  params: dict[str, Any], encoder_training: str = "frozen") -> str:
+                  params: dict[str, Any], encoder_training: str = "auto") -> str:
     words = ["python", "-m", "cmil_core", "train", "--db", str(db), "--cohort", cohort,
              "--aggregator", aggregator, "--encoder", encoder, "--seed", str(seed),
              "--folds", str(folds)]
-    if encoder_training != "frozen":
+    if encoder_training != "auto":  # the command line's default
         words += ["--encoder-training", encoder_training]
     for key, value in params.items():
         words += ["--param", f"{key}={value}"]
@@ -129,15 +131,15 @@ runner = _common.job_runner()
 models = _common.query("models", store_mod.list_models)
 ids = models["model_id"].tolist()
 rows = _common.query(
-    "model_rows", lambda s: [r for i in store_mod.list_models(s)["model_id"]
-                             if (r := store_mod.get_model(s, i)) is not None]
+    "model_rows", lambda store: [r for i in store_mod.list_models(store)["model_id"]
+                                 if (r := store_mod.get_model(store, i)) is not None]
 )
 scored = _common.query("model_score_counts", store_mod.model_score_counts)
 cohorts = _common.query("cohorts", store_mod.list_cohorts)
 
 if rows:
     marks = _common.stale_marks()
-    intervals = _common.query("model_cv_ci", lambda s: cv_intervals(s, rows))
+    intervals = _common.query("model_cv_ci", lambda store: cv_intervals(store, rows))
     table = model_table(rows, scored, marks, intervals)
     # Two tables that wrap (st.table): every column visible at 1280 px.
     st.table(table[WHAT_COLUMNS].set_index("Model"))
@@ -195,9 +197,11 @@ else:
     encoder_training = st.radio(
         "Patch CNN", list(CNN_TRAINING), horizontal=True, key="train_encoder_training",
         format_func=lambda k: CNN_TRAINING[k],
-        help="frozen: the encoder is used as it is and only the aggregator learns (minutes). "
-             "finetune: the CNN itself is trained on the patches with each patient's label, "
-             "inside every cross-validation fold (the study's method; much longer on a CPU).")
+        help="finetune: the CNN itself is trained on the patches with each patient's label, "
+             "inside every cross-validation fold (the study's method). frozen: the encoder is "
+             "used as it is and only the aggregator learns (faster). auto: finetune, unless "
+             "the smaller class has under 10 patients or 100 quality-passed patches (then "
+             "frozen, and the model's record says so).")
     spec = mil.AGGREGATORS[aggregator].PARAMS
     params: dict[str, Any] = {}
     param_cols = st.columns(len(SHOWN_PARAMS[aggregator]))
@@ -281,7 +285,8 @@ else:
 # ---------------------------------------------------------------------------
 def describe_done(job_name: str, result: object) -> None:
     if job_name == TRAIN_JOB:
-        model = _common.query(f"model:{result}", lambda s: store_mod.get_model(s, str(result)))
+        model = _common.query(f"model:{result}",
+                              lambda store: store_mod.get_model(store, str(result)))
         if model is None:  # deleted since
             st.info(f"Trained model {md(result)} (since deleted).")
             return

@@ -23,9 +23,9 @@ from cmil_core.demo import (
     generate_demo,
     simulate_patients,
 )
-from cmil_core.stats import roc_auc
 from cmil_core.errors import InputError
 from cmil_core.progress import Progress
+from cmil_core.stats import roc_auc
 
 
 def _digests(folder: Path) -> dict[str, str]:
@@ -123,7 +123,7 @@ def test_tumour_regions_lie_on_metastatic_patients_slides(small_demo: Path) -> N
 
 
 def test_tumour_boxes_are_dark_blue_in_the_pixels(small_demo: Path) -> None:
-    _, slides, regions = _store_rows(small_demo)
+    _, _, regions = _store_rows(small_demo)
     region = regions.iloc[0]
     osr = openslide.OpenSlide(region["path"])
     box = np.asarray(osr.read_region((int(region.x), int(region.y)), 0,

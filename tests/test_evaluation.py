@@ -7,8 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cmil_core import evaluation
-from cmil_core import store as store_mod
+from cmil_core import evaluation, store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.evaluation import tumour_fraction
 from cmil_core.survival import cox_analysis

@@ -250,7 +250,8 @@ def test_no_fold_trains_on_its_held_out_patients(monkeypatch: pytest.MonkeyPatch
                                        params=params)
     assert cv.k == 3 and len(given) == 3 and len(cnns) == 3
     held_out = [[data.patient_ids[i] for i in fold] for fold in cv.folds]
-    assert sorted(sum(held_out, [])) == sorted(data.patient_ids)  # each held out exactly once
+    all_held_out = [p for fold in held_out for p in fold]
+    assert sorted(all_held_out) == sorted(data.patient_ids)  # each held out exactly once
     for trained_on, test, cnn in zip(given, held_out, cnns, strict=True):
         assert set(trained_on).isdisjoint(test)
         assert set(trained_on) | set(test) == set(data.patient_ids)
@@ -311,10 +312,13 @@ def test_train_finetune_saves_the_cnn_and_score_uses_it(
     assert main(["train", "--db", str(db), "--cohort", "training", "--aggregator", "histogram",
                  "--encoder-training", "finetune", "--folds", "2", *cnn,
                  "--param", "max_epochs=2", "--param", "crossfit_folds=0"]) == 0
-    model_id = capsys.readouterr().out.strip().splitlines()[-1]  # the contract: last line
+    printed = capsys.readouterr()
+    model_id = printed.out.strip().splitlines()[-1]  # the contract: last line
+    assert "patch CNN: finetune" in printed.err  # asked for: trained even below the auto rule
     with store.open_store(db, read_only=True) as st:
         row = store.get_model(st, model_id)
     assert row is not None and row.metrics["encoder_training"] == "finetune"
+    assert "encoder_training_note" not in row.metrics
     folder = modeling.artifact_dir(db, model_id)
     config = json.loads((folder / "config.json").read_text())
     weights = folder / Path(config["encoder"]["weights"]).name
@@ -332,3 +336,47 @@ def test_train_finetune_saves_the_cnn_and_score_uses_it(
     assert (tmp_path / "features" / config["encoder_key"]).is_dir()
     loaded = modeling.load_model(db, model_id)
     assert loaded.encoder.spec.weights_sha256 == sha
+
+
+# --------------------------------------------------------------------------- the final CNN and its feature files
+
+
+def test_the_final_cnn_trains_as_long_as_the_folds_found_best() -> None:
+    """fold_median: median best epoch (rounded up), every patient trains, no validation split."""
+    data = planted_bags(8, patches=4)
+    folds = [finetune.TrainedCNN(model=None, config=tiny(), history=[], best_epoch=e,  # type: ignore[arg-type]
+                                 val_auc=0.5, trained_patients=[], validation_patients=[])
+             for e in (2, 5, 3, 4)]
+    config = finetune.final_cnn_config(tiny(max_epochs=9), folds)
+    assert (config.max_epochs, config.val_fraction) == (4, 0.0)  # median 3.5 -> 4
+    assert finetune.final_cnn_config(tiny(max_epochs=9, final="early_stopping"), folds) == \
+        tiny(max_epochs=9, final="early_stopping")
+    final = finetune.train_cnn(data, finetune.final_cnn_config(tiny(), folds[:1]), seed=0)
+    assert len(final.history) == 2 and final.validation_patients == []
+    assert sorted(final.trained_patients) == sorted(data.patient_ids)
+
+
+def test_feature_files_from_the_pixels_in_memory_are_the_ones_scoring_reads(
+        tmp_path: Path) -> None:
+    """Slides whose patches are all in memory get their feature file; slide_features reuses it."""
+    import pandas as pd
+
+    from cmil_core import features
+
+    data = planted_bags(4, patches=3)  # patch ids 0..11, patient p owns 3p..3p+2
+    encoder = encoders.load_encoder("smallcnn", input_px=32, seed=0)
+    rows = [{"slide_id": 1 + pid // 3, "patch_id": pid, "x": 100 * pid, "y": 0, "size": 64,
+             "path": f"/nowhere/S{1 + pid // 3}.tiff", "sha256": str(1 + pid // 3) * 64,
+             "mpp": 0.5, "tiling_key": "t-demo"} for pid in range(12)]
+    rows.append({**rows[-1], "patch_id": 99, "x": 5000})  # slide 4 has a patch not in memory
+    table = pd.DataFrame(rows)
+    assert finetune.write_feature_files(data, table, tmp_path, encoder) == 3
+    for slide in (1, 2, 3):
+        part = table[table["slide_id"] == slide]
+        # the slide file does not exist: a reused feature file never opens it
+        ff = features.slide_features(part["path"].iloc[0], part[["patch_id", "x", "y", "size"]],
+                                     encoder, tmp_path, tiling_key="t-demo", mpp=0.5,
+                                     slide_sha256=part["sha256"].iloc[0])
+        expected = encoder.embed(data.pixels[part["patch_id"].to_numpy()]).astype(np.float16)
+        np.testing.assert_array_equal(ff.features, expected)
+    assert not features.feature_path(tmp_path, encoder.spec.key, "4" * 64, "t-demo").exists()

@@ -53,7 +53,7 @@ def planted_bags(
         x = rng.normal(size=(m, d))
         planted = np.zeros(m, dtype=bool)
         if label:
-            w = max(1, int(round(rng.uniform(*witness) * m)))
+            w = max(1, round(float(rng.uniform(*witness) * m)))
             planted[rng.choice(m, size=w, replace=False)] = True
             x[planted] += shift * direction
         bags.append(x.astype(dtype))

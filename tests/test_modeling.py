@@ -125,8 +125,11 @@ def test_cli_train_prints_the_model_id_last(
     demo_db: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main(["train", "--db", str(demo_db), "--cohort", "training", "--folds", "2"]) == 0
-    model_id = capsys.readouterr().out.strip().splitlines()[-1]
+    printed = capsys.readouterr()
+    model_id = printed.out.strip().splitlines()[-1]
     assert model_id.startswith("training-attention-")
+    # the default (auto) on 14 patients: frozen, and train says why
+    assert "patch CNN: frozen (too small to train the patch CNN on" in printed.err
     assert main(["score", "--db", str(demo_db), "--model", model_id, "--cohort", "external_b"]) == 0
     assert "external_b: 8 patients scored" in capsys.readouterr().out
     assert main(["score", "--db", str(demo_db), "--model", "nope"]) == 2
@@ -159,3 +162,33 @@ def test_delete_model_removes_its_row_scores_and_files_only(demo_db: Path) -> No
         assert not store.patient_scores_frame(st, kept).empty
     with pytest.raises(InputError, match=f"no model '{doomed}'"):
         modeling.delete_model(demo_db, doomed)
+
+
+def _cohort(n_per_class: int, patches_each: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    patients = pd.DataFrame({"patient_id": [f"P{i}" for i in range(2 * n_per_class)] + ["U"],
+                             "bm_metastasis": [i % 2 for i in range(2 * n_per_class)] + [None]})
+    patches = pd.DataFrame({"patient_id": [p for p in patients["patient_id"]
+                                           for _ in range(patches_each)]})
+    return patches, patients
+
+
+def test_auto_trains_the_cnn_unless_the_study_is_tiny() -> None:
+    """The auto rule: finetune from 10 labelled patients and 100 passed patches per class."""
+    assert modeling.choose_encoder_training(*_cohort(10, 10), "smallcnn") == ("finetune", "")
+    mode, why = modeling.choose_encoder_training(*_cohort(9, 50), "smallcnn")
+    assert mode == "frozen" and "smaller class: 9 patients, 450" in why
+    mode, why = modeling.choose_encoder_training(*_cohort(20, 1), "resnet18")  # one cell a patch
+    assert mode == "frozen" and "20 patients, 20 quality-passed patches" in why
+    mode, why = modeling.choose_encoder_training(*_cohort(50, 10), "torchscript")
+    assert mode == "frozen" and "whole program" in why
+
+
+def test_the_small_demo_keeps_its_encoder_frozen_and_says_why(demo_db: Path) -> None:
+    """14 training patients: auto falls back to frozen; the model's record says so."""
+    with store.open_store(demo_db, read_only=True) as st:
+        model = store.get_model(st, _model_id(demo_db))
+    assert model is not None and model.metrics["encoder_training"] == "frozen"
+    assert "too small to train the patch CNN" in model.metrics["encoder_training_note"]
+    config = json.loads((modeling.artifact_dir(demo_db, model.model_id) / "config.json")
+                        .read_text())
+    assert config["encoder_training_requested"] == "auto"
