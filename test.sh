@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what the tests need and run them all (CI runs exactly this).
+# Install what the tests need, check lint (ruff) and types (mypy), and run the tests
+# (CI runs exactly this).
 # Extra arguments go to pytest, e.g. ./test.sh -m "not slow" or ./test.sh tests/test_store.py
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,4 +32,10 @@ fi
 if [ "$(id -u)" = 0 ]; then
   export CMIL_REQUIRE_R="${CMIL_REQUIRE_R:-1}"
 fi
+# Lint and types first (settings in pyproject.toml): ruff over the repository, strict
+# mypy over cmil_core. Either failing fails the run before the tests start.
+echo "ruff check ..." >&2
+.venv/bin/ruff check --quiet .
+echo "mypy (strict, cmil_core) ..." >&2
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

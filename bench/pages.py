@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, DashboardServer  # noqa: E402
+
 DEFAULT_DB = "/tmp/full/cmil.duckdb"
 
 # (sidebar link text = page title, url path) in sidebar order.
@@ -74,7 +75,8 @@ WAIT_READY = """
     const headingShown = !!main && [...main.querySelectorAll(selector)].some(
       (h) => h.offsetParent !== null && h.innerText.trim().startsWith(prefix));
     const running = !!document.querySelector('[data-testid="stStatusWidgetRunningIcon"]');
-    const stale = !!main && !!main.querySelector('[data-testid="stElementContainer"][data-stale="true"]');
+    const stale = !!main
+      && !!main.querySelector('[data-testid="stElementContainer"][data-stale="true"]');
     const imgs = main ? [...main.querySelectorAll('img')] : [];
     const loading = imgs.some((i) => !i.complete);
     const ok = headingShown && !running && !stale && !loading;

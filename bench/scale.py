@@ -224,7 +224,6 @@ def _softmax_by_group(raw: np.ndarray, groups: np.ndarray) -> np.ndarray:
 def build(folder: Path, seed: int, quiet: bool) -> dict[str, Any]:
     """Build the store in ``folder``; returns the build's timings and counts."""
     from cmil_core.slides import file_sha256
-
     from cmil_core.store import ModelRow, PatientRow
 
     if folder.exists():
@@ -518,12 +517,13 @@ def pages_worker(db: str, patient: str) -> None:
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if p and Path(p).resolve() != here]
     os.chdir(ROOT)
+    # The pages' imports, before the baseline:
+    import plotly.graph_objects  # noqa: F401
     from streamlit import config as streamlit_config
     from streamlit.testing.v1 import AppTest
 
-    import cmil_core.evaluation  # noqa: F401  (the pages' imports, before the baseline)
+    import cmil_core.evaluation
     import cmil_core.patients  # noqa: F401
-    import plotly.graph_objects  # noqa: F401
 
     streamlit_config.set_option("client.showErrorDetails", "full")
     rss_base = _peak_rss_mb()

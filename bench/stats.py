@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmil_core import stats  # noqa: E402
+from cmil_core import stats
 
 T = TypeVar("T")
 

@@ -1,4 +1,5 @@
-"""Input checks shared by the statistics modules (:mod:`cmil_core.stats`, :mod:`cmil_core.survival`).
+"""Input checks shared by the statistics modules (:mod:`cmil_core.stats`,
+:mod:`cmil_core.survival`).
 
 Most users should not import this module: its functions are the edge at
 which those modules check a table once (columns present, complete rows,
@@ -81,8 +82,10 @@ def complete_cases(frame: pd.DataFrame, columns: Sequence[str]) -> tuple[pd.Data
 
 def numeric_column(series: pd.Series, column: str) -> FloatArray:
     """Finite floats from a column without missing values, else InputError."""
+    values: FloatArray  # pandas is untyped (Any): the arrays' type is stated here
     if pd.api.types.is_bool_dtype(series):
-        return series.to_numpy(dtype=np.float64)
+        values = series.to_numpy(dtype=np.float64)
+        return values
     converted = pd.to_numeric(series, errors="coerce")
     bad = converted.isna() & series.notna()
     if bad.any():

@@ -35,8 +35,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special
-from scipy import stats as _sps
+from scipy import special, stats as _sps
 
 from cmil_core._formatting import fmt_ci, json_float, json_pair
 from cmil_core.errors import InputError

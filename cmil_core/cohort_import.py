@@ -300,12 +300,15 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
     first_seen: dict[str, int] = {}
     patients: list[store_mod.PatientRow] = []
 
-    for cells, rownum in zip(table.rows, table.row_numbers):
-        def col(fld: str) -> tuple[str, str] | None:
-            idx = mapping.get(fld)
-            return None if idx is None else (header[idx], cells[idx])
+    def col(cells: list[str], fld: str) -> tuple[str, str] | None:
+        """(column name, cell) of field ``fld`` in a row, None when the table lacks it."""
+        idx = mapping.get(fld)
+        return None if idx is None else (header[idx], cells[idx])
 
-        name, pid = col("patient_id")  # type: ignore[misc]
+    for cells, rownum in zip(table.rows, table.row_numbers):
+        id_cell = col(cells, "patient_id")
+        assert id_cell is not None  # _map_columns refused a table without patient_id
+        name, pid = id_cell
         if pid.lower() in MISSING_VALUES:
             add(rownum, name, "patient_id is empty")
         elif len(pid) > MAX_ID_LENGTH:
@@ -317,16 +320,17 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
         else:
             first_seen[pid] = rownum
 
-        values: dict[str, float | int | None] = {}
-        cell = col("bm_metastasis")
+        flags: dict[str, int | None] = {}  # bm_metastasis, os_event, efs_event: 0/1
+        months: dict[str, float | None] = {}  # os_months, efs_months
+        cell = col(cells, "bm_metastasis")
         if cell is not None:
             try:
-                values["bm_metastasis"] = _parse_binary(cell[1])
+                flags["bm_metastasis"] = _parse_binary(cell[1])
             except ValueError:
                 add(rownum, cell[0], f"'{shown(cell[1])}' is not a metastasis status "
                     "(use 1/0, yes/no, positive/negative or true/false)")
         for prefix in ("os", "efs"):
-            tcell, ecell = col(f"{prefix}_months"), col(f"{prefix}_event")
+            tcell, ecell = col(cells, f"{prefix}_months"), col(cells, f"{prefix}_event")
             t_value: float | None = None
             e_value: int | None = None
             t_ok = e_ok = True
@@ -357,19 +361,19 @@ def validate_table(table: TextTable) -> tuple[list[store_mod.PatientRow], dict[s
                 if t_value is not None and e_value is None:
                     where = ecell[0] if ecell else f"{prefix}_event"
                     add(rownum, where, f"{prefix} time given without an event indicator")
-            values[f"{prefix}_months"] = t_value
-            values[f"{prefix}_event"] = e_value
+            months[f"{prefix}_months"] = t_value
+            flags[f"{prefix}_event"] = e_value
 
         clinical = {header[i]: _clinical_value(cells[i], dc, numeric_clinical[i])
                     for i in clinical_idx}
         patients.append(
             store_mod.PatientRow(
                 patient_id=pid,
-                bm_metastasis=values.get("bm_metastasis"),  # type: ignore[arg-type]
-                os_months=values.get("os_months"),
-                os_event=values.get("os_event"),  # type: ignore[arg-type]
-                efs_months=values.get("efs_months"),
-                efs_event=values.get("efs_event"),  # type: ignore[arg-type]
+                bm_metastasis=flags.get("bm_metastasis"),
+                os_months=months.get("os_months"),
+                os_event=flags.get("os_event"),
+                efs_months=months.get("efs_months"),
+                efs_event=flags.get("efs_event"),
                 clinical=clinical,
             )
         )
@@ -398,8 +402,8 @@ def import_cohort(
     ``db`` is an open :class:`~cmil_core.store.Store` or a path to one.
     ``data``/``name`` read an upload instead of a file. ``encoding`` overrides
     the detected encoding of a text table, ``sheet`` (name or 1-based number)
-    chooses a workbook's sheet. ``dry_run`` validates only. On any problem raises :class:`TableError` (an ``InputError``) and
-    writes nothing.
+    chooses a workbook's sheet. ``dry_run`` validates only. On any problem
+    raises :class:`TableError` (an ``InputError``) and writes nothing.
     """
     cohort = cohort.strip()
     if not cohort or len(cohort) > MAX_COHORT_LENGTH or any(ch in cohort for ch in "/\\\0"):
@@ -431,7 +435,7 @@ def import_cohort(
     if dry_run:
         return result
     own = not isinstance(db, store_mod.Store)
-    st = store_mod.open_store(db) if own else db  # type: ignore[arg-type]
+    st = db if isinstance(db, store_mod.Store) else store_mod.open_store(db)
     try:
         store_mod.import_patients(
             st, cohort, patients, role=role, center=center, source_file=source, replace=replace

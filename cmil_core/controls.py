@@ -84,7 +84,8 @@ def dark_share(
         raise InputError(f"glass red {glass_red} must be in (0, 255].")
     limit = math.floor(glass_red * 10.0 ** (-red_od) + 1e-9)
     red = batch[..., 0].reshape(batch.shape[0], -1)
-    return np.count_nonzero(red <= limit, axis=1) / max(red.shape[1], 1)
+    share: npt.NDArray[np.float64] = np.count_nonzero(red <= limit, axis=1) / max(red.shape[1], 1)
+    return share
 
 
 def colour_control_scores(
@@ -160,7 +161,8 @@ def colour_control(
 
 
 def format_control(control: list[dict[str, Any]], model_rows: list[dict[str, Any]]) -> str:
-    """Terminal lines: the control's AUC per cohort beside the model's (rows of ``discrimination``)."""
+    """Terminal lines: the control's AUC per cohort beside the model's (rows of
+    ``discrimination``)."""
     model_auc = {r["cohort"]: r.get("auc") for r in model_rows}
     lines = [f"{DESCRIPTION}:"]
     for r in control:

@@ -340,7 +340,7 @@ def _read_manifest(manifest: Path, root: Path) -> list[SlideSource]:
         if key in seen:
             problems.append(f"row {row}, column 'slide_path': '{label}' repeats row {seen[key]}")
             continue
-        seen[key] = int(row)  # type: ignore[arg-type]
+        seen[key] = int(row)
         out.append(SlideSource(path, str(pid), mpp, "manifest"))
         if len(problems) >= 20:
             break

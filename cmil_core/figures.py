@@ -34,6 +34,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.typing import LegendLocType
 
 from cmil_core import display
 from cmil_core.errors import InputError
@@ -74,7 +75,7 @@ def _title(ax: Axes, title: str, subtitle: str | None = None) -> None:
         ax.set_title(title, fontsize=_TITLE, loc="left")
 
 
-def _legend(ax: Axes, loc: str, title: str | None = None) -> None:
+def _legend(ax: Axes, loc: LegendLocType, title: str | None = None) -> None:
     legend = ax.legend(loc=loc, fontsize=_SMALL, frameon=True, framealpha=0.85,
                        edgecolor="none", title=title, title_fontsize=_SMALL)
     legend.set_in_layout(True)
@@ -279,7 +280,7 @@ def km(
                        frameon=False, borderaxespad=0.0, title="95% CI shaded; + censored",
                        title_fontsize=_SMALL)
     legend.set_in_layout(True)
-    legend.get_title().set_ha("left")
+    legend.get_title().set_horizontalalignment("left")
     logrank = result.get("logrank") or {}
     lines = [f"log-rank {_p_text(logrank.get('p'))}"]
     cox = result.get("cox") or {}

@@ -134,8 +134,8 @@ def gradcam(
     if grad is None:
         raise InputError("Grad-CAM: no gradient reached the encoder's last block")
     weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
-    cam = nn.functional.interpolate(cam, size=patch.shape[:2], mode="bilinear",
+    relu = torch.relu((weights * activation).sum(dim=1, keepdim=True))
+    cam = nn.functional.interpolate(relu, size=patch.shape[:2], mode="bilinear",
                                     align_corners=False)[0, 0].detach().numpy()
     peak = float(cam.max())
     cam = cam / peak if peak > 0 else np.zeros_like(cam)

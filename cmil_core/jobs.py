@@ -144,7 +144,7 @@ class JobRunner:
                 job.error = str(exc)
                 job.state = "failed"
                 log.warning("job %s refused its input: %s", name, exc)
-            except Exception as exc:  # noqa: BLE001 - reported to the user, traceback logged
+            except Exception as exc:  # reported to the user, traceback logged
                 job.error = f"{type(exc).__name__}: {exc}"
                 job.details = traceback.format_exc()
                 job.log_path = self.log_file  # attached by now, if later than the start

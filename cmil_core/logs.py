@@ -25,6 +25,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from io import TextIOWrapper
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import TextIO
@@ -49,14 +50,14 @@ _lock = threading.Lock()
 class _LogFile(RotatingFileHandler):
     """A rotating log file whose folder is made again if someone deleted it."""
 
-    def _open(self):  # type: ignore[no-untyped-def]
+    def _open(self) -> TextIOWrapper:
         os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         return super()._open()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is not None and not os.path.exists(self.baseFilename):
             self.stream.close()  # the file was deleted under us: write a new one
-            self.stream = None  # type: ignore[assignment]
+            self.stream = None
         super().emit(record)
 
 

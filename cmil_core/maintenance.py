@@ -80,14 +80,13 @@ import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pandas as pd
 
-from cmil_core import _atomic
-from cmil_core import store as store_mod
+from cmil_core import _atomic, store as store_mod
 from cmil_core.errors import InputError
 
 __all__ = [
@@ -768,7 +767,7 @@ def backup_store(
         manifest = {
             "format": BACKUP_FORMAT,
             "format_version": BACKUP_FORMAT_VERSION,
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "created_by": _user(),
             "source": str(path.resolve()),
             "store": path.name,

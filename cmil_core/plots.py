@@ -99,7 +99,8 @@ def km_figure(
     colours = {}
     for k, group in enumerate(groups):
         part = curves[curves["group"] == group]
-        colour = colours[str(group)] = RISK_COLOURS.get(str(group), COHORT_COLOURS[k % len(COHORT_COLOURS)])
+        colour = colours[str(group)] = RISK_COLOURS.get(
+            str(group), COHORT_COLOURS[k % len(COHORT_COLOURS)])
         fig.add_trace(go.Scatter(
             x=list(part["time"]) + list(part["time"])[::-1],
             y=list(part["ci_high"]) + list(part["ci_low"])[::-1],
@@ -170,7 +171,8 @@ def wrap_title(title: str, width: int = 44) -> list[str]:
 def calibration_figure(
     entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | None = None
 ) -> go.Figure:
-    """Observed against predicted: quantile bins with Wilson CIs, and the smoothed curve, per cohort.
+    """Observed against predicted: quantile bins with Wilson CIs, and the smoothed curve,
+    per cohort.
 
     Only cohorts whose every bin holds :data:`MIN_CALIBRATION_BIN` patients
     are drawn (:func:`calibration_drawable`; say which are left out), and the

@@ -27,7 +27,8 @@ __all__ = ["Progress", "ProgressCallback", "TerminalProgress", "no_progress", "s
 
 @dataclass(frozen=True)
 class Progress:
-    """Where a long job is: ``done`` of ``total`` items of stage ``index`` (1-based) of ``stages``."""
+    """Where a long job is: ``done`` of ``total`` items of stage ``index`` (1-based) of
+    ``stages``."""
 
     stage: str
     index: int
@@ -144,7 +145,7 @@ class TerminalProgress:
         if not (new_stage or finished or now - self._last >= self.interval):
             return
         self._last = now
-        filled = int(round(self.width * event.fraction))
+        filled = round(self.width * event.fraction)
         bar = "#" * filled + "-" * (self.width - filled)
         line = (
             f"\r[{event.index}/{event.stages}] {event.stage:<16} |{bar}| "

@@ -157,14 +157,16 @@ def fit_score_map(
     s = np.asarray(in_sample, dtype=np.float64)
     o = np.asarray(oof, dtype=np.float64)
     if s.shape != o.shape or s.ndim != 1:
-        raise InputError("fit_score_map: in-sample and out-of-fold scores must be 1-D, one per patient")
+        raise InputError(
+            "fit_score_map: in-sample and out-of-fold scores must be 1-D, one per patient")
     keep = np.isfinite(s) & np.isfinite(o)
     s, o = s[keep], np.clip(o[keep], 0.0, 1.0)
     if s.size < 3:
         return ScoreMap(n=int(s.size), note="fewer than 3 patients: identity")
     z = _logit(s)
     if np.ptp(z) < 1e-9:
-        return ScoreMap(n=int(s.size), note="the final model gives every patient one score: identity")
+        return ScoreMap(n=int(s.size),
+                        note="the final model gives every patient one score: identity")
     if method == "quantile-oof":
         return _quantile_map(z, _logit(o))
     x = np.column_stack([np.ones_like(z), z])
@@ -187,7 +189,8 @@ def fit_score_map(
 
 
 def _quantile_map(z_in: npt.NDArray[np.float64], z_oof: npt.NDArray[np.float64]) -> ScoreMap:
-    """Sorted in-sample logits -> sorted OOF logits (tied inputs share the mean of their outputs)."""
+    """Sorted in-sample logits -> sorted OOF logits (tied inputs share the mean of their
+    outputs)."""
     xs_all, ys_all = np.sort(z_in), np.sort(z_oof)
     xs, inverse = np.unique(xs_all, return_inverse=True)
     ys = np.bincount(inverse, weights=ys_all) / np.bincount(inverse)

@@ -70,8 +70,8 @@ from cmil_core._formatting import fmt, fmt_ci, fmt_p, json_float, json_pair, tex
 from cmil_core.errors import InputError
 
 __all__ = [
-    "AucInterval",
     "AucComparison",
+    "AucInterval",
     "RocCurve",
     "ThresholdMetrics",
     "binary_labels",
@@ -261,12 +261,12 @@ def binary_labels(series: pd.Series, column: str, positive: object | None = None
             "say which value is positive"
         )
     wanted = as_text(positive)
-    texts = np.array([as_text(v) for v in series.tolist()], dtype=object)
-    labels = texts == wanted
+    shown = np.array([as_text(v) for v in series.tolist()], dtype=object)
+    labels = shown == wanted
     if not labels.any():
         raise InputError(
             f"column {column!r}: positive value {wanted!r} not found; "
-            f"values are {list_values(texts)}"
+            f"values are {list_values(shown)}"
         )
     return np.asarray(labels, dtype=bool)
 
@@ -720,7 +720,7 @@ def calibration_bins(
         raise InputError(f"number of calibration bins {n_bins!r} must be a positive integer")
     edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)[1:-1]))
     which = np.searchsorted(edges, p, side="right")
-    rows = []
+    rows: list[tuple[int, int, float, float, float, float]] = []
     for b in np.unique(which):
         inside = which == b
         k, n = int(y[inside].sum()), int(inside.sum())
@@ -902,7 +902,7 @@ def _cutoffs_from_group(
 ) -> list[float] | None:
     if cutoff_group is None:
         return None
-    masks = {name: mask for name, mask in groups}
+    masks = dict(groups)
     wanted = cutoff_group
     if wanted not in masks:
         raise InputError(

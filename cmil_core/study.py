@@ -39,7 +39,8 @@ def median_followup(months: pd.Series, event: pd.Series) -> float | None:
 
 
 def study_overview(store: store_mod.Store) -> pd.DataFrame:
-    """One row per cohort: the store's counts plus ``followup_median`` (months) and ``positive_share``."""
+    """One row per cohort: the store's counts plus ``followup_median`` (months) and
+    ``positive_share``."""
     counts = store_mod.cohort_overview(store)
     patients = store_mod.patients_frame(store)
     followup = []
@@ -48,7 +49,8 @@ def study_overview(store: store_mod.Store) -> pd.DataFrame:
         followup.append(median_followup(rows["os_months"], rows["os_event"]))
     counts["followup_median"] = pd.array(followup, dtype="Float64")
     labelled = counts["positives"] + counts["negatives"]
-    counts["positive_share"] = np.where(labelled > 0, counts["positives"] / labelled.where(labelled > 0, 1), np.nan)
+    counts["positive_share"] = np.where(
+        labelled > 0, counts["positives"] / labelled.where(labelled > 0, 1), np.nan)
     return counts
 
 
@@ -63,7 +65,8 @@ def qc_table(store: store_mod.Store) -> pd.DataFrame:
     summary = store_mod.qc_summary(store)
     if summary.empty:
         return pd.DataFrame(columns=["cohort", "patches", "kept", "kept_share", *QC_REASONS])
-    summary["reason"] = summary["qc_reason"].astype(object).where(summary["qc_reason"].notna(), "kept")
+    summary["reason"] = summary["qc_reason"].astype(object).where(
+        summary["qc_reason"].notna(), "kept")
     wide = summary.pivot_table(index="cohort", columns="reason", values="patches",
                                aggfunc="sum", fill_value=0)
     order = [c.cohort for c in store_mod.list_cohorts(store) if c.cohort in wide.index]

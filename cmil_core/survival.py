@@ -70,6 +70,7 @@ from lifelines.statistics import multivariate_logrank_test
 from lifelines.utils import median_survival_times
 from scipy import stats as _sps
 
+from cmil_core import display
 from cmil_core._checks import (
     FALSE_TEXTS,
     TRUE_TEXTS,
@@ -80,7 +81,6 @@ from cmil_core._checks import (
     require_columns,
 )
 from cmil_core._formatting import fmt, fmt_ci, fmt_p, json_float, json_pair, p_text, text_table
-from cmil_core import display
 from cmil_core.errors import InputError
 from cmil_core.proportional_hazards import format_zph, violations, zph_test
 from cmil_core.stats import binary_labels, youden_cutoff
@@ -121,13 +121,13 @@ _T, _E = "__time__", "__event__"  # internal column names of checked data
 
 
 def check_survival_data(
-    frame: pd.DataFrame, time: str, event: str, columns: Sequence[str] = ()
+    frame: pd.DataFrame, time: str, event: str, columns: Sequence[str | None] = ()
 ) -> tuple[pd.DataFrame, int]:
     """Check survival columns once; return complete cases and the number dropped.
 
     The result holds ``__time__`` (float, finite, >= 0), ``__event__`` (int
     0/1) and the other ``columns`` unchanged, for rows where all of them are
-    present.
+    present. A None in ``columns`` (an optional column not asked for) is skipped.
 
     >>> df = pd.DataFrame({"t": [5.0, None, 3.0], "e": [1, 0, True]})
     >>> data, dropped = check_survival_data(df, "t", "e")
@@ -437,7 +437,7 @@ def _coefficient_rows(
 ) -> list[dict[str, Any]]:
     """One row per coefficient; with ``ph`` (:func:`_ph_check`), each row's term's PH p."""
     summary = fitter.summary
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name, row in summary.iterrows():
         rows.append(
             {
@@ -505,7 +505,7 @@ def cox_analysis(
     ph = _ph_check(fitter, design, data[_T].to_numpy(), data[_E].to_numpy(), terms, layers)
     return {
         **described,
-        "n": int(len(data)),
+        "n": len(data),
         "events": int(data[_E].sum()),
         "concordance": json_float(fitter.concordance_index_),
         "coefficients": _coefficient_rows(fitter, ph),
@@ -637,7 +637,8 @@ def describe_cutoff(cutoff: dict[str, Any] | None) -> str:
         return text
     return (
         f"score >= {display.cutoff(cutoff['value'])} is high (maxstat cutoff: low group score "
-        f"<= {display.cutoff(cutoff['cutpoint'])}, {cutoff['n_low']} low / {cutoff['n_high']} high; "
+        f"<= {display.cutoff(cutoff['cutpoint'])}, "
+        f"{cutoff['n_low']} low / {cutoff['n_high']} high; "
         f"maximally selected log-rank statistic M = {cutoff['statistic']:.3f}, search-corrected "
         f"p = {cutoff['p_corrected']:.2g} by {cutoff['p_method']} "
         f"({cutoff.get('p_method_name', '')}), groups of at least "
@@ -692,7 +693,8 @@ def logrank_scores(times: npt.ArrayLike, events: npt.ArrayLike) -> FloatArray:
     order = np.argsort(t, kind="mergesort")
     rank = np.searchsorted(t[order], t, side="right")  # ties: the largest rank (irank)
     cumulative = np.cumsum((e / (n - rank + 1.0))[order])
-    return e - cumulative[rank - 1]
+    scores: FloatArray = e - cumulative[rank - 1]
+    return scores
 
 
 @dataclass(frozen=True)
@@ -851,7 +853,7 @@ def _exact_gauss_p(b: float, n: int, m: npt.NDArray[np.intp]) -> float:
         return min(1.0, 2.0 * float(_sps.norm.sf(b)))
     mf = m.astype(np.float64)
     rho = np.sqrt(mf[:-1] * (n - mf[1:]) / (mf[1:] * (n - mf[:-1])))
-    cells = 2 * max(50, int(math.ceil(2.0 * b / 0.02)) // 2)
+    cells = 2 * max(50, math.ceil(2.0 * b / 0.02) // 2)
     fine, coarse = _inside_mass(b, rho, cells), _inside_mass(b, rho, cells // 2)
     inside = (4.0 * fine - coarse) / 3.0
     return float(min(max(1.0 - inside, 0.0), 1.0))
@@ -1131,7 +1133,8 @@ def _survival_at(fit: KaplanMeierFitter, at: Sequence[float]) -> dict[str, Any]:
     sf = fit.survival_function_.iloc[:, 0]
     ci = fit.confidence_interval_
     index = sf.index.to_numpy(dtype=float)
-    survival, bands = [], []
+    survival: list[float | None] = []
+    bands: list[list[float | None]] = []
     for t in at:
         k = int(np.searchsorted(index, t, side="right")) - 1
         if k < 0:

@@ -39,6 +39,7 @@ import codecs
 import csv
 import io
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,7 +141,8 @@ def _strict(data: bytes, encoding: str) -> str | None:
 
 
 def _canonical(encoding: str) -> str:
-    """Python's name of a codec (``GBK`` -> ``gbk``, ``utf8`` -> ``utf-8``); InputError if unknown."""
+    """Python's name of a codec (``GBK`` -> ``gbk``, ``utf8`` -> ``utf-8``); InputError if
+    unknown."""
     try:
         return codecs.lookup(encoding).name
     except LookupError:
@@ -313,7 +315,7 @@ def _sniff_delimiter(text: str) -> str:
 
 
 def read_table(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
     data: bytes | None = None,
     name: str | None = None,
@@ -489,7 +491,7 @@ def numeric_columns(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_frame(
-    path: str | Path,
+    path: str | os.PathLike[str],
     *,
     numeric: bool = True,
     encoding: str | None = None,

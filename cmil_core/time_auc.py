@@ -55,7 +55,9 @@ __all__ = ["cumulative_dynamic_auc", "format_td_auc", "td_auc"]
 FloatArray = npt.NDArray[np.float64]
 
 
-def _censoring_km(times: FloatArray, events: npt.NDArray[np.bool_]) -> tuple[FloatArray, FloatArray]:
+def _censoring_km(
+    times: FloatArray, events: npt.NDArray[np.bool_]
+) -> tuple[FloatArray, FloatArray]:
     """(unique times, G) of the censoring distribution; deaths leave the risk set first."""
     if events.all():
         return np.unique(times), np.ones(np.unique(times).size)

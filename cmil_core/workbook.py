@@ -27,6 +27,7 @@ import io
 import warnings
 import zipfile
 from dataclasses import dataclass
+from typing import Any
 
 from cmil_core.errors import InputError, shown
 
@@ -58,7 +59,8 @@ def is_workbook(data: bytes) -> bool:
         return False
 
 
-def _load(data: bytes, source: str, *, values: bool):  # type: ignore[no-untyped-def]
+def _load(data: bytes, source: str, *, values: bool) -> Any:
+    """An openpyxl ``Workbook`` (openpyxl has no type information: Any)."""
     from openpyxl import load_workbook
 
     try:

@@ -26,7 +26,7 @@ if not _common.can_edit():
     st.error("The audit trail is for editors. " + _common.ask_whom())
     st.stop()
 
-trail = _common.query(f"audit:{LIMIT}", lambda s: store_mod.audit_frame(s, limit=LIMIT))
+trail = _common.query(f"audit:{LIMIT}", lambda store: store_mod.audit_frame(store, limit=LIMIT))
 if trail.empty:
     st.info("Nothing recorded yet: imports, ingests, training, scoring, deletions and "
             "report exports appear here once someone does them.")

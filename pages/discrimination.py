@@ -6,8 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, figures
-from cmil_core import store as store_mod
+from cmil_core import display, figures, store as store_mod
 from cmil_core.evaluation import (
     calibration,
     calibration_summary,
@@ -30,11 +29,11 @@ st.title("Discrimination")
 model_id = _common.require_model()
 
 in_sample = _common.in_sample_toggle("discrimination")
-model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
+model = _common.query(f"model:{model_id}", lambda store: store_mod.get_model(store, model_id))
 curves = _common.query(f"roc-band:{model_id}:{in_sample}",
-                       lambda s: roc_curves(s, model_id, band=True, in_sample=in_sample))
+                       lambda store: roc_curves(store, model_id, band=True, in_sample=in_sample))
 table = _common.query(f"metrics:{model_id}:{in_sample}",
-                      lambda s: metrics_table(s, model_id, in_sample=in_sample))
+                      lambda store: metrics_table(store, model_id, in_sample=in_sample))
 cohorts = _common.query("cohorts", store_mod.list_cohorts)
 order = [c.cohort for c in cohorts]
 if not curves:
@@ -114,7 +113,7 @@ def comparison_table(frame: pd.DataFrame, first: str) -> pd.DataFrame:
 
 st.subheader("Comparing AUCs")
 between = _common.query(f"cohort-tests:{model_id}:{in_sample}",
-                        lambda s: cohort_comparisons(s, model_id, in_sample=in_sample))
+                        lambda store: cohort_comparisons(store, model_id, in_sample=in_sample))
 st.markdown("**Between cohorts** (different patients: unpaired DeLong test)")
 if between.empty:
     st.caption("Needs two cohorts with both classes.")
@@ -126,11 +125,13 @@ models = _common.query("models", store_mod.list_models)
 others = [m for m in models["model_id"] if m != model_id]
 st.markdown("**Between models** (same patients: paired DeLong test)")
 if not others:
-    st.caption("Train a second model (Models page) to compare it with this one on the same patients.")
+    st.caption("Train a second model (Models page) to compare it with this one on the same "
+               "patients.")
 else:
     other = st.selectbox("Compare with", others, key="compare_model")
     paired = _common.query(f"model-tests:{model_id}:{other}:{in_sample}",
-                           lambda s: model_comparisons(s, model_id, other, in_sample=in_sample))
+                           lambda store: model_comparisons(store, model_id, other,
+                                                           in_sample=in_sample))
     if paired.empty:
         st.caption(f"{model_id} and {other} share no scored cohort with both classes.")
     else:
@@ -140,8 +141,9 @@ else:
 
 st.subheader("Calibration and clinical usefulness")
 entries = _common.query(f"calibration:{model_id}:{in_sample}",
-                        lambda s: calibration(s, model_id, in_sample=in_sample))
-note = _common.query(f"probability-note:{model_id}", lambda s: probability_note(s, model_id))
+                        lambda store: calibration(store, model_id, in_sample=in_sample))
+note = _common.query(f"probability-note:{model_id}",
+                     lambda store: probability_note(store, model_id))
 # One above the other: side by side, each plot is too narrow at 1280 px.
 left, right = st.container(), st.container()
 with left:

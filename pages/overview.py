@@ -6,8 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cmil_core import display
-from cmil_core import store as store_mod
+from cmil_core import display, store as store_mod
 from cmil_core.demo import demo_status
 from cmil_core.evaluation import discrimination, metrics_table
 from cmil_core.plots import qc_histogram_figure
@@ -100,10 +99,11 @@ with left:
 
 st.subheader("Quality control")
 qc = _common.query("qc", qc_table)
-for warning in _common.query("qc_warnings", lambda st_: [w.message for w in qc_warnings(st_)]):
+for warning in _common.query("qc_warnings", lambda store: [w.message for w in qc_warnings(store)]):
     st.warning(_common.md(warning), icon=":material/warning:")
 if qc.empty:
-    st.caption("No patches yet: ingest slides (`python -m cmil_core ingest`) to see quality control.")
+    st.caption("No patches yet: ingest slides (`python -m cmil_core ingest`) to see quality "
+               "control.")
 else:
     reasons = [c for c in qc.columns if c not in ("cohort", "patches", "kept", "kept_share")]
     # Only the rules that rejected something: every column fits at 1280 px.
@@ -125,16 +125,18 @@ else:
     )
     metric = st.selectbox("Metric distribution", store_mod.QC_METRICS, key="qc_metric",
                           format_func=display.column)
-    hist = _common.query(f"qc_hist:{metric}", lambda st_: store_mod.qc_metric_histogram(st_, metric))
+    hist = _common.query(f"qc_hist:{metric}",
+                         lambda store: store_mod.qc_metric_histogram(store, metric))
     st.plotly_chart(qc_histogram_figure(hist, metric, cohorts=overview["cohort"].tolist()),
                     width="stretch")
 
 model_id = _common.selected_model()
 if model_id is not None:
-    model = _common.query(f"model:{model_id}", lambda st_: store_mod.get_model(st_, model_id))
-    rows = _common.query(f"discrimination:{model_id}", lambda st_: discrimination(st_, model_id))
+    model = _common.query(f"model:{model_id}", lambda store: store_mod.get_model(store, model_id))
+    rows = _common.query(f"discrimination:{model_id}",
+                         lambda store: discrimination(store, model_id))
     at_cutoff = _common.query(f"metrics:{model_id}:False",
-                              lambda st_: metrics_table(st_, model_id, in_sample=False))
+                              lambda store: metrics_table(store, model_id, in_sample=False))
     rates = {r.cohort: r for r in at_cutoff.itertuples()}
     st.subheader("Model")
     if model is not None:
@@ -171,7 +173,8 @@ if model_id is not None:
     st.table(table.set_index("Cohort") if len(table) else table)
     st.caption(
         "AUC with DeLong 95% CI; sensitivity and specificity (Wilson 95% CI) at the cutoff "
-        "fixed on the training cohort. The training row uses out-of-fold scores (each patient scored by the "
+        "fixed on the training cohort. The training row uses out-of-fold scores "
+        "(each patient scored by the "
         "cross-validation model that did not see them); the external centres are the test of "
         "transport to other centres."
     )
@@ -179,7 +182,8 @@ if model_id is not None:
 slides = _common.query("slides", store_mod.list_slides)
 patients = _common.query("patients", store_mod.patients_frame)
 status_of = {
-    (r.cohort, r.patient_id): "BM?" if pd.isna(r.bm_metastasis) else ("BM+" if r.bm_metastasis == 1 else "BM−")
+    (r.cohort, r.patient_id): (
+        "BM?" if pd.isna(r.bm_metastasis) else ("BM+" if r.bm_metastasis == 1 else "BM−"))
     for r in patients.itertuples()
 }
 st.subheader("Slides")

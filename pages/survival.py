@@ -25,8 +25,8 @@ model_id = _common.require_model()
 endpoint, cutoff = _common.cutoff_picker("survival")
 in_sample = _common.in_sample_toggle("survival")
 entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}:{in_sample}",
-                        lambda s: risk_survival(s, model_id, endpoint, cutoff,
-                                                in_sample=in_sample))
+                        lambda store: risk_survival(store, model_id, endpoint, cutoff,
+                                                    in_sample=in_sample))
 if not entries:
     st.info(f"Model {model_id} has not scored any cohort yet: score them on the Models page.")
     st.stop()
@@ -80,7 +80,8 @@ for k, entry in enumerate(entries):
                         key=f"km-{entry['cohort']}-{endpoint}-{cutoff}")
         _common.downloads(
             f"{model_id}_km_{entry['cohort']}_{endpoint}",
-            lambda entry=entry, title=title: figures.km(entry["curves"], entry["result"], title=title),
+            lambda entry=entry, title=title: figures.km(entry["curves"], entry["result"],
+                                                        title=title),
             entry["curves"],
         )
 
@@ -143,8 +144,9 @@ by_centre = st.checkbox("Stratify by centre (each centre its own baseline hazard
 strata = "center" if by_centre else None
 try:
     cox = _common.query(f"cox:{model_id}:{endpoint}:{cutoff}:{sorted(picked)}:{strata}:{in_sample}",
-                        lambda s: clinical_cox(s, model_id, endpoint, cutoff, factors=picked,
-                                               strata=strata, in_sample=in_sample))
+                        lambda store: clinical_cox(store, model_id, endpoint, cutoff,
+                                                   factors=picked, strata=strata,
+                                                   in_sample=in_sample))
 except InputError as exc:
     st.info(f"No Cox model: {exc}")
     st.stop()

@@ -13,8 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import access, report
-from cmil_core import store as store_mod
+from cmil_core import access, report, store as store_mod
 from cmil_core.cli import main
 from cmil_core.errors import InputError
 from test_report import MODEL, build_scored_store

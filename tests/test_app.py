@@ -88,7 +88,7 @@ def test_empty_store_explains_and_offers_the_demo(
     monkeypatch.setenv("CMIL_DB", str(db_path))
     at = _run(AppTest.from_file(APP, default_timeout=60))
     assert at.title[0].value == "This store is empty"
-    assert any("Build the demo study" == b.label for b in at.button)
+    assert any(b.label == "Build the demo study" for b in at.button)
     assert "import-cohort" in at.markdown[1].value
 
 

@@ -16,9 +16,13 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 
 from cmil_core.demo import generate_demo
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, ROOT
-from scripts.dashboard_server import DashboardServer as Server
-
+from scripts.dashboard_server import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    IDLE_JS,
+    ROOT,
+    DashboardServer as Server,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -27,7 +27,6 @@ if not Path(CHROMIUM).exists():
 
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-
 SECRETS = """
 [auth]
 redirect_uri = "http://localhost:{port}/oauth2callback"

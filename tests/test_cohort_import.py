@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st_
+from hypothesis import HealthCheck, event, given, settings, strategies as st_
 
 from cmil_core import store
 from cmil_core.cli import main
@@ -451,7 +450,7 @@ def _tables(draw: st_.DrawFn) -> tuple[bytes, list[str], list[list[str]], bool]:
     junk = st_.one_of(text, missing, st_.sampled_from(
         ["-3", "inf", "2", "yes", "12,5", "=1+1", "<b>x</b>", "P" * 130, "1e400", "P1"]))
     valid = {
-        "bm_metastasis": st_.one_of(st_.sampled_from(sorted(_YES | _NO) + ["YES", "Pos"]), missing),
+        "bm_metastasis": st_.one_of(st_.sampled_from([*sorted(_YES | _NO), "YES", "Pos"]), missing),
         "event": st_.sampled_from(["0", "1", "1.0", "0.0"]),
     }
     known = draw(st_.lists(st_.sampled_from(_KNOWN[1:]), unique=True, max_size=5))

@@ -232,8 +232,9 @@ def test_path_map_rewrites_whole_prefixes() -> None:
 def test_models_page_scores_on_the_cluster_given_its_address(
         demo: Path, ray_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import streamlit as st
-    from conftest import job_runner, plain_text, rerun_until, run_app
     from streamlit.testing.v1 import AppTest
+
+    from conftest import job_runner, plain_text, rerun_until, run_app
 
     model_id = _model_id(demo)
     db = _copy_without_features(demo, tmp_path / "page")

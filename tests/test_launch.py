@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cmil_core import launch, store
-from cmil_core import progress as progress_mod
+from cmil_core import launch, progress as progress_mod, store
 from cmil_core.demo import DemoSummary
 from cmil_core.jobs import JobRunner
 from cmil_core.progress import Progress, TerminalProgress

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,11 @@ if not Path(CHROMIUM).exists():
         raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
     pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
 
-from playwright.sync_api import Page, sync_playwright
-from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from playwright.sync_api import (  # noqa: E402 - only where Chromium is installed
+    Page,
+    TimeoutError as PlaywrightTimeout,
+    sync_playwright,
+)
 
 WIDTH = 1280
 NAV = "[data-testid='stSidebarNavLink']"
@@ -132,11 +136,9 @@ def open_page(page: Page, title: str) -> None:
 def check_layout(page: Page, title: str) -> dict[str, Any]:
     named = NAMED_COLUMNS.get(title, [])
     if named:  # on a loaded machine a table may draw after the page reports idle
-        try:
+        with suppress(PlaywrightTimeout):  # the assertion below names what is missing
             page.wait_for_function(
                 f"() => ({LAYOUT_JS})().headers.length > 0", polling=250, timeout=60_000)
-        except PlaywrightTimeout:
-            pass  # the assertion below names what is missing
     result: dict[str, Any] = page.evaluate(LAYOUT_JS)
     assert not result["problems"], f"{title} at {WIDTH} px: {result['problems']}"
     missing = [c for c in NAMED_COLUMNS.get(title, []) if c not in result["headers"]]

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import plain_text, run_app
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import logs
 from cmil_core.cli import main
 from cmil_core.errors import InputError
 from cmil_core.jobs import JobRunner
+from conftest import plain_text, run_app
 
 ROOT = Path(__file__).resolve().parents[1]
 

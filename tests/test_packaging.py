@@ -182,6 +182,7 @@ def test_pip_install_gives_a_working_cmil_command(tmp_path: Path) -> None:
     )
     script = target / "bin" / "cmil"
     assert script.is_file()
+    assert (target / "cmil_core" / "py.typed").is_file()  # PEP 561: annotations are used
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
     work = tmp_path / "elsewhere"  # not the checkout: the installed package must be used
     work.mkdir()
@@ -228,7 +229,7 @@ def _third_party_imports(folders: list[str]) -> dict[str, str]:
 
     local = {p.stem for p in ROOT.iterdir() if p.suffix == ".py"} | {
         p.name for p in ROOT.iterdir() if p.is_dir()
-    } | {p.stem for p in (ROOT / "tests").glob("*.py")} | {"conftest"}
+    } | {p.stem for folder in folders for p in (ROOT / folder).glob("*.py")}
     found: dict[str, str] = {}
     for folder in folders:
         for path in sorted((ROOT / folder).rglob("*.py")):

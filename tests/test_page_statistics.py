@@ -6,13 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from conftest import run_app as _run
 from streamlit.testing.v1 import AppTest
-from test_report import MODEL, build_scored_store
 
-from cmil_core import display, evaluation
-from cmil_core import store as store_mod
+from cmil_core import display, evaluation, store as store_mod
+from conftest import ROOT, run_app as _run
+from test_report import MODEL, build_scored_store
 
 APP = str(ROOT / "app.py")
 

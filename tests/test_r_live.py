@@ -207,7 +207,7 @@ def test_roc_auc_delong_youden_wilson_and_paired_test_equal_proc(name, live, cap
 
 def test_unpaired_delong_equals_roc_test_unpaired(live):
     # roc.test(roc(Female), roc(Male), method = "delong", paired = FALSE) on aSAH's s100b
-    path, config, r = live["get"]("asah")
+    path, _config, r = live["get"]("asah")
     frame = pd.read_csv(path)
     a, b = r["roc_unpaired"]["levels"]
     fa, fb = frame[frame["gender"] == a], frame[frame["gender"] == b]

@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cmil_core import evaluation, figures, report
-from cmil_core import store as store_mod
+from cmil_core import evaluation, figures, report, store as store_mod
 from cmil_core.errors import InputError
 from conftest import is_plain_json
 

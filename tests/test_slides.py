@@ -54,9 +54,9 @@ def test_files_that_fail_to_open(fixtures_dir: Path, name: str, reason: str) -> 
 
 
 def test_file_that_opens_but_cannot_be_read(fixtures_dir: Path) -> None:
-    with open_slide(fixtures_dir / "slides" / "unreadable.svs") as slide:
-        with pytest.raises(SlideError, match="unreadable.svs: cannot read pixels"):
-            slide.read_region(0, 0, 0, (16, 16))
+    with (open_slide(fixtures_dir / "slides" / "unreadable.svs") as slide,
+          pytest.raises(SlideError, match="unreadable.svs: cannot read pixels")):
+        slide.read_region(0, 0, 0, (16, 16))
 
 
 def test_smear_photograph_is_a_one_level_slide(fixtures_dir: Path) -> None:

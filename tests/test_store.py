@@ -49,7 +49,7 @@ def test_new_store_has_the_contract_tables(db_path: Path) -> None:
                 "SELECT column_name FROM information_schema.columns WHERE table_name = ?",
                 [table]).fetchall()]
             assert set(columns) <= set(have), (table, have)
-        assert store.table_counts(st) == {t: 0 for t in CONTRACT}
+        assert store.table_counts(st) == dict.fromkeys(CONTRACT, 0)
 
 
 def test_patients_round_trip(db_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_forward_migration_keeps_data(db_path: Path, monkeypatch: pytest.MonkeyP
     def add_column(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE patients ADD COLUMN note TEXT DEFAULT 'migrated'")
 
-    monkeypatch.setattr(store, "_MIGRATIONS", store._MIGRATIONS + (add_column,))
+    monkeypatch.setattr(store, "_MIGRATIONS", (*store._MIGRATIONS, add_column))
     monkeypatch.setattr(store, "SCHEMA_VERSION", current + 1)
     with pytest.raises(StoreError, match=f"schema version {current}, this program uses {current + 1}"):
         open_store(db_path, read_only=True)
