@@ -132,8 +132,8 @@ def test_forward_migration_keeps_data(db_path: Path, monkeypatch: pytest.MonkeyP
     def add_column(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE patients ADD COLUMN note TEXT DEFAULT 'migrated'")
 
-    monkeypatch.setattr(store, "_MIGRATIONS", (*store._MIGRATIONS, add_column))
-    monkeypatch.setattr(store, "SCHEMA_VERSION", current + 1)
+    monkeypatch.setattr(store.schema, "MIGRATIONS", (*store.schema.MIGRATIONS, add_column))
+    monkeypatch.setattr(store.schema, "SCHEMA_VERSION", current + 1)
     with pytest.raises(StoreError, match=f"schema version {current}, this program uses {current + 1}"):
         open_store(db_path, read_only=True)
     with open_store(db_path) as st:
@@ -146,8 +146,8 @@ def test_forward_migration_keeps_data(db_path: Path, monkeypatch: pytest.MonkeyP
 def test_version_1_store_is_upgraded_in_place(db_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A store written before ingest existed (schema 1) gains its tables and columns."""
     with monkeypatch.context() as m:
-        m.setattr(store, "_MIGRATIONS", store._MIGRATIONS[:1])
-        m.setattr(store, "SCHEMA_VERSION", 1)
+        m.setattr(store.schema, "MIGRATIONS", store.schema.MIGRATIONS[:1])
+        m.setattr(store.schema, "SCHEMA_VERSION", 1)
         with open_store(db_path) as st:
             store.import_patients(st, "A", _patients(), role="train", center=None)
             store.register_slide(st, cohort="A", patient_id="P1", path="/a.tiff", sha256="s",
@@ -188,7 +188,7 @@ def test_one_database_object_per_process(db_path: Path) -> None:
     a.close()
     assert len(store.patients_frame(b)) == 3  # still open: b holds a reference
     b.close()
-    assert str(db_path.resolve()) not in store._registry
+    assert str(db_path.resolve()) not in store.connection._registry
 
 
 def test_writer_waits_for_readers_in_the_same_process(db_path: Path) -> None:
