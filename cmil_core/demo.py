@@ -64,6 +64,7 @@ from cmil_core import _atomic, _smear, store as store_mod
 from cmil_core.access import cli_user
 from cmil_core.cohort_import import import_cohort
 from cmil_core.errors import InputError
+from cmil_core.model_rules import split_cohorts
 from cmil_core.modeling import score, train
 from cmil_core.pipeline import ingest
 from cmil_core.progress import Progress, ProgressCallback, no_progress, stage_reporter
@@ -556,7 +557,7 @@ def generate_demo(
             # Another demo (size or seed) lives here: remove its models and cohorts first.
             demo_cohorts = {c.cohort for c in COHORTS}
             for row in store_mod.list_models(store).itertuples():
-                if row.train_cohorts in demo_cohorts:
+                if set(split_cohorts(row.train_cohorts)) & demo_cohorts:
                     store_mod.delete_model(store, row.model_id)
             for cohort in COHORTS:
                 store_mod.delete_cohort(store, cohort.cohort)
@@ -619,7 +620,7 @@ def generate_demo(
         models = store_mod.list_models(store)
         trained = {
             row.aggregator: row.model_id for row in models.itertuples()
-            if row.train_cohorts == COHORTS[0].cohort
+            if split_cohorts(row.train_cohorts) == (COHORTS[0].cohort,)
         }
         patch_cnn: dict[str, str] = {}
         for aggregator in DEMO_AGGREGATORS:

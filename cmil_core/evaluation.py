@@ -38,9 +38,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cmil_core import display, store as store_mod
+from cmil_core import display, model_rules, store as store_mod
 from cmil_core.calibration import calibration_fit, format_calibration_fit
 from cmil_core.errors import InputError
+from cmil_core.model_rules import operating_cutoff
 from cmil_core.recalibration import prevalence_shift
 from cmil_core.stats import (
     AucComparison,
@@ -146,7 +147,7 @@ def discrimination(
                                  "n": len(rows), "n_positive": int(y.sum())}
         if 0 < y.sum() < len(y):
             ci = delong_ci(y, s)
-            at = metrics_at_cutoff(y, s, model.cutoff if model.cutoff is not None else 0.5)
+            at = metrics_at_cutoff(y, s, operating_cutoff(model))
             entry.update(auc=roc_auc(y, s), ci_low=ci.low, ci_high=ci.high,
                          sensitivity=at.sensitivity, specificity=at.specificity)
         out.append(entry)
@@ -262,7 +263,7 @@ def metrics_table(st: store_mod.Store, model_id: str, *, in_sample: bool = False
     :meth:`cmil_core.stats.ThresholdMetrics.to_dict`.
     """
     model = _model(st, model_id)
-    cutoff = model.cutoff if model.cutoff is not None else 0.5
+    cutoff = operating_cutoff(model)
     scores = scores_frame(st, model_id, in_sample=in_sample).dropna(subset=["bm_metastasis"])
     order = [c.cohort for c in store_mod.list_cohorts(st)]
     rows = []
@@ -390,7 +391,7 @@ def survival_cutoff(
         raise InputError(f"cutoff {method!r} is not one of {', '.join(CUTOFF_METHODS)} or a number")
     description = CUTOFF_METHODS[method]
     if method == "model":
-        return {"method": method, "value": model.cutoff, "description": description,
+        return {"method": method, "value": operating_cutoff(model), "description": description,
                 "scores": OUT_OF_FOLD}
     time, event, _ = ENDPOINTS[endpoint]
     frame = scores_frame(st, model_id, in_sample=in_sample)
@@ -458,10 +459,7 @@ POOLED = "pooled validation"
 
 def training_cohorts(st: store_mod.Store, model_id: str) -> list[str]:
     """The cohorts a model was trained on (the models table stores them comma-separated)."""
-    model = store_mod.get_model(st, model_id)
-    if model is None:
-        raise InputError(f"no model '{model_id}' in the store")
-    return [c.strip() for c in model.train_cohorts.split(",") if c.strip()]
+    return list(model_rules.training_cohorts(_model(st, model_id)))
 
 
 def _risk_entry(

@@ -41,6 +41,7 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError, shown
+from cmil_core.model_rules import operating_cutoff
 
 __all__ = [
     "IMPORTANCE_COLUMNS",
@@ -140,11 +141,6 @@ def _model(st: store_mod.Store, model_id: str) -> store_mod.ModelRow:
     return model
 
 
-def _cutoff(model: store_mod.ModelRow) -> float:
-    cutoff = model.cutoff if model.cutoff is not None else model.config.get("cutoff")
-    if cutoff is None or not math.isfinite(float(cutoff)):
-        raise InputError(f"model {model.model_id!r} has no operating cutoff recorded")
-    return float(cutoff)
 
 
 def _positive_int(name: str, value: object, high: int | None = None) -> int:
@@ -204,7 +200,7 @@ def patient_list(st: store_mod.Store, model_id: str) -> pd.DataFrame:
     by cohort and patient id.
     """
     model = _model(st, model_id)
-    cutoff = _cutoff(model)
+    cutoff = operating_cutoff(model)
     frame = store_mod.patient_scores_frame(st, model_id)
     score = frame["score"].to_numpy(dtype=float)
     label = frame["bm_metastasis"].astype("Int16")
@@ -250,7 +246,7 @@ def patient_detail(
     patches_rejected), patches_kept, patches_rejected.
     """
     model = _model(st, model_id)
-    cutoff = _cutoff(model)
+    cutoff = operating_cutoff(model)
     patients = store_mod.patients_frame(st, cohort)
     match = patients[patients["patient_id"] == patient_id]
     if match.empty:

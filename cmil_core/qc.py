@@ -60,6 +60,7 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
+from cmil_core.model_rules import training_cohorts
 from cmil_core.quality import NUCLEATED_SCOPES, NUMERIC_THRESHOLDS, QC_REASONS, QCThresholds
 
 __all__ = [
@@ -319,7 +320,7 @@ def stale_marks(st: store_mod.Store) -> dict[str, pd.DataFrame]:
         if row is None:
             continue
         decision = (row.config.get("qc_decision") or {}) if isinstance(row.config, dict) else {}
-        cohort = decision.get("cohort") or row.train_cohorts
+        cohort = decision.get("cohort") or ",".join(training_cohorts(row))
         used = decision.get("decision_id")
         now = current.get(cohort)
         models.append({"model_id": row.model_id, "train_cohort": cohort, "decision_id": used,

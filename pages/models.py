@@ -22,6 +22,7 @@ from cmil_core.distributed import ray_address
 from cmil_core.errors import InputError
 from cmil_core.evaluation import discrimination
 from cmil_core.jobs import Job
+from cmil_core.model_rules import training_cohorts
 from pages import _common
 from pages._common import flash, md, show_flash
 
@@ -107,7 +108,7 @@ def cv_intervals(
     out: dict[str, tuple[Any, Any]] = {}
     for m in rows:
         for r in discrimination(store, m.model_id):
-            if r["cohort"] == m.train_cohorts and r.get("ci_low") is not None:
+            if r["cohort"] in training_cohorts(m) and r.get("ci_low") is not None:
                 out[m.model_id] = (r["ci_low"], r["ci_high"])
     return out
 

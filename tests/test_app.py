@@ -92,8 +92,11 @@ def test_empty_store_explains_and_offers_the_demo(
     assert "import-cohort" in at.markdown[1].value
 
 
-def _until(at: AppTest, title: str, seconds: float = 120) -> AppTest:
-    """Rerun the app until the page title is ``title`` (a background job finishing)."""
+def _until(at: AppTest, title: str, seconds: float = 420) -> AppTest:
+    """Rerun the app until the page title is ``title`` (a background job finishing).
+
+    A deadline, not a speed target: on a loaded machine the small demo's build can
+    take several minutes (pytest's own timeout, 600 s, is the outer bound)."""
     import time
 
     deadline = time.monotonic() + seconds
@@ -362,8 +365,8 @@ def test_a_store_of_an_older_version_is_upgraded_when_opened(
 ) -> None:
     """A store written by the previous release opens on the overview, not on a busy page."""
     with monkeypatch.context() as m:
-        m.setattr(store, "_MIGRATIONS", store._MIGRATIONS[:3])
-        m.setattr(store, "SCHEMA_VERSION", 3)
+        m.setattr(store.schema, "MIGRATIONS", store.schema.MIGRATIONS[:3])
+        m.setattr(store.schema, "SCHEMA_VERSION", 3)
         csv = tmp_path / "t.csv"
         csv.write_bytes(b"patient_id,bm_metastasis\nP1,1\nP2,0\n")
         import_cohort(db_path, "old", csv, role="train")
