@@ -5,15 +5,15 @@ launch. On a first launch with the default store (no ``CMIL_DB``), the demo
 study is generated in the background, with progress on this page and in the
 terminal; later launches open at once. ``./run.sh`` (:mod:`scripts.serve`)
 starts that build as the server starts, before any browser opens the page;
-this page then shows the same job (:func:`cmil_core.launch.start_first_launch`).
+this page then shows the same job (:func:`cmil_core.demo.launch.start_first_launch`).
 """
 
 from __future__ import annotations
 
 import streamlit as st
 
-from cmil_core import launch
-from cmil_core.demo import demo_status, generate_demo
+from cmil_core.demo import launch
+from cmil_core.demo.generator import demo_status, generate_demo
 from cmil_core.progress import TerminalProgress
 
 FIRST_LAUNCH_SIZE = launch.demo_size()

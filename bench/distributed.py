@@ -135,7 +135,7 @@ def _ray_init(**kwargs: Any) -> None:
 
 
 def _build_demo(folder: Path, quiet: bool) -> Path:
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = folder / "demo" / "cmil.duckdb"
     if not quiet:
@@ -153,9 +153,9 @@ def _fresh(folder: Path, demo: Path) -> tuple[Path, Path]:
 
 
 def _run(executor: str, demo: Path, work: Path, model_id: str) -> dict[str, float]:
-    from cmil_core.cohort_import import import_cohort
-    from cmil_core.modeling import score
-    from cmil_core.pipeline import ingest
+    from cmil_core.clinical.cohort_import import import_cohort
+    from cmil_core.ingest.pipeline import ingest
+    from cmil_core.model.modeling import score
 
     source = demo.parent / "demo"
     score_db, ingest_db = _fresh(work / executor, demo)
@@ -174,8 +174,9 @@ def _run(executor: str, demo: Path, work: Path, model_id: str) -> dict[str, floa
 
 
 def _extraction_tasks(demo: Path) -> tuple[list[Any], Any]:
-    from cmil_core import features, store
-    from cmil_core.modeling import load_model
+    from cmil_core import store
+    from cmil_core.model import features
+    from cmil_core.model.modeling import load_model
 
     with store.open_store(demo, read_only=True) as st:
         model_id = str(store.list_models(st)["model_id"].iloc[0])
@@ -192,7 +193,7 @@ def _scale_out(demo: Path, work: Path, nodes: list[int], quiet: bool) -> list[di
     import ray
     from ray.cluster_utils import Cluster
 
-    from cmil_core.distributed import extract_features
+    from cmil_core.model.distributed import extract_features
 
     tasks, encoder = _extraction_tasks(demo)
     rows = []

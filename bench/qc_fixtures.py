@@ -45,9 +45,9 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cmil_core.quality import QCThresholds  # noqa: E402
-from cmil_core.slides import open_slide  # noqa: E402
-from cmil_core.tiling import TilingConfig, tile_slide  # noqa: E402
+from cmil_core.ingest.quality import QCThresholds  # noqa: E402
+from cmil_core.ingest.slides import open_slide  # noqa: E402
+from cmil_core.ingest.tiling import TilingConfig, tile_slide  # noqa: E402
 
 THRESHOLDS = [QCThresholds()]  # set by --nucleated-scope
 

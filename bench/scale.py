@@ -17,14 +17,14 @@ then measures:
   one by one (``executemany`` of an ``INSERT ... VALUES``, in one transaction)
   for a sample, extrapolated to the same rows.
 * ``topk_p95_ms``: 95th percentile, over 200 random patients, of
-  :func:`cmil_core.patients.attention_patches` (the Patients page's gallery
+  :func:`cmil_core.viewer.patients.attention_patches` (the Patients page's gallery
   query) with ``k=32`` by attention: top (and bottom) patches with
   coordinates. Naive: the top 32 by a plain join of the patch, score and slide
   tables filtered by cohort and patient, as a full scan (an unindexed store:
   DuckDB's join filters, which turn the slides' ids into row-group ranges,
   switched off), on 20 of those patients; the plain join with them on is
   printed too.
-* ``roc_ms``: :func:`cmil_core.evaluation.roc_curves` with ``band=True`` (ROC,
+* ``roc_ms``: :func:`cmil_core.outputs.evaluation.roc_curves` with ``band=True`` (ROC,
   DeLong CI and the 2,000-resample stratified-bootstrap band) for every cohort
   of the attention model; median of 3. Naive: the bootstrap band as a Python
   loop (sklearn ``roc_curve`` per resample) and the DeLong variance from the
@@ -74,7 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cmil_core import store as store_mod  # noqa: E402
-from cmil_core.quality import QC_REASONS  # noqa: E402
+from cmil_core.ingest.quality import QC_REASONS  # noqa: E402
 
 # The study's numbers.
 PASSED_PATCHES = 1_384_007
@@ -193,7 +193,7 @@ def patch_table(plan: SlidePlan, rng: np.random.Generator) -> pd.DataFrame:
 
 def write_slide_file(path: Path, seed: int) -> None:
     """One pyramidal TIFF of GRID * PATCH_PX pixels square: a smear field repeated."""
-    from cmil_core import _smear, demo
+    from cmil_core.demo import _smear, generator as demo
 
     side = GRID * PATCH_PX
     field = _smear.render_field(1120, 1120, mpp=MPP, seed=seed,
@@ -223,7 +223,7 @@ def _softmax_by_group(raw: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 def build(folder: Path, seed: int, quiet: bool) -> dict[str, Any]:
     """Build the store in ``folder``; returns the build's timings and counts."""
-    from cmil_core.slides import file_sha256
+    from cmil_core.ingest.slides import file_sha256
     from cmil_core.store import ModelRow, PatientRow
 
     if folder.exists():
@@ -410,7 +410,7 @@ NAIVE_TOPK_SQL = """
 
 
 def bench_topk(db: Path, seed: int) -> dict[str, Any]:
-    from cmil_core.patients import attention_patches
+    from cmil_core.viewer.patients import attention_patches
 
     with store_mod.open_store(db, read_only=True) as st:
         everyone = store_mod.patient_scores_frame(st, ATTENTION_MODEL)[["cohort", "patient_id"]]
@@ -476,7 +476,7 @@ def naive_band(y: np.ndarray, s: np.ndarray, n_boot: int, seed: int) -> tuple[fl
 
 
 def bench_roc(db: Path) -> dict[str, Any]:
-    from cmil_core.evaluation import roc_curves
+    from cmil_core.outputs.evaluation import roc_curves
 
     with store_mod.open_store(db, read_only=True) as st:
         times = []
@@ -522,8 +522,8 @@ def pages_worker(db: str, patient: str) -> None:
     from streamlit import config as streamlit_config
     from streamlit.testing.v1 import AppTest
 
-    import cmil_core.evaluation
-    import cmil_core.patients  # noqa: F401
+    import cmil_core.outputs.evaluation
+    import cmil_core.viewer.patients  # noqa: F401
 
     streamlit_config.set_option("client.showErrorDetails", "full")
     rss_base = _peak_rss_mb()

@@ -1,4 +1,4 @@
-"""Benchmark of cmil_core.stats against the plain ways of computing the same numbers.
+"""Benchmark of cmil_core.analysis.stats against the plain ways of computing the same numbers.
 
 Run: ``.venv/bin/python bench/stats.py [--n-delong 100000] [--n-boot 2000]``
 
@@ -28,7 +28,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmil_core import stats
+from cmil_core.analysis import stats
 
 T = TypeVar("T")
 

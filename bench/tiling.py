@@ -15,7 +15,7 @@ Slides:
 
 Throughput (same run, interleaved, best of ``--repeat``):
 
-* ``ours``: :func:`cmil_core.tiling.tile_slide` with the default config:
+* ``ours``: :func:`cmil_core.ingest.tiling.tile_slide` with the default config:
   thumbnail, foreground mask, grid, reading every kept patch, all quality
   metrics and the decision;
 * photographs: the BCCD fields of ``tests/data/real_smears`` at 0.1 um/px with
@@ -30,7 +30,7 @@ Throughput (same run, interleaved, best of ``--repeat``):
 is >= 0.77 (quality control costs at most 30 % over bare reading).
 
 Strips: reading one ``read_region`` per horizontal run of adjacent cells
-(what :mod:`cmil_core.tiling` does) against one per patch through the same
+(what :mod:`cmil_core.ingest.tiling` does) against one per patch through the same
 ``Slide`` face, both in one thread, reading only.
 
 Memory: each slide is tiled in a fresh child process that prints the peak of
@@ -66,9 +66,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmil_core import tiling  # noqa: E402
-from cmil_core.quality import QCThresholds  # noqa: E402
-from cmil_core.slides import Slide, open_slide  # noqa: E402
+from cmil_core.ingest import tiling  # noqa: E402
+from cmil_core.ingest.quality import QCThresholds  # noqa: E402
+from cmil_core.ingest.slides import Slide, open_slide  # noqa: E402
 
 CMU1 = ROOT / "tests" / "data" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
 MPP = 0.5
@@ -226,7 +226,7 @@ PHOTOS = Path(__file__).resolve().parent.parent / "tests" / "data" / "real_smear
 def photo_throughput(repeat: int, copies: int = 6) -> dict[str, float]:
     """Photographs (the BCCD fields of ``tests/data/real_smears``, 0.1 um/px, 32 um patches).
 
-    ``ours``: open each photograph and :func:`cmil_core.tiling.tile_slide` it
+    ``ours``: open each photograph and :func:`cmil_core.ingest.tiling.tile_slide` it
     (edge-to-edge grid, glass field, stain estimate, metrics, decision);
     ``baseline``: open and decode it with PIL, crop the very same cells and
     resize each to ``output_px`` (BOX). ``copies`` passes over the folder.

@@ -6,14 +6,14 @@ Both sides train the same network (``--model``, smallcnn by default, plus a
 linear head; the same seeded initial weights) with AdamW and binary
 cross-entropy on the same uint8 patches (``--patches`` random patches of
 ``--px`` pixels, seed 0, in memory, half labelled 1), in batches of 64, with
-the same augmentation (:func:`cmil_core.finetune.augment_batch`: symmetries,
+the same augmentation (:func:`cmil_core.model.finetune.augment_batch`: symmetries,
 stain jitter, brightness / contrast / saturation, blur):
 
 * ``plain``: the loop everyone writes first: each batch augmented, made a
   contiguous NCHW float32 tensor, then one forward, backward and step in
   float32, in turn (no overlap of the augmentation with the network);
-* ``ours``: :func:`cmil_core.finetune.train_epoch`, the step
-  :func:`~cmil_core.finetune.train_cnn` runs: channels-last network and
+* ``ours``: :func:`cmil_core.model.finetune.train_epoch`, the step
+  :func:`~cmil_core.model.finetune.train_cnn` runs: channels-last network and
   batches, autocast in bf16 where the CPU computes it natively (else float32;
   ``--precision`` forces one), and the next batches augmented in a background
   thread while the network trains on the current one.
@@ -43,8 +43,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmil_core import finetune  # noqa: E402
-from cmil_core.encoders import available_cores, bf16_supported  # noqa: E402
+from cmil_core.model import finetune  # noqa: E402
+from cmil_core.model.encoders import available_cores, bf16_supported  # noqa: E402
 
 BATCH = 64
 

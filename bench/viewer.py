@@ -4,7 +4,7 @@ Two slides: CMU-1-Small-Region.svs (tests/data/fixtures, a real Aperio scan,
 2,220 x 2,967 px) and a synthetic 8,960 px pyramidal TIFF written here the way
 the demo writes its slides (256 px JPEG tiles, a 2x pyramid). For each, random
 tiles of the finest Deep Zoom levels are fetched over HTTP from the app's tile
-route (:class:`cmil_core.deepzoom.TileServer`):
+route (:class:`cmil_core.viewer.deepzoom.TileServer`):
 
 * cold: the first request of a tile (made by DeepZoomGenerator, JPEG-encoded,
   written to the disk cache);
@@ -19,9 +19,9 @@ Then opening a patient in the viewer on the paper-scale store of
 built into ``--scale-dir`` if no complete build is there, about 3 minutes,
 else reused): the Python side of "open patient" up to the viewer's layers
 being ready, i.e. the patient's slides, the first slide's path check
-(:func:`cmil_core.deepzoom.checked_slide_path`), opening it for Deep Zoom
-(a fresh :class:`cmil_core.deepzoom.TileCache`), the overlay layers
-(:func:`cmil_core.overlays.viewer_layers`) and their JSON as the component
+(:func:`cmil_core.viewer.deepzoom.checked_slide_path`), opening it for Deep Zoom
+(a fresh :class:`cmil_core.viewer.deepzoom.TileCache`), the overlay layers
+(:func:`cmil_core.viewer.overlays.viewer_layers`) and their JSON as the component
 receives it. For 40 random patients, each opened once, alternately first:
 
 * ``open_patient_ms``: 95th percentile, the current code (one query by the
@@ -63,7 +63,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmil_core.deepzoom import OVERLAP, TILE_SIZE, TileCache, TileServer  # noqa: E402
+from cmil_core.viewer.deepzoom import OVERLAP, TILE_SIZE, TileCache, TileServer  # noqa: E402
 
 CMU1 = ROOT / "tests" / "data" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
 DEMO_SIDE = 8960
@@ -161,7 +161,7 @@ def baseline_viewer_layers(st: Any, slide_id: int, model_id: str) -> dict[str, A
     from scipy.stats import rankdata
 
     from cmil_core import store as store_mod
-    from cmil_core.overlays import OTHER_QC_COLOUR, QC_COLOURS, QC_METRICS
+    from cmil_core.viewer.overlays import OTHER_QC_COLOUR, QC_COLOURS, QC_METRICS
 
     if store_mod.get_slide(st, int(slide_id)) is None:
         raise ValueError(f"no slide {slide_id}")
@@ -209,8 +209,8 @@ def open_patient(st: Any, cohort: str, patient_id: str, model_id: str,
                  baseline: bool) -> tuple[float, int, int]:
     """Milliseconds from "open patient" to the viewer's layers as JSON; (ms, patches, bytes)."""
     from cmil_core import store as store_mod
-    from cmil_core.deepzoom import TileCache, checked_slide_path
-    from cmil_core.overlays import viewer_layers
+    from cmil_core.viewer.deepzoom import TileCache, checked_slide_path
+    from cmil_core.viewer.overlays import viewer_layers
 
     with tempfile.TemporaryDirectory() as cache_dir:
         t0 = time.perf_counter()
@@ -248,9 +248,9 @@ def scale_store(folder: Path, quiet: bool) -> Path:
 def open_first_worker(db: str, model_id: str, cohort: str, patient_id: str, which: str) -> None:
     """In a fresh process: the first patient opened, after the page's imports and the store."""
     from cmil_core import store as store_mod
-    from cmil_core.deepzoom import checked_slide_path  # noqa: F401  (the page's imports)
-    from cmil_core.overlays import viewer_layers  # noqa: F401
-    from cmil_core.patients import patient_detail  # noqa: F401
+    from cmil_core.viewer.deepzoom import checked_slide_path  # noqa: F401  (the page's imports)
+    from cmil_core.viewer.overlays import viewer_layers  # noqa: F401
+    from cmil_core.viewer.patients import patient_detail  # noqa: F401
 
     with store_mod.open_store(db, read_only=True) as st:
         ms, n, size = open_patient(st, cohort, patient_id, model_id, which == "baseline")

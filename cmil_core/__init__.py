@@ -2,20 +2,27 @@
 
 Ma et al., J Transl Med 2026, doi:10.1186/s12967-026-08069-2.
 
-Modules, one per topic (see docs/DESIGN.md):
+Folders, in the order the data flows and each importing only those before it
+(``tests/test_architecture.py`` checks it; each folder's ``__init__`` says what it
+holds and may import):
 
-- ``store``: the DuckDB results store, the only place that writes SQL;
-- ``tables`` and ``cohort_import``: reading and validating clinical tables;
-- ``slides``, ``discovery``, ``tiling``, ``quality``, ``pipeline``: from slide
-  files to quality-checked patches (``ingest``);
-- ``encoders``, ``features``, ``mil``, ``modeling``, ``evaluation``: patch
-  embeddings, the MIL aggregators, ``train`` and ``score``;
-- ``stats``, ``survival``, ``study``: discrimination, survival and summaries;
-- ``demo``: the synthetic demo study generator (``_smear`` draws its pixels);
-- ``jobs``, ``progress``, ``logs``: background jobs, progress reporting and
-  logging (``-v``/``-q``, the dashboard's job log file);
-- ``cli``: ``python -m cmil_core`` (installed: the ``cmil`` command),
-  argument parsing only.
+- ``store/``: the DuckDB results store, the only place that writes SQL;
+- ``analysis/``: statistics as R computes them (ROC, survival, calibration) and
+  the display names and number formats;
+- ``clinical/``: clinical tables (text, Excel, encodings, missing values) and
+  cohort import;
+- ``ingest/``: slide files to quality-checked patches (discovery, slides,
+  stains, tiling, quality, QC decisions, the ingest pipeline);
+- ``model/``: patch CNNs, feature files, CNN training, MIL aggregators,
+  ``train``/``score``, interpretation, the colour control, the Ray executor;
+- ``ops/``: access and audit, background jobs, ``check``/``backup``/``restore``;
+- ``outputs/``: evaluation of a model, study summaries, plots, figures, the report;
+- ``viewer/``: the review queue, a patient, the slide viewer's tiles and layers;
+- ``demo/``: the synthetic demo study and its first-launch build.
+
+At the top level: ``errors``, ``progress``, ``logs`` and ``_atomic`` (atomic
+file writes), which every folder may use, and ``cli`` (``python -m cmil_core``,
+installed as the ``cmil`` command; argument parsing only).
 
 Nothing in this package imports Streamlit.
 """

@@ -110,7 +110,7 @@ def _add_verbosity(p: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def _add_executor(p: argparse.ArgumentParser, what: str) -> None:
-    """``--executor local|ray`` and ``--ray-address`` (cmil_core.distributed)."""
+    """``--executor local|ray`` and ``--ray-address`` (cmil_core.model.distributed)."""
     p.add_argument("--executor", choices=["local", "ray"], default="local",
                    help=f"where the command {what}: local (this machine, the default) or ray "
                         "(a Ray cluster; needs requirements-cluster.txt); this process alone "
@@ -145,7 +145,7 @@ def _add_table_flags(p: argparse.ArgumentParser, drop_missing: bool = False) -> 
 
 def _audit(args: argparse.Namespace, action: str, **fields: Any) -> None:
     """Record a finished command in the store's audit trail, as the operating-system user."""
-    from cmil_core.access import cli_user, record
+    from cmil_core.ops.access import cli_user, record
 
     problem = record(args.db, cli_user(), action, **fields)
     if problem:
@@ -153,7 +153,7 @@ def _audit(args: argparse.Namespace, action: str, **fields: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cmil_core.demo import generate_demo, summary_dict
+    from cmil_core.demo.generator import generate_demo, summary_dict
 
     summary = generate_demo(
         args.db, size=args.size, seed=args.seed, folder=args.out,
@@ -179,7 +179,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_cohort(args: argparse.Namespace) -> int:
-    from cmil_core.cohort_import import import_cohort
+    from cmil_core.clinical.cohort_import import import_cohort
 
     result = import_cohort(
         args.db, args.cohort, args.csv, role=args.role, center=args.center,
@@ -209,15 +209,15 @@ def _cmd_import_cohort(args: argparse.Namespace) -> int:
 
 
 def _qc_flags(args: argparse.Namespace) -> dict[str, float | str | None]:
-    from cmil_core.qc import QC_FIELDS
+    from cmil_core.ingest.qc import QC_FIELDS
 
     return {name: getattr(args, f"qc_{name}") for name in QC_FIELDS}
 
 
 def _add_qc_flags(p: argparse.ArgumentParser) -> None:
     """``--qc FILE`` and one flag per QC threshold (from the dataclass's fields)."""
-    from cmil_core.qc import SETTING_FIELDS, THRESHOLD_FIELDS, flag_name
-    from cmil_core.quality import QCThresholds
+    from cmil_core.ingest.qc import SETTING_FIELDS, THRESHOLD_FIELDS, flag_name
+    from cmil_core.ingest.quality import QCThresholds
 
     p.add_argument("--qc", metavar="FILE",
                    help="QC thresholds file (TOML, or JSON for *.json): keys as the flags "
@@ -235,10 +235,10 @@ def _add_qc_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    from cmil_core.access import cli_user
-    from cmil_core.pipeline import format_ingest_summary, ingest
-    from cmil_core.qc import resolve_thresholds
-    from cmil_core.tiling import TilingConfig
+    from cmil_core.ingest.pipeline import format_ingest_summary, ingest
+    from cmil_core.ingest.qc import resolve_thresholds
+    from cmil_core.ingest.tiling import TilingConfig
+    from cmil_core.ops.access import cli_user
 
     config = TilingConfig(patch_um=args.patch_um, overlap=args.overlap)
     thresholds = resolve_thresholds(args.qc, _qc_flags(args))  # None: the cohort's current
@@ -248,7 +248,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
         config=config, thresholds=thresholds, progress=_progress(args), who=cli_user(),
         executor=args.executor, ray_address=args.ray_address,
     )
-    from cmil_core.access import ingest_details
+    from cmil_core.ops.access import ingest_details
 
     _audit(args, "ingest", cohort=args.cohort, details={**ingest_details(summary), "via": "cli"})
     if args.json:
@@ -320,9 +320,9 @@ def _print_encoder_training(db: str, model_id: str, *, quiet: bool) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cmil_core.finetune import FinetuneConfig
-    from cmil_core.mil import make_aggregator
-    from cmil_core.modeling import train
+    from cmil_core.model.finetune import FinetuneConfig
+    from cmil_core.model.mil import make_aggregator
+    from cmil_core.model.modeling import train
 
     params = dict(args.param or [])
     make_aggregator(args.aggregator, **params)  # refuse a bad --param before any work
@@ -350,7 +350,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from cmil_core.modeling import score
+    from cmil_core.model.modeling import score
 
     _check_store_path(args.db, must_exist=True)
     done = score(args.db, args.model, args.cohort or None, progress=_progress(args),
@@ -366,14 +366,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_qc(args: argparse.Namespace) -> int:
     from cmil_core import store
-    from cmil_core.access import cli_user
-    from cmil_core.qc import (
+    from cmil_core.ingest.qc import (
         apply_thresholds,
         cohort_thresholds,
         format_qc,
         qc_status,
         resolve_thresholds,
     )
+    from cmil_core.ops.access import cli_user
 
     _check_store_path(args.db, must_exist=True)
     with store.open_store(args.db, read_only=not args.apply) as st:
@@ -396,8 +396,8 @@ def _cmd_qc(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from cmil_core import store
-    from cmil_core.controls import colour_control, format_control
-    from cmil_core.evaluation import (
+    from cmil_core.model.controls import colour_control, format_control
+    from cmil_core.outputs.evaluation import (
         calibration,
         calibration_summary,
         discrimination,
@@ -447,8 +447,8 @@ def _naming_file(path: str, func: Callable[[], _T]) -> _T:
 
 
 def _cmd_roc(args: argparse.Namespace) -> int:
-    from cmil_core.missing import prepare, read_raw
-    from cmil_core.stats import format_roc, roc_analysis
+    from cmil_core.analysis.stats import format_roc, roc_analysis
+    from cmil_core.clinical.missing import prepare, read_raw
 
     raw = read_raw(args.csv, encoding=args.encoding, sheet=args.sheet)
     prepared = _naming_file(args.csv, lambda: prepare(
@@ -484,8 +484,8 @@ def _times(text: str) -> list[float]:
 
 
 def _cmd_survival(args: argparse.Namespace) -> int:
-    from cmil_core.missing import prepare, read_raw
-    from cmil_core.survival import format_survival, survival_analysis
+    from cmil_core.analysis.survival import format_survival, survival_analysis
+    from cmil_core.clinical.missing import prepare, read_raw
 
     if args.score is not None and args.cutoff is None:
         raise InputError("--score needs --cutoff median|youden|maxstat|NUMBER")
@@ -506,8 +506,8 @@ def _cmd_survival(args: argparse.Namespace) -> int:
 
 
 def _cmd_cox(args: argparse.Namespace) -> int:
-    from cmil_core.missing import prepare, read_raw
-    from cmil_core.survival import cox_analysis, format_cox
+    from cmil_core.analysis.survival import cox_analysis, format_cox
+    from cmil_core.clinical.missing import prepare, read_raw
 
     covariates = [c.strip() for c in args.covariates.split(",") if c.strip()]
     raw = read_raw(args.csv, encoding=args.encoding, sheet=args.sheet)
@@ -530,7 +530,7 @@ def _report_cutoff(text: str) -> str | float:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cmil_core.report import write_report
+    from cmil_core.outputs.report import write_report
 
     _check_store_path(args.db, must_exist=True)
     path = write_report(args.db, args.model, args.out, endpoint=args.endpoint,
@@ -545,7 +545,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from cmil_core.maintenance import check_store, format_check
+    from cmil_core.ops.maintenance import check_store, format_check
     from cmil_core.store import default_db_path
 
     report = check_store(args.db or default_db_path(), hash_files=not args.no_hash,
@@ -555,7 +555,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_backup(args: argparse.Namespace) -> int:
-    from cmil_core.maintenance import backup_store
+    from cmil_core.ops.maintenance import backup_store
     from cmil_core.store import default_db_path
 
     summary = backup_store(args.db or default_db_path(), args.out, features=not args.no_features,
@@ -570,7 +570,7 @@ def _cmd_backup(args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    from cmil_core.maintenance import format_check, restore_store
+    from cmil_core.ops.maintenance import format_check, restore_store
     from cmil_core.store import default_db_path
 
     summary = restore_store(args.backup, args.db or default_db_path(), force=args.force,
@@ -588,7 +588,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_export_geojson(args: argparse.Namespace) -> int:
-    from cmil_core.overlays import export_geojson
+    from cmil_core.viewer.overlays import export_geojson
 
     _check_store_path(args.db, must_exist=True)
     if args.out is None:
@@ -697,7 +697,7 @@ def _build_parser(prog: str = "python -m cmil_core") -> argparse.ArgumentParser:
                         "max_epochs=8 --cnn-param input_px=64: input_px, patches_per_patient, "
                         "patches_per_epoch, max_epochs, patience, lr, pooling (max|mean), "
                         "augment, precision (auto|bf16|fp16|fp32), ... "
-                        "(cmil_core.finetune.FinetuneConfig lists them all)")
+                        "(cmil_core.model.finetune.FinetuneConfig lists them all)")
     p.add_argument("--input-px", type=int, metavar="PX",
                    help="side the encoder's input is resized to (default 224 frozen, 96 "
                         "finetune); give it with --encoder torchscript/export as the model "

@@ -1,6 +1,6 @@
 """Access on the pages: sign-in, roles, the audit trail and pseudonymised downloads.
 
-The rules live in :mod:`cmil_core.access`; this is the page-side glue. Sign-in is
+The rules live in :mod:`cmil_core.ops.access`; this is the page-side glue. Sign-in is
 Streamlit's own (``st.login``, OpenID Connect), switched on by an ``[auth]`` section
 in .streamlit/secrets.toml; roles come from its ``[cmil.roles]`` section. Without
 ``[auth]`` the dashboard is one local user with editor rights. Every handler that
@@ -18,8 +18,9 @@ from typing import Any, TypeVar
 import pandas as pd
 import streamlit as st
 
-from cmil_core import access, store as store_mod
+from cmil_core import store as store_mod
 from cmil_core.errors import InputError
+from cmil_core.ops import access
 from pages._store_reads import db_path
 from pages._text import md
 
@@ -201,7 +202,7 @@ def pseudonymiser(on: bool | None = None) -> access.Pseudonymiser | None:
 
     ``on``: None follows the sidebar switch (and ``pseudonymise_viewers``).
     The salt: ``[cmil] pseudonym_salt`` in secrets.toml, else ``$CMIL_PSEUDONYM_SALT``,
-    else a random one per export (see :func:`cmil_core.access.make_pseudonymiser`).
+    else a random one per export (see :func:`cmil_core.ops.access.make_pseudonymiser`).
     Raises :class:`~cmil_core.errors.InputError` for a configured salt that is too short.
     """
     if not (pseudonymise_on() if on is None else on or pseudonymise_forced()):

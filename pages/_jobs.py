@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import streamlit as st
 
-from cmil_core import launch
-from cmil_core.jobs import Job, JobRunner, shared_runner
+from cmil_core.demo import launch
 from cmil_core.logs import job_log_path
+from cmil_core.ops.jobs import Job, JobRunner, shared_runner
 from pages._access import can_edit
 from pages._store_reads import db_path
 from pages._text import md
@@ -20,7 +20,7 @@ from pages._text import md
 __all__ = ["DEMO_JOB", "job_runner", "show_job_log", "show_jobs"]
 
 
-DEMO_JOB = launch.DEMO_JOB  # the demo build, started here or by run.sh (cmil_core.launch)
+DEMO_JOB = launch.DEMO_JOB  # the demo build, started here or by run.sh (cmil_core.demo.launch)
 
 
 @st.cache_resource
@@ -28,7 +28,7 @@ def job_runner() -> JobRunner:
     """One runner per server process: jobs outlive pages and browser refreshes.
 
     The process-wide runner, which the server's start-up (run.sh: the demo
-    build of a first launch, :mod:`cmil_core.launch`) uses too; a job still
+    build of a first launch, :mod:`cmil_core.demo.launch`) uses too; a job still
     running there (the demo build) shows on the pages. Clearing Streamlit's
     resource cache forgets the jobs that have ended.
     """

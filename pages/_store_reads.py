@@ -43,7 +43,7 @@ def using_default_store() -> bool:
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
 def loaded_model(db: str, model_id: str, stamp: tuple[int, int, int]) -> Any:
     """A model's encoder and aggregator, loaded once per store state (shared by sessions)."""
-    from cmil_core.modeling import load_model
+    from cmil_core.model.modeling import load_model
 
     return load_model(db, model_id)
 
@@ -161,14 +161,14 @@ def require_model() -> str:
 
 def stale_marks() -> dict[str, pd.DataFrame]:
     """Models and scores on an older QC decision, and scores despite a tiling mismatch."""
-    from cmil_core import qc
+    from cmil_core.ingest import qc
 
     return query("qc_stale", qc.stale_marks)
 
 
 def model_marks(model_id: str) -> None:
     """Warn, visibly, when this model or its scores are stale or carry a tiling mismatch."""
-    from cmil_core import qc
+    from cmil_core.ingest import qc
 
     for note in qc.model_notes(stale_marks(), model_id):
         st.warning(md(note), icon=":material/history:")
@@ -190,7 +190,7 @@ def sidebar() -> str | None:
             st.caption("Train one with `python -m cmil_core train --db ... --cohort ...`.")
             return None
         ids = models["model_id"].tolist()
-        from cmil_core.patients import model_from_link
+        from cmil_core.viewer.patients import model_from_link
 
         index, notice = model_from_link(st.query_params.get("model"), ids)
         if notice:

@@ -9,7 +9,7 @@
 * :func:`patient_viewer` (Patients page) and :func:`quality_viewer`
   (Quality control page) put these together.
 
-Tiles come from :class:`cmil_core.deepzoom.TileServer`, one per server
+Tiles come from :class:`cmil_core.viewer.deepzoom.TileServer`, one per server
 process and store (see that module for why a route of its own and how paths
 are checked).
 """
@@ -27,16 +27,16 @@ import streamlit as st
 import streamlit.components.v1 as components
 
 from cmil_core import store as store_mod
-from cmil_core.deepzoom import (
+from cmil_core.errors import InputError
+from cmil_core.viewer.deepzoom import (
     TileCache,
     TileServer,
     cache_folder,
     cache_limit_bytes,
     checked_slide_path,
 )
-from cmil_core.errors import InputError
-from cmil_core.overlays import heatmap_levels, heatmap_png, slide_geojson, viewer_layers
-from cmil_core.patients import MAX_PATCH_PX, overlay, patch_gradcam, read_patch
+from cmil_core.viewer.overlays import heatmap_levels, heatmap_png, slide_geojson, viewer_layers
+from cmil_core.viewer.patients import MAX_PATCH_PX, overlay, patch_gradcam, read_patch
 from pages import _common
 from pages._common import md
 

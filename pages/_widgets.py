@@ -28,10 +28,10 @@ def downloads(stem: str, figure: Callable[[], Any] | None = None,
               table: pd.DataFrame | None = None) -> None:
     """A row of download buttons: the figure as PNG and SVG (drawn on click), the table as CSV.
 
-    ``figure`` builds the publication version (:mod:`cmil_core.figures`,
+    ``figure`` builds the publication version (:mod:`cmil_core.outputs.figures`,
     matplotlib); it runs only when the user clicks, so pages stay fast.
     """
-    from cmil_core import figures
+    from cmil_core.outputs import figures
 
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "figure"
     row = st.container(horizontal=True, gap="small")
@@ -54,7 +54,7 @@ def downloads(stem: str, figure: Callable[[], Any] | None = None,
 
 def cutoff_picker(key: str) -> tuple[str, str | float]:
     """Endpoint and risk-group cutoff chosen by the user: ``(endpoint, method or number)``."""
-    from cmil_core.evaluation import CUTOFF_METHODS, ENDPOINTS
+    from cmil_core.outputs.evaluation import CUTOFF_METHODS, ENDPOINTS
 
     left, right = st.columns(2)
     endpoint = left.radio("Endpoint", list(ENDPOINTS), horizontal=True,
@@ -74,7 +74,7 @@ def in_sample_toggle(key: str) -> bool:
     """The switch that puts the final model's in-sample scores in the training row (default off).
 
     Off, the training cohort's row, curves and cutoff choices use its
-    out-of-fold scores (:func:`cmil_core.evaluation.scores_frame`).
+    out-of-fold scores (:func:`cmil_core.outputs.evaluation.scores_frame`).
     """
     return bool(st.toggle(
         "Training cohort: in-sample scores (optimistic) instead of out-of-fold", value=False,

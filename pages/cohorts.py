@@ -11,13 +11,17 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import access, discovery, display, pipeline, store as store_mod, workbook
-from cmil_core.cohort_import import import_cohort, preview_table, problems_frame
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
+from cmil_core.clinical import workbook
+from cmil_core.clinical.cohort_import import import_cohort, preview_table, problems_frame
+from cmil_core.clinical.tables import ENCODING_CHOICES, unicode_text
 from cmil_core.errors import InputError
-from cmil_core.jobs import Job
-from cmil_core.qc import THRESHOLD_FIELDS, decision_thresholds, flag_name
-from cmil_core.quality import QCThresholds
-from cmil_core.tables import ENCODING_CHOICES, unicode_text
+from cmil_core.ingest import discovery, pipeline
+from cmil_core.ingest.qc import THRESHOLD_FIELDS, decision_thresholds, flag_name
+from cmil_core.ingest.quality import QCThresholds
+from cmil_core.ops import access
+from cmil_core.ops.jobs import Job
 from pages import _common
 from pages._common import flash, md, show_flash
 

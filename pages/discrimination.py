@@ -6,8 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, figures, store as store_mod
-from cmil_core.evaluation import (
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
+from cmil_core.outputs import figures
+from cmil_core.outputs.evaluation import (
     calibration,
     calibration_summary,
     cohort_comparisons,
@@ -16,7 +18,7 @@ from cmil_core.evaluation import (
     probability_note,
     roc_curves,
 )
-from cmil_core.plots import (
+from cmil_core.outputs.plots import (
     MIN_CALIBRATION_BIN,
     calibration_drawable,
     calibration_figure,

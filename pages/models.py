@@ -17,12 +17,14 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, mil, modeling, store as store_mod
-from cmil_core.distributed import ray_address
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
 from cmil_core.errors import InputError
-from cmil_core.evaluation import discrimination
-from cmil_core.jobs import Job
-from cmil_core.model_rules import training_cohorts
+from cmil_core.model import mil, modeling
+from cmil_core.model.distributed import ray_address
+from cmil_core.ops.jobs import Job
+from cmil_core.outputs.evaluation import discrimination
+from cmil_core.store.model_rules import training_cohorts
 from pages import _common
 from pages._common import flash, md, show_flash
 

@@ -6,13 +6,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from cmil_core import display, store as store_mod
-from cmil_core.demo import demo_status
-from cmil_core.evaluation import discrimination, metrics_table
-from cmil_core.plots import qc_histogram_figure
-from cmil_core.qc import qc_warnings
-from cmil_core.slides import SlideError, open_slide
-from cmil_core.study import qc_table, study_overview
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
+from cmil_core.demo.generator import demo_status
+from cmil_core.ingest.qc import qc_warnings
+from cmil_core.ingest.slides import SlideError, open_slide
+from cmil_core.outputs.evaluation import discrimination, metrics_table
+from cmil_core.outputs.plots import qc_histogram_figure
+from cmil_core.outputs.study import qc_table, study_overview
 from pages import _common
 
 ROLE_NAMES = {"train": "Training", "validation": "External validation", "test": "External test"}

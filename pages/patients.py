@@ -3,7 +3,7 @@
 Links: ``?patient=<cohort>/<patient_id>&model=<model_id>`` opens a patient
 under a model (patient ids are unique only within a cohort; cohort names
 cannot hold ``/``, so the first slash separates them: see
-:func:`cmil_core.patients.patient_ref`). Selecting a row of the list sets
+:func:`cmil_core.viewer.patients.patient_ref`). Selecting a row of the list sets
 ``patient`` in the address bar, so the page can be bookmarked or shared.
 """
 
@@ -15,9 +15,12 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cmil_core import attention_view, display, store as store_mod
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
 from cmil_core.errors import InputError
-from cmil_core.patients import (
+from cmil_core.outputs.plots import colour_bar_figure
+from cmil_core.viewer import attention_view
+from cmil_core.viewer.patients import (
     MAX_PATCH_PX,
     attention_patches,
     importance_column,
@@ -31,7 +34,6 @@ from cmil_core.patients import (
     read_patches,
     rejected_patches,
 )
-from cmil_core.plots import colour_bar_figure
 from pages import _common, _viewer
 from pages._common import md
 

@@ -2,7 +2,7 @@
 threshold, and Apply (editors), which records a new QC decision and marks what is stale.
 
 Every number comes from cmil_core: the live counts are re-decided in SQL from the stored
-metrics (:func:`cmil_core.qc.what_if`, nothing written), the patches near a threshold
+metrics (:func:`cmil_core.ingest.qc.what_if`, nothing written), the patches near a threshold
 from :func:`cmil_core.store.qc_near_threshold`, their pixels read from the slides.
 """
 
@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, qc, store as store_mod
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
 from cmil_core.errors import InputError
-from cmil_core.patients import read_patches
-from cmil_core.quality import QC_REASONS, QC_RULES, QCThresholds
-from cmil_core.study import qc_table
+from cmil_core.ingest import qc
+from cmil_core.ingest.quality import QC_REASONS, QC_RULES, QCThresholds
+from cmil_core.outputs.study import qc_table
+from cmil_core.viewer.patients import read_patches
 from pages import _common, _viewer
 from pages._common import flash, md, show_flash
 

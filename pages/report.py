@@ -9,9 +9,9 @@ from pathlib import Path
 import streamlit as st
 
 from cmil_core.errors import InputError
-from cmil_core.evaluation import CUTOFF_METHODS, ENDPOINTS
+from cmil_core.outputs.evaluation import CUTOFF_METHODS, ENDPOINTS
+from cmil_core.outputs.report import report_zip, write_report
 from cmil_core.progress import Progress
-from cmil_core.report import report_zip, write_report
 from pages import _common
 
 st.title("Report")

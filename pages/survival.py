@@ -6,17 +6,18 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cmil_core import display, figures
+from cmil_core.analysis import display
+from cmil_core.analysis.survival import describe_cutoff
 from cmil_core.errors import InputError
-from cmil_core.evaluation import (
+from cmil_core.outputs import figures
+from cmil_core.outputs.evaluation import (
     CLINICAL_COVARIATES,
     COX_STRATA,
     ENDPOINTS,
     clinical_cox,
     risk_survival,
 )
-from cmil_core.plots import forest_figure, km_figure
-from cmil_core.survival import describe_cutoff
+from cmil_core.outputs.plots import forest_figure, km_figure
 from pages import _common
 
 st.title("Survival")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cmil_core import _smear
-from cmil_core.demo import COHORTS, SLIDE_MPP
+from cmil_core.demo import _smear
+from cmil_core.demo.generator import COHORTS, SLIDE_MPP
 
 PATCH = 224
 OUT = Path(__file__).resolve().parents[1] / "docs" / "demo_patches.jpg"

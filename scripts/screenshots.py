@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="cmil-demo-") as tmp:
         db = args.db
         if db is None:
-            from cmil_core.demo import generate_demo
+            from cmil_core.demo.generator import generate_demo
 
             db = Path(tmp) / "cmil.duckdb"
             print(f"building a small demo study in {db} ...", flush=True)

@@ -5,7 +5,7 @@ project folder; ``./run.sh`` does this). Options go to ``streamlit run app.py``
 unchanged, for example ``--server.port 8600``.
 
 In this one process: on a first launch (default store, no demo yet) the demo
-build starts at once in the background (:func:`cmil_core.launch.start_first_launch`),
+build starts at once in the background (:func:`cmil_core.demo.launch.start_first_launch`),
 printing its progress to stderr, without waiting for a browser; then Streamlit
 serves ``app.py``, whose pages show the same build's progress; once the server
 answers, the address it really listens on is printed (whatever
@@ -55,7 +55,7 @@ def announce_when_up(timeout: float = 600.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cmil_core import launch
+    from cmil_core.demo import launch
 
     args = sys.argv[1:] if argv is None else argv
     if launch.using_default_store():

@@ -40,7 +40,7 @@ def take(db: Path, out: Path) -> None:
     from playwright.sync_api import sync_playwright
 
     from cmil_core import store
-    from cmil_core.patients import attention_patches, patient_list
+    from cmil_core.viewer.patients import attention_patches, patient_list
 
     with store.open_store(db, read_only=True) as st:
         model_id = str(store.list_models(st)["model_id"].iloc[0])
@@ -103,7 +103,7 @@ def main() -> int:
     if args.db is not None:
         take(args.db, args.out)
     else:
-        from cmil_core.demo import generate_demo
+        from cmil_core.demo.generator import generate_demo
 
         with tempfile.TemporaryDirectory() as tmp:
             db = Path(tmp) / "cmil.duckdb"

@@ -102,7 +102,7 @@ def rerun_until(at: Any, done: Any, seconds: float = 120, describe: Any = None) 
 @pytest.fixture(scope="session")
 def small_demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small demo study (seed 0), built once per session; treat it as read-only."""
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("small-demo") / "cmil.duckdb"
     generate_demo(db, size="small", seed=0, workers=1)

@@ -12,8 +12,8 @@ import pandas as pd
 from PIL import Image
 
 from cmil_core import store
-from cmil_core.cohort_import import import_cohort
-from cmil_core.quality import METRIC_COLUMNS, QC_RULES, QCThresholds, qc_decision
+from cmil_core.clinical.cohort_import import import_cohort
+from cmil_core.ingest.quality import METRIC_COLUMNS, QC_RULES, QCThresholds, qc_decision
 
 
 def _good() -> dict[str, float]:
@@ -138,9 +138,9 @@ def photo_study(folder: Path, *, patients: int = 6, train: bool = True,
     """Cohorts of photographed fields (one per patient, half of them positive), ingested;
     with ``train``, a model trained on the first cohort (2 folds, a few epochs) and every
     cohort scored. Returns the store and the model id."""
-    from cmil_core import modeling
-    from cmil_core.pipeline import ingest
-    from cmil_core.tiling import TilingConfig
+    from cmil_core.ingest.pipeline import ingest
+    from cmil_core.ingest.tiling import TilingConfig
+    from cmil_core.model import modeling
 
     folder.mkdir(parents=True, exist_ok=True)
     db = folder / "cmil.duckdb"

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import access, report, store as store_mod
+from cmil_core import store as store_mod
 from cmil_core.cli import main
 from cmil_core.errors import InputError
+from cmil_core.ops import access
+from cmil_core.outputs import report
 from test_report import MODEL, build_scored_store
 
 CONFIG = access.RoleConfig.from_mapping({

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cmil_core import display, store
-from cmil_core.cohort_import import import_cohort
-from cmil_core.slides import file_sha256, open_slide
+from cmil_core import store
+from cmil_core.analysis import display
+from cmil_core.clinical.cohort_import import import_cohort
+from cmil_core.ingest.slides import file_sha256, open_slide
 from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +165,7 @@ def test_empty_store_builds_the_demo_on_request(
 
 @pytest.fixture(scope="module")
 def scored_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("scored") / "cmil.duckdb"
     generate_demo(db, size="small", seed=2)
@@ -188,7 +189,7 @@ def test_discrimination_page_shows_the_models_numbers(
 ) -> None:
     import json
 
-    from cmil_core.evaluation import metrics_table, roc_curves
+    from cmil_core.outputs.evaluation import metrics_table, roc_curves
 
     at, model_id = _page(scored_demo, monkeypatch, "pages/discrimination.py")
     assert at.title[0].value == "Discrimination"
@@ -208,7 +209,7 @@ def test_discrimination_page_shows_the_models_numbers(
     labels = [b.proto.label for b in at.get("download_button")]
     assert labels[:3] == ["PNG", "SVG", "CSV"] and labels.count("PNG") == 3  # ROC, calibration, decision
     # Unpaired DeLong between cohorts, as evaluation computes it.
-    from cmil_core.evaluation import cohort_comparisons
+    from cmil_core.outputs.evaluation import cohort_comparisons
 
     with store.open_store(scored_demo, read_only=True) as st:
         tests = cohort_comparisons(st, model_id)
@@ -222,7 +223,7 @@ def test_discrimination_page_shows_the_models_numbers(
         assert shown.loc[row.label, "Sensitivity"].startswith(f"{row.sensitivity:.2f} (")
     # Calibration: the legend carries each cohort's Brier score, as evaluation computes it
     # (on scores moved to the training prevalence, which the page says).
-    from cmil_core.evaluation import calibration as calibration_entries
+    from cmil_core.outputs.evaluation import calibration as calibration_entries
 
     calibration = json.loads(at.get("plotly_chart")[1].proto.spec)
     assert calibration["layout"]["title"]["text"] == "Calibration"
@@ -247,7 +248,7 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
 ) -> None:
     import json
 
-    from cmil_core.evaluation import risk_survival
+    from cmil_core.outputs.evaluation import risk_survival
 
     at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     assert at.title[0].value == "Survival"
@@ -266,7 +267,7 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
         assert title.startswith(f"{entry['label']}: overall survival by cMIL risk group")
         assert display.p_value(entry["result"]["logrank"]["p"]) in title
     # The multivariable Cox model: the forest plot shows clinical_cox's hazard ratios.
-    from cmil_core.evaluation import clinical_cox
+    from cmil_core.outputs.evaluation import clinical_cox
 
     with store.open_store(scored_demo, read_only=True) as st:
         cox = clinical_cox(st, model_id, "os", "model")
@@ -283,8 +284,8 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
 def test_survival_cutoff_choices_are_fixed_on_training(
     scored_demo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cmil_core.evaluation import scores_frame, survival_cutoff
-    from cmil_core.survival import risk_cutoff
+    from cmil_core.analysis.survival import risk_cutoff
+    from cmil_core.outputs.evaluation import scores_frame, survival_cutoff
 
     at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     with store.open_store(scored_demo, read_only=True) as st:
@@ -319,7 +320,7 @@ def test_overview_shows_quality_control_per_cohort(
 ) -> None:
     import json
 
-    from cmil_core.study import qc_table
+    from cmil_core.outputs.study import qc_table
 
     monkeypatch.setenv("CMIL_DB", str(scored_demo))
     at = _run(AppTest.from_file(APP, default_timeout=60))

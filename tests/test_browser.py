@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
 
-from cmil_core.demo import generate_demo
+from cmil_core.demo.generator import generate_demo
 from scripts.dashboard_server import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -350,7 +350,8 @@ def test_eight_sessions_keep_reading_while_a_command_line_job_writes(
 def test_quality_control_page_counts_apply_and_stale_marks(tmp_path: Path,
                                                           browser_page: Page) -> None:
     """Move a threshold slider, see the live counts change, apply, see the stale marks."""
-    from cmil_core import display, store
+    from cmil_core import store
+    from cmil_core.analysis import display
     from qc_helpers import BLUR_THRESHOLD, photo_study
 
     db, model_id = photo_study(tmp_path / "study")

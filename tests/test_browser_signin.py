@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cmil_core.cohort_import import import_cohort
+from cmil_core.clinical.cohort_import import import_cohort
 from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, ROOT, DashboardServer, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core.calibration import calibration_fit, format_calibration_fit
+from cmil_core.analysis.calibration import calibration_fit, format_calibration_fit
 from cmil_core.errors import InputError
 
 DATA = Path(__file__).parent / "data"

@@ -187,7 +187,7 @@ def test_train_passes_aggregator_parameters(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--param NAME=VALUE`` reaches modeling.train as numbers (what the Models page offers)."""
-    from cmil_core import modeling
+    from cmil_core.model import modeling
 
     calls: list[dict] = []
 
@@ -283,7 +283,7 @@ def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, str,
 def test_qc_thresholds_decisions_and_tiling_mismatch_end_to_end(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from cmil_core import store
-    from cmil_core.quality import QCThresholds
+    from cmil_core.ingest.quality import QCThresholds
     from qc_helpers import BLUR_THRESHOLD, photo_cohort, photo_study
 
     db, model_id = photo_study(tmp_path / "study", patients=6)

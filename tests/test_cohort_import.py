@@ -1,4 +1,4 @@
-"""cmil_core.cohort_import: a table of good and bad clinical files.
+"""cmil_core.clinical.cohort_import: a table of good and bad clinical files.
 
 Every bad file must be refused with the file, row and column of its problems,
 and leave the store exactly as it was.
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, event, given, settings, strategies as st_
 
 from cmil_core import store
 from cmil_core.cli import main
-from cmil_core.cohort_import import MAX_PROBLEMS, TableError, import_cohort
+from cmil_core.clinical.cohort_import import MAX_PROBLEMS, TableError, import_cohort
 from cmil_core.errors import InputError
 
 GOOD = [
@@ -209,7 +209,7 @@ def test_cli_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 # --- previews and problem tables (the Cohorts page) ---
 
 def test_preview_parses_values_and_names_the_mapping() -> None:
-    from cmil_core.cohort_import import preview_table
+    from cmil_core.clinical.cohort_import import preview_table
 
     data = b"Patient ID;BM status;OS time;OS status;Stage\nP1;Positive;12,5;1;4\nP2;negative;40;0;4S\n"
     preview = preview_table(data, "centre.csv")
@@ -231,7 +231,7 @@ def test_preview_parses_values_and_names_the_mapping() -> None:
 
 
 def test_preview_equals_what_the_import_stores(tmp_path: Path, db_path: Path) -> None:
-    from cmil_core.cohort_import import preview_table
+    from cmil_core.clinical.cohort_import import preview_table
 
     data = GOOD[1][1]
     preview = preview_table(data, "full.csv")
@@ -248,7 +248,7 @@ def test_preview_equals_what_the_import_stores(tmp_path: Path, db_path: Path) ->
 
 
 def test_problems_frame_lists_row_column_and_problem() -> None:
-    from cmil_core.cohort_import import preview_table, problems_frame
+    from cmil_core.clinical.cohort_import import preview_table, problems_frame
 
     data = b"patient_id,bm_metastasis,os_months,os_event\nP1,maybe,-1,1\nP1,1,5,7\n"
     with pytest.raises(TableError) as info:
@@ -272,7 +272,7 @@ def test_problems_frame_lists_row_column_and_problem() -> None:
 )
 def test_problems_frame_of_unreadable_files(data: bytes, row: int | None, column: str | None,
                                             fragment: str) -> None:
-    from cmil_core.cohort_import import preview_table, problems_frame
+    from cmil_core.clinical.cohort_import import preview_table, problems_frame
 
     with pytest.raises(InputError) as info:
         preview_table(data, "t.csv")
@@ -285,7 +285,7 @@ def test_problems_frame_of_unreadable_files(data: bytes, row: int | None, column
 
 
 def test_problems_frame_says_when_the_list_was_cut() -> None:
-    from cmil_core.cohort_import import preview_table, problems_frame
+    from cmil_core.clinical.cohort_import import preview_table, problems_frame
 
     rows = b"".join(b"P%d,maybe\n" % i for i in range(200))
     with pytest.raises(TableError) as info:
@@ -346,7 +346,7 @@ def _expected(header: list[str], rows: list[list[str]], semicolon: bool) -> list
     """The patients the table holds, or None when it must be refused."""
     import math
 
-    from cmil_core.cohort_import import COLUMN_ALIASES
+    from cmil_core.clinical.cohort_import import COLUMN_ALIASES
 
     alias = {a: f for f, names in COLUMN_ALIASES.items() for a in names}
     if any("\x00" in cell for cell in [*header, *(c for r in rows for c in r)]):

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from cmil_core import store
-from cmil_core.maintenance import check_store, temporary_leftovers
+from cmil_core.ops.maintenance import check_store, temporary_leftovers
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""cmil_core.deepzoom: which files the viewer may read, the tile route, and the cache's limit."""
+"""cmil_core.viewer.deepzoom: which files the viewer may read, the tile route, and the cache's limit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cmil_core import store
-from cmil_core.deepzoom import (
+from cmil_core.viewer.deepzoom import (
     TileCache,
     TileServer,
     ViewerError,

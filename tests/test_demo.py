@@ -1,4 +1,4 @@
-"""cmil_core.demo: the synthetic study is complete, readable, deterministic and resumable."""
+"""cmil_core.demo.generator: the synthetic study is complete, readable, deterministic and resumable."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import openslide
 import pandas as pd
 import pytest
 
-from cmil_core import _smear, store
+from cmil_core import store
+from cmil_core.analysis.stats import roc_auc
 from cmil_core.cli import main
-from cmil_core.controls import colour_control, dark_share
-from cmil_core.demo import (
+from cmil_core.demo import _smear
+from cmil_core.demo.generator import (
     COHORTS,
     SIZES,
     _render,
@@ -24,8 +25,8 @@ from cmil_core.demo import (
     simulate_patients,
 )
 from cmil_core.errors import InputError
+from cmil_core.model.controls import colour_control, dark_share
 from cmil_core.progress import Progress
-from cmil_core.stats import roc_auc
 
 
 def _digests(folder: Path) -> dict[str, str]:

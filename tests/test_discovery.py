@@ -1,4 +1,4 @@
-"""cmil_core.discovery: which files are slides, whose they are, and safe zips."""
+"""cmil_core.ingest.discovery: which files are slides, whose they are, and safe zips."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cmil_core.discovery import discover_slides, extract_zip
 from cmil_core.errors import InputError
+from cmil_core.ingest.discovery import discover_slides, extract_zip
 
 
 def _touch(path: Path, data: bytes = b"x") -> Path:
@@ -176,7 +176,7 @@ def slide_root(tmp_path: Path) -> Path:
 def test_resolve_under_root_accepts_what_lies_under_it(
     slide_root: Path, relative: str, expected: str
 ) -> None:
-    from cmil_core.discovery import resolve_under_root
+    from cmil_core.ingest.discovery import resolve_under_root
 
     assert resolve_under_root(slide_root, relative) == (slide_root / expected).resolve()
 
@@ -198,21 +198,21 @@ def test_resolve_under_root_accepts_what_lies_under_it(
 def test_resolve_under_root_refuses_everything_else(
     slide_root: Path, relative: str, message: str
 ) -> None:
-    from cmil_core.discovery import resolve_under_root
+    from cmil_core.ingest.discovery import resolve_under_root
 
     with pytest.raises(InputError, match=message):
         resolve_under_root(slide_root, relative)
 
 
 def test_absolute_path_under_the_root_is_accepted(slide_root: Path) -> None:
-    from cmil_core.discovery import resolve_under_root
+    from cmil_core.ingest.discovery import resolve_under_root
 
     inside = slide_root / "centre" / "P1"
     assert resolve_under_root(slide_root, str(inside)) == inside.resolve()
 
 
 def test_configured_slide_root(slide_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cmil_core.discovery import configured_slide_root, folders_under_root
+    from cmil_core.ingest.discovery import configured_slide_root, folders_under_root
 
     monkeypatch.delenv("CMIL_SLIDE_ROOT", raising=False)
     assert configured_slide_root() is None
@@ -233,7 +233,7 @@ def test_configured_slide_root(slide_root: Path, monkeypatch: pytest.MonkeyPatch
 def test_uploads_land_in_the_stores_folder_under_a_clean_name(tmp_path: Path) -> None:
     import io
 
-    from cmil_core.discovery import save_upload, upload_folder
+    from cmil_core.ingest.discovery import save_upload, upload_folder
 
     db = tmp_path / "store" / "cmil.duckdb"
     assert upload_folder(db, "Centre B") == tmp_path / "store" / "uploads" / "Centre_B"
@@ -247,7 +247,7 @@ def test_uploads_land_in_the_stores_folder_under_a_clean_name(tmp_path: Path) ->
 
 
 def test_an_uploaded_zip_is_found_after_saving(tmp_path: Path, fixtures_dir: Path) -> None:
-    from cmil_core.discovery import save_upload, upload_folder
+    from cmil_core.ingest.discovery import save_upload, upload_folder
 
     buffer = tmp_path / "src.zip"
     smears = sorted((fixtures_dir / "smears" / "bccd").glob("*.jpg"))[:2]

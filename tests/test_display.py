@@ -1,4 +1,4 @@
-"""Words and numbers as a clinician reads them (cmil_core.display), and honest pictures
+"""Words and numbers as a clinician reads them (cmil_core.analysis.display), and honest pictures
 (flat attention, calibration bins, log ticks, wrapped titles): issue 18."""
 
 from __future__ import annotations
@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import attention_view, display, plots
+from cmil_core.analysis import display
+from cmil_core.outputs import plots
+from cmil_core.viewer import attention_view
 
 
 @pytest.mark.parametrize(("raw", "shown"), [

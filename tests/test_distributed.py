@@ -1,4 +1,4 @@
-"""The Ray executor (cmil_core.distributed) against the local one, on a real local Ray cluster.
+"""The Ray executor (cmil_core.model.distributed) against the local one, on a real local Ray cluster.
 
 One small demo study (all 46 slides, built once with the local executor) is
 the reference: a local Ray cluster of 2 CPUs must give the same patch rows
@@ -18,12 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import distributed, features, store
-from cmil_core.cohort_import import import_cohort
-from cmil_core.demo import generate_demo
+from cmil_core import store
+from cmil_core.clinical.cohort_import import import_cohort
+from cmil_core.demo.generator import generate_demo
 from cmil_core.errors import InputError
-from cmil_core.modeling import load_model, score
-from cmil_core.pipeline import ingest
+from cmil_core.ingest.pipeline import ingest
+from cmil_core.model import distributed, features
+from cmil_core.model.modeling import load_model, score
 from cmil_core.progress import Progress
 
 ray = pytest.importorskip(

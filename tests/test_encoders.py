@@ -1,4 +1,4 @@
-"""cmil_core.encoders: architectures, weights files, TorchScript, the fast path, extraction.
+"""cmil_core.model.encoders: architectures, weights files, TorchScript, the fast path, extraction.
 
 Reference numbers for the ResNets are torchvision's (``torchvision.models``
 documentation, "Params" and "GFLOPS" columns, which count multiply-adds):
@@ -23,8 +23,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cmil_core import encoders
-from cmil_core.encoders import (
+from cmil_core.errors import InputError
+from cmil_core.model import encoders
+from cmil_core.model.encoders import (
     ARCHITECTURES,
     ENCODER_NAMES,
     Encoder,
@@ -37,7 +38,6 @@ from cmil_core.encoders import (
     load_encoder,
     preprocess,
 )
-from cmil_core.errors import InputError
 from tests.conftest import is_plain_json
 
 SMALL_PX = 64  # ResNets on small inputs keep the tests fast

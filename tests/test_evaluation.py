@@ -1,4 +1,4 @@
-"""cmil_core.evaluation: ground-truth overlap and per-cohort tables agree with the statistics."""
+"""cmil_core.outputs.evaluation: ground-truth overlap and per-cohort tables agree with the statistics."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cmil_core import evaluation, store as store_mod
+from cmil_core import store as store_mod
+from cmil_core.analysis.survival import cox_analysis
 from cmil_core.errors import InputError
-from cmil_core.evaluation import tumour_fraction
-from cmil_core.survival import cox_analysis
+from cmil_core.outputs import evaluation
+from cmil_core.outputs.evaluation import tumour_fraction
 from test_report import EVIL, MODEL, build_scored_store
 
 
@@ -45,7 +46,7 @@ def scored(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
     import numpy as np
 
     from cmil_core import store
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("evaluation") / "cmil.duckdb"
     generate_demo(db, size="small", seed=2)
@@ -74,8 +75,8 @@ def _labels(scores: pd.DataFrame, cohort: str) -> tuple:  # type: ignore[type-ar
 @pytest.mark.slow
 def test_cohort_comparisons_are_unpaired_delong_tests(scored) -> None:  # type: ignore[no-untyped-def]
     from cmil_core import store
-    from cmil_core.evaluation import cohort_comparisons
-    from cmil_core.stats import delong_unpaired_test
+    from cmil_core.analysis.stats import delong_unpaired_test
+    from cmil_core.outputs.evaluation import cohort_comparisons
 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
@@ -96,9 +97,9 @@ def test_cohort_comparisons_are_unpaired_delong_tests(scored) -> None:  # type: 
 @pytest.mark.slow
 def test_model_comparisons_are_paired_on_the_same_patients(scored) -> None:  # type: ignore[no-untyped-def]
     from cmil_core import store
+    from cmil_core.analysis.stats import delong_paired_test
     from cmil_core.errors import InputError
-    from cmil_core.evaluation import model_comparisons
-    from cmil_core.stats import delong_paired_test
+    from cmil_core.outputs.evaluation import model_comparisons
 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
@@ -123,8 +124,8 @@ def test_model_comparisons_are_paired_on_the_same_patients(scored) -> None:  # t
 @pytest.mark.slow
 def test_pooled_validation_survival_pools_the_external_cohorts(scored) -> None:  # type: ignore[no-untyped-def]
     from cmil_core import store
-    from cmil_core.evaluation import POOLED, risk_survival
-    from cmil_core.survival import risk_groups, survival_analysis
+    from cmil_core.analysis.survival import risk_groups, survival_analysis
+    from cmil_core.outputs.evaluation import POOLED, risk_survival
 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
@@ -214,7 +215,7 @@ def test_clinical_cox_can_be_restricted_to_chosen_factors(report_store: Path) ->
 
 @pytest.mark.slow
 def test_training_row_is_out_of_fold_unless_asked(scored) -> None:  # type: ignore[no-untyped-def]
-    from cmil_core.stats import roc_auc
+    from cmil_core.analysis.stats import roc_auc
 
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
@@ -246,7 +247,7 @@ def test_cutoff_means_the_same_on_out_of_fold_and_final_scores(scored) -> None: 
     specificity agree up to the patients the two models rank differently around it: at most one
     patient of each class here (the small demo has 14 training patients, so one positive is
     17 points; tests/test_recalibration.py shows exact agreement when the rankings agree)."""
-    from cmil_core.stats import roc_auc
+    from cmil_core.analysis.stats import roc_auc
 
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
@@ -273,8 +274,8 @@ def test_cutoff_means_the_same_on_out_of_fold_and_final_scores(scored) -> None: 
 def test_calibration_reads_scores_at_the_training_prevalence(scored) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
-    from cmil_core.recalibration import prevalence_shift
-    from cmil_core.stats import brier_score
+    from cmil_core.analysis.stats import brier_score
+    from cmil_core.model.recalibration import prevalence_shift
 
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
@@ -404,7 +405,7 @@ def test_clinical_cox_carries_the_ph_test_of_its_model(report_store: Path) -> No
 
 
 def test_risk_survival_gives_the_td_auc_of_the_score(report_store: Path) -> None:
-    from cmil_core.time_auc import td_auc
+    from cmil_core.analysis.time_auc import td_auc
 
     with store_mod.open_store(report_store, read_only=True) as st:
         entries = evaluation.risk_survival(st, MODEL, "os")
@@ -421,9 +422,9 @@ def test_risk_survival_gives_the_td_auc_of_the_score(report_store: Path) -> None
 def test_calibration_gives_intercept_and_slope_per_cohort(report_store: Path, capsys) -> None:
     import json
 
-    from cmil_core.calibration import calibration_fit
+    from cmil_core.analysis.calibration import calibration_fit
     from cmil_core.cli import main
-    from cmil_core.recalibration import prevalence_shift
+    from cmil_core.model.recalibration import prevalence_shift
 
     with store_mod.open_store(report_store, read_only=True) as st:
         entries = evaluation.calibration(st, MODEL)

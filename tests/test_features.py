@@ -1,4 +1,4 @@
-"""cmil_core.features: per-slide feature files, their reuse, atomic writing and corruption."""
+"""cmil_core.model.features: per-slide feature files, their reuse, atomic writing and corruption."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cmil_core import features as features_mod
-from cmil_core.encoders import Encoder, load_encoder
 from cmil_core.errors import InputError
-from cmil_core.features import (
+from cmil_core.ingest.slides import file_sha256, open_slide
+from cmil_core.ingest.tiling import read_patch
+from cmil_core.model import features as features_mod
+from cmil_core.model.encoders import Encoder, load_encoder
+from cmil_core.model.features import (
     FEATURES_FORMAT,
     FeatureFile,
     feature_path,
@@ -28,8 +30,6 @@ from cmil_core.features import (
     settings_key,
     slide_features,
 )
-from cmil_core.slides import file_sha256, open_slide
-from cmil_core.tiling import read_patch
 from tests.conftest import ROOT, is_plain_json
 
 PX = 64  # encoder input: small keeps the tests fast
@@ -216,8 +216,8 @@ def test_a_killed_writer_leaves_no_final_file(image_slide: Path, tmp_path: Path)
         import sys, time
         import numpy as np
         import pandas as pd
-        from cmil_core import features
-        from cmil_core.encoders import load_encoder
+        from cmil_core.model import features
+        from cmil_core.model.encoders import load_encoder
 
         def slow_savez(fh, **arrays):
             fh.write(b"PK\\x03\\x04 the first bytes of an archive")
@@ -352,9 +352,9 @@ def test_settings_key() -> None:
 
 def test_precompute_in_two_processes_writes_the_same_files(tmp_path: Path, fixtures_dir: Path) -> None:
     """Several slides at once across processes: the files equal the ones one process writes."""
-    from cmil_core.encoders import load_encoder
-    from cmil_core.features import SlideTask, precompute
-    from cmil_core.slides import file_sha256
+    from cmil_core.ingest.slides import file_sha256
+    from cmil_core.model.encoders import load_encoder
+    from cmil_core.model.features import SlideTask, precompute
 
     smears = sorted((fixtures_dir / "smears" / "bccd").glob("*.jpg"))[:3]
     encoder = load_encoder("smallcnn", seed=3, precision="fp32")
@@ -384,7 +384,7 @@ def test_extraction_processes_come_from_the_environment_or_the_gpus(
 ) -> None:
     import torch
 
-    from cmil_core.features import default_processes
+    from cmil_core.model.features import default_processes
 
     monkeypatch.setenv("CMIL_EXTRACT_PROCESSES", "3")
     assert default_processes() == 3

@@ -16,9 +16,10 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from cmil_core import display, figures, stats, survival
+from cmil_core.analysis import display, stats, survival
 from cmil_core.errors import InputError
-from cmil_core.palette import RISK_COLOURS, cohort_colour
+from cmil_core.outputs import figures
+from cmil_core.outputs.palette import RISK_COLOURS, cohort_colour
 
 ASAH = Path(__file__).resolve().parent / "data" / "reference" / "asah.csv"
 COHORTS = ["training", "external_a", "ext <b>&"]
@@ -30,7 +31,7 @@ def asah() -> pd.DataFrame:
 
 
 def _curve(cohort: str, y: np.ndarray, s: np.ndarray, band: bool = True) -> dict:
-    """What cmil_core.evaluation.roc_curves gives per cohort (plus the band)."""
+    """What cmil_core.outputs.evaluation.roc_curves gives per cohort (plus the band)."""
     c = stats.roc_curve(y, s)
     ci = stats.delong_ci(y, s)
     out = {"cohort": cohort, "fpr": c.fpr.tolist(), "tpr": c.tpr.tolist(),

@@ -1,4 +1,4 @@
-"""cmil_core.finetune: the weakly supervised patch CNN learns shape from patient labels, leak-free."""
+"""cmil_core.model.finetune: the weakly supervised patch CNN learns shape from patient labels, leak-free."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from cmil_core import encoders, finetune, mil
+from cmil_core.analysis.stats import roc_auc
 from cmil_core.errors import InputError
-from cmil_core.finetune import FinetuneConfig, PatchSet
-from cmil_core.stats import roc_auc
+from cmil_core.model import encoders, finetune, mil
+from cmil_core.model.finetune import FinetuneConfig, PatchSet
 
 _BACKGROUND = np.array([232.0, 214.0, 220.0])  # pale pink smear background
 _INK = np.array([90.0, 60.0, 140.0])  # dark purple nuclei
@@ -301,9 +301,10 @@ def test_train_finetune_saves_the_cnn_and_score_uses_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`train --encoder-training finetune` on the small demo, then `score` through feature files."""
-    from cmil_core import modeling, store
+    from cmil_core import store
     from cmil_core.cli import main
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
+    from cmil_core.model import modeling
 
     db = tmp_path / "cmil.duckdb"
     generate_demo(db, size="small", seed=1)
@@ -361,7 +362,7 @@ def test_feature_files_from_the_pixels_in_memory_are_the_ones_scoring_reads(
     """Slides whose patches are all in memory get their feature file; slide_features reuses it."""
     import pandas as pd
 
-    from cmil_core import features
+    from cmil_core.model import features
 
     data = planted_bags(4, patches=3)  # patch ids 0..11, patient p owns 3p..3p+2
     encoder = encoders.load_encoder("smallcnn", input_px=32, seed=0)

@@ -25,7 +25,7 @@ Policies decided here (and documented in the modules):
 * identifiers (patient ids, cohort names) that start with ``= + - @`` (CSV
   formula injection), hold control or invisible characters, or ``<``/``>``
   are refused at import, so exports write ids unchanged
-  (:func:`cmil_core.cohort_import.identifier_problem`);
+  (:func:`cmil_core.clinical.cohort_import.identifier_problem`);
 * UTF-16 is read with or without a byte-order mark (UTF-32 only with one);
 * a symbolic link out of a slide folder, or a manifest path outside it,
   refuses the whole ingest; a nested archive refuses the zip;
@@ -57,12 +57,14 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from cmil_core import discovery, store, tables
+from cmil_core import store
 from cmil_core.cli import main
-from cmil_core.cohort_import import import_cohort, preview_table
+from cmil_core.clinical import tables
+from cmil_core.clinical.cohort_import import import_cohort, preview_table
 from cmil_core.errors import InputError
-from cmil_core.pipeline import ingest
-from cmil_core.tiling import TilingConfig
+from cmil_core.ingest import discovery
+from cmil_core.ingest.pipeline import ingest
+from cmil_core.ingest.tiling import TilingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")

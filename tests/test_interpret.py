@@ -1,14 +1,14 @@
-"""cmil_core.interpret: heatmaps at thumbnail scale and Grad-CAM through the encoder."""
+"""cmil_core.model.interpret: heatmaps at thumbnail scale and Grad-CAM through the encoder."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from cmil_core.encoders import load_encoder
 from cmil_core.errors import InputError
-from cmil_core.interpret import gradcam, heatmap
-from cmil_core.mil import make_aggregator
+from cmil_core.model.encoders import load_encoder
+from cmil_core.model.interpret import gradcam, heatmap
+from cmil_core.model.mil import make_aggregator
 
 
 def test_heatmap_spreads_averages_and_masks() -> None:
@@ -95,8 +95,8 @@ def test_gradcam_explains_the_last_block_output_that_feeds_the_pool(name: str) -
     not the raw output of the last Conv2d inside that block."""
     import torch
 
-    from cmil_core.encoders import preprocess
-    from cmil_core.interpret import gradcam_layer
+    from cmil_core.model.encoders import preprocess
+    from cmil_core.model.interpret import gradcam_layer
 
     rng = np.random.default_rng(1)
     encoder = load_encoder(name, seed=0, input_px=64, precision="fp32")

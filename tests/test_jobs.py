@@ -1,4 +1,4 @@
-"""cmil_core.jobs: background jobs whose state any page can read."""
+"""cmil_core.ops.jobs: background jobs whose state any page can read."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import threading
 import time
 
 from cmil_core.errors import InputError
-from cmil_core.jobs import JobRunner
+from cmil_core.ops.jobs import JobRunner
 from cmil_core.progress import Progress
 
 

@@ -1,6 +1,6 @@
 """First launch: run.sh builds the demo as the server starts, without a browser (issue 18).
 
-Fast tests drive :func:`cmil_core.launch.start_first_launch` and
+Fast tests drive :func:`cmil_core.demo.launch.start_first_launch` and
 :class:`cmil_core.progress.TerminalProgress` with a fake build and a fake
 clock; one slow test runs ``./run.sh`` itself on the small demo, its output
 going to a file (not a terminal), and never opens a browser.
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from cmil_core import launch, progress as progress_mod, store
-from cmil_core.demo import DemoSummary
-from cmil_core.jobs import JobRunner
+from cmil_core import progress as progress_mod, store
+from cmil_core.demo import launch
+from cmil_core.demo.generator import DemoSummary
+from cmil_core.ops.jobs import JobRunner
 from cmil_core.progress import Progress, TerminalProgress
 
 ROOT = Path(__file__).resolve().parents[1]

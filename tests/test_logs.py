@@ -21,7 +21,7 @@ from streamlit.testing.v1 import AppTest
 from cmil_core import logs
 from cmil_core.cli import main
 from cmil_core.errors import InputError
-from cmil_core.jobs import JobRunner
+from cmil_core.ops.jobs import JobRunner
 from conftest import plain_text, run_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def _failed_job_page(root: str, log_file: str) -> None:
     import sys
 
     sys.path.insert(0, root)
-    from cmil_core.jobs import JobRunner
+    from cmil_core.ops.jobs import JobRunner
     from pages import _common
 
     def boom(progress: object) -> None:
@@ -228,9 +228,9 @@ def test_verbose_shows_the_debug_log(
     assert code == 0 and "2 tiled" in out
     lines = err.splitlines()
     assert "DEBUG cmil_core.cli: python -m cmil_core" in lines[0] and lines[0].endswith(": ingest")
-    assert any(line.startswith("INFO cmil_core.pipeline: ingest run 1 of cohort C: 2 slides")
+    assert any(line.startswith("INFO cmil_core.ingest.pipeline: ingest run 1 of cohort C: 2 slides")
                for line in lines)
-    slide_lines = [line for line in lines if line.startswith("INFO cmil_core.pipeline: slide ")]
+    slide_lines = [line for line in lines if line.startswith("INFO cmil_core.ingest.pipeline: slide ")]
     assert [line.split(": slide ")[1].split(" (")[0] for line in slide_lines] == [
         "1/2 C00_field.png", "2/2 C01_field.png"]
     assert all("tiled" in line for line in slide_lines)

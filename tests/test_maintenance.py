@@ -1,4 +1,4 @@
-"""cmil_core.maintenance: `check`, `backup` and `restore` on a real demo store."""
+"""cmil_core.ops.maintenance: `check`, `backup` and `restore` on a real demo store."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 
 from cmil_core import store
 from cmil_core.cli import main
-from cmil_core.demo import generate_demo
+from cmil_core.demo.generator import generate_demo
 from cmil_core.errors import InputError
-from cmil_core.maintenance import (
+from cmil_core.ops.maintenance import (
     BACKUP_FORMAT,
     MANIFEST,
     backup_store,
@@ -398,8 +398,8 @@ def test_damaged_or_hostile_archives_are_refused(
 
 def test_check_warns_when_quality_control_may_bias_the_study(
         db_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from cmil_core import qc
-    from cmil_core.quality import QCThresholds
+    from cmil_core.ingest import qc
+    from cmil_core.ingest.quality import QCThresholds
     from qc_helpers import BLURRED, GOOD, cohort_with_patches
 
     cohort_with_patches(db_path, tmp_path, "A", {

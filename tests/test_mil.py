@@ -1,4 +1,4 @@
-"""Tests of cmil_core.mil: interface, planted signal, determinism, persistence, leakage, failures.
+"""Tests of cmil_core.model.mil: interface, planted signal, determinism, persistence, leakage, failures.
 
 The planted-signal bags follow the MIL story of the study: every patch of a
 negative patient is "normal" (a standard Gaussian in D dimensions); a positive
@@ -18,9 +18,9 @@ import pytest
 import torch
 from sklearn.feature_extraction.text import TfidfTransformer
 
-from cmil_core import mil
+from cmil_core.analysis.stats import roc_auc
 from cmil_core.errors import InputError
-from cmil_core.stats import roc_auc
+from cmil_core.model import mil
 from conftest import is_plain_json
 
 NAMES = ["histogram", "attention"]

@@ -11,10 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import evaluation, patients, store as store_mod
+from cmil_core import store as store_mod
+from cmil_core.analysis.stats import metrics_at_cutoff
 from cmil_core.errors import InputError
-from cmil_core.model_rules import operating_cutoff, split_cohorts, training_cohorts
-from cmil_core.stats import metrics_at_cutoff
+from cmil_core.outputs import evaluation
+from cmil_core.store.model_rules import operating_cutoff, split_cohorts, training_cohorts
+from cmil_core.viewer import patients
 from test_report import MODEL, build_scored_store
 
 ROW = store_mod.ModelRow(model_id="m", created_at=datetime(2026, 1, 1), aggregator="attention",

@@ -1,4 +1,4 @@
-"""cmil_core.modeling: train on the training cohort only, score every cohort, reload exactly."""
+"""cmil_core.model.modeling: train on the training cohort only, score every cohort, reload exactly."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import mil, modeling, store
+from cmil_core import store
 from cmil_core.cli import main
-from cmil_core.demo import generate_demo
+from cmil_core.demo.generator import generate_demo
 from cmil_core.errors import InputError
-from cmil_core.evaluation import discrimination, localisation
+from cmil_core.model import mil, modeling
+from cmil_core.outputs.evaluation import discrimination, localisation
 
 
 @pytest.fixture(scope="module")

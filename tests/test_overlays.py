@@ -1,4 +1,4 @@
-"""cmil_core.overlays on the small demo study: viewer layers, QuPath GeoJSON, heatmap PNG, CLI."""
+"""cmil_core.viewer.overlays on the small demo study: viewer layers, QuPath GeoJSON, heatmap PNG, CLI."""
 
 from __future__ import annotations
 
@@ -15,14 +15,14 @@ from shapely.geometry import shape
 from cmil_core import store
 from cmil_core.cli import main
 from cmil_core.errors import InputError
-from cmil_core.overlays import export_geojson, heatmap_png, slide_geojson, viewer_layers
+from cmil_core.viewer.overlays import export_geojson, heatmap_png, slide_geojson, viewer_layers
 
 pytestmark = pytest.mark.slow  # one small demo build (about 30 s)
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("overlays") / "cmil.duckdb"
     generate_demo(db, size="small", seed=3)

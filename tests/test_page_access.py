@@ -23,7 +23,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
-from cmil_core.cohort_import import import_cohort
+from cmil_core.clinical.cohort_import import import_cohort
 from conftest import plain_text as _plain, run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,7 +258,7 @@ def _masked_table(root: str, switch: bool) -> None:
 def test_csv_downloads_follow_the_switch_and_the_viewer_rule(
     study: Path, email: str, switch: bool, masked: bool
 ) -> None:
-    from cmil_core.access import pseudonym
+    from cmil_core.ops.access import pseudonym
 
     salt = "a configured salt, long enough"
     secrets = json.loads(json.dumps(SECRETS))
@@ -316,7 +316,7 @@ def test_viewer_reports_are_pseudonymised_when_configured(
     _run(at)
     folder = Path(at.session_state["report:m-test"]).parent
     csv = (folder / "tables" / "patient_scores.csv").read_text()
-    from cmil_core.access import pseudonym
+    from cmil_core.ops.access import pseudonym
 
     assert "T000" not in csv and pseudonym("T000", salt) in csv
     (row,) = _trail(scored)
@@ -326,7 +326,7 @@ def test_viewer_reports_are_pseudonymised_when_configured(
 
 @pytest.fixture(scope="module")
 def demo_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("access-demo") / "cmil.duckdb"
     generate_demo(db, size="small", seed=3)

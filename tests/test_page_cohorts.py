@@ -17,7 +17,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
-from cmil_core.cohort_import import import_cohort
+from cmil_core.clinical.cohort_import import import_cohort
 from conftest import job_runner as _runner, plain_text as _plain, rerun_until, run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]

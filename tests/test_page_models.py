@@ -18,7 +18,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from cmil_core import modeling, store
+from cmil_core import store
+from cmil_core.model import modeling
 from conftest import job_runner as _runner, plain_text as _plain, rerun_until, run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def _said(at: AppTest, start: str) -> str | None:
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     folder = tmp_path_factory.mktemp("models_demo")
     generate_demo(folder / "cmil.duckdb", size="small", seed=2)

@@ -8,8 +8,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
-from cmil_core.cohort_import import import_cohort
-from cmil_core.patients import attention_patches, patient_list
+from cmil_core.clinical.cohort_import import import_cohort
+from cmil_core.viewer.patients import attention_patches, patient_list
 from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ PAGE = "pages/patients.py"
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The small scored demo store (about 30 s to build) and its model id."""
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("page_patients") / "cmil.duckdb"
     generate_demo(db, size="small", seed=2)

@@ -14,9 +14,10 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from cmil_core import qc, store
-from cmil_core.cohort_import import import_cohort
-from cmil_core.quality import QCThresholds
+from cmil_core import store
+from cmil_core.clinical.cohort_import import import_cohort
+from cmil_core.ingest import qc
+from cmil_core.ingest.quality import QCThresholds
 from conftest import plain_text, run_app
 from qc_helpers import BLUR_COLUMN, BLUR_THRESHOLD, photo_study
 

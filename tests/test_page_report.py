@@ -11,7 +11,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
-from cmil_core.evaluation import roc_curves
+from cmil_core.outputs.evaluation import roc_curves
 from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _page(db: Path, monkeypatch: pytest.MonkeyPatch) -> AppTest:
 
 @pytest.fixture(scope="module")
 def scored_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("scored") / "cmil.duckdb"
     generate_demo(db, size="small", seed=2)
@@ -80,7 +80,7 @@ def test_write_the_report_and_download_it(
     # The zip offered is the folder: its report.html is the one on disk.
     zip_url = downloads[0].proto.url
     assert zip_url  # served by the media file manager
-    from cmil_core.report import report_zip
+    from cmil_core.outputs.report import report_zip
 
     with zipfile.ZipFile(io.BytesIO(report_zip(folder))) as archive:
         assert archive.read(f"{folder.name}/report.html") == html_path.read_bytes()

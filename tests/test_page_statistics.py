@@ -1,5 +1,5 @@
 """The Survival and Discrimination pages show the PH check, the time-dependent AUC and the
-calibration intercept and slope, with the numbers of cmil_core.evaluation (issue 14, item 7)."""
+calibration intercept and slope, with the numbers of cmil_core.outputs.evaluation (issue 14, item 7)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cmil_core import display, evaluation, store as store_mod
+from cmil_core import store as store_mod
+from cmil_core.analysis import display
+from cmil_core.outputs import evaluation
 from conftest import ROOT, run_app as _run
 from test_report import MODEL, build_scored_store
 

@@ -1,4 +1,4 @@
-"""cmil_core.patients on the small demo study: the review queue, one patient, patches, pixels."""
+"""cmil_core.viewer.patients on the small demo study: the review queue, one patient, patches, pixels."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from PIL import Image
 
 from cmil_core import store
 from cmil_core.errors import InputError
-from cmil_core.patients import (
+from cmil_core.ingest.quality import QC_REASONS
+from cmil_core.viewer.patients import (
     attention_patches,
     importance_column,
     overlay,
@@ -27,13 +28,12 @@ from cmil_core.patients import (
     rejected_patches,
     slide_heatmap,
 )
-from cmil_core.quality import QC_REASONS
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """The small scored demo store (about 30 s to build) and its model id."""
-    from cmil_core.demo import generate_demo
+    from cmil_core.demo.generator import generate_demo
 
     db = tmp_path_factory.mktemp("patients") / "cmil.duckdb"
     generate_demo(db, size="small", seed=2)

@@ -1,4 +1,4 @@
-"""cmil_core.pipeline.ingest on real slides and photographs, bad files, reruns and kills."""
+"""cmil_core.ingest.pipeline.ingest on real slides and photographs, bad files, reruns and kills."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from PIL import Image
 
 from cmil_core import store
 from cmil_core.cli import main
-from cmil_core.cohort_import import import_cohort
-from cmil_core.demo import generate_demo
+from cmil_core.clinical.cohort_import import import_cohort
+from cmil_core.demo.generator import generate_demo
 from cmil_core.errors import InputError
-from cmil_core.pipeline import ingest
+from cmil_core.ingest.pipeline import ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,9 +240,9 @@ def test_killed_ingest_resumes_to_the_same_patches(tmp_path: Path) -> None:
 
 
 def test_new_thresholds_re_decide_the_cohort_without_tiling_again(tmp_path: Path) -> None:
-    from cmil_core.pipeline import format_ingest_summary
-    from cmil_core.quality import QCThresholds
-    from cmil_core.tiling import TilingConfig
+    from cmil_core.ingest.pipeline import format_ingest_summary
+    from cmil_core.ingest.quality import QCThresholds
+    from cmil_core.ingest.tiling import TilingConfig
     from qc_helpers import BLUR_THRESHOLD, photo_cohort
 
     db = tmp_path / "cmil.duckdb"

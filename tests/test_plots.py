@@ -1,10 +1,10 @@
-"""cmil_core.plots: figures carry the numbers they are given, and nothing else."""
+"""cmil_core.outputs.plots: figures carry the numbers they are given, and nothing else."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from cmil_core.plots import roc_figure
+from cmil_core.outputs.plots import roc_figure
 
 
 def test_roc_figure_legend_and_axes() -> None:
@@ -26,8 +26,8 @@ def test_km_figure_shows_the_test_results_and_numbers_at_risk() -> None:
     import pandas as pd
     from lifelines.datasets import load_g3
 
-    from cmil_core.plots import km_figure
-    from cmil_core.survival import kaplan_meier_table, survival_analysis
+    from cmil_core.analysis.survival import kaplan_meier_table, survival_analysis
+    from cmil_core.outputs.plots import km_figure
 
     g3 = load_g3()
     curves = kaplan_meier_table(g3, "time", "event", "group")
@@ -51,8 +51,13 @@ def test_km_figure_shows_the_test_results_and_numbers_at_risk() -> None:
 def test_calibration_and_decision_figures_plot_what_they_are_given() -> None:
     import numpy as np
 
-    from cmil_core.plots import calibration_figure, decision_figure
-    from cmil_core.stats import brier_score, calibration_bins, calibration_smooth, decision_curve
+    from cmil_core.analysis.stats import (
+        brier_score,
+        calibration_bins,
+        calibration_smooth,
+        decision_curve,
+    )
+    from cmil_core.outputs.plots import calibration_figure, decision_figure
 
     rng = np.random.default_rng(0)
     p = rng.random(200)
@@ -69,7 +74,7 @@ def test_calibration_and_decision_figures_plot_what_they_are_given() -> None:
 
 
 def test_roc_band_is_drawn_and_colours_follow_the_store_order() -> None:
-    from cmil_core.palette import COHORT_COLOURS
+    from cmil_core.outputs.palette import COHORT_COLOURS
 
     band = {"specificity": [0.0, 0.5, 1.0], "se_low": [1.0, 0.6, 0.0], "se_high": [1.0, 0.9, 0.3]}
     curves = [{"cohort": "ext", "fpr": [0, 0.5, 1], "tpr": [0, 0.8, 1], "auc": 0.7,
@@ -87,8 +92,8 @@ def test_roc_band_is_drawn_and_colours_follow_the_store_order() -> None:
 def test_forest_figure_has_one_row_per_coefficient_with_its_hazard_ratio() -> None:
     from lifelines.datasets import load_rossi
 
-    from cmil_core.plots import forest_figure
-    from cmil_core.survival import cox_analysis
+    from cmil_core.analysis.survival import cox_analysis
+    from cmil_core.outputs.plots import forest_figure
 
     result = cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio"])
     fig = forest_figure(result, title="rossi")
@@ -101,7 +106,7 @@ def test_forest_figure_has_one_row_per_coefficient_with_its_hazard_ratio() -> No
 
 
 def test_qc_histogram_shows_shares_per_cohort() -> None:
-    from cmil_core.plots import qc_histogram_figure
+    from cmil_core.outputs.plots import qc_histogram_figure
 
     hist = pd.DataFrame({"cohort": ["a", "a", "b"], "bin_low": [0.0, 1.0, 0.0],
                          "bin_high": [1.0, 2.0, 1.0], "kept": [3, 1, 2], "rejected": [0, 4, 0]})
@@ -113,7 +118,7 @@ def test_qc_histogram_shows_shares_per_cohort() -> None:
 
 
 def test_forest_figure_lists_a_separated_covariate_instead_of_drawing_it() -> None:
-    from cmil_core.plots import forest_figure
+    from cmil_core.outputs.plots import forest_figure
 
     result = {"n": 16, "events": 10, "coefficients": [
         {"name": "cMIL high risk", "coef": 0.62, "se": 0.68, "hr": 1.85, "ci": [0.49, 7.05], "p": 0.37},
@@ -127,8 +132,8 @@ def test_forest_figure_lists_a_separated_covariate_instead_of_drawing_it() -> No
 def test_km_figure_says_when_the_hazard_ratio_cannot_be_estimated() -> None:
     from lifelines.datasets import load_g3
 
-    from cmil_core.plots import km_figure
-    from cmil_core.survival import kaplan_meier_table, survival_analysis
+    from cmil_core.analysis.survival import kaplan_meier_table, survival_analysis
+    from cmil_core.outputs.plots import km_figure
 
     g3 = load_g3()
     curves = kaplan_meier_table(g3, "time", "event", "group")

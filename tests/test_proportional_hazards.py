@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cmil_core.analysis.proportional_hazards import format_zph, zph_test
+from cmil_core.analysis.survival import cox_analysis, format_cox, format_survival, survival_analysis
 from cmil_core.cli import main
 from cmil_core.errors import InputError
-from cmil_core.proportional_hazards import format_zph, zph_test
-from cmil_core.survival import cox_analysis, format_cox, format_survival, survival_analysis
 
 DATA = Path(__file__).parent / "data"
 R = json.loads((DATA / "reference" / "r_stats.json").read_text())

@@ -1,4 +1,4 @@
-"""cmil_core.qc and the store's QC decisions: thresholds files, SQL against Python, what-if
+"""cmil_core.ingest.qc and the store's QC decisions: thresholds files, SQL against Python, what-if
 counts, decisions with their audit rows, bias warnings, stale marks, tiling differences."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import qc, store
+from cmil_core import store
 from cmil_core.errors import InputError
-from cmil_core.quality import METRIC_COLUMNS, QC_REASONS, QC_RULES, QCThresholds, qc_decision
+from cmil_core.ingest import qc
+from cmil_core.ingest.quality import METRIC_COLUMNS, QC_REASONS, QC_RULES, QCThresholds, qc_decision
 from qc_helpers import (
     BLUR_COLUMN,
     BLUR_LIMIT,
@@ -432,7 +433,7 @@ def test_slider_ranges_hold_the_value_and_the_metrics_on_a_round_grid() -> None:
 def test_a_decision_recorded_before_field_scope_keeps_deciding_patch_by_patch() -> None:
     # Older decisions have no nucleated_scope: they were decided patch by patch, and
     # re-deciding them must not change their photographs' outcome silently.
-    from cmil_core.qc import decision_thresholds
+    from cmil_core.ingest.qc import decision_thresholds
 
     old = {"thresholds": {"min_blur_variance": 8.0}}
     assert decision_thresholds(old).nucleated_scope == "patch"

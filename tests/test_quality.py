@@ -1,4 +1,4 @@
-"""cmil_core.quality: patch metrics against brute force, and one synthetic patch per QC reason."""
+"""cmil_core.ingest.quality: patch metrics against brute force, and one synthetic patch per QC reason."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from cmil_core.errors import InputError
-from cmil_core.quality import (
+from cmil_core.ingest.quality import (
     GLASS_OD,
     METRIC_COLUMNS,
     QC_REASONS,
@@ -15,7 +15,7 @@ from cmil_core.quality import (
     patch_metrics,
     qc_decision,
 )
-from cmil_core.stains import DEFAULT_STAINS
+from cmil_core.ingest.stains import DEFAULT_STAINS
 
 SIZE = 224
 PINK = (214, 150, 160)       # a red cell, as on the demo and BCCD smears
@@ -255,7 +255,7 @@ def test_qc_decision_input_errors() -> None:
 def test_module_docstring_example() -> None:
     import doctest
 
-    from cmil_core import quality
+    from cmil_core.ingest import quality
 
     result = doctest.testmod(quality, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 3 and result.failed == 0

@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from cmil_core.quality import QCThresholds
-from cmil_core.slides import open_slide
-from cmil_core.tiling import TilingConfig, tile_slide
+from cmil_core.ingest.quality import QCThresholds
+from cmil_core.ingest.slides import open_slide
+from cmil_core.ingest.tiling import TilingConfig, tile_slide
 
 DATA = Path(__file__).parent / "data" / "real_smears"
 BCCD = sorted(DATA.glob("BloodImage_*.jpg"))

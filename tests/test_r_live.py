@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core import stats, survival
+from cmil_core.analysis import stats, survival
 from cmil_core.cli import main
 
 DATA = Path(__file__).parent / "data"
@@ -351,7 +351,7 @@ def test_td_auc_equals_the_ipcw_formula_in_r(name, live, capsys):
 
 @pytest.mark.parametrize("name", ROC_SETS)
 def test_calibration_intercept_and_slope_equal_glm(name, live):
-    from cmil_core.calibration import calibration_fit
+    from cmil_core.analysis.calibration import calibration_fit
 
     path, config, r = live["get"](name)
     frame = pd.read_csv(path)

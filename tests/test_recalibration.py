@@ -1,13 +1,13 @@
-"""cmil_core.recalibration: the final model's scores on the out-of-fold scale, prior shift."""
+"""cmil_core.model.recalibration: the final model's scores on the out-of-fold scale, prior shift."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from cmil_core.analysis.stats import metrics_at_cutoff, roc_auc
 from cmil_core.errors import InputError
-from cmil_core.recalibration import ScoreMap, fit_score_map, prevalence_shift
-from cmil_core.stats import metrics_at_cutoff, roc_auc
+from cmil_core.model.recalibration import ScoreMap, fit_score_map, prevalence_shift
 
 
 def _overfit(seed: int = 0, n: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -16,8 +16,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cmil_core import evaluation, figures, report, store as store_mod
+from cmil_core import store as store_mod
 from cmil_core.errors import InputError
+from cmil_core.outputs import evaluation, figures, report
 from conftest import is_plain_json
 
 EVIL = "ext<script>alert(1)</script>"
@@ -100,7 +101,7 @@ def test_report_folder_holds_every_file(scored: Path, written) -> None:
     out = html_path.parent
     assert html_path == out / "report.html" and html_path.exists()
     meta = json.loads((out / "report.json").read_text())
-    assert meta["generator"] == "cmil_core.report" and is_plain_json(meta)
+    assert meta["generator"] == "cmil_core.outputs.report" and is_plain_json(meta)
     on_disk = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert on_disk == sorted([*meta["files"], "report.html"])
     stems = {Path(f).stem for f in meta["files"] if f.startswith("figures/")}
@@ -242,7 +243,7 @@ def test_a_crash_leaves_no_half_report_and_a_rewrite_replaces_the_old(
 
 @pytest.mark.slow
 def test_training_rows_are_out_of_fold_unless_in_sample_is_asked(tmp_path: Path) -> None:
-    from cmil_core.stats import roc_auc
+    from cmil_core.analysis.stats import roc_auc
 
     db = tmp_path / "cmil.duckdb"
     build_scored_store(db, evil=False)

@@ -1,4 +1,4 @@
-"""cmil_core.slides on real files from tests/data/fixtures, including broken ones."""
+"""cmil_core.ingest.slides on real files from tests/data/fixtures, including broken ones."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cmil_core.slides import MAX_IMAGE_PIXELS, SlideError, file_sha256, open_slide
+from cmil_core.ingest.slides import MAX_IMAGE_PIXELS, SlideError, file_sha256, open_slide
 
 
 def test_aperio_slide_with_resolution(fixtures_dir: Path) -> None:

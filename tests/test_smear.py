@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from cmil_core._smear import (
+from cmil_core.demo._smear import (
     LOOKALIKE_KINDS,
     PRESET_STYLES,
     CenterStyle,

@@ -1,4 +1,4 @@
-"""Tests of cmil_core.stats: pROC reference values, brute force, properties, failures.
+"""Tests of cmil_core.analysis.stats: pROC reference values, brute force, properties, failures.
 
 Reference values come from tests/data/reference/REFERENCE.md; each test pastes
 the R call that produced its numbers. Tolerance: the digits shown, or 1e-6
@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats as sps
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve as sk_roc_curve
 
-from cmil_core import stats
+from cmil_core.analysis import stats
 from cmil_core.errors import InputError
 from conftest import is_plain_json
 
@@ -471,7 +471,7 @@ def test_label_forms(labels, positive):
 
 
 def test_a_table_of_text_cells_is_read_like_numbers():
-    # cmil_core.tables keeps every cell as text; blank cells are missing
+    # cmil_core.clinical.tables keeps every cell as text; blank cells are missing
     frame = pd.DataFrame(
         {"y": ["0", "1", "0", "1", "1", "0", ""], "s": ["0.1", "0.9", "0.3", "0.4", "0.8", "0.5", "1"]}
     )

@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from cmil_core import store
-from cmil_core.quality import QC_REASONS
+from cmil_core.ingest.quality import QC_REASONS
+from cmil_core.outputs.study import median_followup, qc_table
 from cmil_core.store import PatientRow, open_store
-from cmil_core.study import median_followup, qc_table
 
 
 def test_median_followup_is_reverse_kaplan_meier() -> None:

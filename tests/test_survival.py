@@ -1,4 +1,4 @@
-"""Tests of cmil_core.survival: R reference values, brute force, properties, failures.
+"""Tests of cmil_core.analysis.survival: R reference values, brute force, properties, failures.
 
 Reference values come from tests/data/reference/REFERENCE.md (R survival, via
 lifelines' own tests and docs); each test pastes the R call. Tolerance: the
@@ -18,7 +18,7 @@ from lifelines import CoxPHFitter
 from lifelines.datasets import load_g3, load_rossi
 from scipy import stats as sps
 
-from cmil_core import stats, survival
+from cmil_core.analysis import stats, survival
 from cmil_core.errors import InputError
 from conftest import is_plain_json
 

@@ -1,4 +1,4 @@
-"""cmil_core.tables: delimiters, encodings, decimal commas, and refusals."""
+"""cmil_core.clinical.tables: delimiters, encodings, decimal commas, and refusals."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from cmil_core.clinical.tables import parse_number, read_table
 from cmil_core.errors import InputError
-from cmil_core.tables import parse_number, read_table
 
 
 @pytest.mark.parametrize(

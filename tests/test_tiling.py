@@ -1,4 +1,4 @@
-"""cmil_core.tiling on real slides and photographs from tests/data/fixtures, and on synthetic images.
+"""cmil_core.ingest.tiling on real slides and photographs from tests/data/fixtures, and on synthetic images.
 
 The BCCD photographs (640 x 480 Wright-Giemsa blood smears) carry no
 resolution; these tests assume 0.3 um per pixel, a 40x objective on a
@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from cmil_core import tiling
 from cmil_core.errors import InputError
-from cmil_core.quality import METRIC_COLUMNS, QC_REASONS, QCThresholds
-from cmil_core.slides import Slide, SlideError, open_slide
-from cmil_core.tiling import (
+from cmil_core.ingest import tiling
+from cmil_core.ingest.quality import METRIC_COLUMNS, QC_REASONS, QCThresholds
+from cmil_core.ingest.slides import Slide, SlideError, open_slide
+from cmil_core.ingest.tiling import (
     TILE_COLUMNS,
     TilingConfig,
     detect_foreground,

@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cmil_core.analysis.time_auc import cumulative_dynamic_auc, format_td_auc, td_auc
 from cmil_core.cli import main
 from cmil_core.errors import InputError
-from cmil_core.time_auc import cumulative_dynamic_auc, format_td_auc, td_auc
 
 DATA = Path(__file__).parent / "data"
 R = json.loads((DATA / "reference" / "r_stats.json").read_text())

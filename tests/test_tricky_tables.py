@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from openpyxl import Workbook
 
-from cmil_core.cohort_import import import_cohort, preview_table
+from cmil_core.clinical.cohort_import import import_cohort, preview_table
+from cmil_core.clinical.missing import prepare, read_raw
+from cmil_core.clinical.tables import read_table
 from cmil_core.errors import InputError
-from cmil_core.missing import prepare, read_raw
-from cmil_core.tables import read_table
 
 ZH_HEADER = ["病历号", "性别", "年龄(月)", "诊断", "分期", "骨髓转移", "总生存期(月)", "死亡",
              "MYCN扩增", "备注"]
@@ -308,7 +308,7 @@ def test_a_group_level_lost_to_missing_values_is_refused(tmp_path: Path) -> None
 def test_docstring_examples() -> None:
     import doctest
 
-    from cmil_core import missing, tables
+    from cmil_core.clinical import missing, tables
 
     for module in (tables, missing):
         result = doctest.testmod(module)

@@ -20,7 +20,7 @@ import geojson
 import pytest
 
 from cmil_core import store
-from cmil_core.patients import attention_patches, patient_list
+from cmil_core.viewer.patients import attention_patches, patient_list
 from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, DashboardServer as Server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]

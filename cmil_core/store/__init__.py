@@ -13,11 +13,13 @@ patients), :mod:`.slides` (slides, patches, ingest runs, the slide viewer's
 arrays), :mod:`.qc` (QC summaries and decisions), :mod:`.models` (models and
 their scores), :mod:`.audit` (the audit trail) and :mod:`.integrity` (orphans
 and other checks for ``cmil check`` and backups); :mod:`._base` holds their
-shared helpers and errors.
+shared helpers and errors. :mod:`.model_rules` reads a model row's rules (its
+operating cutoff, its training cohorts) the same way for every caller; it is
+imported as its own module, not re-exported here.
 
 What it may import: the standard library, duckdb, pandas, numpy and pyarrow,
 :mod:`cmil_core.errors` and (inside functions) the QC rules of
-:mod:`cmil_core.quality`; nothing else of :mod:`cmil_core`. Its modules import
+:mod:`cmil_core.ingest.quality`; nothing else of :mod:`cmil_core`. Its modules import
 each other's public names only (``from cmil_core.store._base import one_row``);
 :mod:`.connection` reaches the schema as ``schema.SCHEMA_VERSION`` and
 ``schema.migrate`` so that a test can patch the migrations in one place.

@@ -96,7 +96,7 @@ def write_scores(
 
     p = patients.loc[:, ["patient_id", "score", "risk_group"]].copy()
     # score_raw (optional): the final model's output before its map onto the
-    # out-of-fold scale (cmil_core.recalibration); NULL when not given.
+    # out-of-fold scale (cmil_core.model.recalibration); NULL when not given.
     p["score_raw"] = (patients["score_raw"].to_numpy(dtype=float) if "score_raw" in patients
                       else np.full(len(p), np.nan))
     p.insert(0, "cohort", cohort)

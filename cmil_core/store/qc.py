@@ -105,14 +105,15 @@ def _qc_condition(column: str, op: str, name: str, thresholds: dict[str, Any],
 
 
 def _qc_reason_sql(thresholds: dict[str, Any], prefix: str = "") -> str:
-    """A SQL expression: the first failing rule's reason of :data:`cmil_core.quality.QC_RULES`
-    (NULL when the patch passes every rule), built from the rules themselves.
+    """A SQL expression: the first failing rule's reason of
+    :data:`cmil_core.ingest.quality.QC_RULES` (NULL when the patch passes every rule), built
+    from the rules themselves.
 
     A rule with a field scope set to ``"field"`` (``nucleated_scope``) also holds for a
     patch of a photograph (``slides.tiling`` says ``"photograph": true``) when it holds for
     any patch of the same slide; the outer patch row is ``prefix`` (``patches.`` when
     empty, as in an UPDATE of ``patches``)."""
-    from cmil_core.quality import NUCLEATED_SCOPES, QC_RULES
+    from cmil_core.ingest.quality import NUCLEATED_SCOPES, QC_RULES
 
     outer = prefix or "patches."
     whens = []
@@ -137,7 +138,7 @@ def _qc_reason_sql(thresholds: dict[str, Any], prefix: str = "") -> str:
 
 
 def _qc_columns() -> list[str]:
-    from cmil_core.quality import QC_RULES
+    from cmil_core.ingest.quality import QC_RULES
 
     return list(dict.fromkeys(c for rule in QC_RULES for c, _, _ in rule.conditions))
 
@@ -147,7 +148,7 @@ def judge_metrics(metrics: pd.DataFrame, thresholds: dict[str, Any]) -> list[str
     row, None where it passes. What :func:`apply_qc_decision` computes, for any values
     (NaN included, which the store itself keeps as NULL). An integer column ``field``
     puts rows in photographs (one per label; negative: not a photograph), as
-    :func:`cmil_core.quality.qc_decision`'s ``field``."""
+    :func:`cmil_core.ingest.quality.qc_decision`'s ``field``."""
     frame = metrics.loc[:, _qc_columns()].astype("float64")
     labels = (metrics["field"].astype("int64") if "field" in metrics.columns
               else pd.Series(-1, index=metrics.index, dtype="int64"))
@@ -237,7 +238,7 @@ def apply_qc_decision(
     only_if_changed: bool = False, audit: bool = True,
 ) -> dict[str, Any]:
     """Re-judge every patch of ``cohort`` from its stored metrics under ``thresholds``
-    (SQL from :data:`cmil_core.quality.QC_RULES`), record the decision and its audit
+    (SQL from :data:`cmil_core.ingest.quality.QC_RULES`), record the decision and its audit
     row, all in one transaction. Returns the decision (as :func:`current_qc_decisions`)
     with ``new``: whether a decision row was added.
 
@@ -315,7 +316,7 @@ def qc_near_threshold(store: Store, cohort: str, reason: str, thresholds: dict[s
     side (``rejected`` or ``kept``), distance, patch_id, slide_id, path, sha256,
     mpp, x, y, size, and the rule's metrics; nearest first.
     """
-    from cmil_core.quality import QC_RULES
+    from cmil_core.ingest.quality import QC_RULES
 
     rule = next((r for r in QC_RULES if r.reason == reason), None)
     if rule is None:

@@ -183,7 +183,7 @@ def _migration_5(con: duckdb.DuckDBPyConnection) -> None:
     """Quality control as a versioned decision per cohort (who, when, which thresholds).
 
     Patches keep their metrics; a decision re-judges them in SQL from
-    :data:`cmil_core.quality.QC_RULES`, without reading slides again.
+    :data:`cmil_core.ingest.quality.QC_RULES`, without reading slides again.
     """
     con.execute("CREATE SEQUENCE qc_decision_id_seq START 1")
     con.execute(
@@ -222,7 +222,7 @@ def _migration_6(con: duckdb.DuckDBPyConnection) -> None:
         )"""
     )
     # The final model's own output before it is mapped onto the out-of-fold scale
-    # (cmil_core.recalibration): ``score`` is on that scale, the cutoff's.
+    # (cmil_core.model.recalibration): ``score`` is on that scale, the cutoff's.
     con.execute("ALTER TABLE patient_scores ADD COLUMN score_raw DOUBLE")
     # The demo's benign look-alikes (lymphoid clusters, erythroid islands,
     # monocytes, smudge cells) as ground truth too, for false positives.
