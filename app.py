@@ -66,7 +66,7 @@ def empty_page() -> None:
     st.write(f"No cohort in `{_common.db_path()}` yet. To fill it:")
     st.markdown(
         "- import a clinical table on the **Cohorts** page (in the menu), or with "
-        "`python -m cmil_core import-cohort --db STORE --cohort NAME --csv clinical.csv "
+        "`cmil import-cohort --db STORE --cohort NAME --csv clinical.csv "
         "--role train`\n"
         "- or build the synthetic demo study here:"
     )

@@ -32,6 +32,9 @@ fi
 if [ "$(id -u)" = 0 ]; then
   export CMIL_REQUIRE_R="${CMIL_REQUIRE_R:-1}"
 fi
+# ./test.sh installs Ray (requirements-cluster.txt) itself, so the distributed tests must
+# run, not skip, whoever runs it (CMIL_REQUIRE_RAY=0 lets them skip).
+export CMIL_REQUIRE_RAY="${CMIL_REQUIRE_RAY:-1}"
 # Lint and types first (settings in pyproject.toml): ruff over the repository, strict
 # mypy over cmil_core. Either failing fails the run before the tests start.
 echo "ruff check ..." >&2

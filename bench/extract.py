@@ -23,14 +23,14 @@ second (the issue's target: at least 1.5 for resnet18).
 
 How close to the machine's limit: a float32 2048 x 2048 matrix product
 (best of 10) gives the CPU's float32 rate in GFLOP/s; the network's cost per
-patch is counted with forward hooks (:func:`cmil_core.model.encoders.count_macs`,
+patch is counted with forward hooks (:func:`cmil_core.model.backbones.count_macs`,
 2 FLOPs per multiply-add of convolutions and linear layers); cost x patches
 per second is the rate achieved, printed as a fraction of the float32 matrix
 rate (above 1 is possible in bf16, whose matrix rate is printed too).
 
 ``--slide`` adds an end-to-end line on a real slide
 (``tests/data/fixtures/slides/CMU-1-Small-Region.svs``): the 450 patches of a
-half-overlapping grid of 224 px, read with :func:`cmil_core.ingest.tiling.read_patch`
+half-overlapping grid of 224 px, read with :func:`cmil_core.ingest.patch_reading.read_patch`
 and embedded by smallcnn (fast path in both), (a) sequentially (read a batch,
 then embed it) and (b) by :func:`cmil_core.model.features.slide_features` (two
 reader threads overlapped with embedding; the file written too).
@@ -54,11 +54,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cmil_core.model.backbones import count_macs  # noqa: E402
 from cmil_core.model.encoders import (  # noqa: E402
     Encoder,
     available_cores,
     bf16_supported,
-    count_macs,
     extract,
     load_encoder,
 )
@@ -147,8 +147,8 @@ def bench_model(name: str, patches: npt.NDArray[np.uint8], repeat: int,
 
 def bench_slide(repeat: int) -> None:
     """End to end on CMU-1-Small-Region.svs: sequential read-then-embed vs slide_features."""
+    from cmil_core.ingest.patch_reading import read_patch
     from cmil_core.ingest.slides import file_sha256, open_slide
-    from cmil_core.ingest.tiling import read_patch
     from cmil_core.model.features import slide_features
 
     if not CMU.is_file():

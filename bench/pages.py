@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, DashboardServer  # noqa: E402
+from scripts.dashboard_server import CHROMIUM, DashboardServer, chromium_browser  # noqa: E402
 
 DEFAULT_DB = "/tmp/full/cmil.duckdb"
 
@@ -192,8 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(CHROMIUM).exists():
         print(f"{CHROMIUM} not installed (./test.sh installs it as root)", file=sys.stderr)
         return 2
-    from playwright.sync_api import sync_playwright
-
     print(f"store {db}, {os.cpu_count()} cores, load average {_loadavg()}, "
           f"{args.rounds} warm rounds, quiet window {args.quiet} ms", flush=True)
     names = [t for t, _ in PAGES] + ([] if args.no_patient else [PATIENT])
@@ -208,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         server = DashboardServer({"CMIL_DB": str(db)}, Path(tmp) / "server.log")
         print(f"server up in {time.perf_counter() - t_start:.1f} s on {server.url}", flush=True)
         try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            with chromium_browser() as browser:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 drv = Driver(page, args.quiet, args.timeout)
 
@@ -239,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
                             warm[PATIENT].append((ready, settled))
                             line.append(f"patient {ready:.2f}")
                     print(f"round {r + 1}: " + ", ".join(line), flush=True)
-                browser.close()
         finally:
             server.stop()
             log = server.log.read_text()

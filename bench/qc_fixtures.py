@@ -47,7 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from cmil_core.ingest.quality import QCThresholds  # noqa: E402
 from cmil_core.ingest.slides import open_slide  # noqa: E402
-from cmil_core.ingest.tiling import TilingConfig, tile_slide  # noqa: E402
+from cmil_core.ingest.tiling import tile_slide  # noqa: E402
+from cmil_core.ingest.tiling_config import TilingConfig  # noqa: E402
 
 THRESHOLDS = [QCThresholds()]  # set by --nucleated-scope
 

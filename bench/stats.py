@@ -1,4 +1,5 @@
-"""Benchmark of cmil_core.analysis.stats against the plain ways of computing the same numbers.
+"""Benchmark of cmil_core.analysis.roc and roc_bootstrap against the plain ways of computing
+the same numbers.
 
 Run: ``.venv/bin/python bench/stats.py [--n-delong 100000] [--n-boot 2000]``
 
@@ -28,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cmil_core.analysis import stats
+from cmil_core.analysis import roc, roc_bootstrap
 
 T = TypeVar("T")
 
@@ -69,7 +70,7 @@ def bench_delong(n: int) -> tuple[float, bool]:
     s = np.round(rng.normal(size=n) + 0.8 * y, 3)  # rounded: ties exercise the midranks
 
     def ours() -> tuple[float, float]:
-        interval = stats.delong_ci(y, s)
+        interval = roc.delong_ci(y, s)
         return interval.auc, float(interval.se) ** 2
 
     (auc, var), t_ours = timed(ours, repeat=5)
@@ -95,13 +96,14 @@ def bench_bootstrap(n: int, n_boot: int) -> tuple[float, bool]:
     def baseline() -> np.ndarray:
         out = []
         # the same stratified indices, in the same order, that bootstrap_aucs draws
-        for pos_idx, neg_idx in stats._resample_chunks(pos_rows.size, neg_rows.size, n_boot, 0):
+        chunks = roc_bootstrap._resample_chunks(pos_rows.size, neg_rows.size, n_boot, 0)
+        for pos_idx, neg_idx in chunks:
             for p, q in zip(pos_idx, neg_idx, strict=True):
                 rows = np.concatenate([pos_rows[p], neg_rows[q]])
                 out.append(roc_auc_score(y[rows], s[rows]))
         return np.array(out)
 
-    ours, t_ours = timed(lambda: stats.bootstrap_aucs(y, s, n_boot, seed=0), repeat=5)
+    ours, t_ours = timed(lambda: roc_bootstrap.bootstrap_aucs(y, s, n_boot, seed=0), repeat=5)
     theirs, t_theirs = timed(baseline)
     agree = ours.shape == theirs.shape and float(np.max(np.abs(ours - theirs))) < 1e-12
     print(f"bootstrap_n: {n} patients ({int(y.sum())} positive), {n_boot} resamples")

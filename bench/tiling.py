@@ -66,9 +66,11 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmil_core.ingest import tiling  # noqa: E402
+from cmil_core.ingest import patch_grid, tiling  # noqa: E402
+from cmil_core.ingest.foreground import detect_foreground  # noqa: E402
 from cmil_core.ingest.quality import QCThresholds  # noqa: E402
 from cmil_core.ingest.slides import Slide, open_slide  # noqa: E402
+from cmil_core.ingest.tiling_config import TilingConfig  # noqa: E402
 
 CMU1 = ROOT / "tests" / "data" / "fixtures" / "slides" / "CMU-1-Small-Region.svs"
 MPP = 0.5
@@ -183,16 +185,16 @@ def baseline_loop(path: Path, cells: list[tuple[int, int]], size: int, level: in
         osr.close()
 
 
-def grid_of(slide: Slide, config: tiling.TilingConfig) -> tiling.PatchGrid:
-    return tiling.make_grid(slide, config, tiling.detect_foreground(slide, config))
+def grid_of(slide: Slide, config: TilingConfig) -> patch_grid.PatchGrid:
+    return patch_grid.make_grid(slide, config, detect_foreground(slide, config))
 
 
 def throughput(path: Path, repeat: int) -> dict[str, object]:
     """Patches/s of tile_slide, of measure_grid on a given grid, and of the plain loop."""
-    config, thresholds = tiling.TilingConfig(), QCThresholds()
+    config, thresholds = TilingConfig(), QCThresholds()
     with open_slide(path) as slide:
-        foreground = tiling.detect_foreground(slide, config)
-        grid = tiling.make_grid(slide, config, foreground)
+        foreground = detect_foreground(slide, config)
+        grid = patch_grid.make_grid(slide, config, foreground)
         level = slide.best_level_for_downsample(grid.size / grid.output_px)
         lv_size = round(grid.size / slide.level_downsamples[level])
     cells = list(zip(grid.x.tolist(), grid.y.tolist(), strict=True))
@@ -232,7 +234,7 @@ def photo_throughput(repeat: int, copies: int = 6) -> dict[str, float]:
     resize each to ``output_px`` (BOX). ``copies`` passes over the folder.
     """
     paths = sorted(PHOTOS.glob("BloodImage_*.jpg")) * copies
-    config, thresholds, mpp = tiling.TilingConfig(patch_um=32.0), QCThresholds(), 0.1
+    config, thresholds, mpp = TilingConfig(patch_um=32.0), QCThresholds(), 0.1
     cells: list[list[tuple[int, int, int]]] = []
     for path in paths:
         with open_slide(path, mpp=mpp) as slide:
@@ -264,26 +266,26 @@ def photo_throughput(repeat: int, copies: int = 6) -> dict[str, float]:
 
 def strip_vs_patch(path: Path, repeat: int) -> tuple[float, float]:
     """Patches/s reading with strips vs one read_region per patch, one thread, no QC."""
-    config = tiling.TilingConfig()
+    config = TilingConfig()
     with open_slide(path) as slide:
         grid = grid_of(slide, config)
         chunks = np.array_split(np.arange(len(grid)), max(1, len(grid) // 64))
-        strips = tiling._runs
+        strips = patch_grid._runs
 
-        def singles(g: tiling.PatchGrid, idx: np.ndarray) -> list[np.ndarray]:
+        def singles(g: patch_grid.PatchGrid, idx: np.ndarray) -> list[np.ndarray]:
             return [idx[k : k + 1] for k in range(idx.size)]
 
         best = {"strip": float("inf"), "patch": float("inf")}
         try:
             for _ in range(repeat):
                 for name, runs in (("strip", strips), ("patch", singles)):
-                    tiling._runs = runs  # type: ignore[assignment]
+                    patch_grid._runs = runs  # type: ignore[assignment]
                     start = time.perf_counter()
                     for chunk in chunks:
-                        tiling._read_cells(slide, grid, chunk)
+                        patch_grid.read_cells(slide, grid, chunk)
                     best[name] = min(best[name], time.perf_counter() - start)
         finally:
-            tiling._runs = strips
+            patch_grid._runs = strips
     return len(grid) / best["strip"], len(grid) / best["patch"]
 
 
@@ -314,7 +316,7 @@ def memory_child(path: str) -> None:
     (VmHWM, reset just before the call; ru_maxrss where /proc is missing) also
     sees OpenSlide's and PIL's C allocations, tile cache included.
     """
-    config, thresholds = tiling.TilingConfig(), QCThresholds()
+    config, thresholds = TilingConfig(), QCThresholds()
     with open_slide(path) as slide:
         reset = _reset_peak_rss()
         rss0 = _status_kb("VmRSS") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -6,14 +6,14 @@ Both sides train the same network (``--model``, smallcnn by default, plus a
 linear head; the same seeded initial weights) with AdamW and binary
 cross-entropy on the same uint8 patches (``--patches`` random patches of
 ``--px`` pixels, seed 0, in memory, half labelled 1), in batches of 64, with
-the same augmentation (:func:`cmil_core.model.finetune.augment_batch`: symmetries,
+the same augmentation (:func:`cmil_core.model.patch_data.augment_batch`: symmetries,
 stain jitter, brightness / contrast / saturation, blur):
 
 * ``plain``: the loop everyone writes first: each batch augmented, made a
   contiguous NCHW float32 tensor, then one forward, backward and step in
   float32, in turn (no overlap of the augmentation with the network);
-* ``ours``: :func:`cmil_core.model.finetune.train_epoch`, the step
-  :func:`~cmil_core.model.finetune.train_cnn` runs: channels-last network and
+* ``ours``: :func:`cmil_core.model.cnn_training.train_epoch`, the step
+  :func:`~cmil_core.model.cnn_training.train_cnn` runs: channels-last network and
   batches, autocast in bf16 where the CPU computes it natively (else float32;
   ``--precision`` forces one), and the next batches augmented in a background
   thread while the network trains on the current one.
@@ -43,8 +43,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmil_core.model import finetune  # noqa: E402
+from cmil_core.model.backbones import ARCHITECTURES, build_backbone  # noqa: E402
+from cmil_core.model.cnn_training import PatchClassifier, train_epoch  # noqa: E402
 from cmil_core.model.encoders import available_cores, bf16_supported  # noqa: E402
+from cmil_core.model.finetune_config import FinetuneConfig, autocast_dtype  # noqa: E402
+from cmil_core.model.patch_data import PatchSet, augment_batch  # noqa: E402
 
 BATCH = 64
 
@@ -56,15 +59,15 @@ def _loadavg() -> str:
         return "n/a"
 
 
-def plain_loop(model: torch.nn.Module, optimiser: torch.optim.Optimizer, data: finetune.PatchSet,
-               config: finetune.FinetuneConfig, epoch: int) -> None:
+def plain_loop(model: torch.nn.Module, optimiser: torch.optim.Optimizer, data: PatchSet,
+               config: FinetuneConfig, epoch: int) -> None:
     """The baseline: augment a batch, NCHW float32, forward, backward, step; one after the other."""
     model.train()
     labels = data.labels[data.owner].astype(np.float32)
     for i, start in enumerate(range(0, len(data), BATCH)):
         rows = np.arange(start, min(start + BATCH, len(data)))
         gen = torch.Generator().manual_seed(epoch * 100_003 + i)
-        x = finetune.augment_batch(torch.from_numpy(data.pixels[rows]), config, gen).contiguous()
+        x = augment_batch(torch.from_numpy(data.pixels[rows]), config, gen).contiguous()
         y = torch.from_numpy(labels[rows])
         loss = F.binary_cross_entropy_with_logits(model(x), y)
         optimiser.zero_grad(set_to_none=True)
@@ -89,36 +92,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
 
-    config = finetune.FinetuneConfig(architecture=args.model, input_px=args.px,
-                                     batch_size=BATCH, precision=args.precision,
-                                     prefetch=args.prefetch, device="cpu")
+    config = FinetuneConfig(architecture=args.model, input_px=args.px,
+                            batch_size=BATCH, precision=args.precision,
+                            prefetch=args.prefetch, device="cpu")
     rng = np.random.default_rng(0)
     n = args.patches
     pixels = rng.integers(0, 256, (n, args.px, args.px, 3), dtype=np.uint8)
     owner = np.arange(n) // BATCH
     n_patients = int(owner.max()) + 1
-    data = finetune.PatchSet(pixels, owner, np.arange(n), [f"P{i}" for i in range(n_patients)],
-                             np.arange(n_patients) % 2)
+    data = PatchSet(pixels, owner, np.arange(n), [f"P{i}" for i in range(n_patients)],
+                    np.arange(n_patients) % 2)
     rows = np.arange(n)
     device = torch.device("cpu")
-    amp = finetune.autocast_dtype(config, device)
+    amp = autocast_dtype(config, device)
 
-    base = finetune.PatchClassifier(
-        finetune.encoders.build_backbone(args.model, seed=0),
-        finetune.encoders.ARCHITECTURES[args.model][1])
+    base = PatchClassifier(build_backbone(args.model, seed=0), ARCHITECTURES[args.model][1])
     plain_model = copy.deepcopy(base)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=1e-3)
     ours_model = copy.deepcopy(base).to(memory_format=torch.channels_last)
     ours_opt = torch.optim.AdamW(ours_model.parameters(), lr=1e-3)
 
     def ours(epoch: int) -> None:
-        finetune.train_epoch(ours_model, ours_opt, data, rows, config, keys=(0, epoch),
-                             amp_dtype=amp)
+        train_epoch(ours_model, ours_opt, data, rows, config, keys=(0, epoch), amp_dtype=amp)
 
     warm = data.subset([0, 1])  # two batches each, to warm up oneDNN's kernels
     plain_loop(plain_model, plain_opt, warm, config, 0)
-    finetune.train_epoch(ours_model, ours_opt, warm, np.arange(len(warm)), config,
-                         keys=(0, 0), amp_dtype=amp)
+    train_epoch(ours_model, ours_opt, warm, np.arange(len(warm)), config, keys=(0, 0),
+                amp_dtype=amp)
     plain: list[float] = []
     mine: list[float] = []
     for r in range(1, args.repeat + 1):

@@ -18,11 +18,15 @@ holds and may import):
 - ``ops/``: access and audit, background jobs, ``check``/``backup``/``restore``;
 - ``outputs/``: evaluation of a model, study summaries, plots, figures, the report;
 - ``viewer/``: the review queue, a patient, the slide viewer's tiles and layers;
-- ``demo/``: the synthetic demo study and its first-launch build.
+- ``demo/``: the synthetic demo study and its first-launch build;
+- ``commands/``: each command's arguments and the call it makes, by family
+  (data, models, analyses, store upkeep).
 
-At the top level: ``errors``, ``progress``, ``logs`` and ``_atomic`` (atomic
-file writes), which every folder may use, and ``cli`` (``python -m cmil_core``,
-installed as the ``cmil`` command; argument parsing only).
+At the top level: ``errors``, ``progress``, ``logs``, ``store_folder`` (the
+data folder's layout beside the store file) and ``_atomic`` (atomic file
+writes), which every folder may use, and ``cli`` (``python -m cmil_core``,
+installed as the ``cmil`` command; argument parsing only: it puts the
+``commands/`` together).
 
 Nothing in this package imports Streamlit.
 """

@@ -30,6 +30,8 @@ from logging.handlers import RotatingFileHandler
 from pathlib import Path
 from typing import TextIO
 
+from cmil_core.store_folder import StoreFolder, StoreLike
+
 __all__ = [
     "LOG_FORMAT",
     "attach_file_log",
@@ -66,9 +68,10 @@ def package_logger() -> logging.Logger:
     return logging.getLogger("cmil_core")
 
 
-def job_log_path(db: str | os.PathLike[str]) -> Path:
-    """The dashboard's log file for the store ``db``: ``logs/cmil.log`` beside it."""
-    return Path(db).expanduser().resolve().parent / "logs" / "cmil.log"
+def job_log_path(db: StoreLike) -> Path:
+    """The dashboard's log file for the store ``db``: ``logs/cmil.log`` beside it
+    (:attr:`StoreFolder.log_file <cmil_core.store_folder.StoreFolder.log_file>`)."""
+    return StoreFolder.of(db).log_file
 
 
 def _lower_level(logger: logging.Logger, level: int) -> None:

@@ -152,7 +152,7 @@ def require_model() -> str:
     model_id = selected_model()
     if model_id is None:
         st.info("No model yet: train one on the Models page "
-                "(or `python -m cmil_core train --db STORE --cohort TRAINING`), then score "
+                "(or `cmil train --db STORE --cohort TRAINING`), then score "
                 "the cohorts with it.")
         st.stop()
     model_marks(model_id)
@@ -174,6 +174,12 @@ def model_marks(model_id: str) -> None:
         st.warning(md(note), icon=":material/history:")
 
 
+def _when(created: object) -> str:
+    """A model's training time as the picker shows it: ``3 Dec 14:52``."""
+    moment = pd.Timestamp(created)
+    return "?" if pd.isna(moment) else f"{moment.day} {moment:%b %H:%M}"
+
+
 def sidebar() -> str | None:
     """Draw the shared sidebar; returns the chosen model id (None when there is none)."""
     with st.sidebar:
@@ -187,7 +193,7 @@ def sidebar() -> str | None:
                 models = pd.DataFrame()
         if models.empty:
             st.selectbox("Model", ["No model trained yet"], disabled=True, key="model_picker_empty")
-            st.caption("Train one with `python -m cmil_core train --db ... --cohort ...`.")
+            st.caption("Train one with `cmil train --db ... --cohort ...`.")
             return None
         ids = models["model_id"].tolist()
         from cmil_core.viewer.patients import model_from_link
@@ -200,8 +206,15 @@ def sidebar() -> str | None:
             stale = set(marks.loc[marks["stale"], "model_id"])
         except StoreUnavailable:
             stale = set()
+        # The picker is as wide as the sidebar: a short label (the recipe and when it was
+        # trained) that it never cuts; the whole of it, id first, wrapped under it.
         labels = {
             row.model_id: f"{row.model_id} · {row.aggregator} · {row.train_cohorts}"
+            + (" · stale" if row.model_id in stale else "")
+            for row in models.itertuples()
+        }
+        short = {
+            row.model_id: f"{row.aggregator}, {_when(row.created_at)}"
             + (" · stale" if row.model_id in stale else "")
             for row in models.itertuples()
         }
@@ -210,8 +223,7 @@ def sidebar() -> str | None:
         marked = ",".join(sorted(stale))
         key = "model_picker" + (f"_{hashlib.sha1(marked.encode()).hexdigest()[:8]}"
                                 if marked else "")
-        choice = st.selectbox("Model", ids, index=index, format_func=labels.get, key=key)
-        # The picker cuts a long label: the whole of it, wrapped, under it.
+        choice = st.selectbox("Model", ids, index=index, format_func=short.get, key=key)
         st.caption(md(labels.get(choice, choice)))
         st.query_params["model"] = choice
         return str(choice)

@@ -56,7 +56,7 @@ def tile_server(db: str) -> TileServer:
 
 def _layers(slide_id: int, model_id: str | None) -> dict[str, Any]:
     return _common.query(f"viewer_layers:{slide_id}:{model_id}",
-                         lambda s: viewer_layers(s, int(slide_id), model_id))
+                         lambda store: viewer_layers(store, int(slide_id), model_id))
 
 
 def slide_viewer(slide_id: int, model_id: str | None, *, key: str,
@@ -70,7 +70,7 @@ def slide_viewer(slide_id: int, model_id: str | None, *, key: str,
     """
     db = str(_common.db_path())
     try:
-        path, slide = _common.read(lambda s: checked_slide_path(s, int(slide_id)))
+        path, slide = _common.read(lambda store: checked_slide_path(store, int(slide_id)))
         server = tile_server(db)
         tiles = server.register(path, slide.sha256)
     except InputError as exc:  # ViewerError, SlideError: a person's message
@@ -132,12 +132,14 @@ def patch_panel(slide_id: int, model_id: str | None, patch_id: int) -> None:
         return
     i = layers["id"].index(patch_id)
     x, y, size = layers["x"][i], layers["y"][i], layers["size"][i]
-    slide = _common.query(f"slide:{slide_id}", lambda s: store_mod.get_slide(s, int(slide_id)))
+    slide = _common.query(f"slide:{slide_id}",
+                          lambda store: store_mod.get_slide(store, int(slide_id)))
     if slide is None:
         return
     px = 224
     if model_id is not None:
-        model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
+        model = _common.query(f"model:{model_id}",
+                              lambda store: store_mod.get_model(store, model_id))
         if model is not None:
             px = int(model.config.get("encoder", {}).get("input_px", 224))
     st.markdown(f"**Patch {patch_id}** · level-0 ({x:,}, {y:,}) · {size} px")
@@ -182,14 +184,15 @@ def _num(value: Any, digits: int = 3) -> str:
 def export_buttons(slide_id: int, model_id: str, *, stem: str) -> None:
     """GeoJSON (QuPath detections) of the slide's patches and the heatmap PNG at a chosen level."""
     try:
-        levels = _common.query(f"levels:{slide_id}", lambda s: heatmap_levels(s, int(slide_id)))
+        levels = _common.query(f"levels:{slide_id}",
+                               lambda store: heatmap_levels(store, int(slide_id)))
     except InputError as exc:
         st.text(str(exc))
         return
     masked = _common.pseudonymise_on()
 
     def geojson() -> bytes:
-        collection = _common.read(lambda s: slide_geojson(s, int(slide_id), model_id))
+        collection = _common.read(lambda store: slide_geojson(store, int(slide_id), model_id))
         if masked:  # pseudonymised: no patient id in the file
             for feature in collection["features"]:
                 feature["properties"].get("metadata", {}).pop("patient_id", None)
@@ -201,7 +204,7 @@ def export_buttons(slide_id: int, model_id: str, *, stem: str) -> None:
         mime="application/geo+json", on_click="ignore", key=f"geojson-{slide_id}",
         icon=":material/download:",
         help="Every patch as a QuPath detection (level-0 pixels) with its scores and QC "
-             "metrics as measurements; same as `python -m cmil_core export-geojson`.",
+             "metrics as measurements; same as `cmil export-geojson`.",
     )
     fits = [lv for lv in levels if lv[1] * lv[2] <= 64_000_000]
     if not fits:
@@ -213,7 +216,7 @@ def export_buttons(slide_id: int, model_id: str, *, stem: str) -> None:
     )
     row.download_button(
         "Heatmap PNG", data=lambda: _common.read(
-            lambda s: heatmap_png(s, model_id, int(slide_id), int(level))),
+            lambda store: heatmap_png(store, model_id, int(slide_id), int(level))),
         file_name=f"{stem}_heatmap_level{level}.png", mime="image/png", on_click="ignore",
         key=f"heatmap-png-{slide_id}", icon=":material/download:",
         help="The slide at this pyramid level with the rank-percentile heatmap (inferno).",
@@ -251,7 +254,7 @@ def patient_viewer(model_id: str, slide_id: int, *, focus_patch: int | None = No
 
 def quality_viewer(cohort: str) -> None:
     """The Quality control page's viewer: a slide of the cohort, its rejected patches outlined."""
-    slides = _common.query(f"slides:{cohort}", lambda s: store_mod.list_slides(s, cohort))
+    slides = _common.query(f"slides:{cohort}", lambda store: store_mod.list_slides(store, cohort))
     slides = [s for s in slides if s.status != "failed"]
     st.subheader("Rejected patches on the slide")
     if not slides:

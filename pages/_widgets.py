@@ -74,7 +74,7 @@ def in_sample_toggle(key: str) -> bool:
     """The switch that puts the final model's in-sample scores in the training row (default off).
 
     Off, the training cohort's row, curves and cutoff choices use its
-    out-of-fold scores (:func:`cmil_core.outputs.evaluation.scores_frame`).
+    out-of-fold scores (:func:`cmil_core.store.model_rules.read_model_scores`).
     """
     return bool(st.toggle(
         "Training cohort: in-sample scores (optimistic) instead of out-of-fold", value=False,

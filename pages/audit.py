@@ -70,11 +70,23 @@ if cohorts:
     shown = shown[shown["Cohort"].isin(cohorts)]
 
 when = st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")
-st.dataframe(shown, hide_index=True, width="stretch", column_config={
+grid = st.dataframe(shown, hide_index=True, width="stretch", column_config={
     "When (UTC)": when,
-    # Long details would push the grid sideways: cut here (hover shows them; the CSV has all).
+    # Long details would push the grid sideways: cut here, and written out in full below
+    # for the selected row (hover shows them too; the CSV has all).
     "Details": st.column_config.TextColumn(width="small"),
-})
+}, on_select="rerun", selection_mode="single-row", key="audit_grid")
+picked = grid.selection.rows if grid is not None else []
+if picked and picked[0] < len(shown):
+    row = shown.iloc[picked[0]]
+    st.markdown(
+        f"**{md(row['Action'])}** by {md(row['Who'])}, "
+        f"{row['When (UTC)']:%Y-%m-%d %H:%M:%S} UTC"
+        + (f", cohort {md(row['Cohort'])}" if row["Cohort"] else "")
+        + (f", model `{row['Model']}`" if row["Model"] else "")
+        + f" — {md(row['Outcome'])}. Details: {md(row['Details']) or 'none'}")
+else:
+    st.caption("Select a row to read its details in full.")
 st.caption(
     f"{len(shown)} of {len(table)} rows" + (f" (the latest {LIMIT})" if len(table) >= LIMIT else "")
     + ". Recorded: cohort imports and deletions, ingests, training, scoring, model deletions, "

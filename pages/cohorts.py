@@ -74,7 +74,7 @@ st.caption(
     "patient_id. Optional: bm_metastasis (1/0, yes/no, positive/negative), os_months + "
     "os_event, efs_months + efs_event; common spellings are recognised, and every other "
     "column is kept as a clinical variable. Validated on upload; nothing is imported "
-    "until you confirm. Same as `python -m cmil_core import-cohort`."
+    "until you confirm. Same as `cmil import-cohort`."
 )
 upload_round = st.session_state.get("cohort_upload_round", 0)
 uploaded = st.file_uploader(
@@ -174,7 +174,7 @@ else:
         "or by file name up to the first `_` (`P001_slide2.svs`). Ingest registers each "
         "slide, lays the patch grid and runs quality control; a bad slide is marked failed "
         "with its reason and the others go on; rerunning resumes. Same as "
-        "`python -m cmil_core ingest`."
+        "`cmil ingest`."
     )
     target = st.selectbox("Cohort", cohorts, key="ingest_cohort")
     # Server folders are offered only when configured ($CMIL_SLIDE_ROOT); else zip uploads.
@@ -334,8 +334,8 @@ if cohorts:
         scored = _common.read(store_mod.model_score_counts)
         n_scores = int(scored.loc[scored["cohort"] == doomed, "patients"].sum())
         try:
-            with store_mod.open_store(db) as handle:
-                store_mod.delete_cohort(handle, doomed)
+            with store_mod.open_store(db) as store:
+                store_mod.delete_cohort(store, doomed)
         except store_mod.StoreError as exc:
             st.error(f"Nothing was deleted: {md(exc)}")
         else:

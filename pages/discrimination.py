@@ -25,17 +25,19 @@ from cmil_core.outputs.plots import (
     decision_figure,
     roc_figure,
 )
+from cmil_core.store.model_rules import read_model_scores
 from pages import _common
 
 st.title("Discrimination")
 model_id = _common.require_model()
 
 in_sample = _common.in_sample_toggle("discrimination")
-model = _common.query(f"model:{model_id}", lambda store: store_mod.get_model(store, model_id))
+# The model and its scores, read once; every table below is a function of them.
+scores = _common.query(f"model-scores:{model_id}:{in_sample}",
+                       lambda store: read_model_scores(store, model_id, in_sample=in_sample))
 curves = _common.query(f"roc-band:{model_id}:{in_sample}",
-                       lambda store: roc_curves(store, model_id, band=True, in_sample=in_sample))
-table = _common.query(f"metrics:{model_id}:{in_sample}",
-                      lambda store: metrics_table(store, model_id, in_sample=in_sample))
+                       lambda _store: roc_curves(scores, band=True))
+table = _common.query(f"metrics:{model_id}:{in_sample}", lambda _store: metrics_table(scores))
 cohorts = _common.query("cohorts", store_mod.list_cohorts)
 order = [c.cohort for c in cohorts]
 if not curves:
@@ -46,7 +48,7 @@ if not curves:
 st.caption(
     f"Model {model_id}. Patient score against bone-marrow metastasis; AUC with DeLong 95% CI, "
     "shaded band: stratified-bootstrap 95% CI of the sensitivity at each specificity (2000 "
-    f"resamples, as pROC's ci.se). The operating cutoff ({display.cutoff(model.cutoff)}) was "
+    f"resamples, as pROC's ci.se). The operating cutoff ({display.cutoff(scores.cutoff)}) was "
     "fixed on the "
     "training cohort and is applied unchanged to every cohort."
 )
@@ -115,7 +117,7 @@ def comparison_table(frame: pd.DataFrame, first: str) -> pd.DataFrame:
 
 st.subheader("Comparing AUCs")
 between = _common.query(f"cohort-tests:{model_id}:{in_sample}",
-                        lambda store: cohort_comparisons(store, model_id, in_sample=in_sample))
+                        lambda _store: cohort_comparisons(scores))
 st.markdown("**Between cohorts** (different patients: unpaired DeLong test)")
 if between.empty:
     st.caption("Needs two cohorts with both classes.")
@@ -131,9 +133,10 @@ if not others:
                "patients.")
 else:
     other = st.selectbox("Compare with", others, key="compare_model")
-    paired = _common.query(f"model-tests:{model_id}:{other}:{in_sample}",
-                           lambda store: model_comparisons(store, model_id, other,
-                                                           in_sample=in_sample))
+    paired = _common.query(
+        f"model-tests:{model_id}:{other}:{in_sample}",
+        lambda store: model_comparisons(scores, read_model_scores(store, other,
+                                                                  in_sample=in_sample)))
     if paired.empty:
         st.caption(f"{model_id} and {other} share no scored cohort with both classes.")
     else:
@@ -143,9 +146,8 @@ else:
 
 st.subheader("Calibration and clinical usefulness")
 entries = _common.query(f"calibration:{model_id}:{in_sample}",
-                        lambda store: calibration(store, model_id, in_sample=in_sample))
-note = _common.query(f"probability-note:{model_id}",
-                     lambda store: probability_note(store, model_id))
+                        lambda _store: calibration(scores))
+note = probability_note(scores)
 # One above the other: side by side, each plot is too narrow at 1280 px.
 left, right = st.container(), st.container()
 with left:

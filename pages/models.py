@@ -24,7 +24,7 @@ from cmil_core.model import mil, modeling
 from cmil_core.model.distributed import ray_address
 from cmil_core.ops.jobs import Job
 from cmil_core.outputs.evaluation import discrimination
-from cmil_core.store.model_rules import training_cohorts
+from cmil_core.store.model_rules import read_model_scores
 from pages import _common
 from pages._common import flash, md, show_flash
 
@@ -40,7 +40,7 @@ AGGREGATOR_HELP = {
 CNN_TRAINING = {"auto": "auto (trained unless the study is tiny)",
                 "finetune": "trained on the smears (the study's)", "frozen": "frozen (fast)"}
 # The hyper-parameters offered here, per aggregator; the rest keep their defaults
-# (python -m cmil_core train --param NAME=VALUE sets any of them).
+# (cmil train --param NAME=VALUE sets any of them).
 SHOWN_PARAMS = {
     "histogram": ("max_epochs", "lr", "dropout", "hidden", "n_bins", "C"),
     "attention": ("max_epochs", "lr", "dropout", "embed_dim", "attention_dim"),
@@ -109,15 +109,16 @@ def cv_intervals(
     """Each model's cross-validated AUC CI: DeLong on its training cohort's out-of-fold scores."""
     out: dict[str, tuple[Any, Any]] = {}
     for m in rows:
-        for r in discrimination(store, m.model_id):
-            if r["cohort"] in training_cohorts(m) and r.get("ci_low") is not None:
+        scores = read_model_scores(store, m.model_id)
+        for r in discrimination(scores):
+            if r["cohort"] in scores.training_cohorts and r.get("ci_low") is not None:
                 out[m.model_id] = (r["ci_low"], r["ci_high"])
     return out
 
 
 def train_command(db: Path, cohort: str, aggregator: str, encoder: str, seed: int, folds: int,
                   params: dict[str, Any], encoder_training: str = "auto") -> str:
-    words = ["python", "-m", "cmil_core", "train", "--db", str(db), "--cohort", cohort,
+    words = ["cmil", "train", "--db", str(db), "--cohort", cohort,
              "--aggregator", aggregator, "--encoder", encoder, "--seed", str(seed),
              "--folds", str(folds)]
     if encoder_training != "auto":  # the command line's default

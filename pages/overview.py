@@ -14,6 +14,7 @@ from cmil_core.ingest.slides import SlideError, open_slide
 from cmil_core.outputs.evaluation import discrimination, metrics_table
 from cmil_core.outputs.plots import qc_histogram_figure
 from cmil_core.outputs.study import qc_table, study_overview
+from cmil_core.store.model_rules import read_model_scores
 from pages import _common
 
 ROLE_NAMES = {"train": "Training", "validation": "External validation", "test": "External test"}
@@ -103,7 +104,7 @@ qc = _common.query("qc", qc_table)
 for warning in _common.query("qc_warnings", lambda store: [w.message for w in qc_warnings(store)]):
     st.warning(_common.md(warning), icon=":material/warning:")
 if qc.empty:
-    st.caption("No patches yet: ingest slides (`python -m cmil_core ingest`) to see quality "
+    st.caption("No patches yet: ingest slides (`cmil ingest`) to see quality "
                "control.")
 else:
     reasons = [c for c in qc.columns if c not in ("cohort", "patches", "kept", "kept_share")]
@@ -134,10 +135,10 @@ else:
 model_id = _common.selected_model()
 if model_id is not None:
     model = _common.query(f"model:{model_id}", lambda store: store_mod.get_model(store, model_id))
-    rows = _common.query(f"discrimination:{model_id}",
-                         lambda store: discrimination(store, model_id))
-    at_cutoff = _common.query(f"metrics:{model_id}:False",
-                              lambda store: metrics_table(store, model_id, in_sample=False))
+    scores = _common.query(f"model-scores:{model_id}:False",
+                           lambda store: read_model_scores(store, model_id))
+    rows = _common.query(f"discrimination:{model_id}", lambda _store: discrimination(scores))
+    at_cutoff = _common.query(f"metrics:{model_id}:False", lambda _store: metrics_table(scores))
     rates = {r.cohort: r for r in at_cutoff.itertuples()}
     st.subheader("Model")
     if model is not None:

@@ -58,8 +58,8 @@ def yes_no(label: Any) -> str:
 @st.cache_data(show_spinner=False, max_entries=16)
 def heatmap_images(db: str, stamp: tuple[int, int, int], model_id: str, slide_id: int,
                    by: str, scale: str) -> tuple[np.ndarray, np.ndarray, attention_view.Spread]:
-    return _common.read(lambda s: attention_view.slide_heat(s, model_id, slide_id, HEATMAP_SIDE,
-                                                            by=by, scale=scale))
+    return _common.read(lambda store: attention_view.slide_heat(
+        store, model_id, slide_id, HEATMAP_SIDE, by=by, scale=scale))
 
 
 def image_grid(images: list[np.ndarray], captions: list[str],
@@ -92,7 +92,8 @@ def show_on_slide(patient: str, patch_id: int, slide_id: int) -> None:
 def gallery(db: str, stamp: tuple[int, int, int], model_id: str, cohort: str, patient_id: str,
             by: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     return _common.read(
-        lambda s: attention_patches(s, model_id, patient=(cohort, patient_id), k=GALLERY_K, by=by)
+        lambda store: attention_patches(store, model_id, patient=(cohort, patient_id),
+                                        k=GALLERY_K, by=by)
     )
 
 
@@ -132,16 +133,16 @@ def read_images(frame: pd.DataFrame, slides: pd.DataFrame, out_px: int) -> list[
 st.title("Patients")
 model_id = _common.require_model()
 
-model = _common.query(f"model:{model_id}", lambda s: store_mod.get_model(s, model_id))
-listing = _common.query(f"patient_list:{model_id}", lambda s: patient_list(s, model_id))
+model = _common.query(f"model:{model_id}", lambda store: store_mod.get_model(store, model_id))
+listing = _common.query(f"patient_list:{model_id}", lambda store: patient_list(store, model_id))
 if listing.empty:
     st.info(
         f"Model {md(model_id)} has scored no patient yet: "
-        "`python -m cmil_core score --db STORE --model ID`."
+        "`cmil score --db STORE --model ID`."
     )
     st.stop()
 
-by = _common.query(f"importance:{model_id}", lambda s: importance_column(s, model_id))
+by = _common.query(f"importance:{model_id}", lambda store: importance_column(store, model_id))
 n_fn = int((listing["review"] == "false negative").sum())
 n_fp = int((listing["review"] == "false positive").sum())
 cutoff = float(model.cutoff if model.cutoff is not None else model.config["cutoff"])
@@ -207,7 +208,8 @@ if not wanted:
 try:
     cohort, patient_id = parse_patient_ref(wanted)
     detail = _common.query(
-        f"patient:{model_id}:{wanted}", lambda s: patient_detail(s, model_id, cohort, patient_id)
+        f"patient:{model_id}:{wanted}",
+        lambda store: patient_detail(store, model_id, cohort, patient_id),
     )
 except InputError as exc:
     st.warning("This link names no patient of the store:")
@@ -241,12 +243,12 @@ with left:
 slides = detail["slides"]
 if slides.empty:
     right.info("No slide is registered for this patient: ingest the cohort's slides "
-               "(`python -m cmil_core ingest --db STORE --cohort NAME --slides DIR`).")
+               "(`cmil ingest --db STORE --cohort NAME --slides DIR`).")
     st.stop()
 if detail["score"] is None:
     right.info(
         "This model did not score this patient: no patch passed quality control, or the "
-        "cohort was not scored (`python -m cmil_core score --db STORE --model ID`)."
+        "cohort was not scored (`cmil score --db STORE --model ID`)."
     )
 
 with right:
@@ -283,7 +285,7 @@ with right:
         legend = attention_view.heat_scale(by, scale)
         st.plotly_chart(colour_bar_figure(legend.title, legend.low, legend.high, legend.ticks,
                                           legend.ticktext),
-                        width="stretch", key="heat_colour_bar",
+                        width="stretch", key="heat_colour_bar", theme=None,
                         config={"displayModeBar": False, "staticPlot": True})
         if np.isnan(heat).all():
             st.caption("No scored patch on this slide (none passed quality control).")
@@ -383,7 +385,8 @@ else:
 
 counts = slides.set_index("slide_id")["patches_rejected"]
 with st.expander(f"Rejected patches of slide {slide_id} ({int(counts.get(slide_id, 0))})"):
-    rejected = _common.query(f"rejected:{slide_id}", lambda s: rejected_patches(s, int(slide_id)))
+    rejected = _common.query(f"rejected:{slide_id}",
+                             lambda store: rejected_patches(store, int(slide_id)))
     if rejected.empty:
         st.write("Quality control rejected no patch of this slide.")
     else:

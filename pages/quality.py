@@ -57,7 +57,7 @@ show_flash()
 editing = _common.viewer_notice()
 table = _common.query("qc", qc_table)
 if table.empty:
-    st.info("No patches yet: ingest slides on the Cohorts page (or `python -m cmil_core "
+    st.info("No patches yet: ingest slides on the Cohorts page (or `cmil "
             "ingest`); their quality control is decided here.")
     st.stop()
 names = table["cohort"].tolist()
@@ -84,7 +84,8 @@ st.caption(
     "reading slides and without changing anything until you apply. Each rejected patch counts "
     "under the first rule it fails, in this order: " + ", ".join(QC_REASONS) + "."
 )
-ranges = _common.query(f"qc_ranges:{cohort}", lambda s: store_mod.qc_metric_ranges(s, cohort))
+ranges = _common.query(f"qc_ranges:{cohort}",
+                       lambda store: store_mod.qc_metric_ranges(store, cohort))
 values: dict[str, float] = {}
 columns = st.columns(2)
 for i, name in enumerate(qc.THRESHOLD_FIELDS):
@@ -116,8 +117,9 @@ except InputError as exc:
 if candidate is not None:
     key = json.dumps(candidate.to_dict(), sort_keys=True)
     now = _common.query(f"qc_whatif:{cohort}:{json.dumps(current.to_dict(), sort_keys=True)}",
-                        lambda s: qc.what_if(s, cohort, current))
-    then = _common.query(f"qc_whatif:{cohort}:{key}", lambda s: qc.what_if(s, cohort, candidate))
+                        lambda store: qc.what_if(store, cohort, current))
+    then = _common.query(f"qc_whatif:{cohort}:{key}",
+                         lambda store: qc.what_if(store, cohort, candidate))
     st.markdown(f"**Patches of {md(cohort)} under these thresholds** "
                 f"(change from the current decision):")
     cells = st.columns(1 + len(QC_REASONS))
@@ -189,8 +191,8 @@ if candidate is not None:
         with tab:
             near = _common.query(
                 f"qc_near:{cohort}:{rule.reason}:{key}",
-                lambda s, r=rule.reason: store_mod.qc_near_threshold(
-                    s, cohort, r, candidate.to_dict(), k=GALLERY_K))
+                lambda store, r=rule.reason: store_mod.qc_near_threshold(
+                    store, cohort, r, candidate.to_dict(), k=GALLERY_K))
             metrics = list(dict.fromkeys(c for c, _, _ in rule.conditions))
             for side, label in (("rejected", f"Rejected as {rule.reason}"), ("kept", "Kept")):
                 part = near[near["side"] == side]

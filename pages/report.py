@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from cmil_core.errors import InputError
 from cmil_core.outputs.evaluation import CUTOFF_METHODS, ENDPOINTS
 from cmil_core.outputs.report import report_zip, write_report
 from cmil_core.progress import Progress
+from cmil_core.store import StoreFolder
 from pages import _common
 
 st.title("Report")
@@ -58,8 +58,7 @@ pseudonymise = st.checkbox(
 state_key = f"report:{model_id}"
 if st.button("Write the report", type="primary"):
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", model_id)
-    folder = _common.db_path().parent / "reports" / f"{name}-{stamp}"
+    folder = StoreFolder.of(_common.db_path()).report(model_id, stamp)
     bar = st.progress(0.0, text="Starting…")
 
     def show(event: Progress) -> None:
@@ -104,6 +103,6 @@ if written and Path(written).exists():
         kwargs={**downloaded, "details": {**downloaded["details"], "kind": "report html download"}},
     )
     st.caption("The same report from a terminal: "
-               f"`python -m cmil_core report --db {_common.db_path()} --model {model_id} "
+               f"`cmil report --db {_common.db_path()} --model {model_id} "
                f"--out DIR --endpoint {endpoint} --cutoff {cutoff}"
                + (" --pseudonymise" if masked_ids else "") + "`")

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from cmil_core import store as store_mod
 from cmil_core.analysis import display
-from cmil_core.analysis.survival import describe_cutoff
+from cmil_core.analysis.risk_groups import describe_cutoff
 from cmil_core.errors import InputError
 from cmil_core.outputs import figures
 from cmil_core.outputs.evaluation import (
@@ -18,6 +19,7 @@ from cmil_core.outputs.evaluation import (
     risk_survival,
 )
 from cmil_core.outputs.plots import forest_figure, km_figure
+from cmil_core.store.model_rules import read_model_scores
 from pages import _common
 
 st.title("Survival")
@@ -25,9 +27,11 @@ model_id = _common.require_model()
 
 endpoint, cutoff = _common.cutoff_picker("survival")
 in_sample = _common.in_sample_toggle("survival")
+# The model and its scores, read once; the curves and the Cox model are functions of them.
+scores = _common.query(f"model-scores:{model_id}:{in_sample}",
+                       lambda store: read_model_scores(store, model_id, in_sample=in_sample))
 entries = _common.query(f"survival:{model_id}:{endpoint}:{cutoff}:{in_sample}",
-                        lambda store: risk_survival(store, model_id, endpoint, cutoff,
-                                                    in_sample=in_sample))
+                        lambda _store: risk_survival(scores, endpoint, cutoff))
 if not entries:
     st.info(f"Model {model_id} has not scored any cohort yet: score them on the Models page.")
     st.stop()
@@ -145,9 +149,9 @@ by_centre = st.checkbox("Stratify by centre (each centre its own baseline hazard
 strata = "center" if by_centre else None
 try:
     cox = _common.query(f"cox:{model_id}:{endpoint}:{cutoff}:{sorted(picked)}:{strata}:{in_sample}",
-                        lambda store: clinical_cox(store, model_id, endpoint, cutoff,
-                                                   factors=picked, strata=strata,
-                                                   in_sample=in_sample))
+                        lambda store: clinical_cox(scores, store_mod.patients_frame(store),
+                                                   endpoint, cutoff, factors=picked,
+                                                   strata=strata))
 except InputError as exc:
     st.info(f"No Cox model: {exc}")
     st.stop()

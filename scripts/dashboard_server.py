@@ -5,6 +5,8 @@
 ``streamlit run`` arguments (e.g. ``--secrets.files``), waits for its health endpoint,
 and stops it. ``CHROMIUM``/``CHROMIUM_ARGS`` launch Debian's Chromium through
 Playwright (``executable_path=CHROMIUM``); Playwright never downloads a browser.
+:func:`chromium_browser` does that launch for the tests (``tests/conftest.py``),
+the benchmark and the screenshot scripts.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -38,6 +42,23 @@ IDLE_JS = """() => {
     window.__cmilIdle = busy ? 0 : (window.__cmilIdle || 0) + 1;
     return window.__cmilIdle >= 5;
 }"""
+
+
+@contextmanager
+def chromium_browser() -> Iterator[Any]:
+    """Debian's Chromium (a Playwright ``Browser``), closed on leaving the block.
+
+    Playwright's sync API allows one instance per thread: open one of these at a
+    time and take every page from it (``browser.new_page(viewport=...)``).
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
 def free_port() -> int:
@@ -82,6 +103,7 @@ class DashboardServer:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()  # reaped: no "subprocess is still running" warning later
         if not self._fh.closed:
             self._fh.close()
 

@@ -4,11 +4,13 @@ Run: .venv/bin/python -m scripts.screenshots [--db STORE] [--out DIR]
 
 Starts ``streamlit run app.py`` on the store (default: a small demo study built
 into a temporary folder, about half a minute), opens each page in Chromium
-(/usr/bin/chromium, driven by Playwright) at 1280 x 900 by clicking its sidebar
-link, and keeps the viewport only, downscaled to 1000 px wide and optimised
-(a 256-colour palette when the full-colour file is over --max-kb). The Patients
-page is taken with a patient opened, from the review queue when it has one, and
-scrolled to show the heatmap and the first attention gallery.
+(/usr/bin/chromium, driven by Playwright) 1280 px wide (a laptop) by clicking its
+sidebar link, and takes the whole page, top to bottom (the window is made as tall
+as the page, at most --max-height px, so that every table, figure and caption a
+reader scrolls to is in the picture at the laptop's layout), downscaled to 1000
+px wide and optimised (a 256-colour palette when the full-colour file is over
+--max-kb). The Patients page is taken with a patient opened, from the review
+queue when it has one.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, DashboardServer
+from scripts.dashboard_server import CHROMIUM, IDLE_JS, DashboardServer, chromium_browser
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -77,7 +79,7 @@ def wait_idle(page: Page, timeout: float = 120_000) -> None:
 
 
 def open_patient(page: Page) -> None:
-    """Select the list's first row (the review queue comes first) and scroll to its detail."""
+    """Select the list's first row (the review queue comes first) and wait for its detail."""
     table = page.locator("[data-testid='stDataFrame']").first
     table.wait_for()
     rows = table.locator("[role='row']")
@@ -90,22 +92,31 @@ def open_patient(page: Page) -> None:
     page.get_by_role("heading", name=re.compile(r"^Patient .+ · ")).first.wait_for(timeout=60_000)
     wait_idle(page)
     page.mouse.move(5, 5)  # no hover highlight on the grid
-    # Scroll to the row of clinical variables and heatmap: the heatmap and the first
-    # gallery below it then fill the viewport.
-    anchor = page.get_by_text("Clinical variables", exact=True).first
-    box = anchor.bounding_box() if anchor.count() else None
-    target = box["y"] - 20 if box else 0
-    page.evaluate(
-        """y => { const m = document.querySelector("[data-testid='stMain']")
-                   || document.scrollingElement; m.scrollBy(0, y); }""",
-        target,
-    )
-    page.wait_for_timeout(500)
 
 
-def take(db: Path, out: Path, width: int, max_kb: int) -> list[tuple[Path, int]]:
-    from playwright.sync_api import sync_playwright
+def whole_page(page: Page, max_height: int) -> bytes:
+    """The page top to bottom at the laptop's width: the window made as tall as the page.
 
+    Streamlit scrolls its main block, not the document, so Playwright's ``full_page``
+    would keep the first screen only; a taller window lays the page out the same
+    (the width decides the layout) and shows all of it.
+    """
+    height = page.evaluate(
+        """() => { const m = document.querySelector("[data-testid='stMain']");
+                   const b = m && m.firstElementChild;
+                   return Math.ceil(Math.max(b ? b.scrollHeight : 0,
+                                             m ? m.scrollHeight : 0)); }""")
+    page.set_viewport_size({"width": VIEWPORT["width"],
+                            "height": max(VIEWPORT["height"], min(int(height) + 40, max_height))})
+    wait_idle(page)
+    try:
+        return page.screenshot()
+    finally:
+        page.set_viewport_size(VIEWPORT)
+
+
+def take(db: Path, out: Path, width: int, max_kb: int,
+         max_height: int = 9000) -> list[tuple[Path, int]]:
     out.mkdir(parents=True, exist_ok=True)
     done = []
     with tempfile.TemporaryDirectory(prefix="cmil-shots-") as tmp:
@@ -113,8 +124,7 @@ def take(db: Path, out: Path, width: int, max_kb: int) -> list[tuple[Path, int]]
         server = DashboardServer({"CMIL_DB": str(db)}, log)
         url = server.url
         try:
-            with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            with chromium_browser() as browser:
                 page = browser.new_page(viewport=VIEWPORT)
                 page.goto(url)
                 page.locator("h1").first.wait_for(timeout=180_000)
@@ -142,9 +152,9 @@ def take(db: Path, out: Path, width: int, max_kb: int) -> list[tuple[Path, int]]
                     if problems or "Traceback" in page.inner_text("body"):
                         print(f"warning: {title} shows an exception", file=sys.stderr)
                     path = out / f"{name}.png"
-                    done.append((path, save_small(page.screenshot(), path, width, max_kb)))
+                    png = whole_page(page, max_height)
+                    done.append((path, save_small(png, path, width, max_kb)))
                     print(f"{path}  {done[-1][1] / 1024:.0f} KB", flush=True)
-                browser.close()
         except Exception:
             print(log.read_text()[-3000:], file=sys.stderr)
             raise
@@ -158,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, help="the store (default: a small demo, built now)")
     parser.add_argument("--out", type=Path, default=OUT, help=f"folder (default {OUT})")
     parser.add_argument("--width", type=int, default=1000, help="PNG width in px (1000)")
-    parser.add_argument("--max-kb", type=int, default=200,
-                        help="above this, save a 256-colour palette PNG (200)")
+    parser.add_argument("--max-kb", type=int, default=450,
+                        help="above this, save a 256-colour palette PNG (450)")
+    parser.add_argument("--max-height", type=int, default=9000,
+                        help="the tallest page taken, in px at 1280 px wide (9000)")
     args = parser.parse_args(argv)
     if not Path(CHROMIUM).exists():
         parser.error(f"{CHROMIUM} is missing (./test.sh installs it as root)")
@@ -173,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_demo(db, size="small", seed=0)
         elif not db.exists():
             parser.error(f"no store at {db}")
-        take(db.resolve(), args.out, args.width, args.max_kb)
+        take(db.resolve(), args.out, args.width, args.max_kb, args.max_height)
     return 0
 
 

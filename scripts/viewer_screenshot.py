@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from urllib.parse import quote
 
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, DashboardServer
+from scripts.dashboard_server import IDLE_JS, DashboardServer, chromium_browser
 from scripts.screenshots import HIDE_EMOJI_CSS, has_emoji_font, save_small
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,23 +37,20 @@ CENTRED_JS = """(p) => { const s = window.cmilViewer;
 
 
 def take(db: Path, out: Path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    from cmil_core import store
+    from cmil_core import store as store_mod
     from cmil_core.viewer.patients import attention_patches, patient_list
 
-    with store.open_store(db, read_only=True) as st:
-        model_id = str(store.list_models(st)["model_id"].iloc[0])
-        listing = patient_list(st, model_id)
+    with store_mod.open_store(db, read_only=True) as store:
+        model_id = str(store_mod.list_models(store)["model_id"].iloc[0])
+        listing = patient_list(store, model_id)
         chosen = listing[(listing["label"] == 1) & (listing["cohort"] == "training")].iloc[0]
         cohort, patient_id = str(chosen["cohort"]), str(chosen["patient_id"])
-        top, _ = attention_patches(st, model_id, patient=(cohort, patient_id), k=1)
+        top, _ = attention_patches(store, model_id, patient=(cohort, patient_id), k=1)
     best = top.iloc[0]
     centre = {"x": int(best["x"] + best["size"] // 2), "y": int(best["y"] + best["size"] // 2)}
     with tempfile.TemporaryDirectory() as tmp, \
             DashboardServer({"CMIL_DB": str(db)}, Path(tmp) / "server.log") as server, \
-            sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            chromium_browser() as browser:
         page = browser.new_page(viewport={"width": WIDTH, "height": 1000})
         page.goto(f"{server.url}/patients?patient={quote(cohort + '/' + patient_id)}"
                   f"&model={quote(model_id)}")
@@ -92,7 +89,6 @@ def take(db: Path, out: Path) -> None:
         page.wait_for_timeout(2000)  # the finest tiles drawn
         out.parent.mkdir(parents=True, exist_ok=True)
         save_small(page.screenshot(), out, WIDTH, 700)
-        browser.close()
 
 
 def main() -> int:

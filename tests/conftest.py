@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +120,31 @@ def demo_dashboard(small_demo_store: Path, tmp_path_factory: pytest.TempPathFact
                              tmp_path_factory.mktemp("demo-dashboard") / "server.log")
     yield server
     server.stop()
+
+
+# --- Debian's Chromium for the browser tests ------------------------------------------
+
+
+def skip_without_chromium() -> None:
+    """Skip the calling browser-test module (at import) when /usr/bin/chromium is
+    missing; in CI, fail instead."""
+    from scripts.dashboard_server import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
+        pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)",
+                    allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Chromium (a Playwright ``Browser``), one per test module; take pages from it.
+
+    Module scope: Playwright's sync API allows one instance per thread, and each
+    module's instance is closed before the next module (or a non-browser test) runs.
+    """
+    from scripts.dashboard_server import chromium_browser
+
+    with chromium_browser() as browser:
+        yield browser

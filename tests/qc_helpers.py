@@ -139,7 +139,7 @@ def photo_study(folder: Path, *, patients: int = 6, train: bool = True,
     with ``train``, a model trained on the first cohort (2 folds, a few epochs) and every
     cohort scored. Returns the store and the model id."""
     from cmil_core.ingest.pipeline import ingest
-    from cmil_core.ingest.tiling import TilingConfig
+    from cmil_core.ingest.tiling_config import TilingConfig
     from cmil_core.model import modeling
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from cmil_core import store
 from cmil_core.analysis import display
 from cmil_core.clinical.cohort_import import import_cohort
 from cmil_core.ingest.slides import file_sha256, open_slide
+from cmil_core.store.model_rules import read_model_scores
 from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,8 +195,8 @@ def test_discrimination_page_shows_the_models_numbers(
     at, model_id = _page(scored_demo, monkeypatch, "pages/discrimination.py")
     assert at.title[0].value == "Discrimination"
     with store.open_store(scored_demo, read_only=True) as st:
-        curves = roc_curves(st, model_id)
-        table = metrics_table(st, model_id)
+        curves = roc_curves(read_model_scores(st, model_id))
+        table = metrics_table(read_model_scores(st, model_id))
     assert model_id in at.caption[0].value and "fixed on the training cohort" in at.caption[0].value
     figure = json.loads(at.get("plotly_chart")[0].proto.spec)
     names = [trace["name"] for trace in figure["data"]]
@@ -212,7 +213,7 @@ def test_discrimination_page_shows_the_models_numbers(
     from cmil_core.outputs.evaluation import cohort_comparisons
 
     with store.open_store(scored_demo, read_only=True) as st:
-        tests = cohort_comparisons(st, model_id)
+        tests = cohort_comparisons(read_model_scores(st, model_id))
     between = next(d.value for d in at.dataframe if "Cohorts" in d.value.columns)
     assert between["Cohorts"].tolist() == [f"{a} vs {b}" for a, b in zip(tests["a"], tests["b"])]
     assert between["p (DeLong)"].tolist() == [display.p_cell(p) for p in tests["p"]]
@@ -229,7 +230,7 @@ def test_discrimination_page_shows_the_models_numbers(
     assert calibration["layout"]["title"]["text"] == "Calibration"
     legend = [t["name"] for t in calibration["data"] if t.get("mode") == "markers"]
     with store.open_store(scored_demo, read_only=True) as st:
-        entries = calibration_entries(st, model_id)
+        entries = calibration_entries(read_model_scores(st, model_id))
     # Only cohorts whose every score bin holds 10 patients are drawn; the page names the rest.
     drawn = [e for e in entries if int(e["bins"]["n"].min()) >= 10]
     assert legend == [f"{e['label']} (Brier {e['brier']:.3f})" for e in drawn]
@@ -253,7 +254,7 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
     at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     assert at.title[0].value == "Survival"
     with store.open_store(scored_demo, read_only=True) as st:
-        entries = risk_survival(st, model_id, "os")
+        entries = risk_survival(read_model_scores(st, model_id), "os")
     drawn = [e for e in entries if "result" in e]
     charts = {c.key: c for c in at.get("plotly_chart") if c.key}
     assert len(charts) == len(drawn) > 0
@@ -270,7 +271,7 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
     from cmil_core.outputs.evaluation import clinical_cox
 
     with store.open_store(scored_demo, read_only=True) as st:
-        cox = clinical_cox(st, model_id, "os", "model")
+        cox = clinical_cox(read_model_scores(st, model_id), store.patients_frame(st), "os", "model")
     forest = json.loads(at.get("plotly_chart")[-1].proto.spec)
     assert "cMIL risk group and clinical factors" in forest["layout"]["title"]["text"]
     rows = forest["data"][0]["y"]
@@ -284,18 +285,18 @@ def test_survival_page_draws_each_cohort_with_its_log_rank(
 def test_survival_cutoff_choices_are_fixed_on_training(
     scored_demo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cmil_core.analysis.survival import risk_cutoff
-    from cmil_core.outputs.evaluation import scores_frame, survival_cutoff
+    from cmil_core.analysis.risk_groups import risk_cutoff
+    from cmil_core.outputs.evaluation import survival_cutoff
 
     at, model_id = _page(scored_demo, monkeypatch, "pages/survival.py")
     with store.open_store(scored_demo, read_only=True) as st:
         model = store.get_model(st, model_id)
-        frame = scores_frame(st, model_id)
+        frame = read_model_scores(st, model_id).scores
         train = frame[frame["cohort"] == "training"]  # its out-of-fold scores
         assert set(train["scores"]) == {"out-of-fold"}
-        median = survival_cutoff(st, model_id, "median")
-        assert survival_cutoff(st, model_id, "model")["value"] == model.cutoff
-        assert survival_cutoff(st, model_id, 0.3)["value"] == 0.3
+        median = survival_cutoff(read_model_scores(st, model_id), "median")
+        assert survival_cutoff(read_model_scores(st, model_id), "model")["value"] == model.cutoff
+        assert survival_cutoff(read_model_scores(st, model_id), 0.3)["value"] == 0.3
     assert median["value"] == pytest.approx(risk_cutoff(train, "score", "median").value)
     at.selectbox(key="survival_cutoff").set_value("median")
     _run(at)
@@ -304,7 +305,7 @@ def test_survival_cutoff_choices_are_fixed_on_training(
     # maxstat: R maxstat's statistic, cut, group sizes and corrected p, labelled apart from the
     # classic (uncorrected) log-rank test of the chosen groups drawn on each plot
     with store.open_store(scored_demo, read_only=True) as st:
-        chosen = survival_cutoff(st, model_id, "maxstat")
+        chosen = survival_cutoff(read_model_scores(st, model_id), "maxstat")
     at.selectbox(key="survival_cutoff").set_value("maxstat")
     _run(at)
     caption = at.caption[0].value
@@ -340,7 +341,7 @@ def test_overview_shows_quality_control_per_cohort(
 
     figure = next(f for f in (json.loads(c.proto.spec) for c in at.get("plotly_chart"))
                   if f["layout"]["title"]["text"] == "Sharpness (Laplacian variance) per cohort")
-    trace = next(t for t in figure["data"] if t["name"] == "training: all patches")
+    trace = next(t for t in figure["data"] if t["name"] == "training")
     totals = plotly_values(trace["y"])
     part = hist[hist["cohort"] == "training"]
     assert len(totals) == len(part)

@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CORE = ROOT / "cmil_core"
 
 #: Bottom to top. "" is the package's own top-level modules (errors, progress,
-#: logs, _atomic): every folder may use them. ``cli`` (and ``__main__``) sit on top.
+#: logs, _atomic): every folder may use them. ``cli`` (and ``__main__``) sit on top,
+#: ``commands`` (each command's parser and call) just below it.
 LAYERS = ["", "store", "analysis", "clinical", "ingest", "model", "ops", "outputs", "viewer",
-          "demo", "cli"]
+          "demo", "commands", "cli"]
 
 #: Imports that run upwards, each inside a function (never at import time) and why.
 UPWARD_EXCEPTIONS = {
@@ -64,8 +65,9 @@ def _imports(path: Path) -> list[tuple[str, list[str], bool, int]]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names = [a.name for a in node.names]
-            if node.module == "cmil_core" or node.module in MODULES and (
-                    CORE / node.module.split(".", 1)[-1].replace(".", "/")).is_dir():
+            is_folder = node.module in MODULES and (
+                CORE / node.module.split(".", 1)[-1].replace(".", "/")).is_dir()
+            if node.module == "cmil_core" or is_folder:
                 # `from cmil_core.model import encoders`: each name is a module
                 for name in names:
                     out.append((f"{node.module}.{name}", [], node.col_offset > 0, node.lineno))

@@ -7,7 +7,6 @@ tests are skipped, except in CI, where they fail.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,31 +15,20 @@ from urllib.parse import parse_qs, quote, urlparse
 import pytest
 
 from cmil_core.demo.generator import generate_demo
-from scripts.dashboard_server import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
-    IDLE_JS,
-    ROOT,
-    DashboardServer as Server,
-)
+from conftest import skip_without_chromium
+from scripts.dashboard_server import IDLE_JS, ROOT, DashboardServer as Server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
-    pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
+skip_without_chromium()
 
-from playwright.sync_api import Browser, Page, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    """One Chromium for the module (Playwright's sync API allows one instance per thread)."""
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+def browser(chromium: Browser) -> Browser:
+    """The module's Chromium (conftest's ``chromium``)."""
+    return chromium
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +390,9 @@ def test_quality_control_page_counts_apply_and_stale_marks(tmp_path: Path,
             timeout=60_000)
         picker = page.locator("[data-testid='stSidebar'] [data-testid='stSelectbox']").first
         shown = " ".join(picker.locator("input").evaluate_all("els => els.map(e => e.value)"))
-        assert f"{model_id} · attention · A · stale" in picker.inner_text() + shown
+        assert "attention, " in shown + picker.inner_text() and "· stale" in shown
+        sidebar = page.locator("[data-testid='stSidebar']").inner_text()
+        assert f"{model_id} · attention · A · stale" in sidebar  # the whole label, under it
         assert_no_error(page, "Models", server.log)
         with store.open_store(db, read_only=True) as st_:
             decision = store.current_qc_decisions(st_)["A"]

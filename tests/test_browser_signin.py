@@ -9,23 +9,20 @@ identity provider is unreachable here, so the flow stops there.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
 
 from cmil_core.clinical.cohort_import import import_cohort
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, ROOT, DashboardServer, free_port
+from conftest import skip_without_chromium
+from scripts.dashboard_server import ROOT, DashboardServer, free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
-    pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
+skip_without_chromium()
 
-from playwright.sync_api import sync_playwright  # noqa: E402
+from playwright.sync_api import Browser  # noqa: E402
 
 SECRETS = """
 [auth]
@@ -40,7 +37,8 @@ editors = ["ed@hospital.org"]
 """
 
 
-def test_sign_in_gates_every_page_and_hands_over_to_the_provider(tmp_path: Path) -> None:
+def test_sign_in_gates_every_page_and_hands_over_to_the_provider(tmp_path: Path,
+                                                                chromium: Browser) -> None:
     db = tmp_path / "cmil.duckdb"
     csv = tmp_path / "seed.csv"
     csv.write_bytes(b"patient_id,bm_metastasis\nSECRET-PATIENT-1,1\nSECRET-PATIENT-2,0\n")
@@ -52,26 +50,24 @@ def test_sign_in_gates_every_page_and_hands_over_to_the_provider(tmp_path: Path)
     server = DashboardServer({"CMIL_DB": str(db)}, tmp_path / "server.log", port=port,
                              args=["--secrets.files", str(secrets)])
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page()
-            requests: list[str] = []
-            page.on("request", lambda request: requests.append(request.url))
-            for path in ("/", "/cohorts", "/patients?patient=existing/SECRET-PATIENT-1"):
-                page.goto(url + path)
-                page.get_by_role("heading", name="Sign in").wait_for(timeout=120_000)
-                time.sleep(1.0)  # let the page finish drawing: nothing else may appear
-                body = page.inner_text("body")
-                assert "SECRET-PATIENT" not in body and "existing" not in body, path
-            page.goto(url)
-            button = page.get_by_role("button", name="Sign in")
-            button.wait_for(timeout=60_000)
-            button.click()
-            deadline = time.monotonic() + 60
-            while not any("/auth/login" in seen for seen in requests):
-                assert time.monotonic() < deadline, requests
-                page.wait_for_timeout(200)
-            browser.close()
+        page = chromium.new_page()
+        requests: list[str] = []
+        page.on("request", lambda request: requests.append(request.url))
+        for path in ("/", "/cohorts", "/patients?patient=existing/SECRET-PATIENT-1"):
+            page.goto(url + path)
+            page.get_by_role("heading", name="Sign in").wait_for(timeout=120_000)
+            time.sleep(1.0)  # let the page finish drawing: nothing else may appear
+            body = page.inner_text("body")
+            assert "SECRET-PATIENT" not in body and "existing" not in body, path
+        page.goto(url)
+        button = page.get_by_role("button", name="Sign in")
+        button.wait_for(timeout=60_000)
+        button.click()
+        deadline = time.monotonic() + 60
+        while not any("/auth/login" in seen for seen in requests):
+            assert time.monotonic() < deadline, requests
+            page.wait_for_timeout(200)
+        page.close()
     finally:
         server.stop()
     # The log holds the provider's connection error (unreachable here), and nothing of ours.

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from cmil_core import store
-from cmil_core.analysis.stats import roc_auc
+from cmil_core.analysis.roc import roc_auc
 from cmil_core.cli import main
 from cmil_core.demo import _smear
 from cmil_core.demo.generator import (

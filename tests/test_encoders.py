@@ -1,4 +1,4 @@
-"""cmil_core.model.encoders: architectures, weights files, TorchScript, the fast path, extraction.
+"""cmil_core.model.encoders (and backbones, weight_files): architectures, weights files, TorchScript, the fast path, extraction.
 
 Reference numbers for the ResNets are torchvision's (``torchvision.models``
 documentation, "Params" and "GFLOPS" columns, which count multiply-adds):
@@ -25,14 +25,12 @@ from PIL import Image
 
 from cmil_core.errors import InputError
 from cmil_core.model import encoders
+from cmil_core.model.backbones import ARCHITECTURES, build_backbone, count_macs
 from cmil_core.model.encoders import (
-    ARCHITECTURES,
     ENCODER_NAMES,
     Encoder,
     EncoderSpec,
     bf16_supported,
-    build_backbone,
-    count_macs,
     encoder_from_spec,
     extract,
     load_encoder,
@@ -461,7 +459,7 @@ def test_extract_propagates_reader_errors_and_stops_on_close() -> None:
 def test_safetensors_state_dict_gives_the_same_encoder_as_a_torch_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    state = encoders.build_backbone("smallcnn", seed=3).state_dict()
+    state = build_backbone("smallcnn", seed=3).state_dict()
     torch_file, st_file = tmp_path / "w.pt", tmp_path / "w.weights"  # named freely: sniffed
     torch.save(state, torch_file)
     save_file({f"module.{k}": v.contiguous() for k, v in state.items()}, str(st_file))

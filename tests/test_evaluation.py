@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 
 from cmil_core import store as store_mod
-from cmil_core.analysis.survival import cox_analysis
+from cmil_core.analysis.cox import cox_analysis
 from cmil_core.errors import InputError
 from cmil_core.outputs import evaluation
-from cmil_core.outputs.evaluation import tumour_fraction
+from cmil_core.outputs.localisation import localisation, tumour_fraction
+from cmil_core.store.model_rules import read_model_scores
 from test_report import EVIL, MODEL, build_scored_store
 
 
@@ -75,13 +76,13 @@ def _labels(scores: pd.DataFrame, cohort: str) -> tuple:  # type: ignore[type-ar
 @pytest.mark.slow
 def test_cohort_comparisons_are_unpaired_delong_tests(scored) -> None:  # type: ignore[no-untyped-def]
     from cmil_core import store
-    from cmil_core.analysis.stats import delong_unpaired_test
+    from cmil_core.analysis.roc import delong_unpaired_test
     from cmil_core.outputs.evaluation import cohort_comparisons
 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
-        table = cohort_comparisons(st, model_id)
-        scores = evaluation.scores_frame(st, model_id)  # training: out-of-fold
+        table = cohort_comparisons(read_model_scores(st, model_id))
+        scores = read_model_scores(st, model_id).scores  # training: out-of-fold
     assert list(zip(table["a"], table["b"])) == [
         ("training (out-of-fold)", "external_a"), ("training (out-of-fold)", "external_b"),
         ("external_a", "external_b")]
@@ -97,18 +98,18 @@ def test_cohort_comparisons_are_unpaired_delong_tests(scored) -> None:  # type: 
 @pytest.mark.slow
 def test_model_comparisons_are_paired_on_the_same_patients(scored) -> None:  # type: ignore[no-untyped-def]
     from cmil_core import store
-    from cmil_core.analysis.stats import delong_paired_test
+    from cmil_core.analysis.roc import delong_paired_test
     from cmil_core.errors import InputError
     from cmil_core.outputs.evaluation import model_comparisons
 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
-        table = model_comparisons(st, model_id, "noisy")
-        a = evaluation.scores_frame(st, model_id)  # training: out-of-fold
-        b = evaluation.scores_frame(st, "noisy")  # no out-of-fold scores: in-sample
+        table = model_comparisons(read_model_scores(st, model_id), read_model_scores(st, "noisy"))
+        a = read_model_scores(st, model_id).scores  # training: out-of-fold
+        b = read_model_scores(st, "noisy").scores  # no out-of-fold scores: in-sample
         both = a.merge(b[["cohort", "patient_id", "score"]], on=["cohort", "patient_id"])
         with pytest.raises(InputError, match="no model 'nope'"):
-            model_comparisons(st, model_id, "nope")
+            model_comparisons(read_model_scores(st, model_id), read_model_scores(st, "nope"))
     assert table["cohort"].tolist() == ["training", "external_a", "external_b"]
     assert table["scores"].tolist() == ["out-of-fold / in-sample", "final model / final model",
                                         "final model / final model"]
@@ -124,12 +125,13 @@ def test_model_comparisons_are_paired_on_the_same_patients(scored) -> None:  # t
 @pytest.mark.slow
 def test_pooled_validation_survival_pools_the_external_cohorts(scored) -> None:  # type: ignore[no-untyped-def]
     from cmil_core import store
-    from cmil_core.analysis.survival import risk_groups, survival_analysis
+    from cmil_core.analysis.risk_groups import risk_groups
+    from cmil_core.analysis.survival import survival_analysis
     from cmil_core.outputs.evaluation import POOLED, risk_survival
 
     db, model_id = scored
     with store.open_store(db, read_only=True) as st:
-        entries = risk_survival(st, model_id, "os")
+        entries = risk_survival(read_model_scores(st, model_id), "os")
         model = store.get_model(st, model_id)
         scores = store.patient_scores_frame(st, model_id)
     assert model is not None
@@ -158,7 +160,7 @@ def report_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_clinical_cox_pools_validation_cohorts(report_store: Path) -> None:
     with store_mod.open_store(report_store, read_only=True) as st:
-        result = evaluation.clinical_cox(st, MODEL, "os", "model")
+        result = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model")
         scores = store_mod.patient_scores_frame(st, MODEL)
         patients = store_mod.patients_frame(st)
     assert result["cohorts"] == sorted(["external_a", EVIL])
@@ -185,11 +187,11 @@ def test_clinical_cox_leaves_out_constant_and_missing_columns(tmp_path: Path) ->
     db = tmp_path / "cmil.duckdb"
     build_scored_store(db, evil=False, stage4_validation=True)
     with store_mod.open_store(db, read_only=True) as st:
-        result = evaluation.clinical_cox(st, MODEL, "efs", 0.5)
+        result = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "efs", 0.5)
         with pytest.raises(InputError, match="every validation patient is in the low risk group"):
-            evaluation.clinical_cox(st, MODEL, "os", 0.9999)
+            evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", 0.9999)
         with pytest.raises(InputError, match="endpoint 'dfs'"):
-            evaluation.clinical_cox(st, MODEL, "dfs")
+            evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "dfs")
     assert [c["name"] for c in result["covariates"]] == [
         "cMIL high risk", "age > 18 months", "MYCN amplified"]
     assert result["excluded"] == [{"column": "inss_stage", "reason": "constant (INSS stage 4: 1)"}]
@@ -200,9 +202,9 @@ def test_clinical_cox_leaves_out_constant_and_missing_columns(tmp_path: Path) ->
 
 def test_clinical_cox_can_be_restricted_to_chosen_factors(report_store: Path) -> None:
     with store_mod.open_store(report_store, read_only=True) as st:
-        result = evaluation.clinical_cox(st, MODEL, "os", "model", factors=["MYCN amplified"])
+        result = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model", factors=["MYCN amplified"])
         with pytest.raises(InputError, match="unknown clinical factor"):
-            evaluation.clinical_cox(st, MODEL, "os", "model", factors=["shoe size"])
+            evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model", factors=["shoe size"])
     assert [c["name"] for c in result["covariates"]] == ["cMIL high risk", "MYCN amplified"]
     assert {"column": "age_months", "reason": "not chosen"} in result["excluded"]
 
@@ -215,14 +217,14 @@ def test_clinical_cox_can_be_restricted_to_chosen_factors(report_store: Path) ->
 
 @pytest.mark.slow
 def test_training_row_is_out_of_fold_unless_asked(scored) -> None:  # type: ignore[no-untyped-def]
-    from cmil_core.analysis.stats import roc_auc
+    from cmil_core.analysis.roc import roc_auc
 
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
         oof = store_mod.oof_scores_frame(st, model_id)
         final = store_mod.patient_scores_frame(st, model_id)
-        honest = evaluation.discrimination(st, model_id)
-        optimistic = evaluation.discrimination(st, model_id, in_sample=True)
+        honest = evaluation.discrimination(read_model_scores(st, model_id))
+        optimistic = evaluation.discrimination(read_model_scores(st, model_id, in_sample=True))
         model = store_mod.get_model(st, model_id)
     assert model is not None
     # Every labelled training patient has one out-of-fold score, from one of the k folds.
@@ -247,13 +249,13 @@ def test_cutoff_means_the_same_on_out_of_fold_and_final_scores(scored) -> None: 
     specificity agree up to the patients the two models rank differently around it: at most one
     patient of each class here (the small demo has 14 training patients, so one positive is
     17 points; tests/test_recalibration.py shows exact agreement when the rankings agree)."""
-    from cmil_core.analysis.stats import roc_auc
+    from cmil_core.analysis.roc import roc_auc
 
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
         model = store_mod.get_model(st, model_id)
-        oof = evaluation.metrics_table(st, model_id).iloc[0]
-        final = evaluation.metrics_table(st, model_id, in_sample=True).iloc[0]
+        oof = evaluation.metrics_table(read_model_scores(st, model_id)).iloc[0]
+        final = evaluation.metrics_table(read_model_scores(st, model_id, in_sample=True)).iloc[0]
         scores = store_mod.patient_scores_frame(st, model_id)
     assert model is not None and model.config["score_map"]["method"] == "quantile-oof"
     assert (oof["label"], final["label"]) == ("training (out-of-fold)", "training (in-sample)")
@@ -274,15 +276,15 @@ def test_cutoff_means_the_same_on_out_of_fold_and_final_scores(scored) -> None: 
 def test_calibration_reads_scores_at_the_training_prevalence(scored) -> None:  # type: ignore[no-untyped-def]
     import numpy as np
 
-    from cmil_core.analysis.stats import brier_score
+    from cmil_core.analysis.calibration import brier_score
     from cmil_core.model.recalibration import prevalence_shift
 
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
-        entries = evaluation.calibration(st, model_id)
-        scores = evaluation.scores_frame(st, model_id).dropna(subset=["bm_metastasis"])
+        entries = evaluation.calibration(read_model_scores(st, model_id))
+        scores = read_model_scores(st, model_id).scores.dropna(subset=["bm_metastasis"])
         model = store_mod.get_model(st, model_id)
-        note = evaluation.probability_note(st, model_id)
+        note = evaluation.probability_note(read_model_scores(st, model_id))
     assert model is not None
     prevalence = model.metrics["n_positive"] / model.metrics["n_train"]
     assert model.config["training_prevalence"] == pytest.approx(prevalence)
@@ -304,7 +306,7 @@ def test_calibration_reads_scores_at_the_training_prevalence(scored) -> None:  #
 def test_localisation_per_cohort_counts_false_positives(scored) -> None:  # type: ignore[no-untyped-def]
     db, model_id = scored
     with store_mod.open_store(db, read_only=True) as st:
-        loc = evaluation.localisation(st, model_id)
+        loc = localisation(st, model_id)
         patches = store_mod.localisation_patches(st, model_id).dropna(subset=["bm_metastasis"])
         looks = store_mod.lookalike_regions_frame(st)
         boxes = store_mod.tumor_regions_frame(st)
@@ -322,7 +324,7 @@ def test_localisation_per_cohort_counts_false_positives(scored) -> None:  # type
         flagged = negative[negative["probability"] >= 0.5]["patient_id"].nunique()
         assert c["negative_patients_flagged"] == flagged
         assert c["patients_negative"] == negative["patient_id"].nunique()
-    truth = evaluation.tumour_fraction(patches.reset_index(drop=True), boxes) >= 0.1
+    truth = tumour_fraction(patches.reset_index(drop=True), boxes) >= 0.1
     assert loc["tumour_patches"] == int(truth[(patches["bm_metastasis"] == 1).to_numpy()].sum())
     if not looks.empty:
         assert loc["lookalike_patches"] > 0 and 0 <= loc["lookalike_flagged"] <= 1
@@ -356,9 +358,9 @@ def test_clinical_cox_stratified_by_centre_matches_r(report_store: Path) -> None
     from test_survival import R_COX_STRATA, R_COX_STRATA_CONCORDANCE
 
     with store_mod.open_store(report_store, read_only=True) as st:
-        result = evaluation.clinical_cox(st, MODEL, "os", "model", strata="center")
+        result = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model", strata="center")
         with pytest.raises(InputError, match="strata 'cohort'"):
-            evaluation.clinical_cox(st, MODEL, "os", "model", strata="cohort")
+            evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model", strata="cohort")
     assert result["stratified_by"].startswith("the cohort's centre")
     assert [lv["n"] for lv in result["strata"]["levels"]] == [40, 40]
     for row, (coef, se, low, high, p) in zip(result["coefficients"], R_COX_STRATA.values()):
@@ -379,7 +381,7 @@ def test_clinical_cox_stratified_by_centre_matches_r(report_store: Path) -> None
 
 def test_clinical_cox_carries_the_ph_test_of_its_model(report_store: Path) -> None:
     with store_mod.open_store(report_store, read_only=True) as st:
-        result = evaluation.clinical_cox(st, MODEL, "os", "model")
+        result = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model")
         scores = store_mod.patient_scores_frame(st, MODEL)
         patients = store_mod.patients_frame(st)
     data = scores[scores["cohort"] != "training"].merge(patients[["cohort", "patient_id",
@@ -408,8 +410,8 @@ def test_risk_survival_gives_the_td_auc_of_the_score(report_store: Path) -> None
     from cmil_core.analysis.time_auc import td_auc
 
     with store_mod.open_store(report_store, read_only=True) as st:
-        entries = evaluation.risk_survival(st, MODEL, "os")
-        scores = evaluation.scores_frame(st, MODEL)
+        entries = evaluation.risk_survival(read_model_scores(st, MODEL), "os")
+        scores = read_model_scores(st, MODEL).scores
     assert evaluation.TD_AUC_MONTHS == (12.0, 24.0, 36.0)
     for entry in entries[:-1]:  # the last one pools the validation cohorts
         part = scores[scores["cohort"] == entry["cohort"]].dropna(subset=["os_months", "os_event"])
@@ -427,8 +429,8 @@ def test_calibration_gives_intercept_and_slope_per_cohort(report_store: Path, ca
     from cmil_core.model.recalibration import prevalence_shift
 
     with store_mod.open_store(report_store, read_only=True) as st:
-        entries = evaluation.calibration(st, MODEL)
-        scores = evaluation.scores_frame(st, MODEL).dropna(subset=["bm_metastasis"])
+        entries = evaluation.calibration(read_model_scores(st, MODEL))
+        scores = read_model_scores(st, MODEL).scores.dropna(subset=["bm_metastasis"])
     for e in entries:
         part = scores[scores["cohort"] == e["cohort"]]
         p = prevalence_shift(part["score"].to_numpy(float), e["prevalence"], 0.5)
@@ -447,3 +449,15 @@ def test_calibration_gives_intercept_and_slope_per_cohort(report_store: Path, ca
     first = entries[0]
     assert (f"  {first['label']}: n {first['n']}, Brier {first['brier']:.3f}, calibration "
             f"intercept {first['fit']['intercept']:.2f}") in text
+
+
+def test_a_cohort_whose_survival_is_not_drawn_says_which_reason() -> None:
+    """The Survival page's "Not drawn" names the reason, with the numbers behind it."""
+    from cmil_core.outputs.evaluation import _not_drawn
+
+    frame = pd.DataFrame({"os_event": [1, 0, 1], "risk_group": ["high"] * 3})
+    assert _not_drawn(frame, "os_event", 0.4461) == (
+        "a single risk group: all 3 patients score at or above the cutoff 0.446 fixed on training")
+    assert _not_drawn(frame.assign(os_event=0), "os_event", 0.5) == (
+        "no event among 3 patients with follow-up")
+    assert _not_drawn(frame.iloc[:0], "os_event", 0.5) == "no patient with follow-up"

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from cmil_core.errors import InputError
+from cmil_core.ingest.patch_reading import read_patch
 from cmil_core.ingest.slides import file_sha256, open_slide
-from cmil_core.ingest.tiling import read_patch
 from cmil_core.model import features as features_mod
 from cmil_core.model.encoders import Encoder, load_encoder
 from cmil_core.model.features import (

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from cmil_core.analysis import display, stats, survival
+from cmil_core.analysis import calibration, cox, display, roc, roc_bootstrap, survival
 from cmil_core.errors import InputError
 from cmil_core.outputs import figures
 from cmil_core.outputs.palette import RISK_COLOURS, cohort_colour
@@ -32,12 +32,12 @@ def asah() -> pd.DataFrame:
 
 def _curve(cohort: str, y: np.ndarray, s: np.ndarray, band: bool = True) -> dict:
     """What cmil_core.outputs.evaluation.roc_curves gives per cohort (plus the band)."""
-    c = stats.roc_curve(y, s)
-    ci = stats.delong_ci(y, s)
+    c = roc.roc_curve(y, s)
+    ci = roc.delong_ci(y, s)
     out = {"cohort": cohort, "fpr": c.fpr.tolist(), "tpr": c.tpr.tolist(),
-           "auc": stats.roc_auc(y, s), "ci_low": ci.low, "ci_high": ci.high}
+           "auc": roc.roc_auc(y, s), "ci_low": ci.low, "ci_high": ci.high}
     if band:
-        out["band"] = stats.roc_ci_band(y, s, n_boot=300)
+        out["band"] = roc_bootstrap.roc_ci_band(y, s, n_boot=300)
     return out
 
 
@@ -58,7 +58,7 @@ def g3_km() -> tuple[pd.DataFrame, dict]:
 
 @pytest.fixture(scope="module")
 def rossi_cox() -> dict:
-    return survival.cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio", "race"])
+    return cox.cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio", "race"])
 
 
 def _calibration_entries(asah: pd.DataFrame) -> list[dict]:
@@ -67,10 +67,10 @@ def _calibration_entries(asah: pd.DataFrame) -> list[dict]:
     entries = []
     for name, rows in (("training", slice(0, 60)), ("external_a", slice(60, None))):
         entries.append({"cohort": name, "n": len(y[rows]),
-                        "brier": stats.brier_score(y[rows], p[rows]),
-                        "bins": stats.calibration_bins(y[rows], p[rows], n_bins=5),
-                        "smooth": stats.calibration_smooth(y[rows], p[rows]),
-                        "decision": stats.decision_curve(y[rows], p[rows])})
+                        "brier": calibration.brier_score(y[rows], p[rows]),
+                        "bins": calibration.calibration_bins(y[rows], p[rows], n_bins=5),
+                        "smooth": calibration.calibration_smooth(y[rows], p[rows]),
+                        "decision": calibration.decision_curve(y[rows], p[rows])})
     return entries
 
 

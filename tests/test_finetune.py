@@ -1,4 +1,4 @@
-"""cmil_core.model.finetune: the weakly supervised patch CNN learns shape from patient labels, leak-free."""
+"""cmil_core.model.finetune (and finetune_config, patch_data, cnn_training): the weakly supervised patch CNN learns shape from patient labels, leak-free."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from cmil_core.analysis.stats import roc_auc
+from cmil_core.analysis.roc import roc_auc
 from cmil_core.errors import InputError
 from cmil_core.model import encoders, finetune, mil
-from cmil_core.model.finetune import FinetuneConfig, PatchSet
+from cmil_core.model.backbones import build_backbone
+from cmil_core.model.cnn_training import TrainedCNN, train_cnn
+from cmil_core.model.finetune_config import FinetuneConfig
+from cmil_core.model.patch_data import PatchSet, augment_batch, class_balanced_draws
 
 _BACKGROUND = np.array([232.0, 214.0, 220.0])  # pale pink smear background
 _INK = np.array([90.0, 60.0, 140.0])  # dark purple nuclei
@@ -91,7 +94,7 @@ def test_class_balanced_sampling_weighs_classes_and_patients_equally() -> None:
     # class 0: patients of 2 and 6 patches; class 1: one patient of 12; patient 3 has no row
     owner = np.array([0] * 2 + [1] * 6 + [2] * 12)
     labels = np.array([0, 0, 1, 1])
-    rows = finetune.class_balanced_draws(owner, labels, 40_000, np.random.default_rng(0))
+    rows = class_balanced_draws(owner, labels, 40_000, np.random.default_rng(0))
     share = np.bincount(owner[rows], minlength=4) / rows.size
     np.testing.assert_allclose(share, [0.25, 0.25, 0.5, 0.0], atol=0.01)
     per_patch = np.bincount(rows, minlength=owner.size) / rows.size
@@ -112,7 +115,7 @@ def test_a_subset_holds_only_its_patients_pixels() -> None:
 def test_augmentation_off_is_plain_normalisation() -> None:
     data = planted_bags(2, patches=4)
     config = tiny(augment=False)
-    x = finetune.augment_batch(torch.from_numpy(data.pixels), config, torch.Generator())
+    x = augment_batch(torch.from_numpy(data.pixels), config, torch.Generator())
     assert x.shape == (8, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
     spec = encoders.EncoderSpec(name="smallcnn", embed_dim=128, input_px=32, seed=0)
     torch.testing.assert_close(x, encoders.preprocess(data.pixels, spec), rtol=1e-5, atol=1e-5)
@@ -122,9 +125,9 @@ def test_augmentation_with_zero_strength_only_turns_and_flips() -> None:
     data = planted_bags(2, patches=8)
     config = tiny(stain_sigma=0.0, stain_bias=0.0, stain_vector_sigma=0.0, brightness=0.0,
                   contrast=0.0, saturation=0.0, blur_probability=0.0)
-    off = finetune.augment_batch(torch.from_numpy(data.pixels), tiny(augment=False),
+    off = augment_batch(torch.from_numpy(data.pixels), tiny(augment=False),
                                  torch.Generator())
-    on = finetune.augment_batch(torch.from_numpy(data.pixels), config,
+    on = augment_batch(torch.from_numpy(data.pixels), config,
                                 torch.Generator().manual_seed(3))
     # the same pixels, moved: each patch's sorted values are unchanged (the optical
     # density round trip is exact to float rounding)
@@ -137,15 +140,15 @@ def test_augmentation_with_zero_strength_only_turns_and_flips() -> None:
 def test_augmentation_changes_colour_and_is_seeded() -> None:
     data = planted_bags(2, patches=8)
     batch = torch.from_numpy(data.pixels)
-    first = finetune.augment_batch(batch, tiny(), torch.Generator().manual_seed(1))
-    again = finetune.augment_batch(batch, tiny(), torch.Generator().manual_seed(1))
-    other = finetune.augment_batch(batch, tiny(), torch.Generator().manual_seed(2))
+    first = augment_batch(batch, tiny(), torch.Generator().manual_seed(1))
+    again = augment_batch(batch, tiny(), torch.Generator().manual_seed(1))
+    other = augment_batch(batch, tiny(), torch.Generator().manual_seed(2))
     torch.testing.assert_close(first, again, rtol=0, atol=0)
-    plain = finetune.augment_batch(batch, tiny(augment=False), torch.Generator())
+    plain = augment_batch(batch, tiny(augment=False), torch.Generator())
     colour_shift = (first.mean(dim=(2, 3)) - plain.mean(dim=(2, 3))).abs().mean()
     assert 0.01 < float(colour_shift) < 0.5 and not torch.equal(first, other)
     with pytest.raises(InputError, match="augment_batch takes uint8"):
-        finetune.augment_batch(batch.float(), tiny(), torch.Generator())
+        augment_batch(batch.float(), tiny(), torch.Generator())
 
 
 # --------------------------------------------------------------------------- training
@@ -153,9 +156,9 @@ def test_augmentation_changes_colour_and_is_seeded() -> None:
 
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
     data = planted_bags(8, patches=4)
-    a = finetune.train_cnn(data, tiny(), seed=5)
-    b = finetune.train_cnn(data, tiny(), seed=5)
-    c = finetune.train_cnn(data, tiny(), seed=6)
+    a = train_cnn(data, tiny(), seed=5)
+    b = train_cnn(data, tiny(), seed=5)
+    c = train_cnn(data, tiny(), seed=6)
     assert _same_state(a.model, b.model)
     assert a.history == [{**h, "seconds": a.history[i]["seconds"]} for i, h in
                          enumerate(b.history)]
@@ -172,53 +175,53 @@ class _Killed(Exception):
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
     data = planted_bags(8, patches=4)
     config = tiny(max_epochs=3)
-    whole = finetune.train_cnn(data, config, seed=2, checkpoint=tmp_path / "whole.ckpt")
+    whole = train_cnn(data, config, seed=2, checkpoint=tmp_path / "whole.ckpt")
 
     def kill_after_epoch_2(done: int, total: int, message: str) -> None:
         if done == 2:
             raise _Killed
 
     with pytest.raises(_Killed):
-        finetune.train_cnn(data, config, seed=2, checkpoint=tmp_path / "cut.ckpt",
+        train_cnn(data, config, seed=2, checkpoint=tmp_path / "cut.ckpt",
                            progress=kill_after_epoch_2)
-    resumed = finetune.train_cnn(data, config, seed=2, checkpoint=tmp_path / "cut.ckpt")
+    resumed = train_cnn(data, config, seed=2, checkpoint=tmp_path / "cut.ckpt")
     assert resumed.resumed_from == 2 and len(resumed.history) == 3
     assert _same_state(whole.model, resumed.model)
     assert resumed.best_epoch == whole.best_epoch
     # a finished checkpoint returns at once; one of other inputs is not used
-    again = finetune.train_cnn(data, config, seed=2, checkpoint=tmp_path / "cut.ckpt")
+    again = train_cnn(data, config, seed=2, checkpoint=tmp_path / "cut.ckpt")
     assert again.resumed_from == 3 and _same_state(whole.model, again.model)
-    fresh = finetune.train_cnn(data, config, seed=9, checkpoint=tmp_path / "cut.ckpt")
+    fresh = train_cnn(data, config, seed=9, checkpoint=tmp_path / "cut.ckpt")
     assert fresh.resumed_from == 0
     assert not list(tmp_path.glob(".*partial"))  # every write was atomic and finished
 
 
 def test_a_weights_file_is_the_starting_point(tmp_path: Path) -> None:
-    start = encoders.build_backbone("smallcnn", seed=42)
+    start = build_backbone("smallcnn", seed=42)
     path = tmp_path / "start.pt"
     torch.save(start.state_dict(), path)
     data = planted_bags(8, patches=4)
-    trained = finetune.train_cnn(data, tiny(max_epochs=1, lr=1e-7), seed=0, weights=path)
+    trained = train_cnn(data, tiny(max_epochs=1, lr=1e-7), seed=0, weights=path)
     # a learning rate of 1e-7 barely moves the weights: they are the file's, not seed 0's
     w = trained.backbone.state_dict()["blocks.0.conv.weight"]
     torch.testing.assert_close(w, start.state_dict()["blocks.0.conv.weight"], atol=1e-4, rtol=0)
     assert trained.summary()["started_from"] == hashlib.sha256(path.read_bytes()).hexdigest()
     with pytest.raises(InputError, match="weights do not fit smallcnn"):
-        torch.save(encoders.build_backbone("resnet18").state_dict(), tmp_path / "r18.pt")
-        finetune.train_cnn(data, tiny(), weights=tmp_path / "r18.pt")
+        torch.save(build_backbone("resnet18").state_dict(), tmp_path / "r18.pt")
+        train_cnn(data, tiny(), weights=tmp_path / "r18.pt")
 
 
 def test_training_needs_both_classes_and_matching_pixels() -> None:
     data = planted_bags(4, patches=2)
     with pytest.raises(InputError, match="needs patients of both classes"):
-        finetune.train_cnn(data.subset([0, 2]), tiny())
+        train_cnn(data.subset([0, 2]), tiny())
     with pytest.raises(InputError, match="patches of 32 px but input_px=64"):
-        finetune.train_cnn(data, tiny(input_px=64))
+        train_cnn(data, tiny(input_px=64))
 
 
 def test_the_saved_backbone_is_an_ordinary_encoder_file(tmp_path: Path) -> None:
     data = planted_bags(8, patches=4)
-    trained = finetune.train_cnn(data, tiny(max_epochs=1), seed=0)
+    trained = train_cnn(data, tiny(max_epochs=1), seed=0)
     path, sha = finetune.save_backbone(trained.backbone, tmp_path)
     assert path.name == f"encoder-{sha[:12]}.pt"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
@@ -235,9 +238,10 @@ def test_the_saved_backbone_is_an_ordinary_encoder_file(tmp_path: Path) -> None:
 def test_no_fold_trains_on_its_held_out_patients(monkeypatch: pytest.MonkeyPatch) -> None:
     data = planted_bags(12, patches=3)
     given: list[list[str]] = []
+    # cross_validate looks train_cnn up in cmil_core.model.finetune: the spy goes there
     original = finetune.train_cnn
 
-    def spy(subset: PatchSet, *args: Any, **kwargs: Any) -> finetune.TrainedCNN:
+    def spy(subset: PatchSet, *args: Any, **kwargs: Any) -> TrainedCNN:
         given.append(list(subset.patient_ids))
         assert set(subset.patch_ids.tolist()) == {  # the pixels it holds are its patients' only
             int(i) for i, o in zip(data.patch_ids, data.owner, strict=True)
@@ -270,7 +274,7 @@ def test_learns_a_planted_shape_where_frozen_random_features_fail() -> None:
     train, test = planted_bags(24, seed=0), planted_bags(24, seed=1)
     config = FinetuneConfig(input_px=32, patches_per_epoch=1024, max_epochs=8, patience=8,
                             lr=3e-3, device="cpu")
-    cnn = finetune.train_cnn(train, config, seed=0)
+    cnn = train_cnn(train, config, seed=0)
     trained = finetune.trained_encoder(cnn.backbone, config)
     frozen = encoders.load_encoder("smallcnn", seed=0, input_px=32)
     aucs = {}
@@ -281,7 +285,7 @@ def test_learns_a_planted_shape_where_frozen_random_features_fail() -> None:
         aucs[name] = roc_auc(test.labels, [p.score for p in model.predict(held_out)])
     # patient score = the CNN's highest patch probability (MIL's max pooling)
     with torch.inference_mode():
-        q = torch.sigmoid(cnn.model(finetune.augment_batch(
+        q = torch.sigmoid(cnn.model(augment_batch(
             torch.from_numpy(test.pixels), FinetuneConfig(augment=False, input_px=32),
             torch.Generator()))).numpy()
     aucs["cnn max"] = roc_auc(test.labels, [q[test.owner == i].max() for i in range(24)])
@@ -345,14 +349,14 @@ def test_train_finetune_saves_the_cnn_and_score_uses_it(
 def test_the_final_cnn_trains_as_long_as_the_folds_found_best() -> None:
     """fold_median: median best epoch (rounded up), every patient trains, no validation split."""
     data = planted_bags(8, patches=4)
-    folds = [finetune.TrainedCNN(model=None, config=tiny(), history=[], best_epoch=e,  # type: ignore[arg-type]
+    folds = [TrainedCNN(model=None, config=tiny(), history=[], best_epoch=e,  # type: ignore[arg-type]
                                  val_auc=0.5, trained_patients=[], validation_patients=[])
              for e in (2, 5, 3, 4)]
     config = finetune.final_cnn_config(tiny(max_epochs=9), folds)
     assert (config.max_epochs, config.val_fraction) == (4, 0.0)  # median 3.5 -> 4
     assert finetune.final_cnn_config(tiny(max_epochs=9, final="early_stopping"), folds) == \
         tiny(max_epochs=9, final="early_stopping")
-    final = finetune.train_cnn(data, finetune.final_cnn_config(tiny(), folds[:1]), seed=0)
+    final = train_cnn(data, finetune.final_cnn_config(tiny(), folds[:1]), seed=0)
     assert len(final.history) == 2 and final.validation_patients == []
     assert sorted(final.trained_patients) == sorted(data.patient_ids)
 

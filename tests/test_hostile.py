@@ -64,7 +64,7 @@ from cmil_core.clinical.cohort_import import import_cohort, preview_table
 from cmil_core.errors import InputError
 from cmil_core.ingest import discovery
 from cmil_core.ingest.pipeline import ingest
-from cmil_core.ingest.tiling import TilingConfig
+from cmil_core.ingest.tiling_config import TilingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "app.py")

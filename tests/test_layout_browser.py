@@ -21,27 +21,23 @@ Uses the session's small demo and server (tests/conftest.py).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import suppress
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS
+from conftest import skip_without_chromium
+from scripts.dashboard_server import IDLE_JS
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
-    pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
+skip_without_chromium()
 
 from playwright.sync_api import (  # noqa: E402 - only where Chromium is installed
+    Browser,
     Page,
     TimeoutError as PlaywrightTimeout,
-    sync_playwright,
 )
 
 WIDTH = 1280
@@ -110,11 +106,10 @@ LAYOUT_JS = """() => {
 
 
 @pytest.fixture(scope="module")
-def page() -> Iterator[Page]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser.new_page(viewport={"width": WIDTH, "height": 900})
-        browser.close()
+def page(chromium: Browser) -> Iterator[Page]:
+    tab = chromium.new_page(viewport={"width": WIDTH, "height": 900})
+    yield tab
+    tab.close()
 
 
 def wait_idle(page: Page, timeout: float = 120_000) -> None:

@@ -1,4 +1,4 @@
-"""cmil_core.ops.maintenance: `check`, `backup` and `restore` on a real demo store."""
+"""cmil_core.ops.maintenance and .backup: `check`, `backup` and `restore` on a real demo store."""
 
 from __future__ import annotations
 
@@ -18,14 +18,8 @@ from cmil_core import store
 from cmil_core.cli import main
 from cmil_core.demo.generator import generate_demo
 from cmil_core.errors import InputError
-from cmil_core.ops.maintenance import (
-    BACKUP_FORMAT,
-    MANIFEST,
-    backup_store,
-    check_store,
-    restore_store,
-    temporary_leftovers,
-)
+from cmil_core.ops.backup import BACKUP_FORMAT, MANIFEST, backup_store, restore_store
+from cmil_core.ops.maintenance import check_store, temporary_leftovers
 from tests.conftest import is_plain_json
 
 ROOT = Path(__file__).resolve().parents[1]

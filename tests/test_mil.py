@@ -1,4 +1,4 @@
-"""Tests of cmil_core.model.mil: interface, planted signal, determinism, persistence, leakage, failures.
+"""Tests of the MIL aggregators (cmil_core.model.mil and the modules it gathers): interface, planted signal, determinism, persistence, leakage, failures.
 
 The planted-signal bags follow the MIL story of the study: every patch of a
 negative patient is "normal" (a standard Gaussian in D dimensions); a positive
@@ -18,9 +18,12 @@ import pytest
 import torch
 from sklearn.feature_extraction.text import TfidfTransformer
 
-from cmil_core.analysis.stats import roc_auc
+from cmil_core.analysis.roc import roc_auc
 from cmil_core.errors import InputError
 from cmil_core.model import mil
+from cmil_core.model.aggregator import Aggregator, BagPrediction
+from cmil_core.model.attention_mil import AttentionMIL
+from cmil_core.model.histogram_mil import HistogramMIL
 from conftest import is_plain_json
 
 NAMES = ["histogram", "attention"]
@@ -78,16 +81,16 @@ def small_set() -> tuple[list[np.ndarray], list[int], list[np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def fitted(train_set: tuple) -> dict[str, mil.Aggregator]:
+def fitted(train_set: tuple) -> dict[str, Aggregator]:
     bags, labels, _ = train_set
     return {name: mil.make_aggregator(name).fit(bags, labels, seed=0) for name in NAMES}
 
 
-def quick(name: str) -> mil.Aggregator:
+def quick(name: str) -> Aggregator:
     return mil.make_aggregator(name, **QUICK[name])
 
 
-def scores(predictions: list[mil.BagPrediction]) -> np.ndarray:
+def scores(predictions: list[BagPrediction]) -> np.ndarray:
     return np.array([p.score for p in predictions])
 
 
@@ -105,7 +108,7 @@ def test_predictions_have_one_record_per_bag_and_patch(
     predictions = model.predict(bags)
     assert len(predictions) == len(bags)
     for bag, pred in zip(bags, predictions, strict=True):
-        assert isinstance(pred, mil.BagPrediction)
+        assert isinstance(pred, BagPrediction)
         assert isinstance(pred.score, float) and 0.0 <= pred.score <= 1.0
         assert pred.probability.shape == (bag.shape[0],)
         assert pred.probability.dtype == np.float32
@@ -309,11 +312,11 @@ def test_state_holds_no_numpy_arrays(fitted: dict) -> None:
 def test_from_state_rejects_mismatched_config(fitted: dict) -> None:
     state = fitted["attention"].state()
     with pytest.raises(InputError, match="aggregator"):
-        mil.HistogramMIL.from_state(fitted["attention"].config(), state)
+        HistogramMIL.from_state(fitted["attention"].config(), state)
     with pytest.raises(InputError, match="does not match"):
-        mil.AttentionMIL.from_state({"aggregator": "attention", "embed_dim": 16}, state)
+        AttentionMIL.from_state({"aggregator": "attention", "embed_dim": 16}, state)
     with pytest.raises(InputError, match="version"):
-        mil.AttentionMIL.from_state(fitted["attention"].config(), {**state, "version": 99})
+        AttentionMIL.from_state(fitted["attention"].config(), {**state, "version": 99})
 
 
 # ----------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def test_histogram_patient_features_are_fractions_and_unit_tfidf(
 def test_histogram_tfidf_equals_sklearn_transform(fitted: dict, test_set: tuple) -> None:
     """Our TF-IDF (stored idf, l2 norm) is sklearn's TfidfTransformer.transform."""
     model = fitted["histogram"]
-    assert isinstance(model, mil.HistogramMIL)
+    assert isinstance(model, HistogramMIL)
     bags = test_set[0][:10]
     probabilities = [p.probability for p in model.predict(bags)]
     levels = model.params["word_levels"]
@@ -538,10 +541,9 @@ def test_predict_rejects_bags_of_another_width(name: str, fitted: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_fit_on_200_bags_is_fast(name: str) -> None:
-    import time
-
+def test_fit_on_200_bags_learns_the_planted_signal(name: str) -> None:
+    """200 bags of 40-80 instances, the paper's cohort size: the fit finishes and ranks the
+    bags (its speed is measured by bench/train.py, never here: no timings in tests)."""
     bags, labels, _ = planted_bags(200, seed=11, d=128, sizes=(40, 80))
-    start = time.perf_counter()
-    mil.make_aggregator(name).fit(bags, labels, seed=0)
-    assert time.perf_counter() - start < 30.0
+    model = mil.make_aggregator(name).fit(bags, labels, seed=0)
+    assert roc_auc(np.asarray(labels), scores(model.predict(bags))) > 0.9

@@ -12,10 +12,15 @@ import pandas as pd
 import pytest
 
 from cmil_core import store as store_mod
-from cmil_core.analysis.stats import metrics_at_cutoff
+from cmil_core.analysis.cutoffs import metrics_at_cutoff
 from cmil_core.errors import InputError
 from cmil_core.outputs import evaluation
-from cmil_core.store.model_rules import operating_cutoff, split_cohorts, training_cohorts
+from cmil_core.store.model_rules import (
+    operating_cutoff,
+    read_model_scores,
+    split_cohorts,
+    training_cohorts,
+)
 from cmil_core.viewer import patients
 from test_report import MODEL, build_scored_store
 
@@ -59,8 +64,8 @@ def test_evaluation_and_the_review_queue_use_the_same_cutoff(tmp_path: Path) -> 
             store_mod.write_scores(st, old, str(cohort), part, pd.DataFrame(
                 columns=["patch_id", "probability", "attention", "attention_raw"]))
     with store_mod.open_store(db, read_only=True) as st:
-        rows = {r["cohort"]: r for r in evaluation.discrimination(st, old)}
-        scores = evaluation.scores_frame(st, old).dropna(subset=["bm_metastasis"])
+        rows = {r["cohort"]: r for r in evaluation.discrimination(read_model_scores(st, old))}
+        scores = read_model_scores(st, old).scores.dropna(subset=["bm_metastasis"])
         part = scores[scores["cohort"] == "external_a"]
         at = metrics_at_cutoff(part["bm_metastasis"].to_numpy(dtype=int),
                                part["score"].to_numpy(dtype=float), 0.7)
@@ -68,4 +73,4 @@ def test_evaluation_and_the_review_queue_use_the_same_cutoff(tmp_path: Path) -> 
         assert rows["external_a"]["specificity"] == pytest.approx(at.specificity)
         queue = patients.patient_list(st, old)
         assert np.allclose(queue["margin"], queue["score"] - 0.7)
-        assert evaluation.survival_cutoff(st, old, "model")["value"] == 0.7
+        assert evaluation.survival_cutoff(read_model_scores(st, old), "model")["value"] == 0.7

@@ -13,8 +13,11 @@ from cmil_core import store
 from cmil_core.cli import main
 from cmil_core.demo.generator import generate_demo
 from cmil_core.errors import InputError
-from cmil_core.model import mil, modeling
-from cmil_core.outputs.evaluation import discrimination, localisation
+from cmil_core.model import modeling
+from cmil_core.model.attention_mil import AttentionMIL
+from cmil_core.outputs.evaluation import discrimination
+from cmil_core.outputs.localisation import localisation
+from cmil_core.store.model_rules import read_model_scores
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +77,13 @@ def test_reload_and_rescore_give_identical_scores(demo_db: Path) -> None:
 
 def test_training_sees_only_the_training_cohort(demo_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[list[np.ndarray]] = []
-    original = mil.AttentionMIL.fit
+    original = AttentionMIL.fit
 
     def spy(self, bags, labels, **kwargs):  # type: ignore[no-untyped-def]
         seen.append([np.asarray(b) for b in bags])
         return original(self, bags, labels, **kwargs)
 
-    monkeypatch.setattr(mil.AttentionMIL, "fit", spy)
+    monkeypatch.setattr(AttentionMIL, "fit", spy)
     model_id = modeling.train(demo_db, "training", aggregator="attention", seed=1, folds=3)
     with store.open_store(demo_db) as st:
         enc = modeling.load_model(st, model_id).encoder
@@ -115,7 +118,7 @@ def test_same_seed_same_model(demo_db: Path) -> None:
 def test_evaluation_on_the_demo(demo_db: Path) -> None:
     model_id = _model_id(demo_db)
     with store.open_store(demo_db, read_only=True) as st:
-        rows = discrimination(st, model_id)
+        rows = discrimination(read_model_scores(st, model_id))
         loc = localisation(st, model_id)
     assert [r["cohort"] for r in rows] == ["training", "external_a", "external_b"]
     assert all(0 <= r["auc"] <= 1 for r in rows if "auc" in r)

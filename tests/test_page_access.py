@@ -214,6 +214,8 @@ def test_editor_imports_and_deletes_and_the_trail_names_them(study: Path) -> Non
     at.multiselect(key="audit_action").set_value(["import"])
     _run(at)
     assert at.dataframe[0].value["Cohort"].tolist() == ["new"]
+    # Details are cut in the grid at 1280 px: a selected row's are written out below it.
+    assert "Select a row to read its details in full." in [c.value for c in at.caption]
 
 
 def test_viewer_has_no_audit_page(study: Path) -> None:

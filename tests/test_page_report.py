@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 
 from cmil_core import store
 from cmil_core.outputs.evaluation import roc_curves
+from cmil_core.store.model_rules import read_model_scores
 from conftest import run_app as _run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_write_the_report_and_download_it(
     at = _page(scored_demo, monkeypatch)
     with store.open_store(scored_demo, read_only=True) as st:
         (model_id,) = store.list_models(st)["model_id"]
-        curves = roc_curves(st, model_id)
+        curves = roc_curves(read_model_scores(st, model_id))
     assert at.title[0].value == "Report"
     assert model_id in at.markdown[0].value and "report.html" in at.markdown[0].value
     assert not at.get("download_button")  # nothing written yet

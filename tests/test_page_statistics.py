@@ -11,6 +11,7 @@ from streamlit.testing.v1 import AppTest
 from cmil_core import store as store_mod
 from cmil_core.analysis import display
 from cmil_core.outputs import evaluation
+from cmil_core.store.model_rules import read_model_scores
 from conftest import ROOT, run_app as _run
 from test_report import MODEL, build_scored_store
 
@@ -40,8 +41,8 @@ def test_survival_page_shows_ph_tests_and_td_auc(store_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     at = _page(store_path, monkeypatch, "pages/survival.py")
     with store_mod.open_store(store_path, read_only=True) as st:
-        entries = evaluation.risk_survival(st, MODEL, "os")
-        cox = evaluation.clinical_cox(st, MODEL, "os", "model", factors=None)
+        entries = evaluation.risk_survival(read_model_scores(st, MODEL), "os")
+        cox = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model", factors=None)
     tables = {tuple(df.value.columns): df.value for df in at.dataframe}
     hr = tables[("Cohort", "HR high vs low (95% CI)", "p", "Proportional hazards p (cox.zph)")]
     drawn = [e for e in entries if "note" not in e]
@@ -70,7 +71,7 @@ def test_discrimination_page_shows_calibration_intercept_and_slope(
 ) -> None:
     at = _page(store_path, monkeypatch, "pages/discrimination.py")
     with store_mod.open_store(store_path, read_only=True) as st:
-        entries = evaluation.calibration(st, MODEL)
+        entries = evaluation.calibration(read_model_scores(st, MODEL))
     table = next(df.value for df in at.dataframe
                  if "Slope (95% CI)" in df.value.columns)
     assert table["Cohort"].tolist() == [e["label"] for e in entries]

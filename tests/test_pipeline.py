@@ -242,7 +242,7 @@ def test_killed_ingest_resumes_to_the_same_patches(tmp_path: Path) -> None:
 def test_new_thresholds_re_decide_the_cohort_without_tiling_again(tmp_path: Path) -> None:
     from cmil_core.ingest.pipeline import format_ingest_summary
     from cmil_core.ingest.quality import QCThresholds
-    from cmil_core.ingest.tiling import TilingConfig
+    from cmil_core.ingest.tiling_config import TilingConfig
     from qc_helpers import BLUR_THRESHOLD, photo_cohort
 
     db = tmp_path / "cmil.duckdb"

@@ -51,7 +51,7 @@ def test_km_figure_shows_the_test_results_and_numbers_at_risk() -> None:
 def test_calibration_and_decision_figures_plot_what_they_are_given() -> None:
     import numpy as np
 
-    from cmil_core.analysis.stats import (
+    from cmil_core.analysis.calibration import (
         brier_score,
         calibration_bins,
         calibration_smooth,
@@ -92,7 +92,7 @@ def test_roc_band_is_drawn_and_colours_follow_the_store_order() -> None:
 def test_forest_figure_has_one_row_per_coefficient_with_its_hazard_ratio() -> None:
     from lifelines.datasets import load_rossi
 
-    from cmil_core.analysis.survival import cox_analysis
+    from cmil_core.analysis.cox import cox_analysis
     from cmil_core.outputs.plots import forest_figure
 
     result = cox_analysis(load_rossi(), "week", "arrest", ["fin", "age", "prio"])
@@ -112,9 +112,11 @@ def test_qc_histogram_shows_shares_per_cohort() -> None:
                          "bin_high": [1.0, 2.0, 1.0], "kept": [3, 1, 2], "rejected": [0, 4, 0]})
     fig = qc_histogram_figure(hist, "blur_variance", cohorts=["a", "b"])
     traces = {t.name: t for t in fig.data}
-    assert list(traces["a: all patches"].y) == [0.375, 0.625]
-    assert list(traces["a: rejected"].y) == [0.0, 0.5]
-    assert list(traces["b: all patches"].y) == [1.0]
+    assert list(traces["a"].y) == [0.375, 0.625]  # 3 of 8 patches, 5 of 8
+    # the rejected share of each bin, on its own axis: 0 of 3, 4 of 5
+    assert list(traces["a: rejected"].y) == [0.0, 0.8]
+    assert traces["a: rejected"].yaxis == "y2" and list(fig.layout.yaxis2.range) == [-0.03, 1.03]
+    assert list(traces["b"].y) == [1.0]
 
 
 def test_forest_figure_lists_a_separated_covariate_instead_of_drawing_it() -> None:
@@ -141,3 +143,14 @@ def test_km_figure_says_when_the_hazard_ratio_cannot_be_estimated() -> None:
     result["cox"] = {**result["cox"], "ci": [None, None]}  # as lifelines gives under separation
     title = km_figure(curves, result, title="g3").layout.title.text
     assert "HR RIT vs Control not estimable" in title
+
+
+def test_the_heatmap_colour_bar_carries_the_images_colours_itself() -> None:
+    """The bar's colours are explicit stops, inferno's black first: no page theme replaces them."""
+    from cmil_core.outputs.plots import colour_bar_figure
+
+    fig = colour_bar_figure("Attention rank within the slide", 0.0, 1.0, [0, 0.5, 1],
+                            ["lowest", "median", "highest"])
+    stops = [tuple(s) for s in fig.data[0].colorscale]
+    assert stops[0] == (0.0, "#000004") and stops[-1] == (1.0, "#fcffa4")
+    assert fig.data[0].colorbar.title.text == "Attention rank within the slide"

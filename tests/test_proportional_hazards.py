@@ -24,8 +24,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cmil_core.analysis.cox import cox_analysis, format_cox
 from cmil_core.analysis.proportional_hazards import format_zph, zph_test
-from cmil_core.analysis.survival import cox_analysis, format_cox, format_survival, survival_analysis
+from cmil_core.analysis.survival import format_survival, survival_analysis
 from cmil_core.cli import main
 from cmil_core.errors import InputError
 

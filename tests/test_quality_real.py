@@ -24,7 +24,8 @@ from scipy import ndimage
 
 from cmil_core.ingest.quality import QCThresholds
 from cmil_core.ingest.slides import open_slide
-from cmil_core.ingest.tiling import TilingConfig, tile_slide
+from cmil_core.ingest.tiling import tile_slide
+from cmil_core.ingest.tiling_config import TilingConfig
 
 DATA = Path(__file__).parent / "data" / "real_smears"
 BCCD = sorted(DATA.glob("BloodImage_*.jpg"))

@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cmil_core.analysis import stats, survival
+from cmil_core.analysis import maxstat, roc
 from cmil_core.cli import main
 
 DATA = Path(__file__).parent / "data"
@@ -211,7 +211,7 @@ def test_unpaired_delong_equals_roc_test_unpaired(live):
     frame = pd.read_csv(path)
     a, b = r["roc_unpaired"]["levels"]
     fa, fb = frame[frame["gender"] == a], frame[frame["gender"] == b]
-    test = stats.delong_unpaired_test(fa["poor"].to_numpy(bool), fa["s100b"],
+    test = roc.delong_unpaired_test(fa["poor"].to_numpy(bool), fa["s100b"],
                                       fb["poor"].to_numpy(bool), fb["s100b"])
     assert test.z == pytest.approx(r["roc_unpaired"]["z"], abs=TOL)
     assert test.p == pytest.approx(r["roc_unpaired"]["p"], abs=TOL)
@@ -279,11 +279,11 @@ def test_maxstat_equals_maxstat_test(name, live, capsys):
     assert cut["p_corrected"] == pytest.approx(ref["p"]["Lau92"], abs=TOL)
     frame = pd.read_csv(path)
     args = (frame[config["time"]], frame[config["event"]], frame[config["score"]])
-    test = survival.maxstat_test(*args)
+    test = maxstat.maxstat_test(*args)
     assert test.cuts == pytest.approx(ref["cuts"]) and test.stats == pytest.approx(
         ref["stats"], abs=TOL)
     # pmethod = "Lau94"
-    assert survival.maxstat_test(*args, p_method="Lau94").p == pytest.approx(
+    assert maxstat.maxstat_test(*args, p_method="Lau94").p == pytest.approx(
         ref["p"]["Lau94"], abs=TOL)
     # pmethod = "exactGauss": with Miwa(steps = 4096) (<= 20 cuts) R is exact to ~1e-9;
     # beyond 20 cuts R can only use GenzBretz(maxpts = 2e6, abseps = 1e-6), randomised: in
@@ -291,7 +291,7 @@ def test_maxstat_equals_maxstat_test(name, live, capsys):
     # 3.8e-6 where our grid integral converges to 1.40987e-5 as the grid is refined (200 to
     # 3200 cells) and a Monte Carlo of the Gaussian chain gives 3e-5 +- 0.9e-5. So there we
     # allow max(2e-5, 5 x R's own error estimate): a check of R's randomised integral.
-    exact = survival.maxstat_test(*args, p_method="exactGauss").p
+    exact = maxstat.maxstat_test(*args, p_method="exactGauss").p
     tol = TOL if ref["exact_algorithm"] == "Miwa" else max(2e-5, 5 * float(ref["exact_error"]))
     assert exact == pytest.approx(ref["p"]["exactGauss"], abs=tol)
     # the classic log-rank and Cox of the chosen groups: survdiff / coxph on x > estimate

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cmil_core.analysis.stats import metrics_at_cutoff, roc_auc
+from cmil_core.analysis.cutoffs import metrics_at_cutoff
+from cmil_core.analysis.roc import roc_auc
 from cmil_core.errors import InputError
 from cmil_core.model.recalibration import ScoreMap, fit_score_map, prevalence_shift
 

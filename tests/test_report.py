@@ -19,6 +19,7 @@ from PIL import Image
 from cmil_core import store as store_mod
 from cmil_core.errors import InputError
 from cmil_core.outputs import evaluation, figures, report
+from cmil_core.store.model_rules import read_model_scores
 from conftest import is_plain_json
 
 EVIL = "ext<script>alert(1)</script>"
@@ -90,7 +91,7 @@ def _read(path: Path) -> pd.DataFrame:
 def _km_stems(db: Path) -> set[str]:
     """km_<cohort> for every cohort (and pooled entry) that risk_survival can draw."""
     with store_mod.open_store(db, read_only=True) as st:
-        entries = evaluation.risk_survival(st, MODEL, "os", "model")
+        entries = evaluation.risk_survival(read_model_scores(st, MODEL), "os", "model")
     names = {"training": "training", "external_a": "external_a", EVIL: "ext_script_alert_1_script"}
     return {f"km_{names.get(e['cohort'], e['cohort'].replace(' ', '_'))}"
             for e in entries if "result" in e}
@@ -123,10 +124,10 @@ def test_numbers_equal_the_core_functions_and_the_tables(scored: Path, written) 
     out = written[0].parent
     meta = json.loads((out / "report.json").read_text())
     with store_mod.open_store(scored, read_only=True) as st:
-        disc = evaluation.discrimination(st, MODEL)
-        metrics = evaluation.metrics_table(st, MODEL)
-        surv = evaluation.risk_survival(st, MODEL, "os", "model")
-        cox = evaluation.clinical_cox(st, MODEL, "os", "model")
+        disc = evaluation.discrimination(read_model_scores(st, MODEL))
+        metrics = evaluation.metrics_table(read_model_scores(st, MODEL))
+        surv = evaluation.risk_survival(read_model_scores(st, MODEL), "os", "model")
+        cox = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model")
         scores = store_mod.patient_scores_frame(st, MODEL)
     table = _read(out / "tables" / "discrimination.csv")
     assert table["cohort"].tolist() == [d["cohort"] for d in disc]
@@ -243,7 +244,7 @@ def test_a_crash_leaves_no_half_report_and_a_rewrite_replaces_the_old(
 
 @pytest.mark.slow
 def test_training_rows_are_out_of_fold_unless_in_sample_is_asked(tmp_path: Path) -> None:
-    from cmil_core.analysis.stats import roc_auc
+    from cmil_core.analysis.roc import roc_auc
 
     db = tmp_path / "cmil.duckdb"
     build_scored_store(db, evil=False)
@@ -282,9 +283,9 @@ def test_report_carries_ph_tests_td_auc_and_calibration_fit(scored: Path, writte
     out = written[0].parent
     meta = json.loads((out / "report.json").read_text())
     with store_mod.open_store(scored, read_only=True) as st:
-        calibration = evaluation.calibration(st, MODEL)
-        surv = evaluation.risk_survival(st, MODEL, "os", "model")
-        cox = evaluation.clinical_cox(st, MODEL, "os", "model")
+        calibration = evaluation.calibration(read_model_scores(st, MODEL))
+        surv = evaluation.risk_survival(read_model_scores(st, MODEL), "os", "model")
+        cox = evaluation.clinical_cox(read_model_scores(st, MODEL), store_mod.patients_frame(st), "os", "model")
     table = _read(out / "tables" / "calibration.csv")
     assert table["cohort"].tolist() == [e["cohort"] for e in calibration]
     np.testing.assert_allclose(table["slope"], [e["fit"]["slope"] for e in calibration],

@@ -1,4 +1,5 @@
-"""Tests of cmil_core.analysis.stats: pROC reference values, brute force, properties, failures.
+"""Tests of the discrimination statistics (cmil_core.analysis.roc, roc_bootstrap, cutoffs and
+the calibration curves of calibration): pROC reference values, brute force, properties, failures.
 
 Reference values come from tests/data/reference/REFERENCE.md; each test pastes
 the R call that produced its numbers. Tolerance: the digits shown, or 1e-6
@@ -18,7 +19,7 @@ from hypothesis import given, settings, strategies as st
 from scipy import stats as sps
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve as sk_roc_curve
 
-from cmil_core.analysis import stats
+from cmil_core.analysis import calibration, cutoffs, roc, roc_bootstrap
 from cmil_core.errors import InputError
 from conftest import is_plain_json
 
@@ -33,7 +34,7 @@ def asah() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def asah_roc(asah: pd.DataFrame) -> dict:
-    return stats.roc_analysis(asah, "outcome", ["s100b", "ndka", "wfns"], positive="Poor")
+    return roc.roc_analysis(asah, "outcome", ["s100b", "ndka", "wfns"], positive="Poor")
 
 
 def _poor(asah: pd.DataFrame) -> np.ndarray:
@@ -60,8 +61,8 @@ AUC_REFERENCE = [
 @pytest.mark.parametrize(("score", "auc", "low", "high"), AUC_REFERENCE)
 def test_auc_and_delong_ci_match_proc(asah, score, auc, low, high):
     y = _poor(asah)
-    assert stats.roc_auc(y, asah[score]) == pytest.approx(auc, abs=1e-6)
-    interval = stats.delong_ci(y, asah[score])
+    assert roc.roc_auc(y, asah[score]) == pytest.approx(auc, abs=1e-6)
+    interval = roc.delong_ci(y, asah[score])
     assert (interval.auc, interval.low, interval.high) == pytest.approx((auc, low, high), abs=1e-6)
 
 
@@ -91,7 +92,7 @@ PAIRED_REFERENCE = [
 
 @pytest.mark.parametrize(("a", "b", "z", "p", "ci"), PAIRED_REFERENCE)
 def test_paired_delong_matches_proc_roc_test(asah, a, b, z, p, ci):
-    test = stats.delong_paired_test(_poor(asah), asah[a], asah[b])
+    test = roc.delong_paired_test(_poor(asah), asah[a], asah[b])
     assert test.z == pytest.approx(z, abs=1e-6)
     assert test.p == pytest.approx(p, abs=1e-6)
     if ci is not None:
@@ -100,7 +101,7 @@ def test_paired_delong_matches_proc_roc_test(asah, a, b, z, p, ci):
 
 @pytest.mark.parametrize(("a", "b", "z", "p", "ci"), PAIRED_REFERENCE)
 def test_roc_analysis_comparisons_match_proc(asah, a, b, z, p, ci):
-    result = stats.roc_analysis(asah, "outcome", [a, b], positive="Poor")
+    result = roc.roc_analysis(asah, "outcome", [a, b], positive="Poor")
     (row,) = result["comparisons"]
     assert (row["score_a"], row["score_b"], row["method"]) == (a, b, "delong paired")
     assert (row["z"], row["p"]) == pytest.approx((z, p), abs=1e-6)
@@ -112,9 +113,9 @@ def test_youden_cutoff_matches_proc_coords(asah):
     # pROC: coords(r.s100b, "best") -> threshold 0.205, specificity 0.8055555555555556
     #       (58/72), sensitivity 0.6341463414634146 (26/41), ppv 0.65, npv 0.7945205479452054
     y = _poor(asah)
-    cutoff = stats.youden_cutoff(y, asah["s100b"])
+    cutoff = cutoffs.youden_cutoff(y, asah["s100b"])
     assert cutoff == pytest.approx(0.205, abs=1e-12)
-    m = stats.metrics_at_cutoff(y, asah["s100b"], cutoff)
+    m = cutoffs.metrics_at_cutoff(y, asah["s100b"], cutoff)
     assert (m.tp, m.fn, m.tn, m.fp) == (26, 15, 58, 14)
     assert m.sensitivity == pytest.approx(0.6341463414634146, abs=1e-6)
     assert m.specificity == pytest.approx(0.8055555555555556, abs=1e-6)
@@ -136,7 +137,7 @@ def test_wilson_intervals_at_youden_match_reference(asah_roc):
 def test_clopper_pearson_matches_scipy_binomtest():
     # SciPy docs: binomtest(k=7, n=50, p=0.1).proportion_ci()
     #   -> ConfidenceInterval(low=0.05819170033997342, high=0.26739600249700846)
-    low, high = stats.clopper_pearson_ci(7, 50)
+    low, high = cutoffs.clopper_pearson_ci(7, 50)
     assert (low, high) == pytest.approx((0.05819170033997342, 0.26739600249700846), abs=1e-6)
 
 
@@ -177,7 +178,7 @@ labels_and_scores = st.integers(min_value=2, max_value=60).flatmap(
 @given(labels_and_scores)
 def test_auc_equals_pair_count(data):
     y, s = np.array(data[0]), np.array(data[1], dtype=float)  # small integers: many ties
-    assert stats.roc_auc(y, s) == pytest.approx(_pairs_auc(y, s), abs=1e-12)
+    assert roc.roc_auc(y, s) == pytest.approx(_pairs_auc(y, s), abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -187,7 +188,7 @@ def test_fast_delong_equals_placement_matrix(seed):
     y = rng.random(n) < 0.4
     y[:2], y[2:4] = True, False
     scores = np.vstack([rng.integers(0, 10, n), rng.normal(size=n) + y, rng.random(n)])
-    aucs, cov = stats.delong_covariance(y, list(scores))
+    aucs, cov = roc.delong_covariance(y, list(scores))
     naive_aucs, naive_cov = _naive_delong(y, scores)
     np.testing.assert_allclose(aucs, naive_aucs, atol=1e-12)
     np.testing.assert_allclose(cov, naive_cov, atol=1e-12)
@@ -197,9 +198,9 @@ def test_bootstrap_aucs_equal_auc_of_each_resample():
     rng = np.random.default_rng(3)
     y = rng.random(50) < 0.3
     s = rng.integers(0, 6, 50).astype(float)  # ties
-    aucs = stats.bootstrap_aucs(y, s, n_boot=40, seed=11)
+    aucs = roc_bootstrap.bootstrap_aucs(y, s, n_boot=40, seed=11)
     pos_rows, neg_rows = np.flatnonzero(y), np.flatnonzero(~y)
-    ((pos_idx, neg_idx),) = list(stats._resample_chunks(y.sum(), (~y).sum(), 40, 11))
+    ((pos_idx, neg_idx),) = list(roc_bootstrap._resample_chunks(y.sum(), (~y).sum(), 40, 11))
     for b in range(40):
         rows = np.r_[pos_rows[pos_idx[b]], neg_rows[neg_idx[b]]]
         assert aucs[b] == pytest.approx(roc_auc_score(y[rows], s[rows]), abs=1e-12)
@@ -209,8 +210,8 @@ def test_bootstrap_ci_close_to_delong_ci_on_moderate_sample():
     rng = np.random.default_rng(0)
     y = rng.random(400) < 0.35
     s = rng.normal(size=400) + 1.0 * y
-    delong = stats.delong_ci(y, s)
-    boot = stats.bootstrap_ci(y, s, n_boot=2000, seed=0)
+    delong = roc.delong_ci(y, s)
+    boot = roc.bootstrap_ci(y, s, n_boot=2000, seed=0)
     assert boot.auc == delong.auc
     assert (boot.low, boot.high) == pytest.approx((delong.low, delong.high), abs=0.015)
     assert boot.se == pytest.approx(delong.se, rel=0.1)
@@ -219,19 +220,19 @@ def test_bootstrap_ci_close_to_delong_ci_on_moderate_sample():
 def test_bootstrap_is_seeded_and_stratified():
     y = np.r_[np.ones(30, bool), np.zeros(50, bool)]
     s = np.random.default_rng(1).normal(size=80) + y
-    first = stats.bootstrap_aucs(y, s, 300, seed=5)
-    np.testing.assert_array_equal(first, stats.bootstrap_aucs(y, s, 300, seed=5))
-    assert not np.array_equal(first, stats.bootstrap_aucs(y, s, 300, seed=6))
+    first = roc_bootstrap.bootstrap_aucs(y, s, 300, seed=5)
+    np.testing.assert_array_equal(first, roc_bootstrap.bootstrap_aucs(y, s, 300, seed=5))
+    assert not np.array_equal(first, roc_bootstrap.bootstrap_aucs(y, s, 300, seed=6))
     # more resamples than one chunk holds: the chunks join up
-    big = stats.bootstrap_aucs(np.r_[y, y], np.r_[s, s], 3, seed=0)
+    big = roc_bootstrap.bootstrap_aucs(np.r_[y, y], np.r_[s, s], 3, seed=0)
     assert big.shape == (3,) and np.all((big >= 0) & (big <= 1))
 
 
 def test_bootstrap_chunks_cover_every_resample(monkeypatch):
-    monkeypatch.setattr(stats, "_CHUNK_ELEMENTS", 200)  # 80 patients -> 2 resamples a chunk
+    monkeypatch.setattr(roc_bootstrap, "_CHUNK_ELEMENTS", 200)  # 80 patients -> 2 resamples a chunk
     y = np.r_[np.ones(30, bool), np.zeros(50, bool)]
     s = np.random.default_rng(1).normal(size=80) + y
-    aucs = stats.bootstrap_aucs(y, s, 7, seed=2)
+    aucs = roc_bootstrap.bootstrap_aucs(y, s, 7, seed=2)
     assert aucs.shape == (7,) and np.all((aucs > 0.3) & (aucs < 1))
 
 
@@ -244,12 +245,12 @@ def test_bootstrap_chunks_cover_every_resample(monkeypatch):
 @given(labels_and_scores)
 def test_roc_curve_properties(data):
     y, s = np.array(data[0]), np.array(data[1], dtype=float)
-    curve = stats.roc_curve(y, s)
+    curve = roc.roc_curve(y, s)
     assert (curve.fpr[0], curve.tpr[0], curve.fpr[-1], curve.tpr[-1]) == (0, 0, 1, 1)
     assert np.all(np.diff(curve.fpr) >= 0) and np.all(np.diff(curve.tpr) >= 0)
     assert np.all(np.diff(curve.thresholds) < 0)
     # the trapezoid area under the empirical curve is the AUC, ties included
-    assert np.trapezoid(curve.tpr, curve.fpr) == pytest.approx(stats.roc_auc(y, s), abs=1e-12)
+    assert np.trapezoid(curve.tpr, curve.fpr) == pytest.approx(roc.roc_auc(y, s), abs=1e-12)
 
 
 def test_roc_curve_matches_sklearn():
@@ -257,7 +258,7 @@ def test_roc_curve_matches_sklearn():
     y = rng.random(60) < 0.5
     s = rng.integers(0, 15, 60).astype(float)
     fpr, tpr, thresholds = sk_roc_curve(y, s, drop_intermediate=False)
-    curve = stats.roc_curve(y, s)
+    curve = roc.roc_curve(y, s)
     np.testing.assert_allclose(curve.fpr, fpr)
     np.testing.assert_allclose(curve.tpr, tpr)
     np.testing.assert_array_equal(curve.thresholds, thresholds)
@@ -270,8 +271,8 @@ def test_roc_curve_matches_sklearn():
 
 def test_unpaired_test_uses_the_sum_of_variances(asah):
     y = _poor(asah)
-    a, b = stats.delong_ci(y, asah["wfns"]), stats.delong_ci(y[:60], asah["s100b"][:60])
-    test = stats.delong_unpaired_test(y, asah["wfns"], y[:60], asah["s100b"][:60])
+    a, b = roc.delong_ci(y, asah["wfns"]), roc.delong_ci(y[:60], asah["s100b"][:60])
+    test = roc.delong_unpaired_test(y, asah["wfns"], y[:60], asah["s100b"][:60])
     z = (a.auc - b.auc) / math.hypot(a.se, b.se)
     assert test.z == pytest.approx(z, abs=1e-12)
     # pROC's delong.unpaired.test: Student t with Welch-Satterthwaite df (n = patients per cohort)
@@ -286,8 +287,8 @@ def test_cutoff_fixed_on_training_is_applied_unchanged():
     rng = np.random.default_rng(8)
     y_train, y_test = rng.random(80) < 0.4, rng.random(50) < 0.4
     s_train, s_test = rng.normal(size=80) + y_train, rng.normal(size=50) + y_test
-    cutoff = stats.youden_cutoff(y_train, s_train)
-    m = stats.metrics_at_cutoff(y_test, s_test, cutoff)
+    cutoff = cutoffs.youden_cutoff(y_train, s_train)
+    m = cutoffs.metrics_at_cutoff(y_test, s_test, cutoff)
     called = s_test >= cutoff
     assert (m.tp, m.fp, m.tn, m.fn) == (
         np.sum(called & y_test),
@@ -307,7 +308,7 @@ def test_youden_brute_force_over_midpoints():
         values = np.unique(s)
         mids = (values[1:] + values[:-1]) / 2
         j = [np.mean(s[y] >= t) + np.mean(s[~y] < t) - 1 for t in mids]
-        best = stats.youden_cutoff(y, s)
+        best = cutoffs.youden_cutoff(y, s)
         assert best in mids or max(j) <= 0
         if best in mids:
             assert j[list(mids).index(best)] == pytest.approx(max(j))
@@ -322,11 +323,11 @@ def test_youden_brute_force_over_midpoints():
     ],
 )
 def test_wilson_ci_edges(k, n, low, high):
-    assert stats.wilson_ci(k, n) == pytest.approx((low, high), abs=5e-6)
+    assert cutoffs.wilson_ci(k, n) == pytest.approx((low, high), abs=5e-6)
 
 
 def test_metrics_with_nobody_called_positive_have_no_ppv():
-    m = stats.metrics_at_cutoff([0, 1, 1], [0.1, 0.2, 0.3], math.inf)
+    m = cutoffs.metrics_at_cutoff([0, 1, 1], [0.1, 0.2, 0.3], math.inf)
     d = m.to_dict()
     assert (d["ppv"], d["ppv_ci"], d["threshold"], d["sensitivity"]) == (None, None, None, 0.0)
     json.dumps(d, allow_nan=False)
@@ -341,19 +342,19 @@ def test_calibration_bins_and_brier():
     rng = np.random.default_rng(5)
     p = rng.random(5000)
     y = rng.random(5000) < p  # calibrated by construction
-    bins = stats.calibration_bins(y, p, n_bins=10)
+    bins = calibration.calibration_bins(y, p, n_bins=10)
     assert len(bins) == 10 and bins["n"].sum() == 5000
     assert (bins["n"] * bins["observed"]).sum() == pytest.approx(y.sum())
     assert np.all(np.abs(bins["observed"] - bins["mean_predicted"]) < 0.06)
     assert np.all(bins["observed_low"] <= bins["observed"])
     assert np.all(bins["observed"] <= bins["observed_high"])
-    assert stats.brier_score(y, p) == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    assert calibration.brier_score(y, p) == pytest.approx(brier_score_loss(y, p), abs=1e-12)
 
 
 def test_calibration_bins_keep_ties_together():
     p = np.r_[np.full(60, 0.2), np.linspace(0.3, 0.9, 40)]
     y = np.arange(100) % 3 == 0
-    bins = stats.calibration_bins(y, p, n_bins=10)
+    bins = calibration.calibration_bins(y, p, n_bins=10)
     assert bins["n"].sum() == 100 and bins["n"].iloc[0] == 60 and len(bins) < 10
 
 
@@ -361,7 +362,7 @@ def test_calibration_smooth_follows_the_diagonal_when_calibrated():
     rng = np.random.default_rng(6)
     p = rng.random(3000)
     y = rng.random(3000) < p
-    curve = stats.calibration_smooth(y, p)
+    curve = calibration.calibration_smooth(y, p)
     middle = curve[(curve["predicted"] > 0.2) & (curve["predicted"] < 0.8)]
     assert np.all(np.abs(middle["observed"] - middle["predicted"]) < 0.06)
 
@@ -370,23 +371,23 @@ def test_decision_curve_against_brute_force():
     rng = np.random.default_rng(7)
     p = rng.random(200)
     y = rng.random(200) < p
-    table = stats.decision_curve(y, p)
+    table = calibration.decision_curve(y, p)
     assert len(table) == 99 and table["net_benefit_none"].eq(0).all()
     for _, row in table.iloc[::10].iterrows():
         t = row["threshold"]
         tp, fp = np.sum((p >= t) & y), np.sum((p >= t) & ~y)
         assert row["net_benefit_model"] == pytest.approx(tp / 200 - fp / 200 * t / (1 - t))
     prevalence = y.mean()
-    at_prevalence = stats.decision_curve(y, p, [prevalence])
+    at_prevalence = calibration.decision_curve(y, p, [prevalence])
     assert at_prevalence["net_benefit_all"].iloc[0] == pytest.approx(0.0, abs=1e-12)
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: stats.brier_score([0, 1], [0.2, 1.3]), r"must lie in \[0, 1\]"),
-        (lambda: stats.decision_curve([0, 1], [0.2, 0.3], [0.0, 0.5]), "strictly between 0 and 1"),
-        (lambda: stats.calibration_bins([0, 1], [0.2, 0.3], n_bins=0), "positive integer"),
+        (lambda: calibration.brier_score([0, 1], [0.2, 1.3]), r"must lie in \[0, 1\]"),
+        (lambda: calibration.decision_curve([0, 1], [0.2, 0.3], [0.0, 0.5]), "strictly between 0 and 1"),
+        (lambda: calibration.calibration_bins([0, 1], [0.2, 0.3], n_bins=0), "positive integer"),
     ],
 )
 def test_calibration_failures(call, message):
@@ -395,7 +396,7 @@ def test_calibration_failures(call, message):
 
 
 def test_calibration_accepts_a_single_class():
-    assert stats.brier_score([0, 0], [0.1, 0.3]) == pytest.approx(0.05)
+    assert calibration.brier_score([0, 0], [0.1, 0.3]) == pytest.approx(0.05)
 
 
 # ----------------------------------------------------------------------------
@@ -424,26 +425,26 @@ def test_roc_analysis_follows_the_json_contract(asah_roc):
 
 
 def test_roc_analysis_by_group_and_cutoff_group(asah):
-    result = stats.roc_analysis(asah, "outcome", ["s100b", "wfns"], positive="Poor", group="gender")
+    result = roc.roc_analysis(asah, "outcome", ["s100b", "wfns"], positive="Poor", group="gender")
     assert [(r["group"], r["score"]) for r in result["results"]] == [
         ("Female", "s100b"), ("Female", "wfns"), ("Male", "s100b"), ("Male", "wfns"),
     ]
     assert [c["group"] for c in result["comparisons"]] == ["Female", "Male"]
     women = asah[asah["gender"] == "Female"]
-    assert result["results"][0]["auc"] == pytest.approx(stats.roc_auc(_poor(women), women["s100b"]))
-    fixed = stats.roc_analysis(
+    assert result["results"][0]["auc"] == pytest.approx(roc.roc_auc(_poor(women), women["s100b"]))
+    fixed = roc.roc_analysis(
         asah, "outcome", ["s100b"], positive="Poor", group="gender", cutoff_group="Female"
     )
-    cutoff = stats.youden_cutoff(_poor(women), women["s100b"])
+    cutoff = cutoffs.youden_cutoff(_poor(women), women["s100b"])
     assert [r["youden"]["threshold"] for r in fixed["results"]] == [cutoff, cutoff]
     men = asah[asah["gender"] == "Male"]
-    expected = stats.metrics_at_cutoff(_poor(men), men["s100b"], cutoff).to_dict()
+    expected = cutoffs.metrics_at_cutoff(_poor(men), men["s100b"], cutoff).to_dict()
     assert fixed["results"][1]["youden"]["sensitivity"] == expected["sensitivity"]
 
 
 def test_roc_analysis_bootstrap_is_reproducible(asah):
     def run(seed: int) -> dict:
-        return stats.roc_analysis(
+        return roc.roc_analysis(
             asah, "outcome", ["s100b"], "Poor", ci_method="bootstrap", n_boot=500, seed=seed
         )
 
@@ -466,7 +467,7 @@ def test_roc_analysis_bootstrap_is_reproducible(asah):
 )
 def test_label_forms(labels, positive):
     frame = pd.DataFrame({"y": labels, "s": [0.1, 0.9, 0.3, 0.4, 0.8, 0.5]})
-    row = stats.roc_analysis(frame, "y", ["s"], positive=positive)["results"][0]
+    row = roc.roc_analysis(frame, "y", ["s"], positive=positive)["results"][0]
     assert (row["n_positive"], row["auc"]) == (3, pytest.approx(8 / 9))
 
 
@@ -475,7 +476,7 @@ def test_a_table_of_text_cells_is_read_like_numbers():
     frame = pd.DataFrame(
         {"y": ["0", "1", "0", "1", "1", "0", ""], "s": ["0.1", "0.9", "0.3", "0.4", "0.8", "0.5", "1"]}
     )
-    result = stats.roc_analysis(frame, "y", ["s"])
+    result = roc.roc_analysis(frame, "y", ["s"])
     assert result["results"][0]["auc"] == pytest.approx(8 / 9) and result["n_dropped"] == 1
 
 
@@ -487,14 +488,14 @@ def test_missing_values_are_dropped_and_counted():
             "g": list("aaaaaaa"),
         }
     )
-    result = stats.roc_analysis(frame, "y", ["s"], group="g")
+    result = roc.roc_analysis(frame, "y", ["s"], group="g")
     assert result["n_dropped"] == 2 and result["results"][0]["n"] == 5
     assert "2 rows with missing values dropped" in result["warnings"]
 
 
 def test_constant_scores_give_auc_half_with_a_warning():
     frame = pd.DataFrame({"y": [0, 1, 0, 1, 0], "c": [3.0] * 5, "d": [1.0] * 5})
-    result = stats.roc_analysis(frame, "y", ["c", "d"])
+    result = roc.roc_analysis(frame, "y", ["c", "d"])
     row = result["results"][0]
     assert (row["auc"], row["ci_low"], row["ci_high"]) == (0.5, 0.5, 0.5)
     assert row["youden"]["threshold"] is None  # +inf: nobody is called positive
@@ -506,14 +507,14 @@ def test_constant_scores_give_auc_half_with_a_warning():
 
 def test_a_single_positive_gives_an_auc_without_delong_interval():
     frame = pd.DataFrame({"y": [0, 0, 0, 1], "s": [0.1, 0.2, 0.6, 0.5]})
-    result = stats.roc_analysis(frame, "y", ["s"])
+    result = roc.roc_analysis(frame, "y", ["s"])
     row = result["results"][0]
     assert row["auc"] == pytest.approx(2 / 3) and row["ci_low"] is None and row["ci_high"] is None
     assert any("no DeLong interval" in w for w in result["warnings"])
 
 
 def test_format_roc_shows_the_numbers(asah, asah_roc):
-    text = stats.format_roc(asah_roc)
+    text = roc.format_roc(asah_roc)
     for piece in ["0.731 [0.630, 0.833]", "0.205", "0.634 [0.481, 0.764]", "0.806 [0.700, 0.880]"]:
         assert piece in text
     assert "Paired DeLong" in text and "1.391" in text
@@ -547,35 +548,35 @@ ROC_FAILURES = [
 @pytest.mark.parametrize(("kwargs", "message"), ROC_FAILURES)
 def test_roc_analysis_failures(asah, kwargs, message):
     with pytest.raises(InputError, match=message):
-        stats.roc_analysis(asah, **kwargs)
+        roc.roc_analysis(asah, **kwargs)
 
 
 def test_one_class_in_a_group_names_the_group(asah):
     frame = asah.assign(site=np.where(asah["outcome"] == "Good", "A", "B"))
     frame.loc[frame.index[:3], "site"] = "B"
     with pytest.raises(InputError, match=r"group 'A': column 'outcome' has only negative cases"):
-        stats.roc_analysis(frame, "outcome", ["s100b"], positive="Poor", group="site")
+        roc.roc_analysis(frame, "outcome", ["s100b"], positive="Poor", group="site")
 
 
 def test_infinite_score_is_rejected():
     frame = pd.DataFrame({"y": [0, 1, 0, 1], "s": [0.1, np.inf, 0.2, 0.3]})
     with pytest.raises(InputError, match=r"row 1, column 's': value inf is not finite"):
-        stats.roc_analysis(frame, "y", ["s"])
+        roc.roc_analysis(frame, "y", ["s"])
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: stats.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]), "only positive cases"),
-        (lambda: stats.roc_curve([0, 0], [0.1, 0.2]), "only negative cases"),
-        (lambda: stats.roc_auc([0, 1, 2], [0.1, 0.2, 0.3]), "0/1 or boolean"),
-        (lambda: stats.roc_auc([0, 1], [0.1, 0.2, 0.3]), "has 2 values but y_score has 3"),
-        (lambda: stats.roc_auc([0, 1], [0.1, np.nan]), "missing or infinite"),
-        (lambda: stats.delong_ci([0, 1], [0.1, 0.2], level=1.5), "strictly between 0 and 1"),
-        (lambda: stats.delong_covariance([0, 1, 0], [[0.1, 0.2, 0.3]]), "at least two positive"),
-        (lambda: stats.metrics_at_cutoff([0, 1], [0.1, 0.2], "hi"), "cutoff 'hi' is not a number"),
-        (lambda: stats.wilson_ci(5, 3), "0 <= k <= n"),
-        (lambda: stats.bootstrap_ci([0, 1], [0.1, 0.2], n_boot=2.5), "positive integer"),
+        (lambda: roc.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]), "only positive cases"),
+        (lambda: roc.roc_curve([0, 0], [0.1, 0.2]), "only negative cases"),
+        (lambda: roc.roc_auc([0, 1, 2], [0.1, 0.2, 0.3]), "0/1 or boolean"),
+        (lambda: roc.roc_auc([0, 1], [0.1, 0.2, 0.3]), "has 2 values but y_score has 3"),
+        (lambda: roc.roc_auc([0, 1], [0.1, np.nan]), "missing or infinite"),
+        (lambda: roc.delong_ci([0, 1], [0.1, 0.2], level=1.5), "strictly between 0 and 1"),
+        (lambda: roc.delong_covariance([0, 1, 0], [[0.1, 0.2, 0.3]]), "at least two positive"),
+        (lambda: cutoffs.metrics_at_cutoff([0, 1], [0.1, 0.2], "hi"), "cutoff 'hi' is not a number"),
+        (lambda: cutoffs.wilson_ci(5, 3), "0 <= k <= n"),
+        (lambda: roc.bootstrap_ci([0, 1], [0.1, 0.2], n_boot=2.5), "positive integer"),
     ],
 )
 def test_array_function_failures(call, message):
@@ -588,7 +589,7 @@ def test_array_function_failures(call, message):
 # ----------------------------------------------------------------------------
 
 
-def _proc_se_at(curve: stats.RocCurve, sp: float) -> float:
+def _proc_se_at(curve: roc.RocCurve, sp: float) -> float:
     """pROC's coords(roc, sp, input = "specificity", ret = "sensitivity"), brute force."""
     spec = 1.0 - curve.fpr
     exact = np.isclose(spec, sp, atol=1e-9)
@@ -604,13 +605,13 @@ def test_roc_band_equals_brute_force_over_the_same_resamples():
     y = rng.random(40) < 0.4
     s = rng.integers(0, 8, 40).astype(float)  # ties: vertical and diagonal steps
     sp = np.arange(21) / 20.0
-    band = stats.roc_ci_band(y, s, specificities=sp, n_boot=60, seed=4)
+    band = roc_bootstrap.roc_ci_band(y, s, specificities=sp, n_boot=60, seed=4)
     pos_rows, neg_rows = np.flatnonzero(y), np.flatnonzero(~y)
-    ((pos_idx, neg_idx),) = list(stats._resample_chunks(y.sum(), (~y).sum(), 60, 4))
+    ((pos_idx, neg_idx),) = list(roc_bootstrap._resample_chunks(y.sum(), (~y).sum(), 60, 4))
     se = np.empty((60, sp.size))
     for b in range(60):
         rows = np.r_[pos_rows[pos_idx[b]], neg_rows[neg_idx[b]]]
-        curve = stats.roc_curve(y[rows], s[rows])
+        curve = roc.roc_curve(y[rows], s[rows])
         se[b] = [_proc_se_at(curve, v) for v in sp]
     low, median, high = np.quantile(se, [0.025, 0.5, 0.975], axis=0)
     np.testing.assert_allclose(band["se_low"], low, atol=1e-12)
@@ -623,26 +624,26 @@ def test_roc_band_hand_checked_tiny_case():
     # {0.1, 0.1} (p = 1/4: perfect curve, Se = 1 everywhere), {0.1, 0.5}
     # (p = 1/2: Se = 0 above Sp 0.5, 1 from Sp 0.5 down) or {0.5, 0.5}
     # (p = 1/4: Se = 0 except 1 at Sp 0).
-    band = stats.roc_ci_band([0, 0, 1], [0.1, 0.5, 0.3],
+    band = roc_bootstrap.roc_ci_band([0, 0, 1], [0.1, 0.5, 0.3],
                              specificities=[0.0, 0.25, 0.5, 0.75, 1.0], n_boot=2000, seed=1)
     assert band["specificity"] == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert band["se_median"] == [1.0, 1.0, 1.0, 0.0, 0.0]  # P(Se = 1) = 3/4, 3/4, 3/4, 1/4, 1/4
     assert band["se_low"] == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert band["se_high"] == [1.0] * 5
     # Tied scores: the curve is the diagonal, read off by linear interpolation.
-    tied = stats.roc_ci_band([0, 1], [0.3, 0.3], specificities=[0.0, 0.3, 1.0], n_boot=50)
+    tied = roc_bootstrap.roc_ci_band([0, 1], [0.3, 0.3], specificities=[0.0, 0.3, 1.0], n_boot=50)
     assert tied["se_low"] == tied["se_high"] == pytest.approx([1.0, 0.7, 0.0])
 
 
 def test_roc_band_on_asah_holds_the_observed_curve(asah):
     y, s = _poor(asah), asah["s100b"].to_numpy()
-    band = stats.roc_ci_band(y, s)  # pROC: ci.se(roc(aSAH$outcome, aSAH$s100b), seq(0, 1, .01))
+    band = roc_bootstrap.roc_ci_band(y, s)  # pROC: ci.se(roc(aSAH$outcome, aSAH$s100b), seq(0, 1, .01))
     assert band["specificity"] == pytest.approx(np.arange(101) / 100)
     assert (band["n_boot"], band["level"]) == (2000, 0.95)
     low, med, high = (np.array(band[k]) for k in ("se_low", "se_median", "se_high"))
     assert np.all(low <= med) and np.all(med <= high)
     assert (low[0], med[0], high[0]) == (1.0, 1.0, 1.0)  # Sp 0: every curve has Se 1
-    observed = np.array([_proc_se_at(stats.roc_curve(y, s), v) for v in band["specificity"]])
+    observed = np.array([_proc_se_at(roc.roc_curve(y, s), v) for v in band["specificity"]])
     inside = (low - 1e-12 <= observed) & (observed <= high + 1e-12)
     assert inside.mean() >= 0.95
     assert np.all(np.diff(med) <= 1e-12)  # sensitivity falls as specificity rises
@@ -651,12 +652,12 @@ def test_roc_band_on_asah_holds_the_observed_curve(asah):
 
 def test_roc_band_narrows_with_more_patients_and_is_seeded(asah):
     y, s = _poor(asah), asah["s100b"].to_numpy()
-    one = stats.roc_ci_band(y, s, n_boot=500, seed=7)
-    four = stats.roc_ci_band(np.tile(y, 4), np.tile(s, 4), n_boot=500, seed=7)
+    one = roc_bootstrap.roc_ci_band(y, s, n_boot=500, seed=7)
+    four = roc_bootstrap.roc_ci_band(np.tile(y, 4), np.tile(s, 4), n_boot=500, seed=7)
     width = lambda b: np.mean(np.array(b["se_high"]) - np.array(b["se_low"]))  # noqa: E731
     assert width(four) < 0.65 * width(one)  # about 1/sqrt(4) = 0.5
-    assert stats.roc_ci_band(y, s, n_boot=500, seed=7) == one
-    assert stats.roc_ci_band(y, s, n_boot=500, seed=8) != one
+    assert roc_bootstrap.roc_ci_band(y, s, n_boot=500, seed=7) == one
+    assert roc_bootstrap.roc_ci_band(y, s, n_boot=500, seed=8) != one
 
 
 @pytest.mark.parametrize(
@@ -670,6 +671,6 @@ def test_roc_band_narrows_with_more_patients_and_is_seeded(asah):
 )
 def test_roc_band_rejects_bad_arguments(kwargs, message):
     with pytest.raises(InputError, match=message):
-        stats.roc_ci_band([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], **kwargs)
+        roc_bootstrap.roc_ci_band([0, 1, 0, 1], [0.1, 0.2, 0.3, 0.4], **kwargs)
     with pytest.raises(InputError, match="only negative cases"):
-        stats.roc_ci_band([0, 0], [0.1, 0.2])
+        roc_bootstrap.roc_ci_band([0, 0], [0.1, 0.2])

@@ -1,4 +1,5 @@
-"""Tests of cmil_core.analysis.survival: R reference values, brute force, properties, failures.
+"""Tests of the survival statistics (cmil_core.analysis.survival, survival_data, cox, maxstat,
+risk_groups): R reference values, brute force, properties, failures.
 
 Reference values come from tests/data/reference/REFERENCE.md (R survival, via
 lifelines' own tests and docs); each test pastes the R call. Tolerance: the
@@ -18,7 +19,8 @@ from lifelines import CoxPHFitter
 from lifelines.datasets import load_g3, load_rossi
 from scipy import stats as sps
 
-from cmil_core.analysis import stats, survival
+from cmil_core.analysis import cutoffs, maxstat, risk_groups, survival, survival_data
+from cmil_core.analysis.cox import cox_analysis, format_cox
 from cmil_core.errors import InputError
 from conftest import is_plain_json
 
@@ -87,7 +89,7 @@ def test_rossi_cox_matches_coxph(rossi):
     #          data = rossi, ties = "efron")
     #    coef = -0.3794222 -0.0574377 0.3138998 -0.1497957 -0.4337039 -0.0848711 0.0914971
     #    (lifelines test_estimation.py); n = 432, events = 114, concordance 0.64 (lifelines docs)
-    result = survival.cox_analysis(rossi, "week", "arrest", ROSSI_COVARIATES)
+    result = cox_analysis(rossi, "week", "arrest", ROSSI_COVARIATES)
     names = [c["name"] for c in result["coefficients"]]
     coefs = [c["coef"] for c in result["coefficients"]]
     assert names == ROSSI_COVARIATES
@@ -171,17 +173,17 @@ R_VETERAN_STATS = [3.82786925779404, 4.61806159115936, 4.41712623295870, 4.45736
 def test_maxstat_on_veteran_is_r_maxstat_test():
     frame = pd.read_csv(VETERAN)
     assert len(frame) == 137 and frame["status"].sum() == 128
-    cut = survival.risk_cutoff(frame, "karno", "maxstat", time="time", event="status")
+    cut = risk_groups.risk_cutoff(frame, "karno", "maxstat", time="time", event="status")
     assert cut.statistic == pytest.approx(4.61806159115936, abs=1e-9)
     assert cut.p == pytest.approx(0.0001885616602637, rel=1e-9)
     assert cut.cutpoint == 40 and cut.value == 45.0  # R: karno <= 40 is low; we: >= 45 is high
     assert (cut.n_low, cut.n_high, cut.p_method) == (38, 99, "Lau92")
-    test = survival.maxstat_test(frame["time"], frame["status"], frame["karno"])
+    test = maxstat.maxstat_test(frame["time"], frame["status"], frame["karno"])
     assert test.cuts.tolist() == [30, 40, 50, 60, 70, 75]
     assert test.stats == pytest.approx(R_VETERAN_STATS, abs=1e-9)
-    lau94 = survival.maxstat_test(frame["time"], frame["status"], frame["karno"], p_method="Lau94")
+    lau94 = maxstat.maxstat_test(frame["time"], frame["status"], frame["karno"], p_method="Lau94")
     assert lau94.p == pytest.approx(1.9162706028506e-05, rel=1e-9)
-    exact = survival.maxstat_test(frame["time"], frame["status"], frame["karno"],
+    exact = maxstat.maxstat_test(frame["time"], frame["status"], frame["karno"],
                                   p_method="exactGauss")
     assert exact.p == pytest.approx(2.0383344799146e-05, abs=1e-9)
 
@@ -211,16 +213,16 @@ def test_logrank_scores_are_exactranktests_cscores():
     # R exactRankTests::cscores(Surv(c(1, 2, 2, 3, 4), c(1, 1, 0, 1, 0)), type = "LogRank")
     #   0.800000000000000 0.466666666666667 -0.533333333333333 -0.033333333333333 -1.033333333333333
     # i.e. a = delta - cumsum(delta / (N - r + 1)) up to the largest rank r of each time.
-    got = survival.logrank_scores([1, 2, 2, 3, 4], [1, 1, 0, 1, 0])
+    got = maxstat.logrank_scores([1, 2, 2, 3, 4], [1, 1, 0, 1, 0])
     assert got == pytest.approx([0.8, 1 - (0.2 + 1 / 3), -(0.2 + 1 / 3), 1 - (0.2 + 1 / 3 + 0.5),
                                  -(0.2 + 1 / 3 + 0.5)], abs=1e-12)
 
 
 def test_maxstat_is_the_largest_standardised_score_statistic(rossi):
     # Brute force over the cuts, straight from Hothorn and Lausen (2003), eq. (1)-(3).
-    cut = survival.risk_cutoff(rossi, "age", "maxstat", time="week", event="arrest")
+    cut = risk_groups.risk_cutoff(rossi, "age", "maxstat", time="week", event="arrest")
     ages = rossi["age"].to_numpy(dtype=float)
-    a = survival.logrank_scores(rossi["week"], rossi["arrest"])
+    a = maxstat.logrank_scores(rossi["week"], rossi["arrest"])
     n, best = ages.size, (0.0, None)
     for c in np.unique(ages):
         low = ages <= c
@@ -246,12 +248,12 @@ def test_lausen92_is_r_maxstat_formula(b):
     #   if (b < 1) 1 else max(4*dnorm(b)/b + dnorm(b)*(b - 1/b)*log((0.9*0.9)/(0.1*0.1)), 0)
     db = sps.norm.pdf(b)
     r = 1.0 if b < 1 else max(4 * db / b + db * (b - 1 / b) * math.log(0.81 / 0.01), 0.0)
-    assert survival._lausen92_p(b, 0.1) == pytest.approx(min(r, 1.0), abs=1e-12)
+    assert maxstat._lausen92_p(b, 0.1) == pytest.approx(min(r, 1.0), abs=1e-12)
 
 
 def test_maxstat_permutation_p_is_seeded(rossi):
-    def run(seed: int) -> survival.RiskCutoff:
-        return survival.risk_cutoff(
+    def run(seed: int) -> risk_groups.RiskCutoff:
+        return risk_groups.risk_cutoff(
             rossi, "prio", "maxstat", time="week", event="arrest",
             p_method="permutation", n_perm=200, seed=seed,
         )  # fmt: skip
@@ -263,10 +265,10 @@ def test_maxstat_permutation_p_is_seeded(rossi):
 
 @pytest.mark.parametrize("bad", ["Lau93", "", "HL"])
 def test_maxstat_p_method_names(bad):
-    assert survival.maxstat_p_method("lausen92") == "Lau92"
-    assert survival.maxstat_p_method("EXACTGAUSS") == "exactGauss"
+    assert maxstat.maxstat_p_method("lausen92") == "Lau92"
+    assert maxstat.maxstat_p_method("EXACTGAUSS") == "exactGauss"
     with pytest.raises(InputError, match="maxstat p method .* is not one of Lau92, Lau94"):
-        survival.maxstat_p_method(bad)
+        maxstat.maxstat_p_method(bad)
 
 
 def test_maxstat_correction_holds_its_size_on_noise():
@@ -282,7 +284,7 @@ def test_maxstat_correction_holds_its_size_on_noise():
                 "s": rng.random(200),
             }
         )
-        cut = survival.risk_cutoff(frame, "s", "maxstat", time="t", event="e")
+        cut = risk_groups.risk_cutoff(frame, "s", "maxstat", time="t", event="e")
         corrected.append(cut.p)
         naive.append(2 * sps.norm.sf(cut.statistic))
     assert np.mean(np.array(naive) < 0.05) > 0.3
@@ -295,13 +297,13 @@ def test_maxstat_correction_holds_its_size_on_noise():
 
 
 def test_cutoff_methods(rossi):
-    median = survival.risk_cutoff(rossi, "age", "median")
+    median = risk_groups.risk_cutoff(rossi, "age", "median")
     assert median.value == float(np.median(rossi["age"])) and median.method == "median"
-    assert survival.risk_cutoff(rossi, "age", 30).to_dict()["method"] == "fixed"
-    assert survival.risk_cutoff(rossi, "age", " 30.5 ").value == 30.5
-    youden = survival.risk_cutoff(rossi, "prio", "youden", label="arrest")
-    assert youden.value == stats.youden_cutoff(rossi["arrest"].to_numpy(bool), rossi["prio"])
-    assert survival.risk_groups([1, 2, 3], 2).tolist() == ["low", "high", "high"]
+    assert risk_groups.risk_cutoff(rossi, "age", 30).to_dict()["method"] == "fixed"
+    assert risk_groups.risk_cutoff(rossi, "age", " 30.5 ").value == 30.5
+    youden = risk_groups.risk_cutoff(rossi, "prio", "youden", label="arrest")
+    assert youden.value == cutoffs.youden_cutoff(rossi["arrest"].to_numpy(bool), rossi["prio"])
+    assert risk_groups.risk_groups([1, 2, 3], 2).tolist() == ["low", "high", "high"]
 
 
 def test_cutoff_from_training_frame_is_applied_unchanged(rossi):
@@ -337,7 +339,7 @@ def test_two_group_cox_equals_indicator_model(g3):
 
 
 def test_categorical_covariates_are_one_hot_against_first_level(g3):
-    result = survival.cox_analysis(g3, "time", "event", ["group", "age", "sex"])
+    result = cox_analysis(g3, "time", "event", ["group", "age", "sex"])
     assert result["references"] == {"group": "Control", "sex": "Female"}
     assert [c["name"] for c in result["coefficients"]] == ["group=RIT", "age", "sex=Male"]
     design = pd.DataFrame(
@@ -353,7 +355,7 @@ def test_categorical_covariates_are_one_hot_against_first_level(g3):
     tight = {"precision": 1e-12, "r_precision": 1e-16, "step_size": 0.95, "max_steps": 500}
     fitter = CoxPHFitter().fit(design, "t", "e", fit_options=tight)
     assert [c["coef"] for c in result["coefficients"]] == pytest.approx(fitter.params_.tolist())
-    assert "reference of 'group': 'Control'" in survival.format_cox(result)
+    assert "reference of 'group': 'Control'" in format_cox(result)
 
 
 def test_pairwise_logrank_with_holm(rossi):
@@ -390,7 +392,7 @@ def test_group_without_events_keeps_its_curve_and_has_no_hazard_ratio():
 
 def test_complete_separation_is_reported_as_warnings_not_errors():
     frame = pd.DataFrame({"t": np.arange(1.0, 9.0), "e": [1] * 8, "x": np.arange(8.0, 0.0, -1)})
-    result = survival.cox_analysis(frame, "t", "e", ["x"])
+    result = cox_analysis(frame, "t", "e", ["x"])
     assert any("Cox model" in w for w in result["warnings"])
     json.dumps(result, allow_nan=False)
 
@@ -410,7 +412,7 @@ def test_missing_rows_are_dropped_and_counted(g3):
 )
 def test_event_forms_are_accepted(events):
     frame = pd.DataFrame({"t": [1.0, 2.0, 3.0, 4.0], "e": events})
-    data, dropped = survival.check_survival_data(frame, "t", "e")
+    data, dropped = survival_data.check_survival_data(frame, "t", "e")
     assert data["__event__"].tolist() == [1, 0, 1, 0] and dropped == 0
 
 
@@ -465,7 +467,7 @@ def test_no_events_at_all_is_an_input_error():
     with pytest.raises(InputError, match="no events"):
         survival.survival_analysis(frame, "t", "e", group="g")
     with pytest.raises(InputError, match="column 'e' has no events"):
-        survival.cox_analysis(frame.assign(x=[1.0, 2.0, 4.0, 3.0]), "t", "e", ["x"])
+        cox_analysis(frame.assign(x=[1.0, 2.0, 4.0, 3.0]), "t", "e", ["x"])
 
 
 @pytest.mark.parametrize(
@@ -480,13 +482,13 @@ def test_no_events_at_all_is_an_input_error():
 )
 def test_cox_failures(g3, covariates, message):
     with pytest.raises(InputError, match=message):
-        survival.cox_analysis(g3.assign(one=1.0), "time", "event", covariates)
+        cox_analysis(g3.assign(one=1.0), "time", "event", covariates)
 
 
 def test_maxstat_without_room_for_ten_percent_groups():
     frame = pd.DataFrame({"t": [1.0, 2.0, 3.0, 4.0], "e": [1, 1, 0, 1], "s": [0.0, 0.0, 0.0, 1.0]})
     with pytest.raises(InputError, match=r"no cutoff leaves 30% of the 4 patients"):
-        survival.risk_cutoff(frame, "s", "maxstat", time="t", event="e", min_share=0.3)
+        risk_groups.risk_cutoff(frame, "s", "maxstat", time="t", event="e", min_share=0.3)
 
 
 def test_text_output(g3, rossi):
@@ -495,7 +497,7 @@ def test_text_output(g3, rossi):
     maxstat = survival.survival_analysis(rossi, "week", "arrest", score="prio", cutoff="maxstat")
     text = survival.format_survival(maxstat)
     assert "maxstat cutoff" in text and "search-corrected" in text and "note:" in text
-    cox = survival.format_cox(survival.cox_analysis(rossi, "week", "arrest", ROSSI_COVARIATES))
+    cox = format_cox(cox_analysis(rossi, "week", "arrest", ROSSI_COVARIATES))
     assert "n = 432, events = 114, concordance = 0.640" in cox and "-0.3794" in cox
 
 
@@ -516,7 +518,7 @@ def test_cox_stratified_by_centre_matches_r_survival() -> None:
     from pathlib import Path
 
     frame = pd.read_csv(Path(__file__).parent / "data" / "cox_strata.csv")
-    result = survival.cox_analysis(frame, "time", "status", list(R_COX_STRATA), strata="centre")
+    result = cox_analysis(frame, "time", "status", list(R_COX_STRATA), strata="centre")
     assert result["n"] == 80 and result["events"] == 57
     assert result["strata"] == {"column": "centre", "levels": [
         {"level": "Centre A", "n": 40, "events": 28}, {"level": "Centre B", "n": 40, "events": 29}]}
@@ -530,7 +532,7 @@ def test_cox_stratified_by_centre_matches_r_survival() -> None:
     # Concordance within strata, as R's summary(coxph)$concordance.
     assert result["concordance"] == pytest.approx(R_COX_STRATA_CONCORDANCE, abs=1e-9)
     # Unstratified, the same data give other estimates: the strata are really used.
-    plain = survival.cox_analysis(frame, "time", "status", list(R_COX_STRATA))
+    plain = cox_analysis(frame, "time", "status", list(R_COX_STRATA))
     assert plain["coefficients"][0]["coef"] != pytest.approx(R_COX_STRATA["cmil_high"][0], abs=1e-3)
     with pytest.raises(InputError, match="both a covariate and the strata"):
-        survival.cox_analysis(frame, "time", "status", ["cmil_high", "centre"], strata="centre")
+        cox_analysis(frame, "time", "status", ["cmil_high", "centre"], strata="centre")

@@ -19,18 +19,14 @@ from PIL import Image
 from scipy import ndimage
 
 from cmil_core.errors import InputError
-from cmil_core.ingest import tiling
+from cmil_core.ingest import foreground, patch_grid
+from cmil_core.ingest.foreground import detect_foreground
+from cmil_core.ingest.patch_grid import iter_patch_batches, make_grid
+from cmil_core.ingest.patch_reading import read_patch
 from cmil_core.ingest.quality import METRIC_COLUMNS, QC_REASONS, QCThresholds
 from cmil_core.ingest.slides import Slide, SlideError, open_slide
-from cmil_core.ingest.tiling import (
-    TILE_COLUMNS,
-    TilingConfig,
-    detect_foreground,
-    iter_patch_batches,
-    make_grid,
-    read_patch,
-    tile_slide,
-)
+from cmil_core.ingest.tiling import TILE_COLUMNS, tile_slide
+from cmil_core.ingest.tiling_config import TilingConfig
 
 BCCD_MPP = 0.3
 GLASS = (236, 236, 238)
@@ -359,7 +355,7 @@ def test_box_fractions_match_a_brute_force_count() -> None:
     side = 3.25
     for gy in rng.integers(-40, 20 * 8 + 8, 12) / 8:  # multiples of 1/8, some off the edges
         x0 = rng.integers(-40, 30 * 8 + 8, 20) / 8
-        got = tiling._box_fractions(mask, x0, float(gy), side)
+        got = patch_grid._box_fractions(mask, x0, float(gy), side)
         for gx, value in zip(x0, got, strict=True):
             fx, fy, n = int(gx * 8), int(gy * 8), int(side * 8)
             window = fine[max(fy, 0) : max(fy + n, 0), max(fx, 0) : max(fx + n, 0)]
@@ -369,12 +365,12 @@ def test_box_fractions_match_a_brute_force_count() -> None:
 def test_mask_cleaning_in_strips_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(6)
     mask = rng.random((150, 70)) < 0.45
-    whole = tiling._clean(mask, 2)
-    monkeypatch.setattr(tiling, "_OD_STRIP_PIXELS", 700)  # strips of 8 rows
-    np.testing.assert_array_equal(tiling._clean(mask, 2), whole)
+    whole = foreground._clean(mask, 2)
+    monkeypatch.setattr(foreground, "_OD_STRIP_PIXELS", 700)  # strips of 8 rows
+    np.testing.assert_array_equal(foreground._clean(mask, 2), whole)
     # Reference: scipy on the whole mask padded far wider than the operations reach.
     padded = np.pad(mask, 20, mode="edge")
-    ref = ndimage.binary_opening(ndimage.binary_closing(padded, tiling._disk(2)), np.ones((3, 3)))
+    ref = ndimage.binary_opening(ndimage.binary_closing(padded, foreground._disk(2)), np.ones((3, 3)))
     np.testing.assert_array_equal(whole, ref[20:-20, 20:-20])
 
 

@@ -268,8 +268,11 @@ def test_cohort_from_the_second_sheet_of_a_workbook(tmp_path: Path) -> None:
     assert preview.frame["diagnosed"].tolist() == ["2019-03-04", "2020-11-30T10:30:00",
                                                    "2021-01-02"]
     assert preview.frame["stage"].tolist() == ["4", "4S", "2"]
-    with pytest.raises(InputError, match="no 'patient_id'|no patient_id column"):
+    with pytest.raises(InputError, match="no 'patient_id'|no patient_id column") as refused:
         preview_table(book, "cohort.xlsx")  # the first sheet holds no patients
+    # ... and the message says where else to look
+    assert "the workbook has 3 sheets ('Notes', 'Patients', 'Lab')" in str(refused.value)
+    assert "--sheet NAME or NUMBER" in str(refused.value)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -8,7 +8,6 @@ a Streamlit server per test); skipped without Debian's Chromium, except in CI.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -21,30 +20,26 @@ import pytest
 
 from cmil_core import store
 from cmil_core.viewer.patients import attention_patches, patient_list
-from scripts.dashboard_server import CHROMIUM, CHROMIUM_ARGS, IDLE_JS, DashboardServer as Server
+from conftest import skip_without_chromium
+from scripts.dashboard_server import IDLE_JS, DashboardServer as Server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-if not Path(CHROMIUM).exists():
-    if os.environ.get("CI"):
-        raise RuntimeError(f"{CHROMIUM} is missing in CI: .ci/run should have installed it")
-    pytest.skip(f"{CHROMIUM} not installed (./test.sh installs it as root)", allow_module_level=True)
+skip_without_chromium()
 
 from playwright.sync_api import (  # noqa: E402
+    Browser,
     Error as PlaywrightError,
     Frame,
     Page,
-    sync_playwright,
 )
 
 
 @pytest.fixture(scope="module")
-def page() -> Iterator[Page]:
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        tab = chromium.new_page(viewport={"width": 1400, "height": 1100})
-        yield tab
-        chromium.close()
+def page(chromium: Browser) -> Iterator[Page]:
+    tab = chromium.new_page(viewport={"width": 1400, "height": 1100})
+    yield tab
+    tab.close()
 
 
 def viewer_frame(page: Page) -> Frame:

@@ -1,11 +1,13 @@
-"""Input checks shared by the statistics modules (:mod:`cmil_core.analysis.stats`,
-:mod:`cmil_core.analysis.survival`).
+"""Input checks shared by the statistics modules (:mod:`cmil_core.analysis.roc`,
+:mod:`cmil_core.analysis.cutoffs`, :mod:`cmil_core.analysis.calibration`, the survival
+modules).
 
 Most users should not import this module: its functions are the edge at
-which those modules check a table once (columns present, complete rows,
-numeric columns, label texts), raising :class:`~cmil_core.errors.InputError`
-with the column, row and value in the message. Names here are public *within*
-this private module, so that both statistics modules import them by those
+which those modules check their input once (columns present, complete rows,
+numeric columns, label texts; label and score arrays, confidence levels),
+raising :class:`~cmil_core.errors.InputError` with the column, row and value
+in the message. Names here are public *within*
+this private module, so that the statistics modules import them by those
 names (no module imports another's ``_private`` names).
 """
 
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+from scipy import stats as _sps
 
 from cmil_core.errors import InputError
 
@@ -24,13 +27,18 @@ __all__ = [
     "FALSE_TEXTS",
     "TRUE_TEXTS",
     "as_text",
+    "check_arrays",
+    "check_level",
+    "check_n_boot",
     "complete_cases",
+    "critical_z",
     "list_values",
     "numeric_column",
     "require_columns",
 ]
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 
 #: Texts read as a true / false binary value (after :func:`as_text` and lower-casing).
 TRUE_TEXTS, FALSE_TEXTS = frozenset({"1", "true"}), frozenset({"0", "false"})
@@ -99,3 +107,49 @@ def numeric_column(series: pd.Series, column: str) -> FloatArray:
         row = series.index[int(np.argmax(infinite))]
         raise InputError(f"row {row}, column {column!r}: value {values[infinite][0]} is not finite")
     return values
+
+
+
+def check_arrays(
+    y_true: npt.ArrayLike, y_score: npt.ArrayLike, both_classes: bool = True
+) -> tuple[BoolArray, FloatArray]:
+    """Check a label array and a score array once; return (bool, float) copies."""
+    y = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=np.float64)
+    if y.ndim != 1 or s.ndim != 1:
+        raise InputError("y_true and y_score must be one-dimensional")
+    if y.shape != s.shape:
+        raise InputError(f"y_true has {y.size} values but y_score has {s.size}")
+    if y.dtype != np.bool_:
+        values = np.unique(y)
+        if not np.all(np.isin(values, [0, 1])):
+            raise InputError(f"y_true must be 0/1 or boolean; values are {list_values(values)}")
+        y = y.astype(bool)
+    if not np.all(np.isfinite(s)):
+        raise InputError("y_score contains missing or infinite values")
+    if y.size == 0:
+        raise InputError("y_true and y_score are empty")
+    n_pos = int(y.sum())
+    if both_classes and (n_pos == 0 or n_pos == y.size):
+        kind = "negative" if n_pos == 0 else "positive"
+        raise InputError(f"y_true has only {kind} cases (n={y.size}); a ROC analysis needs both")
+    return y, s
+
+
+def check_level(level: float) -> float:
+    """A confidence level strictly between 0 and 1, as a float."""
+    if not 0.0 < level < 1.0:
+        raise InputError(f"confidence level {level!r} must lie strictly between 0 and 1")
+    return float(level)
+
+
+def critical_z(level: float) -> float:
+    """The normal quantile of a two-sided interval at ``level`` (1.96 at 0.95)."""
+    return float(_sps.norm.ppf(0.5 + level / 2.0))
+
+
+def check_n_boot(n_boot: int) -> int:
+    """A number of bootstrap resamples: a positive integer (not a bool)."""
+    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
+        raise InputError(f"number of bootstrap resamples {n_boot!r} must be a positive integer")
+    return int(n_boot)

@@ -1,5 +1,5 @@
-"""Text and JSON formatting shared by the statistics modules (:mod:`cmil_core.analysis.stats`,
-:mod:`cmil_core.analysis.survival`).
+"""Text and JSON formatting shared by the statistics modules (:mod:`cmil_core.analysis.roc`,
+:mod:`cmil_core.analysis.survival`, :mod:`cmil_core.analysis.cox` and the others).
 
 Most users should not import this module. JSON results hold plain floats or
 None, never NaN or infinity (:func:`json_float`); terminal output uses

@@ -1,7 +1,19 @@
-"""Calibration intercept and slope of predicted probabilities (logistic recalibration).
+"""Predicted probabilities: calibration, Brier score and decision curves.
 
-What is computed
-----------------
+- :func:`calibration_bins` (observed rate in quantile bins of the prediction,
+  with Wilson intervals) and :func:`calibration_smooth` (a kernel-smoothed
+  calibration curve): the calibration plot;
+- :func:`calibration_fit`: calibration intercept and slope (below);
+- :func:`brier_score`: mean squared error of the probabilities;
+- :func:`decision_curve`: net benefit across threshold probabilities
+  (Vickers & Elkin 2006), beside treat-all and treat-none.
+
+``y_true`` is 0/1 or boolean, ``y_prob`` probabilities in [0, 1]. A single
+outcome class is accepted (these are defined without both classes, unlike
+anything ROC).
+
+Calibration intercept and slope (logistic recalibration)
+--------------------------------------------------------
 With lp = logit(p) the log-odds of each predicted probability and y the
 observed outcome (0/1), two logistic models (Cox 1958; Van Calster et al.
 2016, "A calibration hierarchy"):
@@ -35,14 +47,25 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pandas as pd
 from scipy import special, stats as _sps
 
+from cmil_core.analysis._checks import check_arrays, check_level
 from cmil_core.analysis._formatting import fmt_ci, json_float, json_pair
+from cmil_core.analysis.cutoffs import wilson_ci
 from cmil_core.errors import InputError
 
-__all__ = ["calibration_fit", "format_calibration_fit"]
+__all__ = [
+    "brier_score",
+    "calibration_bins",
+    "calibration_fit",
+    "calibration_smooth",
+    "decision_curve",
+    "format_calibration_fit",
+]
 
 FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
 _TOL, _MAX_STEPS = 1e-12, 100
 
 
@@ -137,3 +160,113 @@ def format_calibration_fit(result: dict[str, Any] | None) -> str:
         return f"calibration: {result['note']}"
     return (f"calibration intercept {fmt_ci(result['intercept'], result['intercept_ci'], 2)} "
             f"(ideal 0), slope {fmt_ci(result['slope'], result['slope_ci'], 2)} (ideal 1)")
+
+
+# ----------------------------------------------------------------------------
+# Calibration curves, Brier score and decision curves
+# ----------------------------------------------------------------------------
+
+
+def _check_probabilities(
+    y_true: npt.ArrayLike, y_prob: npt.ArrayLike
+) -> tuple[BoolArray, FloatArray]:
+    y, p = check_arrays(y_true, y_prob, both_classes=False)
+    if p.min() < 0.0 or p.max() > 1.0:
+        raise InputError(
+            f"predicted probabilities must lie in [0, 1]; found {p.min():g} to {p.max():g}"
+        )
+    return y, p
+
+
+def brier_score(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> float:
+    """Mean squared error of predicted probabilities: mean((p - y)^2); lower is better.
+
+    >>> brier_score([0, 1], [0.5, 0.5])
+    0.25
+    """
+    y, p = _check_probabilities(y_true, y_prob)
+    return float(np.mean((p - y) ** 2))
+
+
+def calibration_bins(
+    y_true: npt.ArrayLike, y_prob: npt.ArrayLike, n_bins: int = 10, level: float = 0.95
+) -> pd.DataFrame:
+    """Observed event rate against mean prediction in quantile bins of the prediction.
+
+    Bin edges are the quantiles of the predictions, so bins hold about equal
+    numbers of patients; tied predictions never straddle two bins, which can
+    leave fewer than ``n_bins`` bins. Columns: bin, n, mean_predicted,
+    observed, observed_low, observed_high (Wilson interval).
+    """
+    y, p = _check_probabilities(y_true, y_prob)
+    level = check_level(level)
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise InputError(f"number of calibration bins {n_bins!r} must be a positive integer")
+    edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)[1:-1]))
+    which = np.searchsorted(edges, p, side="right")
+    rows: list[tuple[int, int, float, float, float, float]] = []
+    for b in np.unique(which):
+        inside = which == b
+        k, n = int(y[inside].sum()), int(inside.sum())
+        low, high = wilson_ci(k, n, level)
+        rows.append((len(rows) + 1, n, float(p[inside].mean()), k / n, low, high))
+    columns = ["bin", "n", "mean_predicted", "observed", "observed_low", "observed_high"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def calibration_smooth(
+    y_true: npt.ArrayLike,
+    y_prob: npt.ArrayLike,
+    bandwidth: float | None = None,
+    grid_size: int = 101,
+) -> pd.DataFrame:
+    """Smoothed calibration curve by Gaussian-kernel (Nadaraya-Watson) regression.
+
+    observed(x) = sum_i K((x - p_i)/h) y_i / sum_i K((x - p_i)/h), on a grid
+    from min(p) to max(p). Default bandwidth h: Silverman's rule,
+    0.9 * min(SD, IQR/1.34) * N^(-1/5), floored at 0.01. Columns:
+    predicted, observed.
+    """
+    y, p = _check_probabilities(y_true, y_prob)
+    if bandwidth is None:
+        spread = min(float(p.std()), float(_sps.iqr(p)) / 1.34)
+        bandwidth = max(0.9 * spread * p.size ** (-0.2), 0.01)
+    if not bandwidth > 0.0:
+        raise InputError(f"bandwidth {bandwidth!r} must be positive")
+    grid = np.linspace(p.min(), p.max(), int(grid_size))
+    weights = np.exp(-0.5 * ((grid[:, None] - p[None, :]) / bandwidth) ** 2)
+    observed = weights @ y.astype(np.float64) / weights.sum(axis=1)
+    return pd.DataFrame({"predicted": grid, "observed": observed})
+
+
+def decision_curve(
+    y_true: npt.ArrayLike,
+    y_prob: npt.ArrayLike,
+    thresholds: npt.ArrayLike | None = None,
+) -> pd.DataFrame:
+    """Net benefit across threshold probabilities (Vickers & Elkin 2006).
+
+    At threshold probability t (treat when p >= t), a true positive is worth
+    one and a false positive t / (1 - t): NB = TP/N - FP/N * t / (1 - t).
+    Treat-all: NB = prevalence - (1 - prevalence) t / (1 - t); treat-none: 0.
+    Default thresholds 0.01, 0.02, ..., 0.99. Columns: threshold,
+    net_benefit_model, net_benefit_all, net_benefit_none.
+    """
+    y, p = _check_probabilities(y_true, y_prob)
+    t = np.round(np.arange(1, 100) / 100.0, 2) if thresholds is None else np.asarray(thresholds)
+    t = t.astype(np.float64)
+    if t.ndim != 1 or np.any(~(t > 0.0) | ~(t < 1.0)):
+        raise InputError("decision-curve thresholds must lie strictly between 0 and 1")
+    pos, neg, total = np.sort(p[y]), np.sort(p[~y]), float(p.size)
+    tp = pos.size - np.searchsorted(pos, t, side="left")
+    fp = neg.size - np.searchsorted(neg, t, side="left")
+    odds = t / (1.0 - t)
+    prevalence = pos.size / total
+    return pd.DataFrame(
+        {
+            "threshold": t,
+            "net_benefit_model": tp / total - fp / total * odds,
+            "net_benefit_all": prevalence - (1.0 - prevalence) * odds,
+            "net_benefit_none": np.zeros_like(t),
+        }
+    )

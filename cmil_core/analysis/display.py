@@ -286,7 +286,7 @@ def proportion(k: int, n: int, digits: int = 2) -> str:
     """``k`` of ``n`` as a proportion with its Wilson 95% CI."""
     if n <= 0:
         return "—"
-    from cmil_core.analysis.stats import wilson_ci
+    from cmil_core.analysis.cutoffs import wilson_ci
 
     return proportion_ci(k / n, *wilson_ci(k, n), digits=digits)
 

@@ -219,7 +219,9 @@ def _map_columns(table: TextTable, problems: list[Problem]) -> dict[str, int]:
                 None,
                 "no patient_id column (accepted names: "
                 + ", ".join(COLUMN_ALIASES["patient_id"])
-                + f"); the header is: {shown(', '.join(table.header), 200)}",
+                + f"); the header is: {shown(', '.join(table.header), 200)}"
+                # a workbook whose table is on another sheet: say which sheets there are
+                + "".join(f"; {note}" for note in table.notes),
             )
         )
     return mapping
@@ -435,14 +437,14 @@ def import_cohort(
     if dry_run:
         return result
     own = not isinstance(db, store_mod.Store)
-    st = db if isinstance(db, store_mod.Store) else store_mod.open_store(db)
+    store = db if isinstance(db, store_mod.Store) else store_mod.open_store(db)
     try:
         store_mod.import_patients(
-            st, cohort, patients, role=role, center=center, source_file=source, replace=replace
+            store, cohort, patients, role=role, center=center, source_file=source, replace=replace
         )
     finally:
         if own:
-            st.close()
+            store.close()
     return result
 
 

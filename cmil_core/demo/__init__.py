@@ -6,5 +6,6 @@ clinical tables, slides, then ingest, train and score as a user would),
 routine, exempt from the module-length rule) and :mod:`.launch` (the demo
 build in the dashboard server's process, with progress, before any browser).
 
-What it may import: everything below it; only :mod:`cmil_core.cli` sits above.
+What it may import: everything below it; only :mod:`cmil_core.commands` and
+:mod:`cmil_core.cli` sit above.
 """

@@ -53,6 +53,7 @@ from typing import BinaryIO
 
 from cmil_core.clinical.tables import read_frame
 from cmil_core.errors import InputError, shown
+from cmil_core.store import StoreFolder
 
 __all__ = [
     "MAX_ZIP_BYTES",
@@ -488,8 +489,7 @@ def _safe_name(name: str, fallback: str) -> str:
 
 def upload_folder(db: str | os.PathLike[str], cohort: str) -> Path:
     """Where a cohort's uploaded files go: ``<store folder>/uploads/<cohort>/`` (not created)."""
-    base = Path(db).expanduser().resolve().parent / "uploads"
-    return base / _safe_name(cohort, "cohort")
+    return StoreFolder.of(db).uploads / _safe_name(cohort, "cohort")
 
 
 def save_upload(source: bytes | BinaryIO, name: str, folder: str | os.PathLike[str]) -> Path:

@@ -52,7 +52,8 @@ from cmil_core.ingest import qc as qc_mod
 from cmil_core.ingest.discovery import SlideSource, discover_slides
 from cmil_core.ingest.quality import METRICS_VERSION, QCThresholds
 from cmil_core.ingest.slides import file_sha256, open_slide
-from cmil_core.ingest.tiling import TilingConfig, tile_slide
+from cmil_core.ingest.tiling import tile_slide
+from cmil_core.ingest.tiling_config import TilingConfig
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
 
 __all__ = [
@@ -178,20 +179,20 @@ def ingest(
         raise InputError(f"--executor {executor!r} is not one of local, ray")
     if mpp is not None and not 0 < mpp < 1000:
         raise InputError(f"--mpp {mpp} is not a resolution in microns per pixel")
-    with store_mod.using(db) as st:
-        db_path = st.path
-        known = {c.cohort for c in store_mod.list_cohorts(st)}
+    with store_mod.using(db) as store:
+        db_path = store.path
+        known = {c.cohort for c in store_mod.list_cohorts(store)}
         if cohort not in known:
             raise InputError(
                 f"cohort '{cohort}' does not exist in {db_path}: import its clinical table "
                 "first (python -m cmil_core import-cohort)"
             )
-        patients = set(store_mod.patients_frame(st, cohort)["patient_id"])
+        patients = set(store_mod.patients_frame(store, cohort)["patient_id"])
         if thresholds is None:
-            thresholds = qc_mod.cohort_thresholds(st, cohort) or QCThresholds()
+            thresholds = qc_mod.cohort_thresholds(store, cohort) or QCThresholds()
     source_path = Path(slides)
     if extract_dir is None and source_path.is_file():
-        extract_dir = Path(db_path).resolve().parent / "slides" / cohort / source_path.stem
+        extract_dir = store_mod.StoreFolder.of(db_path).extracted(cohort, source_path.stem)
     folder, sources = discover_slides(slides, manifest=manifest, extract_to=extract_dir)
     if manifest is not None:
         unknown = sorted({s.patient_id for s in sources} - patients)
@@ -209,9 +210,9 @@ def ingest(
         "metrics_version": METRICS_VERSION,
         "mpp_override": mpp,
     }
-    with store_mod.using(db) as st:
+    with store_mod.using(db) as store:
         run_id = store_mod.start_ingest_run(
-            st, cohort, source=str(folder), manifest=str(manifest) if manifest else None,
+            store, cohort, source=str(folder), manifest=str(manifest) if manifest else None,
             config=settings,
         )
     log.info("ingest run %d of cohort %s: %d slides from %s", run_id, cohort, len(sources),
@@ -223,9 +224,9 @@ def ingest(
         if executor == "ray" and sources:
             from cmil_core.model.distributed import scan_slides
 
-            with store_mod.using(db, read_only=True) as st:
+            with store_mod.using(db, read_only=True) as store:
                 tiled = {s.path: (s.sha256, s.tiling_key, s.patient_id)
-                         for s in store_mod.list_slides(st, cohort)
+                         for s in store_mod.list_slides(store, cohort)
                          if s.status in ("tiled", "encoded")}
             scans = scan_slides(sources, mpp_override=mpp, config=config, thresholds=thresholds,
                                 tiled=tiled, patients=patients, address=ray_address)
@@ -252,32 +253,33 @@ def ingest(
         close = getattr(scans, "close", None)
         if callable(close):
             close()
-        with store_mod.using(db) as st:
+        with store_mod.using(db) as store:
             partial = IngestSummary(cohort, run_id, str(folder), outcomes).to_dict()
-            store_mod.finish_ingest_run(st, run_id, "interrupted", partial)
+            store_mod.finish_ingest_run(store, run_id, "interrupted", partial)
         raise
     summary = IngestSummary(cohort, run_id, str(folder), outcomes)
     if who is None:
         from cmil_core.ops.access import cli_user
 
         who = cli_user()
-    with store_mod.using(db) as st:
+    with store_mod.using(db) as store:
         # One decision for the whole cohort: slides skipped now were judged by an
         # earlier run, perhaps under other thresholds.
         summary.qc_decision = store_mod.apply_qc_decision(
-            st, cohort, thresholds.to_dict(), who=who, source="ingest", only_if_changed=True,
+            store, cohort, thresholds.to_dict(), who=who, source="ingest", only_if_changed=True,
             audit=False)  # the ingest's own audit row names the decision
-        summary.slides = _recount(st, cohort, outcomes)
-        summary.warnings = [w.message for w in qc_mod.qc_warnings(st, cohort)]
-        store_mod.finish_ingest_run(st, run_id, "done", summary.to_dict())
+        summary.slides = _recount(store, cohort, outcomes)
+        summary.warnings = [w.message for w in qc_mod.qc_warnings(store, cohort)]
+        store_mod.finish_ingest_run(store, run_id, "done", summary.to_dict())
     log.info("ingest run %d of cohort %s done: %s", run_id, cohort,
              ", ".join(f"{n} {k}" for k, n in sorted(Counter(o.status for o in outcomes).items())))
     return summary
 
 
-def _recount(st: store_mod.Store, cohort: str, outcomes: list[SlideOutcome]) -> list[SlideOutcome]:
+def _recount(store: store_mod.Store, cohort: str,
+             outcomes: list[SlideOutcome]) -> list[SlideOutcome]:
     """The outcomes with each slide's patch counts as the cohort's decision left them."""
-    rows = store_mod.qc_counts(st, cohort)
+    rows = store_mod.qc_counts(store, cohort)
     out = []
     for o in outcomes:
         mine = rows[(rows["path"] == o.path) & (rows["patches"] > 0)]
@@ -420,15 +422,15 @@ def _ingest_one(
                 "or an mpp column in the manifest", run_id,
             )
         key = tiling_key(config, slide.mpp)
-        with store_mod.using(db) as st:
-            known = store_mod.find_slide(st, cohort, path)
+        with store_mod.using(db) as store:
+            known = store_mod.find_slide(store, cohort, path)
             if (
                 known is not None and known.status in ("tiled", "encoded") and known.sha256 == sha
                 and known.tiling_key == key and known.patient_id == source.patient_id
             ):
-                return _outcome_from_store(st, known)
+                return _outcome_from_store(store, known)
             slide_id = store_mod.register_slide(
-                st, cohort=cohort, patient_id=source.patient_id, path=path, sha256=sha,
+                store, cohort=cohort, patient_id=source.patient_id, path=path, sha256=sha,
                 kind=slide.kind, width=slide.width, height=slide.height, mpp=slide.mpp,
                 size_bytes=size_bytes,
             )
@@ -437,8 +439,8 @@ def _ingest_one(
                 f"{name}: patient '{source.patient_id}' (from the {source.origin} rule) is not "
                 f"in cohort '{cohort}'; add the patient to the clinical table or use a manifest"
             )
-            with store_mod.using(db) as st:
-                store_mod.mark_slide_failed(st, slide_id, reason, run_id=run_id)
+            with store_mod.using(db) as store:
+                store_mod.mark_slide_failed(store, slide_id, reason, run_id=run_id)
             return SlideOutcome(path, source.patient_id, "failed", reason)
         try:
             if scan is not None and scan.tile_error is not None:
@@ -451,13 +453,13 @@ def _ingest_one(
                     table = tile_slide(opened, config, thresholds, patch_progress,
                                        workers=workers)
         except InputError as exc:
-            with store_mod.using(db) as st:
-                store_mod.mark_slide_failed(st, slide_id, str(exc), run_id=run_id)
+            with store_mod.using(db) as store:
+                store_mod.mark_slide_failed(store, slide_id, str(exc), run_id=run_id)
             return SlideOutcome(path, source.patient_id, "failed", str(exc))
         tiling = dict(table.attrs.get("tiling", {}))
-        with store_mod.using(db) as st:
+        with store_mod.using(db) as store:
             store_mod.write_slide_patches(
-                st, slide_id, table, tiling_key=key, tiling=tiling, run_id=run_id
+                store, slide_id, table, tiling_key=key, tiling=tiling, run_id=run_id
             )
     return _outcome_from_table(source, table)
 
@@ -471,10 +473,10 @@ def _duplicate_reason(
     original into a duplicate of its copy).
     """
     path = str(source.path)
-    with store_mod.using(db) as st:
-        own = store_mod.find_slide(st, cohort, path)
+    with store_mod.using(db) as store:
+        own = store_mod.find_slide(store, cohort, path)
         others = [
-            s for s in store_mod.slides_with_sha256(st, sha)
+            s for s in store_mod.slides_with_sha256(store, sha)
             if (s.cohort, s.path) != (cohort, path) and s.status != "failed"
             and (own is None or s.slide_id < own.slide_id)
         ]
@@ -502,14 +504,14 @@ def _record_failure(
     reason: str,
     run_id: int,
 ) -> SlideOutcome:
-    with store_mod.using(db) as st:
+    with store_mod.using(db) as store:
         slide_id = store_mod.register_slide(
-            st, cohort=cohort, patient_id=source.patient_id, path=str(source.path), sha256=sha,
+            store, cohort=cohort, patient_id=source.patient_id, path=str(source.path), sha256=sha,
             kind=getattr(slide, "kind", None), width=getattr(slide, "width", None),
             height=getattr(slide, "height", None), mpp=getattr(slide, "mpp", None),
             size_bytes=size_bytes,
         )
-        store_mod.mark_slide_failed(st, slide_id, reason, run_id=run_id)
+        store_mod.mark_slide_failed(store, slide_id, reason, run_id=run_id)
     return SlideOutcome(str(source.path), source.patient_id, "failed", reason)
 
 

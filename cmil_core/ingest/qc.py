@@ -164,9 +164,9 @@ def load_thresholds_file(path: str | os.PathLike[str]) -> dict[str, float | str]
     return out
 
 
-def cohort_thresholds(st: store_mod.Store, cohort: str) -> QCThresholds | None:
+def cohort_thresholds(store: store_mod.Store, cohort: str) -> QCThresholds | None:
     """The thresholds of the cohort's current decision (None: never decided)."""
-    decision = store_mod.current_qc_decisions(st).get(cohort)
+    decision = store_mod.current_qc_decisions(store).get(cohort)
     return None if decision is None else decision_thresholds(decision)
 
 
@@ -214,15 +214,15 @@ def apply_thresholds(
 ) -> dict[str, Any]:
     """Re-decide ``cohort``'s QC under ``thresholds`` (see the module docstring); returns
     the decision: decision_id, decided_at, who, source, thresholds, kept, rejected, new."""
-    with store_mod.using(db) as st:
-        return store_mod.apply_qc_decision(st, cohort, thresholds.to_dict(), who=who,
+    with store_mod.using(db) as store:
+        return store_mod.apply_qc_decision(store, cohort, thresholds.to_dict(), who=who,
                                            source=source, only_if_changed=only_if_changed)
 
 
-def what_if(st: store_mod.Store, cohort: str, thresholds: QCThresholds) -> dict[str, Any]:
+def what_if(store: store_mod.Store, cohort: str, thresholds: QCThresholds) -> dict[str, Any]:
     """Counts under candidate thresholds, nothing written: ``{"patches", "kept",
     "rejected": {reason: n} (every reason, in rule order), "warnings": [...]}``."""
-    frame = store_mod.qc_what_if(st, thresholds.to_dict(), cohort)
+    frame = store_mod.qc_what_if(store, thresholds.to_dict(), cohort)
     rejected = dict.fromkeys(QC_REASONS, 0)
     kept = 0
     for row in frame.itertuples():
@@ -230,7 +230,7 @@ def what_if(st: store_mod.Store, cohort: str, thresholds: QCThresholds) -> dict[
             kept += int(row.patches)
         else:
             rejected[str(row.qc_reason)] = rejected.get(str(row.qc_reason), 0) + int(row.patches)
-    counts = store_mod.qc_patient_counts(st, thresholds.to_dict(), cohort)
+    counts = store_mod.qc_patient_counts(store, thresholds.to_dict(), cohort)
     return {"patches": kept + sum(rejected.values()), "kept": kept, "rejected": rejected,
             "warnings": [w.message for w in warnings_from_counts(counts)]}
 
@@ -296,15 +296,15 @@ def warnings_from_counts(counts: pd.DataFrame) -> list[QCWarning]:
     return out
 
 
-def qc_warnings(st: store_mod.Store, cohort: str | None = None) -> list[QCWarning]:
+def qc_warnings(store: store_mod.Store, cohort: str | None = None) -> list[QCWarning]:
     """The bias warnings of the store's current QC (one cohort, or every cohort)."""
-    return warnings_from_counts(store_mod.qc_patient_counts(st, None, cohort))
+    return warnings_from_counts(store_mod.qc_patient_counts(store, None, cohort))
 
 
 # --------------------------------------------------------------------------- stale marks
 
 
-def stale_marks(st: store_mod.Store) -> dict[str, pd.DataFrame]:
+def stale_marks(store: store_mod.Store) -> dict[str, pd.DataFrame]:
     """What was built on an older QC decision, and scores made despite a tiling mismatch.
 
     ``models``: model_id, train_cohort, decision_id (the training cohort's decision
@@ -313,10 +313,10 @@ def stale_marks(st: store_mod.Store) -> dict[str, pd.DataFrame]:
     stale, tiling_mismatch. Stale: the cohort has a decision now and it is not the
     one recorded.
     """
-    current = {c: d["decision_id"] for c, d in store_mod.current_qc_decisions(st).items()}
+    current = {c: d["decision_id"] for c, d in store_mod.current_qc_decisions(store).items()}
     models = []
-    for model_id in store_mod.list_models(st)["model_id"]:
-        row = store_mod.get_model(st, str(model_id))
+    for model_id in store_mod.list_models(store)["model_id"]:
+        row = store_mod.get_model(store, str(model_id))
         if row is None:
             continue
         decision = (row.config.get("qc_decision") or {}) if isinstance(row.config, dict) else {}
@@ -326,7 +326,7 @@ def stale_marks(st: store_mod.Store) -> dict[str, pd.DataFrame]:
         models.append({"model_id": row.model_id, "train_cohort": cohort, "decision_id": used,
                        "current_decision_id": now,
                        "stale": now is not None and used != now})
-    scores = store_mod.score_marks_frame(st)
+    scores = store_mod.score_marks_frame(store)
     decisions = [None if pd.isna(v) else int(v) for v in scores["qc_decision_id"]]
     now_ids = [current.get(c) for c in scores["cohort"]]
     scores = scores.assign(
@@ -382,12 +382,12 @@ def _tiling_values(records: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def training_tiling(st: store_mod.Store, cohort: str) -> dict[str, Any]:
+def training_tiling(store: store_mod.Store, cohort: str) -> dict[str, Any]:
     """What a model remembers of its training cohort's patches: ``patch_um``,
     ``overlap``, ``output_px``, ``metrics_version`` (lists of the distinct values
     over its slides) and ``qc_decision`` (decision_id, thresholds)."""
-    values = _tiling_values(store_mod.cohort_tilings(st, cohort))
-    decision = store_mod.current_qc_decisions(st).get(cohort)
+    values = _tiling_values(store_mod.cohort_tilings(store, cohort))
+    decision = store_mod.current_qc_decisions(store).get(cohort)
     return {
         **values,
         "qc_decision": None if decision is None else {
@@ -400,14 +400,14 @@ def _fmt(values: list[Any]) -> str:
     return " and ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values) or "none"
 
 
-def tiling_differences(st: store_mod.Store, trained: Mapping[str, Any], cohort: str
+def tiling_differences(store: store_mod.Store, trained: Mapping[str, Any], cohort: str
                        ) -> list[str]:
     """What differs between a model's training tiling (:func:`training_tiling`, as in its
     config) and ``cohort``'s: patch size, overlap, output size, metrics version, QC
     thresholds. Empty when nothing differs, or when the model predates this record."""
     if not trained:
         return []
-    here = training_tiling(st, cohort)
+    here = training_tiling(store, cohort)
     out = []
     names = {"patch_um": "patch size (µm)", "overlap": "overlap", "output_px": "output px",
              "metrics_version": "quality metrics version"}
@@ -429,17 +429,17 @@ def tiling_differences(st: store_mod.Store, trained: Mapping[str, Any], cohort: 
 # --------------------------------------------------------------------------- the qc command
 
 
-def qc_status(st: store_mod.Store, cohort: str, thresholds: QCThresholds | None,
+def qc_status(store: store_mod.Store, cohort: str, thresholds: QCThresholds | None,
               applied: dict[str, Any] | None = None) -> dict[str, Any]:
     """A cohort's QC for the ``qc`` command: the current decision and its counts, the
     counts under ``thresholds`` (None: the current ones, else the defaults), their bias
     warnings, and what is stale. JSON-ready."""
-    decision = store_mod.current_qc_decisions(st).get(cohort)
-    current = cohort_thresholds(st, cohort)
+    decision = store_mod.current_qc_decisions(store).get(cohort)
+    current = cohort_thresholds(store, cohort)
     candidate = thresholds or current or QCThresholds()
-    now = what_if(st, cohort, current or QCThresholds()) if decision is not None else None
-    then = what_if(st, cohort, candidate)
-    marks = stale_marks(st)
+    now = what_if(store, cohort, current or QCThresholds()) if decision is not None else None
+    then = what_if(store, cohort, candidate)
+    marks = stale_marks(store)
     models = marks["models"]
     scores = marks["scores"]
     return {

@@ -99,8 +99,9 @@ A NaN metric fails its rule.
 
 The field of a photograph (``nucleated_scope``)
 -----------------------------------------------
-A photograph (a one-level image tiled edge to edge, :func:`cmil_core.ingest.tiling.is_photograph`)
-is a field of view the operator chose, as a cytologist reads a field: with
+A photograph (a one-level image tiled edge to edge,
+:func:`cmil_core.ingest.tiling_config.is_photograph`) is a field of view the
+operator chose, as a cytologist reads a field: with
 ``nucleated_scope = "field"`` (the default) a photograph that holds at least one
 patch with nuclear material keeps its patches of red cells and glass (they are
 part of the chosen field; other rules still apply to them one by one), while a

@@ -40,10 +40,10 @@ import numpy.typing as npt
 import pandas as pd
 
 from cmil_core import store as store_mod
-from cmil_core.analysis.stats import delong_ci, roc_auc
+from cmil_core.analysis.roc import delong_ci, roc_auc
 from cmil_core.errors import InputError
+from cmil_core.ingest.patch_reading import read_patch
 from cmil_core.ingest.slides import open_slide
-from cmil_core.ingest.tiling import read_patch
 from cmil_core.progress import Progress, ProgressCallback, no_progress
 
 __all__ = [
@@ -89,7 +89,7 @@ def dark_share(
 
 
 def colour_control_scores(
-    st: store_mod.Store,
+    store: store_mod.Store,
     cohorts: Sequence[str] | None = None,
     *,
     progress: ProgressCallback = no_progress,
@@ -99,13 +99,13 @@ def colour_control_scores(
     ``cohorts`` None means every cohort. Patients without a QC-passed patch
     are left out.
     """
-    names = [c.cohort for c in store_mod.list_cohorts(st)]
+    names = [c.cohort for c in store_mod.list_cohorts(store)]
     if cohorts is not None:
         unknown = sorted(set(cohorts) - set(names))
         if unknown:
             raise InputError(f"no cohort {', '.join(map(repr, unknown))} in the store")
         names = [c for c in names if c in set(cohorts)]
-    parts = [(c, store_mod.passed_patches(st, c), store_mod.slide_glass_colours(st, c))
+    parts = [(c, store_mod.passed_patches(store, c), store_mod.slide_glass_colours(store, c))
              for c in names]
     total = sum(int(p["slide_id"].nunique()) for _, p, _ in parts)
     done = 0
@@ -126,7 +126,7 @@ def colour_control_scores(
             best[pid] = (max(old, float(shares.max())), n + len(shares))
             done += 1
             progress(Progress("colour control", 1, 1, done, total, str(cohort)))
-        labels = store_mod.patients_frame(st, cohort).set_index("patient_id")["bm_metastasis"]
+        labels = store_mod.patients_frame(store, cohort).set_index("patient_id")["bm_metastasis"]
         for pid, (score, n) in best.items():
             label = labels.get(pid)
             rows.append({"cohort": cohort, "patient_id": pid,
@@ -136,7 +136,7 @@ def colour_control_scores(
 
 
 def colour_control(
-    st: store_mod.Store,
+    store: store_mod.Store,
     cohorts: Sequence[str] | None = None,
     *,
     progress: ProgressCallback = no_progress,
@@ -146,7 +146,7 @@ def colour_control(
     Cohorts with one class only have no ``auc`` key (as
     :func:`cmil_core.outputs.evaluation.discrimination`).
     """
-    scores = colour_control_scores(st, cohorts, progress=progress)
+    scores = colour_control_scores(store, cohorts, progress=progress)
     out: list[dict[str, Any]] = []
     for cohort in dict.fromkeys(scores["cohort"]):
         part = scores[(scores["cohort"] == cohort) & scores["bm_metastasis"].notna()]

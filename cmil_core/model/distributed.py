@@ -318,8 +318,8 @@ class _EncoderActor:
 def _read_remote(path: str, mpp: float | None, coords: npt.NDArray[np.int64], output_px: int,
                  batch_size: int) -> Any:
     """A worker: uint8 batches of a slide's patches at ``coords`` (one Ray return each)."""
+    from cmil_core.ingest.patch_reading import read_patch
     from cmil_core.ingest.slides import open_slide
-    from cmil_core.ingest.tiling import read_patch
 
     out = []
     with open_slide(map_path(path), mpp=mpp) as slide:

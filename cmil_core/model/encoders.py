@@ -1,7 +1,7 @@
 """CNN patch encoders: a patch in, an embedding vector out.
 
 An *encoder* maps a batch of RGB patches, uint8 ``[B, H, W, 3]`` as
-:func:`cmil_core.ingest.tiling.read_patch` returns them, to float32 embeddings
+:func:`cmil_core.ingest.patch_reading.read_patch` returns them, to float32 embeddings
 ``[B, D]``: the pooled output of a convolutional network, before any
 classifier. The multiple-instance aggregators (:mod:`cmil_core.model.mil`) work on
 these vectors; :mod:`cmil_core.model.features` stores them per slide.
@@ -94,6 +94,13 @@ of this CPU's bf16 matrix-product rate), smallcnn 1,590 against 366.
 thread, at most ``prefetch`` batches ahead) with the computation of the
 current one.
 
+Where it lives
+--------------
+:mod:`cmil_core.model.backbones` (the networks, their initialisation and
+cost), :mod:`cmil_core.model.weight_files` (reading weights, TorchScript
+and ``.pt2`` files) and this module: the spec, preprocessing, the fast path,
+:func:`load_encoder` and :func:`encoder_from_spec`, and :func:`extract`.
+
 Example::
 
     from cmil_core.model.encoders import extract, load_encoder
@@ -112,8 +119,7 @@ import json
 import os
 import queue
 import threading
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -127,255 +133,46 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from cmil_core.errors import InputError
 from cmil_core.ingest.slides import file_sha256
+from cmil_core.model.backbones import ARCHITECTURES, build_backbone
+from cmil_core.model.weight_files import (
+    load_export,
+    load_torchscript,
+    load_weights,
+    state_digest,
+)
 
 __all__ = [
-    "ARCHITECTURES",
     "ENCODERS_VERSION",
     "ENCODER_NAMES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "BasicBlock",
-    "Bottleneck",
     "Encoder",
     "EncoderSpec",
     "Precision",
-    "ResNet",
-    "SmallCNN",
     "available_cores",
     "bf16_supported",
-    "build_backbone",
-    "count_macs",
     "encoder_from_spec",
     "extract",
-    "load_backbone",
     "load_encoder",
     "preprocess",
     "set_threads",
 ]
 
-#: Bump when a change of this module changes the features of an unchanged spec
-#: (architecture, preprocessing, initialisation): it is part of every key.
+#: Bump when a change of this module, :mod:`.backbones` or :mod:`.weight_files` changes
+#: the features of an unchanged spec (architecture, preprocessing, initialisation): it is
+#: part of every key.
 ENCODERS_VERSION = 1
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 Precision = Literal["auto", "bf16", "fp32"]
 
-# Wrappers and prefixes that training code puts around a state dict.
-_WRAPPER_KEYS = ("state_dict", "model")
-_PREFIXES = ("module.",)
-# Classifier heads: present in torchvision files, not part of an encoder.
-_HEAD_PREFIXES = ("fc.",)
 _MIN_INPUT_PX, _MAX_INPUT_PX = 32, 2048
-_SHOW_KEYS = 3  # keys quoted in an error message
 
-
-# --------------------------------------------------------------------------- architectures
-
-
-def _conv3x3(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, kernel_size=3, stride=stride, padding=1, bias=False)
-
-
-def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, kernel_size=1, stride=stride, bias=False)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions and a shortcut (ResNet-18/34), torchvision's names."""
-
-    expansion = 1
-
-    def __init__(self, in_ch: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = _conv3x3(in_ch, planes, stride)
-        self.bn1: nn.Module = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
-        self.bn2: nn.Module = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        y: torch.Tensor = self.relu(out + identity)
-        return y
-
-
-class Bottleneck(nn.Module):
-    """1x1 - 3x3 (strided) - 1x1 convolutions and a shortcut (ResNet-50), torchvision's names."""
-
-    expansion = 4
-
-    def __init__(self, in_ch: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = _conv1x1(in_ch, planes)
-        self.bn1: nn.Module = nn.BatchNorm2d(planes)
-        self.conv2 = _conv3x3(planes, planes, stride)
-        self.bn2: nn.Module = nn.BatchNorm2d(planes)
-        self.conv3 = _conv1x1(planes, planes * self.expansion)
-        self.bn3: nn.Module = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        y: torch.Tensor = self.relu(out + identity)
-        return y
-
-
-class ResNet(nn.Module):
-    """A ResNet up to its global average pool: ``[B, 3, H, W] -> [B, 512 * expansion]``.
-
-    Parameter names are torchvision's, without ``fc`` (no classifier).
-    ``H, W >= 32``: the network downsamples by 32.
-    """
-
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: tuple[int, ...]) -> None:
-        super().__init__()
-        self._in_ch = 64
-        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1: nn.Module = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_layer(block, 64, layers[0])
-        self.layer2 = self._make_layer(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.embed_dim = 512 * block.expansion
-
-    def _make_layer(self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int,
-                    stride: int = 1) -> nn.Sequential:
-        downsample: nn.Module | None = None
-        if stride != 1 or self._in_ch != planes * block.expansion:
-            downsample = nn.Sequential(
-                _conv1x1(self._in_ch, planes * block.expansion, stride),
-                nn.BatchNorm2d(planes * block.expansion),
-            )
-        layers: list[nn.Module] = [block(self._in_ch, planes, stride, downsample)]
-        self._in_ch = planes * block.expansion
-        layers.extend(block(self._in_ch, planes) for _ in range(1, blocks))
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return torch.flatten(self.avgpool(x), 1)
-
-
-class _ConvBlock(nn.Module):
-    """3x3 convolution, batch norm, ReLU."""
-
-    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
-        super().__init__()
-        self.conv = _conv3x3(in_ch, out_ch, stride)
-        self.bn: nn.Module = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.relu(self.bn(self.conv(x)))
-        return y
-
-
-class SmallCNN(nn.Module):
-    """A small, fast CNN: six conv-BN-ReLU blocks and a global average pool -> 128-d.
-
-    Widths 16, 32, 64, 64, 128, 128 with strides 2, 2, 2, 1, 2, 1: the
-    receptive field at the last block is 99 px (about 50 um at 0.5 um/px,
-    a few marrow cells), the output grid of a 224 px patch 14 x 14. The
-    narrow, strided first blocks keep the memory traffic at full resolution
-    low, which is what limits small networks on a CPU. 0.11 GMAC per 224 px patch.
-    """
-
-    WIDTHS: tuple[int, ...] = (16, 32, 64, 64, 128, 128)
-    STRIDES: tuple[int, ...] = (2, 2, 2, 1, 2, 1)
-
-    def __init__(self) -> None:
-        super().__init__()
-        blocks: list[nn.Module] = []
-        in_ch = 3
-        for width, stride in zip(self.WIDTHS, self.STRIDES, strict=True):
-            blocks.append(_ConvBlock(in_ch, width, stride))
-            in_ch = width
-        self.blocks = nn.Sequential(*blocks)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.embed_dim = in_ch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.flatten(self.avgpool(self.blocks(x)), 1)
-
-
-#: Architectures defined here: name -> (constructor, embedding size).
-ARCHITECTURES: dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "resnet18": (lambda: ResNet(BasicBlock, (2, 2, 2, 2)), 512),
-    "resnet34": (lambda: ResNet(BasicBlock, (3, 4, 6, 3)), 512),
-    "resnet50": (lambda: ResNet(Bottleneck, (3, 4, 6, 3)), 2048),
-    "smallcnn": (SmallCNN, 128),
-}
 #: Every name :func:`load_encoder` accepts.
 ENCODER_NAMES: tuple[str, ...] = (*ARCHITECTURES, "torchscript", "export")
 # Networks brought as whole programs (not state dicts): never rewritten by the fast path.
 _FOREIGN = ("torchscript", "export")
-
-
-def _init_weights(module: nn.Module) -> None:
-    """torchvision's initialisation: Kaiming-normal convolutions (fan out), BN as identity."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def build_backbone(name: str, *, seed: int = 0) -> nn.Module:
-    """A fresh network of architecture ``name``, initialised from ``seed``, in train mode.
-
-    For training or fine-tuning (e.g. a patch classifier: add a head on the
-    ``embed_dim``-sized output). The global random state is left untouched:
-    the same seed gives the same parameters, bit for bit, on one torch version.
-    Feed it :func:`preprocess`'s tensors.
-    """
-    if name not in ARCHITECTURES:
-        raise InputError(
-            f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}."
-        )
-    _check_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = ARCHITECTURES[name][0]()
-        _init_weights(module)
-    return module
-
-
-def load_backbone(
-    name: str, weights: str | os.PathLike[str] | None = None, *, seed: int = 0,
-) -> nn.Module:
-    """A trainable network of architecture ``name``: from a weights file, else seeded.
-
-    ``weights``: a state dict file (torch or safetensors; the checks of
-    :func:`load_encoder`). The module is in train mode with gradients on: the
-    starting point of :mod:`cmil_core.model.finetune`.
-    """
-    if name not in ARCHITECTURES:
-        raise InputError(
-            f"unknown architecture {name!r}; expected one of {', '.join(ARCHITECTURES)}."
-        )
-    if weights is None:
-        return build_backbone(name, seed=seed)
-    path = Path(weights)
-    if not path.is_file():
-        raise InputError(f"{path}: no such weights file.")
-    module = ARCHITECTURES[name][0]()
-    _load_state(module, path, name)
-    return module.train().requires_grad_(True)
 
 
 # --------------------------------------------------------------------------- spec
@@ -468,11 +265,6 @@ class EncoderSpec:
 
 
 # --------------------------------------------------------------------------- checks and platform
-
-
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise InputError(f"seed={seed!r} must be an integer >= 0.")
 
 
 def _check_input_px(input_px: int) -> None:
@@ -612,7 +404,8 @@ class Encoder:
     is the network as loaded (float32, eval mode, parameters frozen), the one
     a plain PyTorch loop would run; :meth:`embed` runs an inference copy of it
     (see the module docstring), made on first use. Treat ``module`` as
-    read-only: to train, start from :func:`build_backbone`. ``batch_size``:
+    read-only: to train, start from
+    :func:`~cmil_core.model.backbones.build_backbone`. ``batch_size``:
     patches per forward pass inside :meth:`embed` (bounds memory).
     """
 
@@ -703,206 +496,6 @@ def _resolve_precision(precision: str) -> str:
     return precision
 
 
-def _state_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's state (names, dtypes, shapes and bytes, in order)."""
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().contiguous().cpu()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
-
-
-def _keys_text(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOW_KEYS])
-    return shown + (f" (+{len(keys) - _SHOW_KEYS} more)" if len(keys) > _SHOW_KEYS else "")
-
-
-def _is_safetensors(path: Path) -> bool:
-    """Whether a file starts like ``safetensors``: an 8-byte little-endian header size,
-    then ``{``."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(9)
-        size = path.stat().st_size
-    except OSError:
-        return False
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 0 < int.from_bytes(head[:8], "little") <= size - 8
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return dict(load_file(str(path), device="cpu"))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(
-            f"{path.name}: not a readable safetensors file ({_first_line(exc)})."
-        ) from exc
-
-
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a weights file, unwrapped and without ``module.`` prefixes."""
-    if path.suffix.lower() == ".safetensors" or _is_safetensors(path):
-        obj: Any = _read_safetensors(path)
-        if not obj:
-            raise InputError(f"{path.name}: the safetensors file holds no tensors.")
-        return _strip_prefixes({str(k): v for k, v in obj.items()})
-    try:
-        with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and torch errors of many types: all mean "unreadable"
-        raise InputError(
-            f"{path.name}: not a readable PyTorch weights file ({_first_line(exc)}); "
-            "a TorchScript file needs the encoder name 'torchscript', a .pt2 program 'export'."
-        ) from exc
-    for wrapper in _WRAPPER_KEYS:
-        if (isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping)
-                and not all(isinstance(v, torch.Tensor) for v in obj.values())):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not obj:
-        raise InputError(
-            f"{path.name}: holds no state dict (a mapping of parameter names to tensors)."
-        )
-    not_tensors = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise InputError(
-            f"{path.name}: not a state dict: entries {_keys_text(not_tensors)} are not tensors."
-        )
-    return _strip_prefixes({str(k): v for k, v in obj.items()})
-
-
-def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    for prefix in _PREFIXES:
-        while all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def _load_state(module: nn.Module, path: Path, name: str) -> None:
-    """Load a weights file into ``module`` with strict key and shape checks."""
-    state = {k: v for k, v in _read_state_dict(path).items() if not k.startswith(_HEAD_PREFIXES)}
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_keys_text(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_keys_text(unexpected)}")
-        raise InputError(f"{path.name}: weights do not fit {name}: {'; '.join(parts)}.")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise InputError(
-                f"{path.name}: weights do not fit {name}: {key} has shape "
-                f"{tuple(tensor.shape)} in the file, {tuple(expected[key].shape)} in {name}."
-            )
-    for key, tensor in expected.items():  # old files lack the batch norm counters
-        state.setdefault(key, tensor)
-    module.load_state_dict(state, strict=True)
-
-
-def _probe_embedding(module: nn.Module, path: Path, input_px: int, what: str) -> int:
-    """Embedding size of a foreign network, probed on blank patches (batches of 1 and 2)."""
-    dim: int | None = None
-    for batch in (1, 2):
-        probe = torch.zeros(batch, 3, input_px, input_px)
-        try:
-            with torch.inference_mode():
-                y = module(probe)
-        except Exception as exc:  # a foreign network may fail in any way
-            hint = (" (export it with a dynamic batch dimension: dynamic_shapes="
-                    "({0: torch.export.Dim('batch')},))" if what == "torch.export program"
-                    and batch == 2 else "")
-            raise InputError(
-                f"{path.name}: the {what} fails on a [{batch}, 3, {input_px}, {input_px}] "
-                f"input ({_first_line(exc)}){hint}."
-            ) from exc
-        is_embedding = (isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[0] == batch
-                        and y.is_floating_point())
-        if not is_embedding:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise InputError(
-                f"{path.name}: the {what} maps [{batch}, 3, {input_px}, {input_px}] to {got}; "
-                "an encoder must return float [B, D]."
-            )
-        dim = int(y.shape[1])
-    assert dim is not None
-    return dim
-
-
-class _ExportedProgram(nn.Module):
-    """A ``torch.export`` program as a module. Its train/eval behaviour was fixed when it was
-    exported (its module refuses ``eval()``), so switching modes here leaves it alone."""
-
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        self.program = program
-
-    def train(self, mode: bool = True) -> _ExportedProgram:
-        self.training = mode
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.program(x)  # type: ignore[no-any-return]
-
-
-def _load_export(path: Path, input_px: int) -> tuple[nn.Module, int]:
-    """A ``torch.export`` program (``.pt2``) as a module, and its embedding size."""
-    try:
-        program = torch.export.load(str(path))
-        module: nn.Module = _ExportedProgram(program.module())
-    except Exception as exc:  # zip, pickle and graph errors of many types: all mean "unreadable"
-        raise InputError(
-            f"{path.name}: not a readable torch.export program ({_first_line(exc)}); "
-            "save one with torch.export.save."
-        ) from exc
-    return module, _probe_embedding(module, path, input_px, "torch.export program")
-
-
-def _load_torchscript(path: Path, input_px: int) -> tuple[nn.Module, int]:
-    """A TorchScript module and its embedding size, probed on one blank patch."""
-    try:
-        with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript; it still loads
-            warnings.simplefilter("ignore", DeprecationWarning)
-            # torch.jit.load carries no annotations (and has no typed alternative)
-            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
-    except Exception as exc:  # torch raises RuntimeError and friends for anything unreadable
-        raise InputError(
-            f"{path.name}: not a readable TorchScript file ({_first_line(exc)})."
-        ) from exc
-    module.eval()
-    probe = torch.zeros(1, 3, input_px, input_px)
-    try:
-        with torch.inference_mode():
-            y = module(probe)
-    except Exception as exc:  # a foreign network may fail in any way
-        raise InputError(
-            f"{path.name}: the TorchScript module fails on a [1, 3, {input_px}, {input_px}] "
-            f"input ({_first_line(exc)})."
-        ) from exc
-    is_embedding = (isinstance(y, torch.Tensor) and y.ndim == 2 and y.shape[0] == 1
-                    and y.is_floating_point())
-    if not is_embedding:
-        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-        raise InputError(
-            f"{path.name}: the TorchScript module maps [1, 3, {input_px}, {input_px}] to {got}; "
-            "an encoder must return float [B, D]."
-        )
-    return module, int(y.shape[1])
-
-
 def load_encoder(
     name: str = "smallcnn",
     weights: str | os.PathLike[str] | None = None,
@@ -939,7 +532,7 @@ def load_encoder(
     if name == "torchscript":
         if path is None:
             raise InputError("encoder 'torchscript' needs a weights file (the TorchScript module).")
-        module, embed_dim = _load_torchscript(path, input_px)
+        module, embed_dim = load_torchscript(path, input_px)
         spec = EncoderSpec(name=name, embed_dim=embed_dim, input_px=input_px, mean=mean, std=std,
                            weights=str(path), weights_sha256=file_sha256(path), torchscript=True,
                            precision=resolved)
@@ -947,7 +540,7 @@ def load_encoder(
     if name == "export":
         if path is None:
             raise InputError("encoder 'export' needs a weights file (the .pt2 program).")
-        module, embed_dim = _load_export(path, input_px)
+        module, embed_dim = load_export(path, input_px)
         spec = EncoderSpec(name=name, embed_dim=embed_dim, input_px=input_px, mean=mean, std=std,
                            weights=str(path), weights_sha256=file_sha256(path),
                            precision=resolved)
@@ -955,11 +548,11 @@ def load_encoder(
     if path is None:
         module = build_backbone(name, seed=seed)
         spec = EncoderSpec(name=name, embed_dim=ARCHITECTURES[name][1], input_px=input_px,
-                           mean=mean, std=std, seed=seed, init_sha256=_state_digest(module),
+                           mean=mean, std=std, seed=seed, init_sha256=state_digest(module),
                            precision=resolved)
     else:
         module = ARCHITECTURES[name][0]()
-        _load_state(module, path, name)
+        load_weights(module, path, name)
         spec = EncoderSpec(name=name, embed_dim=ARCHITECTURES[name][1], input_px=input_px,
                            mean=mean, std=std, weights=str(path),
                            weights_sha256=file_sha256(path), precision=resolved)
@@ -1076,46 +669,3 @@ def extract(
     finally:
         stop.set()
         reader.join()
-
-
-# --------------------------------------------------------------------------- cost
-
-
-def count_macs(module: nn.Module, input_px: int = 224) -> int:
-    """Multiply-accumulates of one ``input_px`` patch through the convolutions and linear layers.
-
-    Counted with forward hooks on one blank patch: a convolution costs
-    ``output elements x in_channels / groups x kernel area``, a linear layer
-    ``in x out``. Batch norm, activations and pooling are left out (the usual
-    convention: torchvision's 1.81 "GFLOPS" for ResNet-18 are these MACs).
-    Twice the MACs are the floating-point operations.
-    """
-    total = 0
-
-    def conv_hook(m: nn.Module, _inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        assert isinstance(m, nn.Conv2d)
-        k = m.kernel_size[0] * m.kernel_size[1]
-        total += int(out.numel()) * (m.in_channels // m.groups) * k
-
-    def linear_hook(m: nn.Module, _inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        assert isinstance(m, nn.Linear)
-        total += int(out.numel()) * m.in_features
-
-    handles = []
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
-    was_training = module.training
-    try:
-        module.eval()
-        with torch.inference_mode():
-            module(torch.zeros(1, 3, input_px, input_px))
-    finally:
-        module.train(was_training)
-        for h in handles:
-            h.remove()
-    return total

@@ -46,7 +46,7 @@ asked): a new quality-control decision that keeps fewer patches of a slide
 reuses its file. When it keeps patches the file lacks, only those are read
 and embedded, and the file is rewritten with the union, so that going back
 to an earlier decision reads nothing again. Otherwise it reads the patches
-(:func:`cmil_core.ingest.tiling.read_patch` at the encoder's ``input_px``, in worker
+(:func:`cmil_core.ingest.patch_reading.read_patch` at the encoder's ``input_px``, in worker
 threads), embeds them with :func:`cmil_core.model.encoders.extract` (reading
 overlapped with computing) and replaces the file. A corrupt file is
 recomputed; :func:`load_features` on one raises
@@ -87,8 +87,8 @@ from numpy.lib.npyio import NpzFile
 
 from cmil_core import _atomic
 from cmil_core.errors import InputError
+from cmil_core.ingest.patch_reading import map_ordered, read_patch
 from cmil_core.ingest.slides import Slide, file_sha256, open_slide
-from cmil_core.ingest.tiling import map_ordered, read_patch
 from cmil_core.model.encoders import Encoder, EncoderSpec, extract
 
 __all__ = [

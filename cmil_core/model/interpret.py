@@ -30,8 +30,8 @@ from scipy.stats import rankdata
 from torch import nn
 
 from cmil_core.errors import InputError
+from cmil_core.model.aggregator import Aggregator
 from cmil_core.model.encoders import Encoder, preprocess
-from cmil_core.model.mil import Aggregator
 
 __all__ = ["gradcam", "gradcam_layer", "heatmap"]
 

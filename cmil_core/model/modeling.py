@@ -51,10 +51,13 @@ import pandas as pd
 import torch
 
 from cmil_core import _atomic, store as store_mod
-from cmil_core.analysis.stats import roc_auc, youden_cutoff
+from cmil_core.analysis.cutoffs import youden_cutoff
+from cmil_core.analysis.roc import roc_auc
 from cmil_core.errors import InputError
 from cmil_core.ingest import qc as qc_mod
-from cmil_core.model import encoders, features, finetune, mil, recalibration
+from cmil_core.model import backbones, encoders, features, finetune, mil, recalibration
+from cmil_core.model.aggregator import Aggregator, BagPrediction
+from cmil_core.model.finetune_config import ENCODER_TRAINING, FinetuneConfig
 from cmil_core.progress import Progress, ProgressCallback, no_progress
 
 __all__ = [
@@ -77,18 +80,10 @@ class Bags:
     missing: list[str]  # patients with no quality-passed patch
 
 
-def _store_dir(db: store_mod.Store | str | os.PathLike[str]) -> Path:
-    path = db.path if isinstance(db, store_mod.Store) else Path(db)
-    return Path(path).expanduser().resolve().parent
-
-
 def artifact_dir(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> Path:
-    """Where a model's files live: ``<store folder>/models/<model_id>``."""
-    return _store_dir(db) / "models" / model_id
-
-
-def _features_root(db: store_mod.Store | str | os.PathLike[str]) -> Path:
-    return _store_dir(db) / "features"
+    """Where a model's files live: ``<store folder>/models/<model_id>``
+    (:meth:`StoreFolder.model <cmil_core.store.StoreFolder.model>`)."""
+    return store_mod.StoreFolder.of(db).model(model_id)
 
 
 @dataclass
@@ -101,9 +96,10 @@ class _CohortInputs:
     features_root: Path
 
 
-def _cohort_inputs(st: store_mod.Store, cohort: str) -> _CohortInputs:
-    return _CohortInputs(cohort, store_mod.passed_patches(st, cohort),
-                         store_mod.patients_frame(st, cohort), _features_root(st))
+def _cohort_inputs(store: store_mod.Store, cohort: str) -> _CohortInputs:
+    return _CohortInputs(cohort, store_mod.passed_patches(store, cohort),
+                         store_mod.patients_frame(store, cohort),
+                         store_mod.StoreFolder.of(store).features)
 
 
 def _embed(
@@ -190,11 +186,11 @@ def cohort_bags(
     """
     if executor not in ("local", "ray"):
         raise InputError(f"--executor {executor!r} is not one of local, ray")
-    with store_mod.using(db, read_only=True) as st:
-        inputs = _cohort_inputs(st, cohort)
+    with store_mod.using(db, read_only=True) as store:
+        inputs = _cohort_inputs(store, cohort)
     bags, slide_ids = _embed(inputs, encoder, progress, stage, executor, ray_address)
-    with store_mod.using(db) as st:
-        store_mod.set_slides_status(st, slide_ids, "encoded")
+    with store_mod.using(db) as store:
+        store_mod.set_slides_status(store, slide_ids, "encoded")
     return bags
 
 
@@ -222,7 +218,7 @@ def train(
     params: dict[str, Any] | None = None,
     progress: ProgressCallback = no_progress,
     encoder_training: str = "auto",
-    cnn: finetune.FinetuneConfig | None = None,
+    cnn: FinetuneConfig | None = None,
     input_px: int | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
@@ -251,28 +247,28 @@ def train(
         raise InputError(f"--executor {executor!r} is not one of local, ray")
     if aggregator not in ("histogram", "attention"):
         raise InputError(f"--aggregator {aggregator!r} is not histogram or attention")
-    if encoder_training not in (*finetune.ENCODER_TRAINING, "auto"):
+    if encoder_training not in (*ENCODER_TRAINING, "auto"):
         raise InputError(f"--encoder-training {encoder_training!r} is not "
-                         f"{', '.join(finetune.ENCODER_TRAINING)} or auto")
+                         f"{', '.join(ENCODER_TRAINING)} or auto")
     prep: dict[str, Any] = {k: v for k, v in (("input_px", input_px), ("mean", mean),
                                              ("std", std)) if v is not None}
     requested, note = encoder_training, ""
     if encoder_training == "auto":
-        with store_mod.using(db, read_only=True) as st:
-            if cohort not in {c.cohort for c in store_mod.list_cohorts(st)}:
-                raise InputError(f"cohort '{cohort}' does not exist in {st.path}")
-            inputs = _cohort_inputs(st, cohort)
+        with store_mod.using(db, read_only=True) as store:
+            if cohort not in {c.cohort for c in store_mod.list_cohorts(store)}:
+                raise InputError(f"cohort '{cohort}' does not exist in {store.path}")
+            inputs = _cohort_inputs(store, cohort)
         encoder_training, note = choose_encoder_training(inputs.patches, inputs.patients,
                                                          encoder)
         if note:
             log.info("cohort %s: %s", cohort, note)  # the CLI prints the choice after training
     if encoder_training == "finetune":
-        if encoder not in encoders.ARCHITECTURES:
+        if encoder not in backbones.ARCHITECTURES:
             raise InputError(
                 f"--encoder {encoder} cannot be fine-tuned (a whole program, not a state dict); "
-                f"use one of {', '.join(encoders.ARCHITECTURES)}, or --encoder-training frozen"
+                f"use one of {', '.join(backbones.ARCHITECTURES)}, or --encoder-training frozen"
             )
-        cnn = finetune.FinetuneConfig.from_params(cnn.to_dict() if cnn else None,
+        cnn = FinetuneConfig.from_params(cnn.to_dict() if cnn else None,
                                                   architecture=encoder, **prep)
         enc = None  # the trained CNN, once trained
     else:
@@ -280,14 +276,14 @@ def train(
         enc = encoders.load_encoder(encoder, weights, seed=seed, **prep)
     # The store is held only for each read and write, never while the CNN or
     # the aggregator runs: the dashboard and other readers keep working.
-    with store_mod.using(db, read_only=True) as st:
-        if cohort not in {c.cohort for c in store_mod.list_cohorts(st)}:
-            raise InputError(f"cohort '{cohort}' does not exist in {st.path}")
-        tiling = _tiling_settings(st, cohort)
+    with store_mod.using(db, read_only=True) as store:
+        if cohort not in {c.cohort for c in store_mod.list_cohorts(store)}:
+            raise InputError(f"cohort '{cohort}' does not exist in {store.path}")
+        tiling = _tiling_settings(store, cohort)
         # What scoring compares other cohorts against (patch size, overlap, output
         # px, metrics version) and the training cohort's QC decision (stale marks).
-        trained_tiling = qc_mod.training_tiling(st, cohort)
-    folder_root = _store_dir(db) / "models"
+        trained_tiling = qc_mod.training_tiling(store, cohort)
+    data_folder = store_mod.StoreFolder.of(db)
     log.info("train on cohort %s: aggregator %s, encoder %s (%s), %d folds, seed %d",
              cohort, aggregator, encoder, encoder_training, folds, seed)
     stages = 3
@@ -346,12 +342,12 @@ def train(
         oof_fold[held_out] = f
     created = datetime.now(UTC).replace(tzinfo=None, microsecond=0)
     model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}"
-    folder = folder_root / model_id
+    folder = data_folder.model(model_id)
     suffix = 1
     while folder.exists():
         suffix += 1
         model_id = f"{cohort}-{aggregator}-{created:%Y%m%d-%H%M%S}-{suffix}"
-        folder = folder_root / model_id
+        folder = data_folder.model(model_id)
     training_ids = [data.patient_ids[i] for i in labelled]
     config = {
         "model_id": model_id,
@@ -406,12 +402,12 @@ def train(
     if note:
         metrics["encoder_training_note"] = note
     oof = pd.DataFrame({"patient_id": training_ids, "fold": oof_fold, "score": cv.oof_scores})
-    with store_mod.using(db) as st:
+    with store_mod.using(db) as store:
         # Out-of-fold scores first: a kill in between leaves rows without a model,
         # which `check` reports and `check --repair` deletes, never a model without them.
-        store_mod.write_oof_scores(st, model_id, cohort, oof)
+        store_mod.write_oof_scores(store, model_id, cohort, oof)
         store_mod.add_model(
-            st,
+            store,
             store_mod.ModelRow(model_id, created, aggregator, enc.spec.name, cohort, config,
                                metrics, str(folder), cutoff),
         )
@@ -444,7 +440,7 @@ def choose_encoder_training(patches: pd.DataFrame, patients: pd.DataFrame,
     :func:`cmil_core.store.passed_patches`; ``patients``: ``patient_id,
     bm_metastasis``.
     """
-    if encoder not in encoders.ARCHITECTURES:
+    if encoder not in backbones.ARCHITECTURES:
         return "frozen", (f"encoder {encoder} is a whole program, not trainable weights: "
                           "used frozen (auto rule)")
     labels = patients.dropna(subset=["bm_metastasis"]).set_index("patient_id")["bm_metastasis"]
@@ -466,7 +462,7 @@ def choose_encoder_training(patches: pd.DataFrame, patients: pd.DataFrame,
 
 def _finetune(
     db: store_mod.Store | str | os.PathLike[str], cohort: str, aggregator: str,
-    params: dict[str, Any] | None, folds: int, seed: int, cnn: finetune.FinetuneConfig,
+    params: dict[str, Any] | None, folds: int, seed: int, cnn: FinetuneConfig,
     weights: str | os.PathLike[str] | None, progress: ProgressCallback,
 ) -> finetune.FinetuneResult:
     """Train the patch CNN on ``cohort`` (stages 1-3 of 5 of a fine-tuning ``train``).
@@ -475,8 +471,8 @@ def _finetune(
     ``train`` run again with the same arguments resumes from them; ``train``
     deletes the folder once the model is saved.
     """
-    with store_mod.using(db, read_only=True) as st:
-        inputs = _cohort_inputs(st, cohort)
+    with store_mod.using(db, read_only=True) as store:
+        inputs = _cohort_inputs(store, cohort)
     index = {"pixels": 1, "cnn cross-validation": 2, "final cnn": 3}
 
     def report(stage: str, done: int, total: int, message: str) -> None:
@@ -484,8 +480,8 @@ def _finetune(
 
     weights_sha = encoders.load_encoder(cnn.architecture, weights).spec.weights_sha256 \
         if weights is not None else None
-    work = _store_dir(db) / "checkpoints" / finetune.run_key(
-        cohort, seed, folds, aggregator, cnn, params, weights_sha)
+    work = store_mod.StoreFolder.of(db).checkpoint(finetune.run_key(
+        cohort, seed, folds, aggregator, cnn, params, weights_sha))
     result = finetune.finetune_encoder(
         inputs.patches, inputs.patients, aggregator=aggregator, folds=folds, seed=seed,
         work_dir=work, config=cnn, params=params, weights=weights, progress=report,
@@ -498,15 +494,15 @@ def _finetune(
     return result
 
 
-def _tiling_settings(st: store_mod.Store, cohort: str) -> list[dict[str, Any]]:
-    runs = store_mod.ingest_runs_frame(st, cohort)
+def _tiling_settings(store: store_mod.Store, cohort: str) -> list[dict[str, Any]]:
+    runs = store_mod.ingest_runs_frame(store, cohort)
     return [json.loads(c) for c in runs["config"].dropna().unique()]
 
 
 @dataclass
 class LoadedModel:
     model_id: str
-    aggregator: mil.Aggregator
+    aggregator: Aggregator
     encoder: encoders.Encoder
     cutoff: float
     config: dict[str, Any]
@@ -514,8 +510,8 @@ class LoadedModel:
 
 def load_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) -> LoadedModel:
     """Rebuild a trained model (aggregator and encoder) from its files."""
-    with store_mod.using(db, read_only=True) as st:
-        row = store_mod.get_model(st, model_id)
+    with store_mod.using(db, read_only=True) as store:
+        row = store_mod.get_model(store, model_id)
     if row is None:
         raise InputError(f"no model '{model_id}' in the store (see the models list)")
     folder = Path(row.artifact_path)
@@ -557,18 +553,18 @@ def score(
     if executor not in ("local", "ray"):
         raise InputError(f"--executor {executor!r} is not one of local, ray")
     # As in train: the store is held only to read and to write each cohort's scores.
-    with store_mod.using(db, read_only=True) as st:
-        model = load_model(st, model_id)
-        known = [c.cohort for c in store_mod.list_cohorts(st)]
+    with store_mod.using(db, read_only=True) as store:
+        model = load_model(store, model_id)
+        known = [c.cohort for c in store_mod.list_cohorts(store)]
     wanted = list(cohorts) if cohorts else known
     score_map = recalibration.ScoreMap.from_dict(model.config.get("score_map"))
     unknown = [c for c in wanted if c not in known]
     if unknown:
         raise InputError(f"no cohort {', '.join(repr(c) for c in unknown)} in the store")
     trained = model.config.get("training_tiling") or {}
-    with store_mod.using(db, read_only=True) as st:
-        mismatch = {c: qc_mod.tiling_differences(st, trained, c) for c in wanted}
-        decisions = store_mod.current_qc_decisions(st)
+    with store_mod.using(db, read_only=True) as store:
+        mismatch = {c: qc_mod.tiling_differences(store, trained, c) for c in wanted}
+        decisions = store_mod.current_qc_decisions(store)
     refused = {c: d for c, d in mismatch.items() if d}
     if refused and not allow_tiling_mismatch:
         cohort, diffs = next(iter(refused.items()))
@@ -599,10 +595,10 @@ def score(
             "attention": _column(predictions, "attention"),
             "attention_raw": _column(predictions, "attention_raw"),
         })
-        with store_mod.using(db) as st:
+        with store_mod.using(db) as store:
             decision = decisions.get(cohort)
             store_mod.write_scores(
-                st, model_id, cohort, patients, patches,
+                store, model_id, cohort, patients, patches,
                 qc_decision_id=None if decision is None else int(decision["decision_id"]),
                 tiling_mismatch="; ".join(mismatch[cohort]) or None)
         done[cohort] = len(patients)
@@ -610,7 +606,7 @@ def score(
     return done
 
 
-def _column(predictions: Sequence[mil.BagPrediction], name: str) -> np.ndarray:
+def _column(predictions: Sequence[BagPrediction], name: str) -> np.ndarray:
     """One per-patch output of every bag, end to end; NaN where an aggregator has none."""
     parts = []
     for p in predictions:
@@ -629,11 +625,10 @@ def delete_model(db: store_mod.Store | str | os.PathLike[str], model_id: str) ->
     without its files. Returns the folder.
     """
     folder = artifact_dir(db, model_id)
-    with store_mod.using(db) as st:
-        if store_mod.get_model(st, model_id) is None:
+    with store_mod.using(db) as store:
+        if store_mod.get_model(store, model_id) is None:
             raise InputError(f"no model '{model_id}' in the store")
-        store_mod.delete_model(st, model_id)
-    models_root = (_store_dir(db) / "models").resolve()
-    if folder.is_dir() and folder.resolve().parent == models_root:
+        store_mod.delete_model(store, model_id)
+    if folder.is_dir() and store_mod.StoreFolder.of(db).is_model_folder(folder):
         shutil.rmtree(folder)
     return folder

@@ -2,8 +2,8 @@
 
 What it holds: :mod:`.access` (users, roles, the audit trail's writer,
 shareable patient ids), :mod:`.jobs` (long work in a background thread with
-readable progress) and :mod:`.maintenance` (``check``, ``backup``,
-``restore``).
+readable progress), :mod:`.maintenance` (``check``: the store's consistency
+and its repairs) and :mod:`.backup` (``backup``, ``restore``).
 
 What it may import: the top-level modules, :mod:`cmil_core.store` and the
 pipeline folders below it (:mod:`cmil_core.analysis`, :mod:`cmil_core.clinical`,

@@ -198,8 +198,8 @@ def record(
             store_mod.record_audit(db, who, action, cohort=cohort, model_id=model_id,
                                    details=None if details is None else dict(details))
             return None
-        with store_mod.open_store(db, timeout=timeout) as st:
-            store_mod.record_audit(st, who, action, cohort=cohort, model_id=model_id,
+        with store_mod.open_store(db, timeout=timeout) as store:
+            store_mod.record_audit(store, who, action, cohort=cohort, model_id=model_id,
                                    details=None if details is None else dict(details))
     except (store_mod.StoreError, OSError) as exc:
         return f"the audit row could not be written: {exc}"

@@ -1,7 +1,9 @@
 """What a study produces for readers: evaluations, summaries, figures, the report.
 
-What it holds: :mod:`.evaluation` (discrimination, calibration, survival and
-localisation of one model, per cohort), :mod:`.study` (the Study overview's
+What it holds: :mod:`.evaluation` (discrimination, calibration and survival
+of one model, per cohort: pure functions of the model's scores read once,
+:class:`cmil_core.store.model_rules.ModelScores`), :mod:`.localisation`
+(patch scores against the demo's ground truth), :mod:`.study` (the Study overview's
 numbers), :mod:`.plots` (plotly figures for the pages), :mod:`.figures`
 (matplotlib figures for papers), :mod:`.palette` (colours) and :mod:`.report`
 (the study report folder).

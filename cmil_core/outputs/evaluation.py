@@ -1,18 +1,30 @@
-"""How good a trained model is: discrimination per cohort and, on the demo, localisation.
+"""How good a trained model is: discrimination, calibration and survival per cohort.
+
+Every function here is a pure function of a
+:class:`~cmil_core.store.model_rules.ModelScores`: a model's row, its parsed
+rules (operating cutoff, training cohorts, priors) and its patient scores,
+read once by :func:`~cmil_core.store.model_rules.read_model_scores` (and,
+for :func:`clinical_cox`, of the clinical table). A page or the report reads
+it once and passes it to each of them::
+
+    scores = read_model_scores(store, model_id, in_sample=False)
+    rows = discrimination(scores)
 
 Which scores (honest numbers)
 -----------------------------
-Every function here reads a model's patient scores through
-:func:`scores_frame`: the training cohort's row uses its **out-of-fold**
-scores (each patient scored by the cross-validation fold model that did not
-see them; store table ``oof_scores``), every other cohort the final model's
-scores, mapped onto that same out-of-fold scale (:mod:`cmil_core.model.recalibration`),
-on which the cutoff was chosen. ``in_sample=True`` (a switch on the pages,
-``--in-sample`` on the command line) puts the final model's in-sample scores
-in the training row instead; they are optimistic and labelled so. Each row
-or entry says which it used in ``scores`` ("out-of-fold", "in-sample",
-"final model") and carries a display ``label`` such as
-"training (out-of-fold)".
+The training cohort's row uses its **out-of-fold** scores (each patient
+scored by the cross-validation fold model that did not see them; store
+table ``oof_scores``), every other cohort the final model's scores, mapped
+onto that same out-of-fold scale (:mod:`cmil_core.model.recalibration`), on
+which the cutoff was chosen. Reading with ``in_sample=True`` (a switch on
+the pages, ``--in-sample`` on the command line) puts the final model's
+in-sample scores in the training row instead; they are optimistic and
+labelled so. Each row or entry says which it used in ``scores``
+(:data:`OUT_OF_FOLD`, :data:`IN_SAMPLE`, :data:`FINAL`: "out-of-fold",
+"in-sample", "final model"; defined with the reading in
+:mod:`cmil_core.store.model_rules` and named here too, this module being the
+face of the topic) and carries a display ``label`` such as "training
+(out-of-fold)".
 
 :func:`discrimination` gives, per cohort, the AUC of the patient score
 against the marrow-metastasis label with its DeLong 95% CI, and the
@@ -22,11 +34,12 @@ sensitivity and specificity at the model's training cutoff.
 from the 50 % prior of class-balanced training to the training prevalence
 (:func:`cmil_core.model.recalibration.prevalence_shift`).
 
-:func:`localisation` (demo study) checks patch scores against the
-generator's ground truth, per cohort; see its docstring for the overlap rule.
+:func:`risk_survival` and :func:`clinical_cox`: survival by cMIL risk group,
+the cutoff fixed on the training cohort (:func:`survival_cutoff`).
 
 :func:`patient_flow` counts patients per cohort from import to analysis
-(STARD).
+(STARD). Localisation against the demo's ground truth is
+:mod:`cmil_core.outputs.localisation`.
 """
 
 from __future__ import annotations
@@ -40,106 +53,55 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.analysis import display
-from cmil_core.analysis.calibration import calibration_fit, format_calibration_fit
-from cmil_core.analysis.stats import (
-    AucComparison,
+from cmil_core.analysis.calibration import (
     brier_score,
     calibration_bins,
+    calibration_fit,
     calibration_smooth,
     decision_curve,
+    format_calibration_fit,
+)
+from cmil_core.analysis.cox import cox_analysis
+from cmil_core.analysis.cutoffs import metrics_at_cutoff
+from cmil_core.analysis.risk_groups import risk_cutoff, risk_groups
+from cmil_core.analysis.roc import (
+    AucComparison,
     delong_ci,
     delong_paired_test,
     delong_unpaired_test,
-    metrics_at_cutoff,
     roc_auc,
-    roc_ci_band,
     roc_curve,
 )
-from cmil_core.analysis.survival import (
-    cox_analysis,
-    kaplan_meier_table,
-    risk_cutoff,
-    risk_groups,
-    survival_analysis,
-)
+from cmil_core.analysis.roc_bootstrap import roc_ci_band
+from cmil_core.analysis.survival import kaplan_meier_table, survival_analysis
 from cmil_core.analysis.time_auc import td_auc
 from cmil_core.errors import InputError
 from cmil_core.model.recalibration import prevalence_shift
-from cmil_core.store import model_rules
-from cmil_core.store.model_rules import operating_cutoff
+from cmil_core.store.model_rules import FINAL, IN_SAMPLE, OUT_OF_FOLD, ModelScores
 
 __all__ = [
-    "CLINICAL_COVARIATES", "CMIL_COVARIATE", "COX_STRATA", "CUTOFF_METHODS", "FINAL", "IN_SAMPLE",
-    "OUT_OF_FOLD", "OVERLAP_RULE", "PATCH_THRESHOLD", "POOLED", "TD_AUC_MONTHS", "calibration",
-    "calibration_summary", "clinical_cox", "cohort_comparisons", "discrimination",
-    "format_calibration", "format_evaluation", "format_flow", "localisation",
-    "metrics_table", "model_comparisons", "patient_flow", "probability_note", "risk_survival",
-    "roc_curves", "scores_frame", "survival_cutoff", "training_cohorts", "tumour_fraction",
+    "CLINICAL_COVARIATES", "CMIL_COVARIATE", "COX_STRATA", "CUTOFF_METHODS", "ENDPOINTS", "FINAL",
+    "IN_SAMPLE", "OUT_OF_FOLD", "POOLED", "TD_AUC_MONTHS", "calibration", "calibration_summary",
+    "clinical_cox", "cohort_comparisons", "discrimination", "format_calibration",
+    "format_evaluation", "format_flow", "metrics_table", "model_comparisons", "patient_flow",
+    "patient_order", "probability_note", "risk_survival", "roc_curves", "survival_cutoff",
 ]
-
-#: The ``scores`` label of the training cohort's honest row.
-OUT_OF_FOLD = "out-of-fold"
-#: The ``scores`` label of the final model's scores of the cohorts it was trained on.
-IN_SAMPLE = "in-sample"
-#: The ``scores`` label of every other cohort (the final model, on the out-of-fold scale).
-FINAL = "final model"
-
-
-def _model(st: store_mod.Store, model_id: str) -> store_mod.ModelRow:
-    model = store_mod.get_model(st, model_id)
-    if model is None:
-        raise InputError(f"no model '{model_id}' in the store")
-    return model
-
-
-def scores_frame(st: store_mod.Store, model_id: str, *, in_sample: bool = False) -> pd.DataFrame:
-    """A model's patient scores as every table and figure reads them, with ``scores`` and ``label``.
-
-    Columns of :func:`cmil_core.store.patient_scores_frame` plus ``scores``
-    (:data:`OUT_OF_FOLD`, :data:`IN_SAMPLE` or :data:`FINAL`) and ``label``
-    (the cohort's display name, "training (out-of-fold)" for instance). The
-    cohorts the model was trained on get their out-of-fold scores (labelled
-    patients only: cross-validation needs the label), unless ``in_sample``;
-    a model saved without out-of-fold scores falls back to in-sample ones,
-    labelled so.
-    """
-    _model(st, model_id)
-    trained = set(training_cohorts(st, model_id))
-    final = store_mod.patient_scores_frame(st, model_id)
-    final["scores"] = np.where(final["cohort"].isin(trained), IN_SAMPLE, FINAL)
-    if not in_sample:
-        oof = store_mod.oof_scores_frame(st, model_id)
-        have = set(oof["cohort"])
-        if have:
-            oof = oof.drop(columns=["fold"]).assign(scores=OUT_OF_FOLD)
-            parts = [p for p in (final[~final["cohort"].isin(have)], oof) if not p.empty]
-            final = pd.concat(parts, ignore_index=True) if parts else final.iloc[0:0]
-    final["label"] = [_label(c, k) for c, k in zip(final["cohort"], final["scores"])]
-    return final.reset_index(drop=True)
-
-
-def _label(cohort: str, scores: str) -> str:
-    return cohort if scores == FINAL else f"{cohort} ({scores})"
 
 
 def _cohort_scores(part: pd.DataFrame) -> tuple[str, str]:
-    """(scores, label) of one cohort's rows of :func:`scores_frame`."""
+    """(scores, label) of one cohort's rows of :attr:`ModelScores.scores`."""
     return str(part["scores"].iloc[0]), str(part["label"].iloc[0])
 
 
-def discrimination(
-    st: store_mod.Store, model_id: str, *, in_sample: bool = False
-) -> list[dict[str, Any]]:
+def discrimination(model_scores: ModelScores) -> list[dict[str, Any]]:
     """Per cohort: n, positives, AUC with DeLong CI, sensitivity/specificity at the cutoff.
 
     Each entry also says which ``scores`` it used and its display ``label``
-    (see :func:`scores_frame`).
+    (see :mod:`cmil_core.store.model_rules`).
     """
-    model = _model(st, model_id)
-    scores = scores_frame(st, model_id, in_sample=in_sample)
-    order = [c.cohort for c in store_mod.list_cohorts(st)]  # training first
+    scores = model_scores.scores
     out = []
-    for cohort in [c for c in order if c in set(scores["cohort"])]:
+    for cohort in model_scores.cohorts:  # training first
         rows = scores[scores["cohort"] == cohort]
         kind, label = _cohort_scores(rows)
         rows = rows.dropna(subset=["bm_metastasis"])
@@ -149,7 +111,7 @@ def discrimination(
                                  "n": len(rows), "n_positive": int(y.sum())}
         if 0 < y.sum() < len(y):
             ci = delong_ci(y, s)
-            at = metrics_at_cutoff(y, s, operating_cutoff(model))
+            at = metrics_at_cutoff(y, s, model_scores.operating_cutoff())
             entry.update(auc=roc_auc(y, s), ci_low=ci.low, ci_high=ci.high,
                          sensitivity=at.sensitivity, specificity=at.specificity)
         out.append(entry)
@@ -157,18 +119,17 @@ def discrimination(
 
 
 def roc_curves(
-    st: store_mod.Store, model_id: str, *, band: bool = False, n_boot: int = 2000,
-    in_sample: bool = False,
+    model_scores: ModelScores, *, band: bool = False, n_boot: int = 2000
 ) -> list[dict[str, Any]]:
     """Per cohort with both classes: ``cohort, fpr, tpr`` (lists), ``auc, ci_low, ci_high``.
 
     With ``band``, each also carries ``band``: the stratified-bootstrap 95%
     CI of the sensitivity at specificities 0, 0.01, ..., 1
-    (:func:`~cmil_core.analysis.stats.roc_ci_band`, as pROC's ``ci.se``; seed 0).
+    (:func:`~cmil_core.analysis.roc_bootstrap.roc_ci_band`, as pROC's ``ci.se``; seed 0).
     """
-    scores = scores_frame(st, model_id, in_sample=in_sample).dropna(subset=["bm_metastasis"])
+    scores = model_scores.scores.dropna(subset=["bm_metastasis"])
     out = []
-    for row in discrimination(st, model_id, in_sample=in_sample):
+    for row in discrimination(model_scores):
         if "auc" not in row:
             continue
         rows = scores[scores["cohort"] == row["cohort"]]
@@ -196,9 +157,7 @@ def _test_row(a: str, b: str, test: AucComparison, n: str) -> dict[str, Any]:
     }
 
 
-def cohort_comparisons(
-    st: store_mod.Store, model_id: str, *, in_sample: bool = False
-) -> pd.DataFrame:
+def cohort_comparisons(model_scores: ModelScores) -> pd.DataFrame:
     """Unpaired DeLong tests of one model's AUC between every two cohorts.
 
     Different patients, so no covariance term (pROC ``roc.test(..., paired =
@@ -207,9 +166,8 @@ def cohort_comparisons(
     with both classes take part; a training cohort is named by its label
     ("training (out-of-fold)").
     """
-    scores = scores_frame(st, model_id, in_sample=in_sample)
-    usable = [(r["cohort"], r["label"]) for r in discrimination(st, model_id, in_sample=in_sample)
-              if "auc" in r]
+    scores = model_scores.scores
+    usable = [(r["cohort"], r["label"]) for r in discrimination(model_scores) if "auc" in r]
     rows = []
     for i, (a, label_a) in enumerate(usable):
         for b, label_b in usable[i + 1:]:
@@ -224,27 +182,22 @@ _COMPARISON_COLUMNS = ["a", "b", "n", "auc_a", "auc_b", "difference", "diff_ci_l
                        "diff_ci_high", "z", "p", "method"]
 
 
-def model_comparisons(
-    st: store_mod.Store, model_a: str, model_b: str, *, in_sample: bool = False
-) -> pd.DataFrame:
+def model_comparisons(model_a: ModelScores, model_b: ModelScores) -> pd.DataFrame:
     """Paired DeLong tests of two models' AUCs, per cohort, on the patients both scored.
 
     Same patients, so the covariance counts (pROC ``roc.test(..., paired =
     TRUE)``). One row per cohort with both classes among the shared patients;
     columns as :func:`cohort_comparisons` with ``a``/``b`` the model ids and
     a ``cohort`` column first, then ``scores`` (each model's, as
-    :func:`scores_frame`: out-of-fold on a cohort a model was trained on).
+    :func:`~cmil_core.store.model_rules.read_model_scores` read them: out-of-fold on a
+    cohort a model was trained on, unless read ``in_sample``).
     """
-    for model_id in (model_a, model_b):
-        if store_mod.get_model(st, model_id) is None:
-            raise InputError(f"no model '{model_id}' in the store")
     keys = ["cohort", "patient_id"]
-    a = scores_frame(st, model_a, in_sample=in_sample).dropna(subset=["bm_metastasis"])
-    b = scores_frame(st, model_b, in_sample=in_sample)[[*keys, "score", "scores"]]
+    a = model_a.scores.dropna(subset=["bm_metastasis"])
+    b = model_b.scores[[*keys, "score", "scores"]]
     both = a.merge(b, on=keys, suffixes=("_a", "_b"))
-    order = [c.cohort for c in store_mod.list_cohorts(st)]
     rows = []
-    for cohort in [c for c in order if c in set(both["cohort"])]:
+    for cohort in [c for c in model_a.cohorts if c in set(both["cohort"])]:
         part = both[both["cohort"] == cohort]
         y = part["bm_metastasis"].to_numpy(dtype=int)
         if not 0 < y.sum() < len(y):
@@ -254,22 +207,20 @@ def model_comparisons(
         )
         kinds = f"{part['scores_a'].iloc[0]} / {part['scores_b'].iloc[0]}"
         rows.append({"cohort": cohort, "scores": kinds,
-                     **_test_row(model_a, model_b, test, str(len(part)))})
+                     **_test_row(model_a.model_id, model_b.model_id, test, str(len(part)))})
     return pd.DataFrame(rows, columns=["cohort", "scores", *_COMPARISON_COLUMNS])
 
 
-def metrics_table(st: store_mod.Store, model_id: str, *, in_sample: bool = False) -> pd.DataFrame:
+def metrics_table(model_scores: ModelScores) -> pd.DataFrame:
     """Sensitivity, specificity, PPV and NPV with Wilson 95% CIs at the training cutoff, per cohort.
 
-    Columns: cohort, scores, label (:func:`scores_frame`), n, then
-    :meth:`cmil_core.analysis.stats.ThresholdMetrics.to_dict`.
+    Columns: cohort, scores, label (:class:`ModelScores`), n, then
+    :meth:`cmil_core.analysis.cutoffs.ThresholdMetrics.to_dict`.
     """
-    model = _model(st, model_id)
-    cutoff = operating_cutoff(model)
-    scores = scores_frame(st, model_id, in_sample=in_sample).dropna(subset=["bm_metastasis"])
-    order = [c.cohort for c in store_mod.list_cohorts(st)]
+    cutoff = model_scores.operating_cutoff()
+    scores = model_scores.scores.dropna(subset=["bm_metastasis"])
     rows = []
-    for cohort in [c for c in order if c in set(scores["cohort"])]:
+    for cohort in [c for c in model_scores.cohorts if c in set(scores["cohort"])]:
         part = scores[scores["cohort"] == cohort]
         kind, label = _cohort_scores(part)
         m = metrics_at_cutoff(part["bm_metastasis"].to_numpy(dtype=int),
@@ -278,47 +229,35 @@ def metrics_table(st: store_mod.Store, model_id: str, *, in_sample: bool = False
     return pd.DataFrame(rows)
 
 
-def _priors(model: store_mod.ModelRow) -> tuple[float, float]:
-    """(training prevalence, prior the model was trained at) of a model."""
-    prior = float(model.config.get("trained_prior", 0.5))  # both aggregators train balanced
-    prevalence = model.config.get("training_prevalence")
-    if prevalence is None:
-        n, pos = model.metrics.get("n_train"), model.metrics.get("n_positive")
-        prevalence = pos / n if n else prior
-    return float(prevalence), prior
-
-
-def probability_note(st: store_mod.Store, model_id: str) -> str:
+def probability_note(model_scores: ModelScores) -> str:
     """One sentence on how :func:`calibration` turns scores into probabilities."""
-    prevalence, prior = _priors(_model(st, model_id))
+    prevalence, prior = model_scores.prevalence, model_scores.prior
     return (f"Scores are read as probabilities after moving them from the {prior:.0%} prior of "
             f"class-balanced training to the training prevalence ({prevalence:.1%}) by prior "
             "shift (posterior odds times the ratio of prior odds; Saerens et al. 2002); the "
             "shift keeps every ranking and AUC.")
 
 
-def calibration(
-    st: store_mod.Store, model_id: str, *, in_sample: bool = False
-) -> list[dict[str, Any]]:
+def calibration(model_scores: ModelScores) -> list[dict[str, Any]]:
     """Per cohort with both classes: Brier score, binned and smoothed calibration, decision curve.
 
-    The scores (:func:`scores_frame`: out-of-fold for the training cohort)
+    The scores (:class:`ModelScores`: out-of-fold for the training cohort)
     are first moved from the prior of class-balanced training (50 %) to the
     training prevalence (:func:`cmil_core.model.recalibration.prevalence_shift`;
+    :func:`~cmil_core.store.model_rules.training_priors`;
     :func:`probability_note` says so in words): a class-balanced model's
     scores overstate the probability of metastasis wherever it is rarer than
     one in two. Keys: ``cohort, scores, label, n, prevalence`` (the
     training prevalence used), ``brier, bins``
-    (:func:`~cmil_core.analysis.stats.calibration_bins`, 5 quantile bins), ``smooth``
-    (:func:`~cmil_core.analysis.stats.calibration_smooth`), ``decision``
-    (:func:`~cmil_core.analysis.stats.decision_curve`), ``fit`` (calibration intercept
+    (:func:`~cmil_core.analysis.calibration.calibration_bins`, 5 quantile bins), ``smooth``
+    (:func:`~cmil_core.analysis.calibration.calibration_smooth`), ``decision``
+    (:func:`~cmil_core.analysis.calibration.decision_curve`), ``fit`` (calibration intercept
     and slope with Wald 95% CIs, :func:`cmil_core.analysis.calibration.calibration_fit`).
     """
-    prevalence, prior = _priors(_model(st, model_id))
-    scores = scores_frame(st, model_id, in_sample=in_sample).dropna(subset=["bm_metastasis"])
-    order = [c.cohort for c in store_mod.list_cohorts(st)]
+    prevalence, prior = model_scores.prevalence, model_scores.prior
+    scores = model_scores.scores.dropna(subset=["bm_metastasis"])
     out = []
-    for cohort in [c for c in order if c in set(scores["cohort"])]:
+    for cohort in [c for c in model_scores.cohorts if c in set(scores["cohort"])]:
         part = scores[scores["cohort"] == cohort]
         kind, label = _cohort_scores(part)
         y = part["bm_metastasis"].to_numpy(dtype=int)
@@ -373,19 +312,17 @@ CUTOFF_METHODS = {
 
 
 def survival_cutoff(
-    st: store_mod.Store, model_id: str, method: str | float = "model", endpoint: str = "os",
-    *, in_sample: bool = False,
+    model_scores: ModelScores, method: str | float = "model", endpoint: str = "os"
 ) -> dict[str, Any]:
     """The risk-group cutoff, always fixed on the model's training cohort.
 
     ``method``: a key of :data:`CUTOFF_METHODS` or a number. The data-driven
     methods (youden, median, maxstat) are chosen on the training cohort's
-    out-of-fold scores (:func:`scores_frame`; in-sample ones with
+    out-of-fold scores (in-sample ones when ``model_scores`` was read
     ``in_sample``), the description says which. Returns ``{"method",
     "value", "description", "scores", ...}`` (maxstat adds its statistic and
     its search-corrected p).
     """
-    model = _model(st, model_id)
     if not isinstance(method, str):
         return {"method": "number", "value": float(method), "description": f"the number {method:g}",
                 "scores": None}
@@ -393,14 +330,14 @@ def survival_cutoff(
         raise InputError(f"cutoff {method!r} is not one of {', '.join(CUTOFF_METHODS)} or a number")
     description = CUTOFF_METHODS[method]
     if method == "model":
-        return {"method": method, "value": operating_cutoff(model), "description": description,
-                "scores": OUT_OF_FOLD}
+        return {"method": method, "value": model_scores.operating_cutoff(),
+                "description": description, "scores": OUT_OF_FOLD}
     time, event, _ = ENDPOINTS[endpoint]
-    frame = scores_frame(st, model_id, in_sample=in_sample)
-    train = frame[frame["cohort"].isin(training_cohorts(st, model_id))]
+    frame = model_scores.scores
+    train = frame[frame["cohort"].isin(model_scores.training_cohorts)]
     if train.empty:
-        raise InputError(f"model '{model_id}' has no scores of its training cohort "
-                         f"{model.train_cohorts} to choose a cutoff on")
+        raise InputError(f"model '{model_scores.model_id}' has no scores of its training cohort "
+                         f"{model_scores.model.train_cohorts} to choose a cutoff on")
     kind = str(train["scores"].iloc[0])
     chosen = risk_cutoff(train, "score", method, time=time, event=event, label="bm_metastasis")
     return {**chosen.to_dict(), "description": f"{description} ({kind} training scores)",
@@ -412,14 +349,14 @@ TD_AUC_MONTHS = (12.0, 24.0, 36.0)
 
 
 def risk_survival(
-    st: store_mod.Store, model_id: str, endpoint: str = "os", cutoff: str | float = "model",
-    *, in_sample: bool = False, td_auc_times: Sequence[float] = TD_AUC_MONTHS,
+    model_scores: ModelScores, endpoint: str = "os", cutoff: str | float = "model",
+    *, td_auc_times: Sequence[float] = TD_AUC_MONTHS,
 ) -> list[dict[str, Any]]:
     """Per cohort: Kaplan-Meier by cMIL risk group, log-rank and Cox HR.
 
     Risk groups: score >= the cutoff of :func:`survival_cutoff` (fixed on the
     training cohort, applied unchanged); the training cohort's patients are
-    grouped by their out-of-fold scores (:func:`scores_frame`), unless
+    grouped by their out-of-fold scores, unless ``model_scores`` was read
     ``in_sample``. Each entry: ``cohort``, ``scores``, ``label``, ``cutoff``,
     ``curves`` (the long table of
     :func:`~cmil_core.analysis.survival.kaplan_meier_table`), ``result`` (the
@@ -435,20 +372,19 @@ def risk_survival(
     if endpoint not in ENDPOINTS:
         raise InputError(f"endpoint {endpoint!r} is not one of {', '.join(ENDPOINTS)}")
     time, event, _ = ENDPOINTS[endpoint]
-    chosen = survival_cutoff(st, model_id, cutoff, endpoint, in_sample=in_sample)
-    scores = scores_frame(st, model_id, in_sample=in_sample)
-    order = [c.cohort for c in store_mod.list_cohorts(st)]
-    cohorts = [c for c in order if c in set(scores["cohort"])]
+    chosen = survival_cutoff(model_scores, cutoff, endpoint)
+    scores = model_scores.scores
+    cohorts = list(model_scores.cohorts)
     out = []
     for c in cohorts:
         part = scores[scores["cohort"] == c]
         kind, label = _cohort_scores(part)
         out.append({**_risk_entry(c, part, chosen, time, event, td_auc_times),
                     "scores": kind, "label": label})
-    validation = [c for c in cohorts if c not in training_cohorts(st, model_id)]
+    validation = [c for c in cohorts if c not in model_scores.training_cohorts]
     with_followup = [e["cohort"] for e in out if e["cohort"] in validation and e["n"] > 0]
     if len(with_followup) >= 2:
-        pooled = scores[scores["cohort"].isin(with_followup)]
+        pooled = patient_order(scores[scores["cohort"].isin(with_followup)])
         entry = _risk_entry(POOLED, pooled, chosen, time, event, td_auc_times)
         entry.update(pooled=with_followup, scores=FINAL, label=POOLED)
         out.append(entry)
@@ -459,9 +395,26 @@ def risk_survival(
 POOLED = "pooled validation"
 
 
-def training_cohorts(st: store_mod.Store, model_id: str) -> list[str]:
-    """The cohorts a model was trained on (the models table stores them comma-separated)."""
-    return list(model_rules.training_cohorts(_model(st, model_id)))
+def patient_order(scores: pd.DataFrame) -> pd.DataFrame:
+    """Rows of one or several cohorts in the order the store lists patients (cohort, patient id).
+
+    Pooled fits and the report's patient table use it (:attr:`ModelScores.scores`
+    is in cohort order instead): a fit sums over patients in this order, so the
+    same patients always give the same last digits, whatever the cohorts' order.
+    """
+    return scores.sort_values(["cohort", "patient_id"], kind="stable")
+
+
+def _not_drawn(part: pd.DataFrame, event: str, cutoff: float) -> str:
+    """Why a cohort's survival by risk group is not drawn, the first reason that holds."""
+    if part.empty:
+        return "no patient with follow-up"
+    if part[event].sum() == 0:
+        return f"no event among {len(part)} patients with follow-up"
+    (group,) = part["risk_group"].unique()
+    side = "at or above" if group == "high" else "below"
+    return (f"a single risk group: all {len(part)} patients score {side} the cutoff "
+            f"{display.cutoff(cutoff)} fixed on training")
 
 
 def _risk_entry(
@@ -480,7 +433,7 @@ def _risk_entry(
                                  part["score"].to_numpy(dtype=float), td_auc_times)
     part["risk_group"] = risk_groups(part["score"], chosen["value"]) if len(part) else []
     if part.empty or part[event].sum() == 0 or part["risk_group"].nunique() < 2:
-        entry["note"] = "no follow-up, no events, or a single risk group"
+        entry["note"] = _not_drawn(part, event, chosen["value"])
     else:
         frame = part[[time, event, "risk_group"]]
         entry["curves"] = kaplan_meier_table(frame, time, event, "risk_group")
@@ -488,163 +441,14 @@ def _risk_entry(
     return entry
 
 
-def tumour_fraction(patches: pd.DataFrame, boxes: pd.DataFrame) -> np.ndarray:
-    """Share of each patch's area inside the union of a slide's boxes (level-0 pixels).
-
-    ``patches``: slide_id, x, y, size; ``boxes``: slide_id, x, y, width,
-    height (tumour boxes, or look-alike boxes: any ground-truth boxes).
-    """
-    fractions = np.zeros(len(patches))
-    if boxes.empty or patches.empty:
-        return fractions
-    for slide_id, idx in patches.groupby("slide_id").indices.items():
-        b = boxes[boxes["slide_id"] == slide_id]
-        if b.empty:
-            continue
-        p = patches.iloc[idx]
-        for k, row in enumerate(p.itertuples()):
-            size = int(row.size)
-            mask = np.zeros((size, size), dtype=bool)
-            for box in b.itertuples():
-                x0 = max(int(box.x) - int(row.x), 0)
-                y0 = max(int(box.y) - int(row.y), 0)
-                x1 = min(int(box.x) + int(box.width) - int(row.x), size)
-                y1 = min(int(box.y) + int(box.height) - int(row.y), size)
-                if x1 > x0 and y1 > y0:
-                    mask[y0:y1, x0:x1] = True
-            fractions[idx[k]] = mask.mean()
-    return fractions
-
-
-#: The overlap rule of :func:`localisation`, in words (``{overlap}``: ``min_overlap``).
-OVERLAP_RULE = (
-    "a patch is tumour when at least {overlap:.0%} of its area lies inside the union of its "
-    "slide's ground-truth tumour boxes; a look-alike when it is not tumour and at least "
-    "{overlap:.0%} of its area lies inside benign look-alike boxes; otherwise background"
-)
-#: A patch is flagged when its patch probability is at least this (the patch classifier's 0.5).
-PATCH_THRESHOLD = 0.5
-
-
-def _auc_or_none(truth: np.ndarray, values: np.ndarray) -> float | None:
-    keep = np.isfinite(values)
-    t, v = truth[keep], values[keep]
-    return float(roc_auc(t, v)) if 0 < t.sum() < len(t) else None
-
-
-def _share(mask: np.ndarray) -> float | None:
-    return float(mask.mean()) if mask.size else None
-
-
-def _localisation_summary(
-    frame: pd.DataFrame, tumour: np.ndarray, lookalike: np.ndarray, threshold: float
-) -> dict[str, Any]:
-    positive = frame["bm_metastasis"].to_numpy() == 1
-    probability = frame["probability"].to_numpy(dtype=float)
-    attention = frame["attention"].to_numpy(dtype=float)
-    flagged = probability >= threshold
-    per_patient, top_on_lookalike = [], []
-    keys = frame[["cohort", "patient_id"]].astype(str).agg("/".join, axis=1).to_numpy()
-    for key in dict.fromkeys(keys):
-        idx = np.flatnonzero(keys == key)
-        a = attention[idx]
-        if not np.isfinite(a).all():
-            continue
-        if positive[idx[0]]:
-            t = tumour[idx]
-            if 0 < t.sum() < len(t):
-                per_patient.append(roc_auc(t, a))
-        elif lookalike[idx].any():
-            top_on_lookalike.append(bool(lookalike[idx][int(np.argmax(a))]))
-    negative_patients = {k for k, pos in zip(keys, positive) if not pos}
-    flagged_negative = {k for k, pos, f in zip(keys, positive, flagged) if not pos and f}
-    return {
-        "patients_positive": len({k for k, pos in zip(keys, positive) if pos}),
-        "patients_negative": len(negative_patients),
-        "patches": int(positive.sum()),
-        "tumour_patches": int(tumour[positive].sum()),
-        "probability_auroc": _auc_or_none(tumour[positive], probability[positive]),
-        "probability_auroc_all": _auc_or_none(tumour, probability),
-        "attention_auroc_mean": float(np.mean(per_patient)) if per_patient else None,
-        "patients": len(per_patient),
-        "tumour_flagged": _share(flagged[tumour]),
-        "patches_negative": int((~positive).sum()),
-        "negative_flagged": _share(flagged[~positive]),
-        "negative_patients_flagged": len(flagged_negative),
-        "lookalike_patches": int(lookalike.sum()),
-        "lookalike_flagged": _share(flagged[lookalike]),
-        "lookalike_top_attention": (float(np.mean(top_on_lookalike)) if top_on_lookalike
-                                    else None),
-        "lookalike_top_patients": len(top_on_lookalike),
-    }
-
-
-def localisation(
-    st: store_mod.Store, model_id: str, *, min_overlap: float = 0.1,
-    threshold: float = PATCH_THRESHOLD,
-) -> dict[str, Any]:
-    """Patch scores against the demo's ground truth, per cohort and pooled (demo study only).
-
-    Overlap rule (:data:`OVERLAP_RULE`): a patch is *tumour* when at least
-    ``min_overlap`` (10 %) of its area lies inside the union of its slide's
-    tumour boxes (``demo_tumor_regions``); a *look-alike* when it is not
-    tumour and at least ``min_overlap`` of it lies inside benign look-alike
-    boxes (``demo_lookalike_regions``: lymphoid clusters, erythroid islands,
-    monocytes, smudge cells), when the store has them. A patch is *flagged*
-    when its patch probability is at least ``threshold`` (0.5).
-
-    Per cohort (``cohorts``: one dict each, with ``cohort``) and pooled over
-    all cohorts (the top-level keys), labelled patients only:
-
-    * ``probability_auroc``: AUROC of patch probability, tumour against other
-      patches, within metastatic patients (``patches``, ``tumour_patches``);
-    * ``probability_auroc_all``: the same over every patient's patches, so
-      that every patch of a negative patient counts as not tumour;
-    * ``attention_auroc_mean``: mean over metastatic patients (``patients``)
-      of the per-patient AUROC of attention (attention is normalised within
-      each patient, so it is compared within patients only);
-    * false positives: ``negative_flagged`` (share of negative patients'
-      patches flagged, out of ``patches_negative``),
-      ``negative_patients_flagged`` (negative patients with a flagged patch,
-      out of ``patients_negative``), ``tumour_flagged`` (share of tumour
-      patches flagged, the patch-level sensitivity at the same threshold);
-    * look-alikes: ``lookalike_patches``, ``lookalike_flagged`` (share
-      flagged), ``lookalike_top_attention`` (share of the negative patients
-      with a look-alike patch, ``lookalike_top_patients``, whose
-      highest-attention patch is a look-alike).
-
-    Plus ``min_overlap``, ``threshold``, ``rule`` (the overlap rule in
-    words) and ``lookalikes`` (whether look-alike ground truth was found).
-    """
-    frame = store_mod.localisation_patches(st, model_id).dropna(subset=["bm_metastasis"])
-    frame = frame.reset_index(drop=True)
-    boxes = store_mod.tumor_regions_frame(st)
-    looks = store_mod.lookalike_regions_frame(st)
-    meta = {"min_overlap": min_overlap, "threshold": threshold,
-            "rule": OVERLAP_RULE.format(overlap=min_overlap), "lookalikes": not looks.empty}
-    if frame.empty or boxes.empty:
-        return {"patches": 0, "tumour_patches": 0, "probability_auroc": None,
-                "attention_auroc_mean": None, "patients": 0, "cohorts": [], **meta}
-    tumour = tumour_fraction(frame, boxes) >= min_overlap
-    lookalike = ~tumour & (tumour_fraction(frame, looks) >= min_overlap)
-    order = [c.cohort for c in store_mod.list_cohorts(st)]
-    cohorts = []
-    for cohort in [c for c in order if c in set(frame["cohort"])]:
-        idx = np.flatnonzero(frame["cohort"].to_numpy() == cohort)
-        cohorts.append({"cohort": cohort, **_localisation_summary(
-            frame.iloc[idx], tumour[idx], lookalike[idx], threshold)})
-    return {**_localisation_summary(frame, tumour, lookalike, threshold), "cohorts": cohorts,
-            **meta}
-
-
-def patient_flow(st: store_mod.Store, model_id: str | None = None) -> pd.DataFrame:
+def patient_flow(store: store_mod.Store, model_id: str | None = None) -> pd.DataFrame:
     """Patients per cohort from import to analysis (STARD flow), each step within the one before.
 
     Columns: cohort, role, imported, with_slides, with_passed_patches,
     scored, labelled (see :func:`cmil_core.store.patient_flow`); for the
     model's training cohort "scored" means an out-of-fold score.
     """
-    return store_mod.patient_flow(st, model_id)
+    return store_mod.patient_flow(store, model_id)
 
 
 _FLOW_STEPS = (("imported", "imported"), ("with_slides", "with slides"),
@@ -784,14 +588,16 @@ COX_STRATA = {"center": "the cohort's centre (each centre its own baseline hazar
 
 
 def clinical_cox(
-    st: store_mod.Store, model_id: str, endpoint: str = "os", cutoff: str | float = "model",
-    factors: Sequence[str] | None = None, *, strata: str | None = None,
-    in_sample: bool = False,
+    model_scores: ModelScores, clinical: pd.DataFrame, endpoint: str = "os",
+    cutoff: str | float = "model", factors: Sequence[str] | None = None, *,
+    strata: str | None = None,
 ) -> dict[str, Any]:
     """Cox model of the cMIL risk group adjusted for clinical factors, on the validation cohorts.
 
     Patients: the model's scored patients of every cohort it was not trained
-    on, pooled, with follow-up for ``endpoint``. Covariates: "cMIL high
+    on, pooled, with follow-up for ``endpoint``; their clinical values come
+    from ``clinical`` (columns cohort, patient_id and clinical, a dict per
+    patient: :func:`cmil_core.store.patients_frame`). Covariates: "cMIL high
     risk" (score >= the cutoff of
     :func:`cmil_core.outputs.evaluation.survival_cutoff`, fixed on training: 1, else
     0), plus each clinical column of :data:`CLINICAL_COVARIATES` that the
@@ -809,7 +615,7 @@ def clinical_cox(
     events). A stratum with a single centre is no stratification: an
     :class:`InputError`.
 
-    Returns the :func:`cmil_core.analysis.survival.cox_analysis` dict plus
+    Returns the :func:`cmil_core.analysis.cox.cox_analysis` dict plus
     ``endpoint``, ``cutoff``, ``cohorts``, ``covariates`` [{name, column,
     definition}] and ``excluded`` [{column, reason}]. Raises
     :class:`InputError` when there is nothing to fit (no validation cohort,
@@ -824,20 +630,19 @@ def clinical_cox(
     if unknown:
         raise InputError(f"unknown clinical factor(s) {', '.join(unknown)}; "
                          f"one of: {', '.join(known_factors)}")
-    model = store_mod.get_model(st, model_id)
-    if model is None:
-        raise InputError(f"no model '{model_id}' in the store")
+    model_id = model_scores.model_id
     time, event, _ = ENDPOINTS[endpoint]
-    chosen = survival_cutoff(st, model_id, cutoff, endpoint, in_sample=in_sample)
-    trained_on = set(training_cohorts(st, model_id))
-    scores = store_mod.patient_scores_frame(st, model_id)
-    scores = scores[~scores["cohort"].isin(trained_on)].dropna(subset=[time, event])
+    chosen = survival_cutoff(model_scores, cutoff, endpoint)
+    trained_on = set(model_scores.training_cohorts)
+    scores = model_scores.scores
+    scores = patient_order(scores[~scores["cohort"].isin(trained_on)])
+    scores = scores.dropna(subset=[time, event])
     if scores.empty:
         raise InputError(
             f"model '{model_id}': no scored patient with {endpoint} follow-up outside its "
             f"training cohort(s) {', '.join(sorted(trained_on))}"
         )
-    clinical = store_mod.patients_frame(st)[["cohort", "patient_id", "clinical"]]
+    clinical = clinical[["cohort", "patient_id", "clinical"]]
     data = scores.merge(clinical, on=["cohort", "patient_id"], how="left")
     frame = pd.DataFrame({time: data[time].to_numpy(dtype=float),
                           event: data[event].to_numpy(dtype=float)})
@@ -873,7 +678,7 @@ def clinical_cox(
     names = [c["name"] for c in covariates]
     layer = None
     if strata == "center":
-        centre = {c.cohort: (c.center or c.cohort) for c in store_mod.list_cohorts(st)}
+        centre = model_scores.centres
         layer = "centre"
         frame[layer] = [centre.get(c, c) for c in data["cohort"]]
         if frame[layer].nunique() < 2:

@@ -3,8 +3,8 @@
 The dashboard draws with plotly (:mod:`cmil_core.outputs.plots`); these functions
 draw the same results as publication figures, for PNG and SVG downloads and
 for the report (:mod:`cmil_core.outputs.report`). Each takes plain data already
-computed by :mod:`cmil_core.analysis.stats`, :mod:`cmil_core.outputs.evaluation` or
-:mod:`cmil_core.analysis.survival` and returns a :class:`matplotlib.figure.Figure`;
+computed by the statistics of :mod:`cmil_core.analysis` or by
+:mod:`cmil_core.outputs.evaluation` and returns a :class:`matplotlib.figure.Figure`;
 none computes statistics.
 
 Figures are built on :class:`~matplotlib.figure.Figure` with an Agg canvas,
@@ -125,7 +125,7 @@ def roc(
 
     ``curves``: dicts with ``cohort, fpr, tpr, auc, ci_low, ci_high`` (as
     :func:`cmil_core.outputs.evaluation.roc_curves` gives) and optionally ``band``,
-    a :func:`cmil_core.analysis.stats.roc_ci_band` dict, drawn shaded as sensitivity
+    a :func:`cmil_core.analysis.roc_bootstrap.roc_ci_band` dict, drawn shaded as sensitivity
     against 1 - specificity. The legend reads "cohort: AUC 0.83 (0.74-0.91)".
     ``cohorts`` is the store's cohort order, which fixes each cohort's colour.
     """
@@ -320,7 +320,7 @@ def forest(cox_result: dict[str, Any], *, title: str = "Cox proportional-hazards
     """Hazard ratios with 95% CIs on a log axis, a line at 1, and per row a text such as
     "HR 2.10 (1.30-3.40), p = 0.002".
 
-    ``cox_result``: :func:`cmil_core.analysis.survival.cox_analysis` (``coefficients``
+    ``cox_result``: :func:`cmil_core.analysis.cox.cox_analysis` (``coefficients``
     [{name, hr, ci, p}], ``n``, ``events``, ``references``). Rows keep the
     model's order, top to bottom; ``labels`` renames covariates for display.
     """

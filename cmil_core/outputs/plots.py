@@ -1,7 +1,7 @@
 """Figure builders shared by the pages and the reports (plotly).
 
-Every function takes plain data (already computed by :mod:`cmil_core.analysis.stats`,
-:mod:`cmil_core.outputs.evaluation` or :mod:`cmil_core.analysis.survival`) and returns a
+Every function takes plain data (already computed by the statistics of
+:mod:`cmil_core.analysis` or by :mod:`cmil_core.outputs.evaluation`) and returns a
 figure; none computes statistics.
 """
 
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+import plotly.colors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -38,7 +39,7 @@ def roc_figure(
 
     ``curves``: dicts with ``cohort, fpr, tpr, auc, ci_low, ci_high`` (as
     :func:`cmil_core.outputs.evaluation.roc_curves` gives) and, optionally, ``band``
-    (:func:`cmil_core.analysis.stats.roc_ci_band`: the bootstrap 95% CI of the
+    (:func:`cmil_core.analysis.roc_bootstrap.roc_ci_band`: the bootstrap 95% CI of the
     sensitivity at each specificity), drawn shaded. ``cohorts``: the store's
     cohort order, which fixes each cohort's colour on every page.
     """
@@ -250,38 +251,46 @@ def decision_figure(
 def qc_histogram_figure(
     hist: pd.DataFrame, metric: str, *, cohorts: Sequence[str] | None = None
 ) -> go.Figure:
-    """Distribution of one quality metric per cohort: share of the cohort's patches per bin.
+    """Distribution of one quality metric per cohort, and where its patches are rejected.
 
-    ``hist``: :func:`cmil_core.store.qc_metric_histogram`. Shares, not counts,
-    so that cohorts of different sizes compare (a stain or scanner shift
-    between centres shows as a shifted curve); the rejected share is dotted.
+    ``hist``: :func:`cmil_core.store.qc_metric_histogram`. Top panel: the share
+    of the cohort's patches in each bin (shares, not counts, so that cohorts of
+    different sizes compare: a stain or scanner shift between centres shows as
+    a shifted curve). Bottom panel: the share of each bin's patches that quality
+    control rejected (by any rule), on its own 0-100 % axis, so that a few
+    percent of rejected patches do not lie flat on the top panel's floor; a bin
+    without patches is left blank.
     """
-    fig = go.Figure()
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        row_heights=[0.62, 0.38])
     order = list(dict.fromkeys(hist["cohort"]))
     if cohorts is not None:
         order = [c for c in cohorts if c in order] + [c for c in order if c not in cohorts]
     for k, cohort in enumerate(order):
         part = hist[hist["cohort"] == cohort]
         colour = cohort_colour(str(cohort), cohorts, k)
-        total = float((part["kept"] + part["rejected"]).sum()) or 1.0
+        in_bin = part["kept"] + part["rejected"]
+        total = float(in_bin.sum()) or 1.0
         middle = (part["bin_low"] + part["bin_high"]) / 2
         fig.add_trace(go.Scatter(
-            x=middle, y=(part["kept"] + part["rejected"]) / total, mode="lines",
-            line=dict(color=colour, shape="hvh", width=2), name=f"{cohort}: all patches",
-            hovertemplate="%{x:.3g}: %{y:.1%}<extra></extra>",
-        ))
+            x=middle, y=in_bin / total, mode="lines", legendgroup=str(cohort),
+            line=dict(color=colour, shape="hvh", width=2), name=str(cohort),
+            hovertemplate="%{x:.3g}: %{y:.1%} of the patches<extra></extra>",
+        ), row=1, col=1)
+        rejected = (part["rejected"] / in_bin.where(in_bin > 0)).astype(float)
         fig.add_trace(go.Scatter(
-            x=middle, y=part["rejected"] / total, mode="lines",
-            line=dict(color=colour, shape="hvh", width=1.5, dash="dash"),
-            fill="tozeroy", fillcolor=_translucent(colour), name=f"{cohort}: rejected",
-            hovertemplate="%{x:.3g}: %{y:.1%} rejected<extra></extra>",
-        ))
+            x=middle, y=rejected, mode="lines+markers", legendgroup=str(cohort),
+            line=dict(color=colour, width=1.5), marker=dict(size=4), showlegend=False,
+            name=f"{cohort}: rejected", connectgaps=False,
+            hovertemplate="%{x:.3g}: %{y:.0%} of this bin rejected<extra></extra>",
+        ), row=2, col=1)
     name = display.column(metric)
-    fig.update_layout(title=f"{name} per cohort", height=340,
+    fig.update_layout(title=f"{name} per cohort", height=420,
                       template="plotly_white", margin=dict(l=10, r=10, t=50, b=10),
-                      xaxis=dict(title=name),
-                      yaxis=dict(title="share of patches", tickformat=".0%"),
-                      legend=dict(orientation="h", y=-0.25))
+                      legend=dict(orientation="h", y=-0.18))
+    fig.update_yaxes(title_text="share of patches", tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(title_text="rejected", tickformat=".0%", range=[-0.03, 1.03], row=2, col=1)
+    fig.update_xaxes(title_text=name, row=2, col=1)
     return fig
 
 
@@ -311,7 +320,7 @@ def _hr_text(row: dict[str, Any]) -> str:
 def forest_figure(result: dict[str, Any], *, title: str) -> go.Figure:
     """Hazard ratios with 95% CIs on a log axis, one row per Cox coefficient.
 
-    ``result``: :func:`cmil_core.analysis.survival.cox_analysis`; each row is labelled
+    ``result``: :func:`cmil_core.analysis.cox.cox_analysis`; each row is labelled
     with its name and "HR 2.10 (1.30-3.40), p = 0.002". Coefficients without a
     finite CI (separation) are listed under the plot instead of drawn.
     """
@@ -368,9 +377,14 @@ def log_ticks(low: float, high: float, most: int = 9) -> list[float]:
 
 def colour_bar_figure(title: str, low: float, high: float, ticks: Sequence[float],
                       ticktext: Sequence[str], colorscale: str = "Inferno") -> go.Figure:
-    """A horizontal colour bar alone, naming its scale: the legend of an image heatmap."""
+    """A horizontal colour bar alone, naming its scale: the legend of an image heatmap.
+
+    The scale is passed as explicit colour stops (not its name), so that no theme
+    of the page drawing it can swap the colours the image itself uses.
+    """
+    stops = plotly.colors.get_colorscale(colorscale)
     fig = go.Figure(go.Heatmap(
-        z=[[low, high]], x=[low, high], y=[0], zmin=low, zmax=high, colorscale=colorscale,
+        z=[[low, high]], x=[low, high], y=[0], zmin=low, zmax=high, colorscale=stops,
         showscale=True, hoverinfo="skip", opacity=0,
         colorbar=dict(orientation="h", thickness=14, len=1.0, x=0.5, xanchor="center",
                       y=0.0, yanchor="bottom", tickvals=list(ticks), ticktext=list(ticktext),

@@ -10,8 +10,8 @@
                       calibration, survival_summary, survival_at_risk, time_dependent_auc,
                       cox_coefficients, patient_scores (.csv)
 
-Every number comes from :mod:`cmil_core.outputs.evaluation`, :mod:`cmil_core.analysis.survival`
-and :mod:`cmil_core.analysis.stats`; this module only gathers, formats and writes.
+Every number comes from :mod:`cmil_core.outputs.evaluation` and the statistics of
+:mod:`cmil_core.analysis`; this module only gathers, formats and writes.
 The CSV tables and ``report.json`` hold full-precision values; the HTML
 rounds them for reading. The folder is written next to its destination under
 a temporary name and renamed into place, so a crash never leaves half a
@@ -54,13 +54,14 @@ import pandas as pd
 
 from cmil_core import store as store_mod
 from cmil_core.analysis import display
-from cmil_core.analysis.stats import roc_ci_band
-from cmil_core.analysis.survival import describe_cutoff, risk_groups
+from cmil_core.analysis.risk_groups import describe_cutoff, risk_groups
+from cmil_core.analysis.roc_bootstrap import roc_ci_band
 from cmil_core.errors import InputError
 from cmil_core.ingest import qc
 from cmil_core.ops import access
 from cmil_core.outputs import evaluation, figures
 from cmil_core.progress import ProgressCallback, no_progress, stage_reporter
+from cmil_core.store.model_rules import read_model_scores
 
 __all__ = ["GENERATOR", "report_zip", "write_report"]
 
@@ -129,35 +130,37 @@ def _slug(name: str, taken: set[str]) -> str:
 
 
 def _gather(
-    st: store_mod.Store, model: store_mod.ModelRow, endpoint: str, cutoff: str | float,
+    store: store_mod.Store, model: store_mod.ModelRow, endpoint: str, cutoff: str | float,
     step: Callable[[str], None], in_sample: bool = False,
 ) -> dict[str, Any]:
-    # Honest numbers: every training row reads the out-of-fold scores (evaluation.scores_frame)
-    # unless the in-sample ones are asked for, and each row says which.
+    # Honest numbers: every training row reads the out-of-fold scores (read_model_scores)
+    # unless the in-sample ones are asked for, and each row says which. The model and its
+    # scores are read once; every evaluation below is a function of them.
     model_id = model.model_id
-    cohorts = [c.cohort for c in store_mod.list_cohorts(st)]
+    cohorts = [c.cohort for c in store_mod.list_cohorts(store)]
     step("cohorts and discrimination")
-    overview = store_mod.cohort_overview(st)
-    flow = evaluation.patient_flow(st, model_id)
-    discrimination = evaluation.discrimination(st, model_id, in_sample=in_sample)
-    curves = evaluation.roc_curves(st, model_id, in_sample=in_sample)
-    scores = evaluation.scores_frame(st, model_id, in_sample=in_sample)
+    overview = store_mod.cohort_overview(store)
+    flow = evaluation.patient_flow(store, model_id)
+    model_scores = read_model_scores(store, model_id, in_sample=in_sample)
+    discrimination = evaluation.discrimination(model_scores)
+    curves = evaluation.roc_curves(model_scores)
+    scores = evaluation.patient_order(model_scores.scores)
     step("ROC confidence bands")
     labelled = scores.dropna(subset=["bm_metastasis"])
     for curve in curves:
         part = labelled[labelled["cohort"] == curve["cohort"]]
         curve["band"] = roc_ci_band(part["bm_metastasis"].to_numpy(dtype=int),
                                     part["score"].to_numpy(dtype=float))
-    metrics = evaluation.metrics_table(st, model_id, in_sample=in_sample)
+    metrics = evaluation.metrics_table(model_scores)
     step("calibration")
-    calibration = evaluation.calibration(st, model_id, in_sample=in_sample)
+    calibration = evaluation.calibration(model_scores)
     step("survival")
-    chosen = evaluation.survival_cutoff(st, model_id, cutoff, endpoint, in_sample=in_sample)
-    survival = evaluation.risk_survival(st, model_id, endpoint, cutoff, in_sample=in_sample)
+    chosen = evaluation.survival_cutoff(model_scores, cutoff, endpoint)
+    survival = evaluation.risk_survival(model_scores, endpoint, cutoff)
     step("Cox model")
     try:
-        cox: dict[str, Any] = evaluation.clinical_cox(st, model_id, endpoint, cutoff,
-                                                      in_sample=in_sample)
+        cox: dict[str, Any] = evaluation.clinical_cox(
+            model_scores, store_mod.patients_frame(store), endpoint, cutoff)
     except InputError as exc:
         cox = {"note": str(exc)}
     scores = scores.copy()
@@ -168,22 +171,22 @@ def _gather(
         "cohort_order": cohorts, "overview": overview, "discrimination": discrimination,
         "curves": curves, "metrics": metrics, "calibration": calibration, "cutoff": chosen,
         "survival": survival, "cox": cox, "scores": scores,
-        "quality": _quality(st, model_id), "flow": flow, "in_sample": in_sample,
-        "probability_note": evaluation.probability_note(st, model_id),
+        "quality": _quality(store, model_id), "flow": flow, "in_sample": in_sample,
+        "probability_note": evaluation.probability_note(model_scores),
     }
 
 
-def _quality(st: store_mod.Store, model_id: str) -> dict[str, Any]:
+def _quality(store: store_mod.Store, model_id: str) -> dict[str, Any]:
     """Each cohort's QC decision, the bias warnings, and this model's stale or mismatch notes."""
     decisions = [
         {"cohort": c, "decision_id": d["decision_id"], "decided_at": str(d["decided_at"]),
          "who": d["who"], "source": d["source"], "thresholds": d["thresholds"],
          "kept": d["kept"], "rejected": d["rejected"]}
-        for c, d in store_mod.current_qc_decisions(st).items()]
-    counts = store_mod.qc_patient_counts(st)
+        for c, d in store_mod.current_qc_decisions(store).items()]
+    counts = store_mod.qc_patient_counts(store)
     return {"decisions": decisions,
             "warnings": [w.message for w in qc.warnings_from_counts(counts)],
-            "model_notes": qc.model_notes(qc.stale_marks(st), model_id),
+            "model_notes": qc.model_notes(qc.stale_marks(store), model_id),
             "patient_counts": counts}  # for pseudonymised warnings; not written
 
 
@@ -658,13 +661,13 @@ def write_report(
         )
     _check_target(out)
     callback = progress or no_progress
-    with store_mod.open_store(db, read_only=True) as st:
-        model = store_mod.get_model(st, model_id)
+    with store_mod.open_store(db, read_only=True) as store:
+        model = store_mod.get_model(store, model_id)
         if model is None:
             raise InputError(f"no model '{model_id}' in the store {db}")
-        if store_mod.patient_scores_frame(st, model_id).empty:
+        if store_mod.patient_scores_frame(store, model_id).empty:
             raise InputError(f"model '{model_id}' has scored no patient yet; run score first")
-        n_cohorts = len(store_mod.list_cohorts(st))
+        n_cohorts = len(store_mod.list_cohorts(store))
         # gathering (5 steps), figures drawn then written (4 + a KM per cohort and the pooled
         # one at most), tables; made exact once the figures are known
         total = 5 + 2 * (5 + n_cohorts) + 1
@@ -676,7 +679,7 @@ def write_report(
             report(done, total, message)
             done += 1
 
-        data = _gather(st, model, endpoint, cutoff, step, in_sample)
+        data = _gather(store, model, endpoint, cutoff, step, in_sample)
     counts = data["quality"].pop("patient_counts")
     if masker is not None:
         data["scores"] = masker.frame(data["scores"])

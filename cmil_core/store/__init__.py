@@ -14,11 +14,14 @@ arrays), :mod:`.qc` (QC summaries and decisions), :mod:`.models` (models and
 their scores), :mod:`.audit` (the audit trail) and :mod:`.integrity` (orphans
 and other checks for ``cmil check`` and backups); :mod:`._base` holds their
 shared helpers and errors. :mod:`.model_rules` reads a model row's rules (its
-operating cutoff, its training cohorts) the same way for every caller; it is
+operating cutoff, its training cohorts) the same way for every caller, and a
+model with its scores once (``read_model_scores``: a ``ModelScores``); it is
 imported as its own module, not re-exported here.
 
 What it may import: the standard library, duckdb, pandas, numpy and pyarrow,
-:mod:`cmil_core.errors` and (inside functions) the QC rules of
+:mod:`cmil_core.errors`, :mod:`cmil_core.store_folder` (the data folder's layout
+beside the store file, re-exported here as :class:`StoreFolder`; a top-level
+module because :mod:`cmil_core.logs` uses it too) and (inside functions) the QC rules of
 :mod:`cmil_core.ingest.quality`; nothing else of :mod:`cmil_core`. Its modules import
 each other's public names only (``from cmil_core.store._base import one_row``);
 :mod:`.connection` reaches the schema as ``schema.SCHEMA_VERSION`` and
@@ -133,6 +136,7 @@ from cmil_core.store.slides import (
     tumor_regions_frame,
     write_slide_patches,
 )
+from cmil_core.store_folder import StoreFolder
 
 __all__ = [
     "AUDIT_ACTIONS",
@@ -149,6 +153,7 @@ __all__ = [
     "Store",
     "StoreBusyError",
     "StoreError",
+    "StoreFolder",
     "StoreOutdatedError",
     "add_model",
     "apply_qc_decision",

@@ -278,8 +278,8 @@ def using(db: Store | str | os.PathLike[str], *, read_only: bool = False) -> Ite
     if isinstance(db, Store):
         yield db
         return
-    with open_store(db, read_only=read_only) as st:
-        yield st
+    with open_store(db, read_only=read_only) as store:
+        yield store
 
 
 def schema_version(store: Store) -> int:

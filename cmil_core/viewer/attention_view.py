@@ -108,7 +108,7 @@ def heat_scale(by: str, scale: str) -> HeatScale:
 
 
 def slide_heat(
-    st: store_mod.Store, model_id: str, slide_id: int, max_side: int = 1024, *,
+    store: store_mod.Store, model_id: str, slide_id: int, max_side: int = 1024, *,
     by: str = "attention", scale: str = "rank",
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32], Spread]:
     """``(thumbnail, heat in [0, 1], spread)`` of one slide under ``scale``.
@@ -121,17 +121,17 @@ def slide_heat(
     if by not in _NAMES:
         raise InputError(f"by={by!r} is not one of {', '.join(_NAMES)}")
     shown = heat_scale(by, scale)
-    slide = store_mod.get_slide(st, int(slide_id))
+    slide = store_mod.get_slide(store, int(slide_id))
     if slide is None:
         raise InputError(f"slide {slide_id} is not in the store")
-    if store_mod.get_model(st, model_id) is None:
+    if store_mod.get_model(store, model_id) is None:
         raise InputError(f"model {model_id!r} is not in the store")
     with open_slide(slide.path, mpp=slide.mpp) as s:
         thumb = np.asarray(s.thumbnail(int(max_side)).convert("RGB"), dtype=np.uint8)
         l0_size = s.dimensions
-    frame = store_mod.scored_patches_frame(st, model_id, slide_id=int(slide_id))
+    frame = store_mod.scored_patches_frame(store, model_id, slide_id=int(slide_id))
     if slide.patient_id is not None:
-        patient = store_mod.scored_patches_frame(st, model_id, cohort=slide.cohort,
+        patient = store_mod.scored_patches_frame(store, model_id, cohort=slide.cohort,
                                                  patient_id=slide.patient_id)
     else:
         patient = frame

@@ -91,7 +91,7 @@ class ViewerError(InputError):
 
 def cache_folder(db: str | os.PathLike[str]) -> Path:
     """Where tiles of the store ``db`` are cached: ``<store folder>/tile_cache``."""
-    return Path(db).expanduser().resolve().parent / "tile_cache"
+    return store_mod.StoreFolder.of(db).tile_cache
 
 
 def cache_limit_bytes() -> int:
@@ -109,7 +109,7 @@ def cache_limit_bytes() -> int:
     return int(mb * 1024 * 1024)
 
 
-def allowed_roots(st: store_mod.Store, cohort: str) -> list[Path]:
+def allowed_roots(store: store_mod.Store, cohort: str) -> list[Path]:
     """The folders a slide of ``cohort`` may be read from (resolved, existing).
 
     The store's folder, ``$CMIL_SLIDE_ROOT`` when set, and each folder the
@@ -117,14 +117,14 @@ def allowed_roots(st: store_mod.Store, cohort: str) -> list[Path]:
     """
     from cmil_core.ingest.discovery import configured_slide_root
 
-    roots = [Path(st.path).expanduser().resolve().parent]
+    roots = [store_mod.StoreFolder.of(store).root]
     try:
         root = configured_slide_root()
     except InputError:
         root = None
     if root is not None:
         roots.append(root)
-    runs = store_mod.ingest_runs_frame(st, cohort)
+    runs = store_mod.ingest_runs_frame(store, cohort)
     for source in runs["source"].dropna().unique() if len(runs) else []:
         folder = Path(str(source)).expanduser()
         if folder.is_dir():
@@ -136,13 +136,13 @@ def allowed_roots(st: store_mod.Store, cohort: str) -> list[Path]:
     return unique
 
 
-def checked_slide_path(st: store_mod.Store, slide_id: int) -> tuple[Path, store_mod.SlideRow]:
+def checked_slide_path(store: store_mod.Store, slide_id: int) -> tuple[Path, store_mod.SlideRow]:
     """The registered file of slide ``slide_id``, resolved, if it lies under :func:`allowed_roots`.
 
     Raises :class:`ViewerError` for an unknown slide, a missing file, or a
     file (or a link's target) outside every allowed folder.
     """
-    slide = store_mod.get_slide(st, int(slide_id))
+    slide = store_mod.get_slide(store, int(slide_id))
     if slide is None:
         raise ViewerError(f"no slide {slide_id} in the store")
     raw = Path(slide.path).expanduser()
@@ -150,7 +150,7 @@ def checked_slide_path(st: store_mod.Store, slide_id: int) -> tuple[Path, store_
     if "\0" in slide.path:
         raise ViewerError(f"slide {slide_id}: its path is not a valid path")
     target = raw.resolve()
-    roots = allowed_roots(st, slide.cohort)
+    roots = allowed_roots(store, slide.cohort)
     if not any(target.is_relative_to(r) for r in roots):
         raise ViewerError(
             f"slide {slide_id} ({name}): {target} lies outside the slide folders the viewer may "

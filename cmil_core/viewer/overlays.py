@@ -60,8 +60,8 @@ OTHER_QC_COLOUR = "#999999"
 MAX_PNG_PIXELS = 64_000_000
 
 
-def _importance(st: store_mod.Store, model_id: str) -> str:
-    model = store_mod.get_model(st, model_id)
+def _importance(store: store_mod.Store, model_id: str) -> str:
+    model = store_mod.get_model(store, model_id)
     if model is None:
         raise InputError(f"no model {model_id!r} in the store (see the models list)")
     return "attention" if model.aggregator == "attention" else "probability"
@@ -86,19 +86,20 @@ def _percentile(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _slide_arrays(st: store_mod.Store, slide_id: int,
+def _slide_arrays(store: store_mod.Store, slide_id: int,
                   model_id: str | None) -> tuple[dict[str, Any], str | None]:
     """:func:`cmil_core.store.slide_patch_arrays` plus ``percentile``; the importance ranked."""
-    if store_mod.get_slide(st, int(slide_id)) is None:
+    if store_mod.get_slide(store, int(slide_id)) is None:
         raise InputError(f"no slide {slide_id} in the store")
-    by = None if model_id is None else _importance(st, model_id)
-    arrays = store_mod.slide_patch_arrays(st, int(slide_id), model_id)
+    by = None if model_id is None else _importance(store, model_id)
+    arrays = store_mod.slide_patch_arrays(store, int(slide_id), model_id)
     if by is not None:
         arrays["percentile"] = _percentile(arrays[by])
     return arrays, by
 
 
-def slide_patches(st: store_mod.Store, slide_id: int, model_id: str | None = None) -> pd.DataFrame:
+def slide_patches(store: store_mod.Store, slide_id: int,
+                  model_id: str | None = None) -> pd.DataFrame:
     """Every patch of a slide: position, QC and metrics, and under ``model_id`` its scores.
 
     Columns: patch_id, x, y, size (level-0 pixels), qc_pass, qc_reason, the
@@ -107,7 +108,7 @@ def slide_patches(st: store_mod.Store, slide_id: int, model_id: str | None = Non
     percentile in (0, 1] of the model's importance (attention, or
     probability for aggregators without attention) within the slide.
     """
-    arrays, _ = _slide_arrays(st, slide_id, model_id)
+    arrays, _ = _slide_arrays(store, slide_id, model_id)
     return pd.DataFrame(arrays)
 
 
@@ -134,7 +135,7 @@ def _plain(values: np.ndarray, digits: int) -> list[Any]:
     return list(listed.tolist())
 
 
-def viewer_layers(st: store_mod.Store, slide_id: int,
+def viewer_layers(store: store_mod.Store, slide_id: int,
                   model_id: str | None = None) -> dict[str, Any]:
     """The viewer's overlay data for one slide, as JSON-ready lists (one entry per patch).
 
@@ -147,7 +148,7 @@ def viewer_layers(st: store_mod.Store, slide_id: int,
     (:func:`cmil_core.store.slide_patch_arrays`) and numpy: about 20 ms for
     a slide of the paper-scale store (bench/viewer.py, ``open_patient_ms``).
     """
-    arrays, by = _slide_arrays(st, slide_id, model_id)
+    arrays, by = _slide_arrays(store, slide_id, model_id)
     layers: dict[str, Any] = {
         "id": arrays["patch_id"].tolist(),
         "x": arrays["x"].tolist(),
@@ -166,7 +167,7 @@ def viewer_layers(st: store_mod.Store, slide_id: int,
         percentile = np.round(arrays["percentile"], 4).astype(object)
         percentile[~np.isfinite(arrays["percentile"])] = None
         layers["percentile"] = percentile.tolist()
-    regions = store_mod.tumor_regions_frame(st, int(slide_id))
+    regions = store_mod.tumor_regions_frame(store, int(slide_id))
     layers["regions"] = [[int(r.x), int(r.y), int(r.width), int(r.height)]
                          for r in regions.itertuples()]
     return layers
@@ -184,7 +185,7 @@ def _rgb(hex_colour: str) -> list[int]:
     return [int(h[i : i + 2], 16) for i in (0, 2, 4)]
 
 
-def slide_geojson(st: store_mod.Store, slide_id: int, model_id: str) -> dict[str, Any]:
+def slide_geojson(store: store_mod.Store, slide_id: int, model_id: str) -> dict[str, Any]:
     """One slide's patches as a QuPath-compatible GeoJSON ``FeatureCollection``.
 
     Each patch is a ``Feature`` with a square ``Polygon`` in level-0 pixels
@@ -196,10 +197,10 @@ def slide_geojson(st: store_mod.Store, slide_id: int, model_id: str) -> dict[str
     ground-truth tumour boxes follow as ``annotation`` features classified
     ``"Tumour (demo truth)"``.
     """
-    slide = store_mod.get_slide(st, int(slide_id))
+    slide = store_mod.get_slide(store, int(slide_id))
     if slide is None:
         raise InputError(f"no slide {slide_id} in the store")
-    frame = slide_patches(st, slide_id, model_id)
+    frame = slide_patches(store, slide_id, model_id)
     metrics = [m for m in QC_METRICS if m in frame.columns]
     features: list[dict[str, Any]] = []
     name = Path(slide.path).name
@@ -228,7 +229,7 @@ def slide_geojson(st: store_mod.Store, slide_id: int, model_id: str) -> dict[str
                              "cohort": slide.cohort, "patient_id": str(slide.patient_id)},
             },
         })
-    regions = store_mod.tumor_regions_frame(st, int(slide_id))
+    regions = store_mod.tumor_regions_frame(store, int(slide_id))
     for r in regions.itertuples():
         x, y, w, h = int(r.x), int(r.y), int(r.width), int(r.height)
         features.append({
@@ -263,11 +264,11 @@ def export_geojson(
     Raises :class:`InputError` for an unknown model, cohort or patient,
     a selection without slides, or a file ``out`` for several slides.
     """
-    with store_mod.using(db, read_only=True) as st:
-        if store_mod.get_model(st, model_id) is None:
+    with store_mod.using(db, read_only=True) as store:
+        if store_mod.get_model(store, model_id) is None:
             raise InputError(f"no model {model_id!r} in the store (see the models list)")
-        slides = store_mod.list_slides(st, cohort)
-        if not slides and cohort not in [c.cohort for c in store_mod.list_cohorts(st)]:
+        slides = store_mod.list_slides(store, cohort)
+        if not slides and cohort not in [c.cohort for c in store_mod.list_cohorts(store)]:
             raise InputError(f"no cohort {cohort!r} in the store")
         if patient_id is not None:
             slides = [s for s in slides if s.patient_id == patient_id]
@@ -275,7 +276,7 @@ def export_geojson(
                 raise InputError(f"cohort {cohort!r} has no slide of patient {patient_id!r}")
         if not slides:
             raise InputError(f"cohort {cohort!r} has no slide")
-        collections = [(s, slide_geojson(st, s.slide_id, model_id)) for s in slides]
+        collections = [(s, slide_geojson(store, s.slide_id, model_id)) for s in slides]
     if out is None:
         return [(None, c) for _, c in collections]
     target = Path(out)
@@ -302,18 +303,18 @@ def export_geojson(
 # --------------------------------------------------------------------------- heatmap PNG
 
 
-def heatmap_levels(st: store_mod.Store, slide_id: int) -> list[tuple[int, int, int]]:
+def heatmap_levels(store: store_mod.Store, slide_id: int) -> list[tuple[int, int, int]]:
     """``(level, width, height)`` of each pyramid level of a slide's file."""
     from cmil_core.ingest.slides import open_slide
 
-    slide = store_mod.get_slide(st, int(slide_id))
+    slide = store_mod.get_slide(store, int(slide_id))
     if slide is None:
         raise InputError(f"no slide {slide_id} in the store")
     with open_slide(slide.path, mpp=slide.mpp) as s:
         return [(i, int(w), int(h)) for i, (w, h) in enumerate(s.level_dimensions)]
 
 
-def heatmap_png(st: store_mod.Store, model_id: str, slide_id: int, level: int,
+def heatmap_png(store: store_mod.Store, model_id: str, slide_id: int, level: int,
                 opacity: float = 0.5) -> bytes:
     """The slide at pyramid ``level`` with the importance rank percentile painted over it (PNG).
 
@@ -327,10 +328,10 @@ def heatmap_png(st: store_mod.Store, model_id: str, slide_id: int, level: int,
     from cmil_core.model.interpret import heatmap
     from cmil_core.viewer.patients import overlay
 
-    slide = store_mod.get_slide(st, int(slide_id))
+    slide = store_mod.get_slide(store, int(slide_id))
     if slide is None:
         raise InputError(f"no slide {slide_id} in the store")
-    by = _importance(st, model_id)
+    by = _importance(store, model_id)
     with open_slide(slide.path, mpp=slide.mpp) as s:
         if not 0 <= int(level) < s.level_count:
             raise InputError(f"slide {slide_id} has levels 0 to {s.level_count - 1}, not {level}")
@@ -342,7 +343,7 @@ def heatmap_png(st: store_mod.Store, model_id: str, slide_id: int, level: int,
                              f"{MAX_PNG_PIXELS:,} pixels{hint}")
         image = s.read_region(0, 0, int(level), (int(w), int(h)))
         l0_size = s.dimensions
-    frame = store_mod.scored_patches_frame(st, model_id, slide_id=int(slide_id))
+    frame = store_mod.scored_patches_frame(store, model_id, slide_id=int(slide_id))
     heat = heatmap(l0_size, (int(w), int(h)), frame["x"], frame["y"], frame["size"],
                    frame[by].to_numpy(dtype=float))
     out = io.BytesIO()

@@ -134,8 +134,8 @@ def model_from_link(wanted: str | None, model_ids: Sequence[str]) -> tuple[int, 
 # --------------------------------------------------------------------------- checks
 
 
-def _model(st: store_mod.Store, model_id: str) -> store_mod.ModelRow:
-    model = store_mod.get_model(st, model_id)
+def _model(store: store_mod.Store, model_id: str) -> store_mod.ModelRow:
+    model = store_mod.get_model(store, model_id)
     if model is None:
         raise InputError(f"no model {model_id!r} in the store (see the models list)")
     return model
@@ -157,8 +157,8 @@ def _importance(by: str) -> str:
     return by
 
 
-def _slide(st: store_mod.Store, slide_id: int) -> store_mod.SlideRow:
-    slide = store_mod.get_slide(st, int(slide_id))
+def _slide(store: store_mod.Store, slide_id: int) -> store_mod.SlideRow:
+    slide = store_mod.get_slide(store, int(slide_id))
     if slide is None:
         raise InputError(f"no slide {slide_id} in the store")
     return slide
@@ -179,13 +179,13 @@ def _none_if_missing(value: Any) -> Any:
 # --------------------------------------------------------------------------- the list
 
 
-def importance_column(st: store_mod.Store, model_id: str) -> str:
+def importance_column(store: store_mod.Store, model_id: str) -> str:
     """The per-patch score to rank patches by: ``attention``, or ``probability``
     for aggregators without attention (histogram)."""
-    return "attention" if _model(st, model_id).aggregator == "attention" else "probability"
+    return "attention" if _model(store, model_id).aggregator == "attention" else "probability"
 
 
-def patient_list(st: store_mod.Store, model_id: str) -> pd.DataFrame:
+def patient_list(store: store_mod.Store, model_id: str) -> pd.DataFrame:
     """Every patient the model scored, the review queue first.
 
     Columns: cohort, patient_id, score, label (``bm_metastasis``: 1, 0 or
@@ -199,9 +199,9 @@ def patient_list(st: store_mod.Store, model_id: str) -> pd.DataFrame:
     wrong) to the nearest; then everyone else by score, highest first; ties
     by cohort and patient id.
     """
-    model = _model(st, model_id)
+    model = _model(store, model_id)
     cutoff = operating_cutoff(model)
-    frame = store_mod.patient_scores_frame(st, model_id)
+    frame = store_mod.patient_scores_frame(store, model_id)
     score = frame["score"].to_numpy(dtype=float)
     label = frame["bm_metastasis"].astype("Int16")
     high = score >= cutoff
@@ -233,7 +233,7 @@ def patient_list(st: store_mod.Store, model_id: str) -> pd.DataFrame:
 
 
 def patient_detail(
-    st: store_mod.Store, model_id: str, cohort: str, patient_id: str
+    store: store_mod.Store, model_id: str, cohort: str, patient_id: str
 ) -> dict[str, Any]:
     """One patient's record under a model.
 
@@ -245,9 +245,9 @@ def patient_detail(
     name, sha256, kind, width, height, mpp, status, error, patches_kept,
     patches_rejected), patches_kept, patches_rejected.
     """
-    model = _model(st, model_id)
+    model = _model(store, model_id)
     cutoff = operating_cutoff(model)
-    patients = store_mod.patients_frame(st, cohort)
+    patients = store_mod.patients_frame(store, cohort)
     match = patients[patients["patient_id"] == patient_id]
     if match.empty:
         raise InputError(f"no patient {patient_id!r} in cohort {cohort!r}")
@@ -257,7 +257,7 @@ def patient_detail(
     label = _none_if_missing(row["bm_metastasis"])
     label = None if label is None else int(label)
 
-    scores = store_mod.patient_scores_frame(st, model_id, cohort)
+    scores = store_mod.patient_scores_frame(store, model_id, cohort)
     scored = scores[scores["patient_id"] == patient_id]
     score = risk = None
     review = ""
@@ -270,7 +270,7 @@ def patient_detail(
         elif label == 0 and score >= cutoff:
             review = REVIEW_LABELS[1]
 
-    counts = store_mod.qc_counts(st, cohort)
+    counts = store_mod.qc_counts(store, cohort)
     counts = counts[counts["patient_id"] == patient_id]
     kept = counts[counts["qc_reason"].isna()].groupby("slide_id")["patches"].sum()
     rejected = counts[counts["qc_reason"].notna()].groupby("slide_id")["patches"].sum()
@@ -284,7 +284,7 @@ def patient_detail(
                 "patches_kept": int(kept.get(s.slide_id, 0)),
                 "patches_rejected": int(rejected.get(s.slide_id, 0)),
             }
-            for s in store_mod.patient_slides(st, cohort, patient_id)
+            for s in store_mod.patient_slides(store, cohort, patient_id)
         ],
         columns=["slide_id", "path", "name", "sha256", "kind", "width", "height", "mpp", "status",
                  "error", "patches_kept", "patches_rejected"],
@@ -305,7 +305,7 @@ def patient_detail(
 
 
 def attention_patches(
-    st: store_mod.Store,
+    store: store_mod.Store,
     model_id: str,
     *,
     slide_id: int | None = None,
@@ -332,15 +332,15 @@ def attention_patches(
         slide_ids = [int(slide_id)]
     else:
         assert patient is not None
-        slide_ids = store_mod.patient_slide_ids(st, *patient)
+        slide_ids = store_mod.patient_slide_ids(store, *patient)
     # Only these slides' rows are read: milliseconds at the study's 1.4 million
     # patches (bench/scale.py, topk_p95_ms). An unknown model or slide has no
     # scored patch: it is looked up only then, to say so.
-    top, bottom, scored = store_mod.extreme_patches(st, model_id, slide_ids, by=by, k=k)
+    top, bottom, scored = store_mod.extreme_patches(store, model_id, slide_ids, by=by, k=k)
     if not scored:
-        _model(st, model_id)
+        _model(store, model_id)
         if slide_id is not None:
-            _slide(st, slide_id)
+            _slide(store, slide_id)
     elif top.empty:
         raise InputError(
             f"model {model_id!r} gives no {by} per patch (a histogram model has no attention); "
@@ -349,7 +349,8 @@ def attention_patches(
     return top, bottom
 
 
-def rejected_patches(st: store_mod.Store, slide_id: int, limit: int | None = 200) -> pd.DataFrame:
+def rejected_patches(store: store_mod.Store, slide_id: int,
+                     limit: int | None = 200) -> pd.DataFrame:
     """A slide's patches rejected by quality control, by reason then grid order.
 
     Columns: patch_id, slide_id, x, y, size (level-0 pixels), qc_reason (one
@@ -357,10 +358,10 @@ def rejected_patches(st: store_mod.Store, slide_id: int, limit: int | None = 200
     ``limit``: at most this many rows (None: all); per-reason totals are in
     :func:`patient_detail` and :func:`cmil_core.store.qc_counts`.
     """
-    _slide(st, slide_id)
+    _slide(store, slide_id)
     if limit is not None:
         limit = _positive_int("limit", limit)
-    return store_mod.rejected_patches_frame(st, int(slide_id), limit)
+    return store_mod.rejected_patches_frame(store, int(slide_id), limit)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -376,12 +377,12 @@ def read_patches(
 
     ``patches``: a frame with columns x, y, size, or (x, y, size) triples, in
     level-0 pixels. Pixels are those the encoder saw
-    (:func:`cmil_core.ingest.tiling.read_patch`: the best pyramid level, then a box
+    (:func:`cmil_core.ingest.patch_reading.read_patch`: the best pyramid level, then a box
     filter to ``out_px``). Raises :class:`~cmil_core.ingest.slides.SlideError` when
     the file is missing or unreadable.
     """
+    from cmil_core.ingest.patch_reading import read_patch as _read
     from cmil_core.ingest.slides import open_slide
-    from cmil_core.ingest.tiling import read_patch as _read
 
     out_px = _positive_int("out_px", out_px, MAX_PATCH_PX)
     if isinstance(patches, pd.DataFrame):
@@ -451,7 +452,7 @@ def patch_gradcam(
 
 
 def slide_heatmap(
-    st: store_mod.Store,
+    store: store_mod.Store,
     model_id: str,
     slide_id: int,
     max_side: int = 1024,
@@ -469,14 +470,14 @@ def slide_heatmap(
     from cmil_core.ingest.slides import open_slide
     from cmil_core.model.interpret import heatmap
 
-    _model(st, model_id)
+    _model(store, model_id)
     by = _importance(by)
     max_side = _positive_int("max_side", max_side, 8192)
-    slide = _slide(st, slide_id)
+    slide = _slide(store, slide_id)
     with open_slide(slide.path, mpp=slide.mpp) as s:
         thumb = np.asarray(s.thumbnail(max_side).convert("RGB"), dtype=np.uint8)
         l0_size = s.dimensions
-    frame = store_mod.scored_patches_frame(st, model_id, slide_id=int(slide_id))
+    frame = store_mod.scored_patches_frame(store, model_id, slide_id=int(slide_id))
     th_size = (thumb.shape[1], thumb.shape[0])
     heat = heatmap(l0_size, th_size, frame["x"], frame["y"], frame["size"],
                    frame[by].to_numpy(dtype=float))

@@ -1,4 +1,4 @@
-"""Discrimination statistics: ROC, AUC with confidence intervals, tests, cutoffs.
+"""ROC analysis: the ROC curve, AUC with DeLong or bootstrap intervals, DeLong tests.
 
 Conventions (docs/DESIGN.md, "Statistics conventions")
 -------------------------------------------------
@@ -8,27 +8,25 @@ Conventions (docs/DESIGN.md, "Statistics conventions")
   silently: a score with AUC below 0.5 is reported as such.
 - Ties count one half: AUC = P(score_pos > score_neg) + 1/2 P(score_pos = score_neg),
   the Mann-Whitney U statistic divided by m * n.
-- A cutoff classifies a patient positive when ``score >= cutoff``. The Youden
-  cutoff follows pROC: candidates are the midpoints between adjacent distinct
-  scores (plus -inf and +inf), and the reported threshold is that midpoint.
 - 95% intervals: DeLong (default) clipped to [0, 1], or a stratified
-  percentile bootstrap (2,000 resamples, seeded); Wilson intervals for
-  proportions (sensitivity, specificity, PPV, NPV).
+  percentile bootstrap (2,000 resamples, seeded; the resampling itself is
+  :mod:`cmil_core.analysis.roc_bootstrap`).
+- Cutoffs (Youden) and the rates at a cutoff with their Wilson intervals are
+  :mod:`cmil_core.analysis.cutoffs`; calibration, Brier score and decision
+  curves :mod:`cmil_core.analysis.calibration`.
 
 Naming rule
 -----------
-Functions are named after what they return: ``roc_auc`` and ``brier_score``
-return a number, ``roc_curve`` a curve, ``*_ci`` an interval record, ``*_test``
-a comparison record, ``*_cutoff`` a threshold, ``calibration_*`` and
-``decision_curve`` pandas tables. They take arrays and check them once, at the
-edge. ``roc_analysis`` takes a table (pandas DataFrame) and returns the
-JSON-ready ``roc`` contract of docs/DESIGN.md (plain ``float``/``int``/``None``,
-never NaN); ``format_roc`` renders it for a terminal.
+Functions are named after what they return: ``roc_auc`` returns a number,
+``roc_curve`` a curve, ``*_ci`` an interval record, ``*_test`` a comparison
+record. They take arrays and check them once, at the edge. ``roc_analysis``
+takes a table (pandas DataFrame) and returns the JSON-ready ``roc`` contract
+of docs/DESIGN.md (plain ``float``/``int``/``None``, never NaN);
+``format_roc`` renders it for a terminal.
 
 Degenerate input (decided, and tested):
 - one class only: ``InputError`` for everything ROC (``roc_curve`` included:
-  a curve from one class is not a ROC curve); calibration, Brier score and
-  decision curves accept it (they are defined without both classes);
+  a curve from one class is not a ROC curve);
 - constant scores: AUC 0.5, DeLong interval [0.5, 0.5], and a line in the
   ``warnings`` list of ``roc_analysis`` (no Python warning is raised);
 - fewer than two patients in a class: the AUC is reported, the DeLong
@@ -47,7 +45,7 @@ Example
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Any
@@ -61,46 +59,41 @@ from cmil_core.analysis._checks import (
     FALSE_TEXTS,
     TRUE_TEXTS,
     as_text,
+    check_arrays,
+    check_level,
+    check_n_boot,
     complete_cases,
+    critical_z,
     list_values,
     numeric_column,
     require_columns,
 )
 from cmil_core.analysis._formatting import fmt, fmt_ci, fmt_p, json_float, json_pair, text_table
+from cmil_core.analysis.cutoffs import metrics_at_cutoff, youden_cutoff
+from cmil_core.analysis.roc_bootstrap import bootstrap_aucs
 from cmil_core.errors import InputError
 
 __all__ = [
+    "CI_METHODS",
     "AucComparison",
     "AucInterval",
     "RocCurve",
-    "ThresholdMetrics",
     "binary_labels",
-    "bootstrap_aucs",
     "bootstrap_ci",
-    "brier_score",
-    "calibration_bins",
-    "calibration_smooth",
-    "clopper_pearson_ci",
-    "decision_curve",
     "delong_ci",
     "delong_covariance",
     "delong_paired_test",
     "delong_unpaired_test",
     "format_roc",
-    "metrics_at_cutoff",
     "roc_analysis",
     "roc_auc",
-    "roc_ci_band",
     "roc_curve",
-    "wilson_ci",
-    "youden_cutoff",
 ]
 
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
 
 CI_METHODS = ("delong", "bootstrap")
-_CHUNK_ELEMENTS = 4_000_000  # bound on the cells of one bootstrap chunk (about 32 MB)
 
 
 # ----------------------------------------------------------------------------
@@ -156,88 +149,9 @@ class AucComparison:
     df: float | None = None  # Student t degrees of freedom (unpaired test), else None (normal)
 
 
-@dataclass(frozen=True)
-class ThresholdMetrics:
-    """Confusion counts and rates at one cutoff (positive when score >= threshold).
-
-    Rates whose denominator is zero (PPV with nobody called positive) are None.
-    """
-
-    threshold: float
-    tp: int
-    fp: int
-    tn: int
-    fn: int
-    level: float = 0.95
-
-    @property
-    def sensitivity(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fn)
-
-    @property
-    def specificity(self) -> float | None:
-        return _ratio(self.tn, self.tn + self.fp)
-
-    @property
-    def ppv(self) -> float | None:
-        return _ratio(self.tp, self.tp + self.fp)
-
-    @property
-    def npv(self) -> float | None:
-        return _ratio(self.tn, self.tn + self.fn)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: rates, their Wilson intervals, and the counts."""
-        pairs = {
-            "sensitivity": (self.tp, self.tp + self.fn),
-            "specificity": (self.tn, self.tn + self.fp),
-            "ppv": (self.tp, self.tp + self.fp),
-            "npv": (self.tn, self.tn + self.fn),
-        }
-        out: dict[str, Any] = {"threshold": json_float(self.threshold)}
-        for name, (k, n) in pairs.items():
-            out[name] = json_float(_ratio(k, n))
-        for name, (k, n) in pairs.items():
-            out[f"{name}_ci"] = json_pair(wilson_ci(k, n, self.level)) if n else None
-        out.update(tp=self.tp, fp=self.fp, tn=self.tn, fn=self.fn)
-        return out
-
-
 # ----------------------------------------------------------------------------
-# Input checks (the edge)
+# Labels
 # ----------------------------------------------------------------------------
-
-
-def _check_arrays(
-    y_true: npt.ArrayLike, y_score: npt.ArrayLike, both_classes: bool = True
-) -> tuple[BoolArray, FloatArray]:
-    """Check a label array and a score array once; return (bool, float) copies."""
-    y = np.asarray(y_true)
-    s = np.asarray(y_score, dtype=np.float64)
-    if y.ndim != 1 or s.ndim != 1:
-        raise InputError("y_true and y_score must be one-dimensional")
-    if y.shape != s.shape:
-        raise InputError(f"y_true has {y.size} values but y_score has {s.size}")
-    if y.dtype != np.bool_:
-        values = np.unique(y)
-        if not np.all(np.isin(values, [0, 1])):
-            raise InputError(f"y_true must be 0/1 or boolean; values are {list_values(values)}")
-        y = y.astype(bool)
-    if not np.all(np.isfinite(s)):
-        raise InputError("y_score contains missing or infinite values")
-    if y.size == 0:
-        raise InputError("y_true and y_score are empty")
-    n_pos = int(y.sum())
-    if both_classes and (n_pos == 0 or n_pos == y.size):
-        kind = "negative" if n_pos == 0 else "positive"
-        raise InputError(f"y_true has only {kind} cases (n={y.size}); a ROC analysis needs both")
-    return y, s
-
-
-def _check_level(level: float) -> float:
-    if not 0.0 < level < 1.0:
-        raise InputError(f"confidence level {level!r} must lie strictly between 0 and 1")
-    return float(level)
 
 
 def binary_labels(series: pd.Series, column: str, positive: object | None = None) -> BoolArray:
@@ -286,7 +200,7 @@ def roc_curve(y_true: npt.ArrayLike, y_score: npt.ArrayLike) -> RocCurve:
     >>> c.fpr.tolist(), c.tpr.tolist()
     ([0.0, 0.0, 1.0], [0.0, 0.5, 1.0])
     """
-    y, s = _check_arrays(y_true, y_score)
+    y, s = check_arrays(y_true, y_score)
     order = np.argsort(-s, kind="mergesort")
     s_sorted, y_sorted = s[order], y[order]
     last_of_block = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1]
@@ -310,7 +224,7 @@ def roc_auc(y_true: npt.ArrayLike, y_score: npt.ArrayLike) -> float:
     >>> roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     0.75
     """
-    y, s = _check_arrays(y_true, y_score)
+    y, s = check_arrays(y_true, y_score)
     return _auc_from_ranks(y, s)
 
 
@@ -365,23 +279,19 @@ def delong_covariance(
     """
     if len(scores) == 0:
         raise InputError("no scores given")
-    y, _ = _check_arrays(y_true, scores[0])
-    matrix = np.vstack([_check_arrays(y, s)[1] for s in scores])
+    y, _ = check_arrays(y_true, scores[0])
+    matrix = np.vstack([check_arrays(y, s)[1] for s in scores])
     aucs, cov = _delong_cov(y, matrix)
     if cov is None:
         raise InputError("DeLong's variance needs at least two positive and two negative cases")
     return aucs, cov
 
 
-def _z(level: float) -> float:
-    return float(_sps.norm.ppf(0.5 + level / 2.0))
-
-
 def _delong_interval(auc: float, variance: float | None, level: float) -> AucInterval:
     if variance is None:
         return AucInterval(auc, None, None, None, "delong", level)
     se = math.sqrt(max(variance, 0.0))
-    half = _z(level) * se
+    half = critical_z(level) * se
     return AucInterval(auc, max(auc - half, 0.0), min(auc + half, 1.0), se, "delong", level)
 
 
@@ -398,8 +308,8 @@ def delong_ci(y_true: npt.ArrayLike, y_score: npt.ArrayLike, level: float = 0.95
     >>> round(r.auc, 4), round(r.low, 4), round(r.high, 4)
     (0.8889, 0.5809, 1.0)
     """
-    level = _check_level(level)
-    y, s = _check_arrays(y_true, y_score)
+    level = check_level(level)
+    y, s = check_arrays(y_true, y_score)
     aucs, cov = _delong_cov(y, s[None, :])
     return _delong_interval(float(aucs[0]), None if cov is None else float(cov[0, 0]), level)
 
@@ -416,9 +326,9 @@ def delong_paired_test(
     the interval of the difference is diff +- z_level * SE, as pROC's
     ``roc.test(..., method = "delong", paired = TRUE)``.
     """
-    level = _check_level(level)
-    y, a = _check_arrays(y_true, score_a)
-    _, b = _check_arrays(y, score_b)
+    level = check_level(level)
+    y, a = check_arrays(y_true, score_a)
+    _, b = check_arrays(y, score_b)
     aucs, cov = _delong_cov(y, np.vstack([a, b]))
     variance = None if cov is None else float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
     return _comparison(float(aucs[0]), float(aucs[1]), variance, level, "delong paired")
@@ -441,9 +351,9 @@ def delong_unpaired_test(
     of the result; ``z`` holds D). The interval of the difference uses the
     same t quantile (pROC gives none for this test).
     """
-    level = _check_level(level)
-    ya, a = _check_arrays(y_true_a, score_a)
-    yb, b = _check_arrays(y_true_b, score_b)
+    level = check_level(level)
+    ya, a = check_arrays(y_true_a, score_a)
+    yb, b = check_arrays(y_true_b, score_b)
     auc_a, cov_a = _delong_cov(ya, a[None, :])
     auc_b, cov_b = _delong_cov(yb, b[None, :])
     if cov_a is None or cov_b is None:
@@ -468,7 +378,7 @@ def _comparison(
     z = diff / se
     if df is None:
         p = float(2.0 * _sps.norm.sf(abs(z)))
-        half = _z(level) * se
+        half = critical_z(level) * se
     else:
         p = float(2.0 * _sps.t.sf(abs(z), df))
         half = float(_sps.t.ppf(0.5 + level / 2.0, df)) * se
@@ -477,71 +387,8 @@ def _comparison(
 
 
 # ----------------------------------------------------------------------------
-# Stratified bootstrap
+# Bootstrap interval (resamples: cmil_core.analysis.roc_bootstrap)
 # ----------------------------------------------------------------------------
-
-
-def _resample_chunks(
-    n_pos: int, n_neg: int, n_boot: int, seed: int
-) -> Iterator[tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
-    """Stratified resample indices, chunk by chunk: (B_c x m, B_c x n) arrays.
-
-    Positives are drawn with replacement among the positives and negatives
-    among the negatives, so every resample keeps the cohort's prevalence.
-    The stream depends only on (n_pos, n_neg, n_boot, seed).
-    """
-    rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_ELEMENTS // (n_pos + n_neg))
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        yield rng.integers(0, n_pos, size=(size, n_pos)), rng.integers(0, n_neg, size=(size, n_neg))
-
-
-def _row_counts(indices: npt.NDArray[np.intp], width: int) -> npt.NDArray[np.int64]:
-    """How often each of ``width`` items occurs in each row of ``indices``."""
-    rows = indices.shape[0]
-    flat = (indices + (np.arange(rows) * width)[:, None]).ravel()
-    return np.bincount(flat, minlength=rows * width).reshape(rows, width)
-
-
-def bootstrap_aucs(
-    y_true: npt.ArrayLike, y_score: npt.ArrayLike, n_boot: int = 2000, seed: int = 0
-) -> FloatArray:
-    """AUCs of ``n_boot`` stratified resamples, vectorised, in O(n_boot * N).
-
-    Each resample is a vector of counts: w_j for negative j, v_i for positive
-    i. With negatives sorted and C = cumulative sums of their counts, the
-    resample's AUC is sum_i v_i (C[below_i] + C[at_or_below_i]) / 2 / (m n):
-    every positive draw scores the negative draws below it, ties 1/2. No sort
-    per resample, and memory is bounded by processing resamples in chunks.
-    """
-    y, s = _check_arrays(y_true, y_score)
-    n_boot = _check_n_boot(n_boot)
-    pos, neg = s[y], np.sort(s[~y])
-    m, n = pos.size, neg.size
-    below = np.searchsorted(neg, pos, side="left")
-    at_or_below = np.searchsorted(neg, pos, side="right")
-    # neg is sorted, so the resample indices into it need the sort order of s[~y]
-    rank_of_neg = np.empty(n, dtype=np.intp)
-    rank_of_neg[np.argsort(s[~y], kind="mergesort")] = np.arange(n)
-    out = np.empty(n_boot, dtype=np.float64)
-    done = 0
-    for pos_idx, neg_idx in _resample_chunks(m, n, n_boot, seed):
-        neg_counts = _row_counts(rank_of_neg[neg_idx], n)
-        cum = np.zeros((neg_counts.shape[0], n + 1))
-        np.cumsum(neg_counts, axis=1, out=cum[:, 1:])
-        credit = cum[:, below] + cum[:, at_or_below]  # 2 x (negatives below, ties 1/2)
-        pos_counts = _row_counts(pos_idx, m)
-        size = pos_counts.shape[0]
-        out[done : done + size] = np.einsum("bi,bi->b", pos_counts, credit) / (2.0 * m * n)
-        done += size
-    return out
-
-
-def _check_n_boot(n_boot: int) -> int:
-    if isinstance(n_boot, bool) or not isinstance(n_boot, (int, np.integer)) or n_boot < 1:
-        raise InputError(f"number of bootstrap resamples {n_boot!r} must be a positive integer")
-    return int(n_boot)
 
 
 def bootstrap_ci(
@@ -565,227 +412,12 @@ def bootstrap_ci(
     >>> r.method, r.low <= r.auc <= r.high
     ('bootstrap', True)
     """
-    level = _check_level(level)
-    y, s = _check_arrays(y_true, y_score)
+    level = check_level(level)
+    y, s = check_arrays(y_true, y_score)
     aucs = bootstrap_aucs(y, s, n_boot, seed)
     low, high = np.quantile(aucs, [(1.0 - level) / 2.0, (1.0 + level) / 2.0])
     se = float(aucs.std(ddof=1)) if aucs.size > 1 else None
     return AucInterval(_auc_from_ranks(y, s), float(low), float(high), se, "bootstrap", level)
-
-
-# ----------------------------------------------------------------------------
-# Cutoffs and threshold metrics
-# ----------------------------------------------------------------------------
-
-
-def youden_cutoff(y_true: npt.ArrayLike, y_score: npt.ArrayLike) -> float:
-    """Threshold maximising Youden's J = sensitivity + specificity - 1 (pROC rule).
-
-    Equals pROC ``coords(roc(y_true, y_score, levels = c(0, 1), direction = "<"),
-    "best", best.method = "youden")$threshold`` (the highest threshold when J ties).
-
-    Candidates are -inf, the midpoints between adjacent distinct scores, and
-    +inf; a patient is positive when score >= threshold (pROC's default
-    direction "<": controls below the threshold). Ties in J go to the highest
-    threshold (the most specific one). Returns +inf when no split beats
-    J = 0 (for example constant scores): nobody is called positive.
-
-    >>> youden_cutoff([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4])
-    0.25
-    """
-    y, s = _check_arrays(y_true, y_score)
-    distinct = np.unique(s)
-    candidates = np.r_[np.inf, ((distinct[1:] + distinct[:-1]) / 2.0)[::-1], -np.inf]
-    pos, neg = np.sort(s[y]), np.sort(s[~y])
-    sens = (pos.size - np.searchsorted(pos, candidates, side="left")) / pos.size
-    spec = np.searchsorted(neg, candidates, side="left") / neg.size
-    j = sens + spec - 1.0
-    best = int(np.argmax(j > j.max() - 1e-12))  # first (highest) of the ties
-    return float(candidates[best])
-
-
-def metrics_at_cutoff(
-    y_true: npt.ArrayLike, y_score: npt.ArrayLike, cutoff: float, level: float = 0.95
-) -> ThresholdMetrics:
-    """Sensitivity, specificity, PPV, NPV at a fixed cutoff (score >= cutoff is positive).
-
-    At the Youden threshold these equal pROC ``coords(r, "best", best.method =
-    "youden", ret = c("sensitivity", "specificity", "ppv", "npv"))``; the
-    intervals are :func:`wilson_ci`.
-
-    This is how a cutoff fixed on the training cohort is applied, unchanged,
-    to a validation cohort (STARD 12a): call it with the training cutoff.
-    Wilson intervals come with ``ThresholdMetrics.to_dict()``.
-
-    >>> m = metrics_at_cutoff([0, 0, 1, 1], [0.1, 0.3, 0.2, 0.4], 0.25)
-    >>> m.sensitivity, m.specificity, m.ppv, m.npv
-    (0.5, 0.5, 0.5, 0.5)
-    """
-    level = _check_level(level)
-    y, s = _check_arrays(y_true, y_score)
-    if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float, np.number)):
-        raise InputError(f"cutoff {cutoff!r} is not a number")
-    if math.isnan(float(cutoff)):
-        raise InputError("cutoff is NaN")
-    called = s >= float(cutoff)
-    tp = int(np.sum(called & y))
-    fp = int(np.sum(called & ~y))
-    return ThresholdMetrics(
-        float(cutoff), tp=tp, fp=fp, tn=int((~y).sum()) - fp, fn=int(y.sum()) - tp, level=level
-    )
-
-
-def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n.
-
-    Equals R ``prop.test(k, n, correct = FALSE, conf.level = level)$conf.int``
-    (and ``binom::binom.confint(k, n, methods = "wilson")``).
-
-    centre = (k + z^2/2) / (n + z^2), half-width = z / (n + z^2) * sqrt(k (n - k) / n + z^2 / 4).
-    Unlike the Wald interval it stays inside [0, 1] and behaves at k = 0 or n.
-
-    >>> [round(x, 5) for x in wilson_ci(26, 41)]
-    [0.48121, 0.7641]
-    """
-    k, n = _check_count(k, n)
-    z = _z(_check_level(level))
-    z2 = z * z
-    centre = (k + z2 / 2.0) / (n + z2)
-    half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4.0)
-    return max(centre - half, 0.0), min(centre + half, 1.0)
-
-
-def clopper_pearson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact (Clopper-Pearson) interval of k/n from beta quantiles; conservative.
-
-    Equals R ``binom.test(k, n, conf.level = level)$conf.int``.
-
-    low = Beta((1 - level)/2; k, n - k + 1), high = Beta((1 + level)/2; k + 1, n - k).
-
-    >>> [round(x, 4) for x in clopper_pearson_ci(7, 50)]
-    [0.0582, 0.2674]
-    """
-    k, n = _check_count(k, n)
-    alpha = 1.0 - _check_level(level)
-    low = 0.0 if k == 0 else float(_sps.beta.ppf(alpha / 2.0, k, n - k + 1))
-    high = 1.0 if k == n else float(_sps.beta.ppf(1.0 - alpha / 2.0, k + 1, n - k))
-    return low, high
-
-
-def _check_count(k: int, n: int) -> tuple[int, int]:
-    if int(k) != k or int(n) != n or n < 1 or not 0 <= k <= n:
-        raise InputError(f"a proportion needs integers 0 <= k <= n and n >= 1; got k={k}, n={n}")
-    return int(k), int(n)
-
-
-# ----------------------------------------------------------------------------
-# Calibration and decision curves
-# ----------------------------------------------------------------------------
-
-
-def _check_probabilities(
-    y_true: npt.ArrayLike, y_prob: npt.ArrayLike
-) -> tuple[BoolArray, FloatArray]:
-    y, p = _check_arrays(y_true, y_prob, both_classes=False)
-    if p.min() < 0.0 or p.max() > 1.0:
-        raise InputError(
-            f"predicted probabilities must lie in [0, 1]; found {p.min():g} to {p.max():g}"
-        )
-    return y, p
-
-
-def brier_score(y_true: npt.ArrayLike, y_prob: npt.ArrayLike) -> float:
-    """Mean squared error of predicted probabilities: mean((p - y)^2); lower is better.
-
-    >>> brier_score([0, 1], [0.5, 0.5])
-    0.25
-    """
-    y, p = _check_probabilities(y_true, y_prob)
-    return float(np.mean((p - y) ** 2))
-
-
-def calibration_bins(
-    y_true: npt.ArrayLike, y_prob: npt.ArrayLike, n_bins: int = 10, level: float = 0.95
-) -> pd.DataFrame:
-    """Observed event rate against mean prediction in quantile bins of the prediction.
-
-    Bin edges are the quantiles of the predictions, so bins hold about equal
-    numbers of patients; tied predictions never straddle two bins, which can
-    leave fewer than ``n_bins`` bins. Columns: bin, n, mean_predicted,
-    observed, observed_low, observed_high (Wilson interval).
-    """
-    y, p = _check_probabilities(y_true, y_prob)
-    level = _check_level(level)
-    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise InputError(f"number of calibration bins {n_bins!r} must be a positive integer")
-    edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)[1:-1]))
-    which = np.searchsorted(edges, p, side="right")
-    rows: list[tuple[int, int, float, float, float, float]] = []
-    for b in np.unique(which):
-        inside = which == b
-        k, n = int(y[inside].sum()), int(inside.sum())
-        low, high = wilson_ci(k, n, level)
-        rows.append((len(rows) + 1, n, float(p[inside].mean()), k / n, low, high))
-    columns = ["bin", "n", "mean_predicted", "observed", "observed_low", "observed_high"]
-    return pd.DataFrame(rows, columns=columns)
-
-
-def calibration_smooth(
-    y_true: npt.ArrayLike,
-    y_prob: npt.ArrayLike,
-    bandwidth: float | None = None,
-    grid_size: int = 101,
-) -> pd.DataFrame:
-    """Smoothed calibration curve by Gaussian-kernel (Nadaraya-Watson) regression.
-
-    observed(x) = sum_i K((x - p_i)/h) y_i / sum_i K((x - p_i)/h), on a grid
-    from min(p) to max(p). Default bandwidth h: Silverman's rule,
-    0.9 * min(SD, IQR/1.34) * N^(-1/5), floored at 0.01. Columns:
-    predicted, observed.
-    """
-    y, p = _check_probabilities(y_true, y_prob)
-    if bandwidth is None:
-        spread = min(float(p.std()), float(_sps.iqr(p)) / 1.34)
-        bandwidth = max(0.9 * spread * p.size ** (-0.2), 0.01)
-    if not bandwidth > 0.0:
-        raise InputError(f"bandwidth {bandwidth!r} must be positive")
-    grid = np.linspace(p.min(), p.max(), int(grid_size))
-    weights = np.exp(-0.5 * ((grid[:, None] - p[None, :]) / bandwidth) ** 2)
-    observed = weights @ y.astype(np.float64) / weights.sum(axis=1)
-    return pd.DataFrame({"predicted": grid, "observed": observed})
-
-
-def decision_curve(
-    y_true: npt.ArrayLike,
-    y_prob: npt.ArrayLike,
-    thresholds: npt.ArrayLike | None = None,
-) -> pd.DataFrame:
-    """Net benefit across threshold probabilities (Vickers & Elkin 2006).
-
-    At threshold probability t (treat when p >= t), a true positive is worth
-    one and a false positive t / (1 - t): NB = TP/N - FP/N * t / (1 - t).
-    Treat-all: NB = prevalence - (1 - prevalence) t / (1 - t); treat-none: 0.
-    Default thresholds 0.01, 0.02, ..., 0.99. Columns: threshold,
-    net_benefit_model, net_benefit_all, net_benefit_none.
-    """
-    y, p = _check_probabilities(y_true, y_prob)
-    t = np.round(np.arange(1, 100) / 100.0, 2) if thresholds is None else np.asarray(thresholds)
-    t = t.astype(np.float64)
-    if t.ndim != 1 or np.any(~(t > 0.0) | ~(t < 1.0)):
-        raise InputError("decision-curve thresholds must lie strictly between 0 and 1")
-    pos, neg, total = np.sort(p[y]), np.sort(p[~y]), float(p.size)
-    tp = pos.size - np.searchsorted(pos, t, side="left")
-    fp = neg.size - np.searchsorted(neg, t, side="left")
-    odds = t / (1.0 - t)
-    prevalence = pos.size / total
-    return pd.DataFrame(
-        {
-            "threshold": t,
-            "net_benefit_model": tp / total - fp / total * odds,
-            "net_benefit_all": prevalence - (1.0 - prevalence) * odds,
-            "net_benefit_none": np.zeros_like(t),
-        }
-    )
 
 
 # ----------------------------------------------------------------------------
@@ -822,7 +454,7 @@ def roc_analysis(
     0.75
     """
     scores = _check_roc_arguments(frame, label, scores, group, ci_method)
-    n_boot = _check_n_boot(n_boot)
+    n_boot = check_n_boot(n_boot)
     if cutoff_group is not None:
         cutoff_group = as_text(cutoff_group)
     clean, n_dropped = complete_cases(frame, [label, *scores] + ([group] if group else []))
@@ -973,10 +605,6 @@ def _comparison_row(a: str, b: str, group: str | None, test: AucComparison) -> d
 # ----------------------------------------------------------------------------
 
 
-def _ratio(k: int, n: int) -> float | None:
-    return k / n if n else None
-
-
 def format_roc(result: dict[str, Any]) -> str:
     """Render a ``roc_analysis`` result as fixed-width text for a terminal.
 
@@ -1026,128 +654,3 @@ def format_roc(result: dict[str, Any]) -> str:
         parts.append(text_table(headers, comp_rows, left=3))
     parts += [f"note: {w}" for w in result.get("warnings", [])]
     return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------
-# Confidence band of the ROC curve (pROC's ci.se)
-# ----------------------------------------------------------------------------
-
-
-def _sensitivity_at(
-    fp: FloatArray, tp: FloatArray, fp_target: FloatArray
-) -> FloatArray:
-    """Sensitivity counts of monotone ROC curves (rows) at false-positive counts.
-
-    ``fp`` and ``tp`` are (B x K) cumulative counts, non-decreasing along each
-    row from (0, 0); ``fp_target`` holds the wanted false-positive counts
-    (length J). Per row: where the curve has a point at exactly the target,
-    the highest true-positive count there (the top of a vertical step);
-    otherwise linear interpolation between the last point before the target
-    and the first point after it. Fully vectorised: each row is shifted by a
-    constant larger than its range, so one ``searchsorted`` on the flattened
-    rows serves every row at once. Returns (B x J) counts.
-    """
-    rows, width = fp.shape
-    span = float(fp[:, -1].max()) + 2.0
-    offsets = np.arange(rows, dtype=np.float64)[:, None] * span
-    flat = (fp + offsets).ravel()
-    queries = (fp_target[None, :] + offsets).ravel()
-    # last point with fp <= target (the highest tp there, as tp grows along the row)
-    idx = np.searchsorted(flat, queries, side="right") - 1
-    idx = idx.reshape(rows, -1) - (np.arange(rows) * width)[:, None]
-    idx = np.clip(idx, 0, width - 1)
-    nxt = np.minimum(idx + 1, width - 1)
-    take = np.take_along_axis
-    fp0, tp0 = take(fp, idx, axis=1), take(tp, idx, axis=1)
-    fp1, tp1 = take(fp, nxt, axis=1), take(tp, nxt, axis=1)
-    gap = fp1 - fp0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(gap > 0, (fp_target[None, :] - fp0) / gap, 0.0)
-    return tp0 + np.clip(share, 0.0, 1.0) * (tp1 - tp0)
-
-
-def _check_specificities(specificities: npt.ArrayLike | None) -> FloatArray:
-    if specificities is None:
-        return np.arange(101, dtype=np.float64) / 100.0
-    sp = np.asarray(specificities, dtype=np.float64)
-    if sp.ndim != 1 or sp.size == 0:
-        raise InputError("specificities must be a non-empty list of numbers")
-    if not np.all(np.isfinite(sp)) or np.any((sp < 0.0) | (sp > 1.0)):
-        raise InputError(f"specificities must lie within [0, 1]; got {list_values(sp)}")
-    return sp
-
-
-def roc_ci_band(
-    y_true: npt.ArrayLike,
-    y_score: npt.ArrayLike,
-    *,
-    specificities: npt.ArrayLike | None = None,
-    n_boot: int = 2000,
-    level: float = 0.95,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Confidence band of a ROC curve: the CI of the sensitivity at given specificities.
-
-    Like pROC's ``ci.se(roc, specificities = seq(0, 1, 0.01), boot.n = 2000)``
-    with its default stratified bootstrap (``boot.stratified = TRUE``):
-
-    1. ``n_boot`` resamples draw the positives with replacement among the
-       positives and the negatives among the negatives (the cohort's
-       prevalence is kept); the stream of resamples is that of
-       :func:`bootstrap_aucs` for the same ``seed``.
-    2. For each resample, its empirical ROC curve (one point per distinct
-       score, rule ``score >= threshold``) is read at each specificity sp,
-       as pROC's ``coords(roc, sp, input = "specificity", ret =
-       "sensitivity")`` does: where the curve has points with specificity
-       exactly sp, the **highest** sensitivity among them (the top of the
-       vertical step); otherwise the sensitivity is **linearly
-       interpolated** between the two adjacent points, i.e. read off the
-       straight segment of the drawn curve at 1 - sp. (Equality is judged
-       on false-positive counts, sp * n_negatives, so 0.7 and 7/10 match.)
-    3. Per specificity, ``se_low``/``se_high`` are the (1 - level)/2 and
-       (1 + level)/2 quantiles of the resampled sensitivities and
-       ``se_median`` their median (linear interpolation, R's type 7, as
-       pROC's ``quantile``).
-
-    At sp = 0 every curve reaches sensitivity 1, so the band is [1, 1].
-    Needs both classes (``InputError`` otherwise). Deterministic for a seed.
-
-    Returns plain lists, JSON-ready: ``{"specificity", "se_low",
-    "se_median", "se_high"}`` plus ``level`` and ``n_boot``.
-
-    >>> band = roc_ci_band([0, 1], [0.3, 0.3], specificities=[0.0, 0.25], n_boot=10)
-    >>> band["se_low"], band["se_high"]
-    ([1.0, 0.75], [1.0, 0.75])
-    """
-    level = _check_level(level)
-    y, s = _check_arrays(y_true, y_score)
-    n_boot = _check_n_boot(n_boot)
-    sp = _check_specificities(specificities)
-    pos, neg = s[y], s[~y]
-    m, n = pos.size, neg.size
-    distinct = np.unique(s)[::-1]  # thresholds, highest first
-    # index of each patient's score among the thresholds (0 = highest)
-    pos_rank = distinct.size - 1 - np.searchsorted(distinct[::-1], pos)
-    neg_rank = distinct.size - 1 - np.searchsorted(distinct[::-1], neg)
-    fp_target = (1.0 - sp) * n
-    snapped = np.round(fp_target)
-    fp_target = np.where(np.abs(fp_target - snapped) < 1e-9, snapped, fp_target)
-    out = np.empty((n_boot, sp.size), dtype=np.float64)
-    done = 0
-    for pos_idx, neg_idx in _resample_chunks(m, n, n_boot, seed):
-        size = pos_idx.shape[0]
-        tp = np.zeros((size, distinct.size + 1))
-        fp = np.zeros((size, distinct.size + 1))
-        np.cumsum(_row_counts(pos_rank[pos_idx], distinct.size), axis=1, out=tp[:, 1:])
-        np.cumsum(_row_counts(neg_rank[neg_idx], distinct.size), axis=1, out=fp[:, 1:])
-        out[done : done + size] = _sensitivity_at(fp, tp, fp_target) / m
-        done += size
-    low, median, high = np.quantile(out, [(1.0 - level) / 2.0, 0.5, (1.0 + level) / 2.0], axis=0)
-    return {
-        "specificity": [float(v) for v in sp],
-        "se_low": [float(v) for v in low],
-        "se_median": [float(v) for v in median],
-        "se_high": [float(v) for v in high],
-        "level": level,
-        "n_boot": n_boot,
-    }
