@@ -346,17 +346,26 @@ def test_train_finetune_saves_the_cnn_and_score_uses_it(
 # --------------------------------------------------------------------------- the final CNN and its feature files
 
 
+def test_the_default_final_cnn_stops_early_as_a_fold_does() -> None:
+    """The default: the final CNN keeps an inner patient split and stops on its AUC."""
+    assert FinetuneConfig().final == "early_stopping"
+    folds = [TrainedCNN(model=None, config=tiny(), history=[], best_epoch=2,  # type: ignore[arg-type]
+                        val_auc=0.5, trained_patients=[], validation_patients=[])]
+    assert finetune.final_cnn_config(tiny(max_epochs=9), folds) == tiny(max_epochs=9)
+
+
 def test_the_final_cnn_trains_as_long_as_the_folds_found_best() -> None:
     """fold_median: median best epoch (rounded up), every patient trains, no validation split."""
     data = planted_bags(8, patches=4)
     folds = [TrainedCNN(model=None, config=tiny(), history=[], best_epoch=e,  # type: ignore[arg-type]
                                  val_auc=0.5, trained_patients=[], validation_patients=[])
              for e in (2, 5, 3, 4)]
-    config = finetune.final_cnn_config(tiny(max_epochs=9), folds)
+    config = finetune.final_cnn_config(tiny(max_epochs=9, final="fold_median"), folds)
     assert (config.max_epochs, config.val_fraction) == (4, 0.0)  # median 3.5 -> 4
     assert finetune.final_cnn_config(tiny(max_epochs=9, final="early_stopping"), folds) == \
         tiny(max_epochs=9, final="early_stopping")
-    final = train_cnn(data, finetune.final_cnn_config(tiny(), folds[:1]), seed=0)
+    final = train_cnn(data, finetune.final_cnn_config(tiny(final="fold_median"), folds[:1]),
+                      seed=0)
     assert len(final.history) == 2 and final.validation_patients == []
     assert sorted(final.trained_patients) == sorted(data.patient_ids)
 

@@ -92,7 +92,9 @@ __all__ = [
 # 5: the demo's model trains its patch CNN (train's default, encoder_training
 #    "auto": the full demo fine-tunes, the small one is below the auto rule's
 #    size and keeps the encoder frozen). The slides are the same as version 4's.
-DEMO_VERSION = 5
+# 6: the final CNN stops early on an inner patient split (FinetuneConfig.final), as the
+#    folds' CNNs do; slides and cross-validation as in version 5.
+DEMO_VERSION = 6
 # Models the demo trains on its training centre, then scores every cohort with.
 DEMO_AGGREGATORS: tuple[str, ...] = ("attention",)
 _META_KEY = "demo"
@@ -198,7 +200,7 @@ class DemoSummary:
 
 def default_demo_dir(db: str | os.PathLike[str]) -> Path:
     """Where the demo's files go for a store: ``<store folder>/demo``."""
-    return Path(db).expanduser().resolve().parent / "demo"
+    return store_mod.StoreFolder.of(db).demo
 
 
 # --------------------------------------------------------------------------
