@@ -154,3 +154,33 @@ def test_the_heatmap_colour_bar_carries_the_images_colours_itself() -> None:
     stops = [tuple(s) for s in fig.data[0].colorscale]
     assert stops[0] == (0.0, "#000004") and stops[-1] == (1.0, "#fcffa4")
     assert fig.data[0].colorbar.title.text == "Attention rank within the slide"
+
+
+def test_the_smoothed_calibration_curve_is_not_drawn_where_a_few_patients_decide_it() -> None:
+    """Scores crowded near 0 and one positive alone at 0.4 (external B's shape): the kernel
+    curve jumps to 1 there; the figure leaves that stretch out instead of drawing a swing."""
+    import numpy as np
+
+    from cmil_core.analysis.calibration import (
+        MIN_SMOOTH_SUPPORT,
+        brier_score,
+        calibration_bins,
+        calibration_smooth,
+    )
+    from cmil_core.outputs.plots import calibration_figure
+
+    rng = np.random.default_rng(4)
+    p = np.r_[rng.uniform(0.0, 0.15, 70), 0.4, rng.uniform(0.8, 1.0, 25)]
+    y = np.r_[rng.random(70) < 0.1, True, np.ones(25, bool)].astype(int)
+    smooth = calibration_smooth(y, p, bandwidth=0.01)  # a narrow kernel, as on crowded scores
+    near = smooth[(smooth["predicted"] - 0.4).abs() < 0.005]
+    assert near["observed"].max() > 0.95 and near["support"].max() < 2  # one patient decides
+    assert smooth["support"].max() > 10  # the crowd near 0
+    entry = {"cohort": "external_b", "n": len(y), "brier": brier_score(y, p),
+             "bins": calibration_bins(y, p, n_bins=5), "smooth": smooth}
+    fig = calibration_figure([entry])
+    curve = next(t for t in fig.data if t.name == "external_b smoothed")
+    drawn = {round(x, 3): v for x, v in zip(curve.x, curve.y)}
+    assert all(v is None or np.isnan(v) for x, v in drawn.items() if abs(x - 0.4) < 0.005)
+    assert any(v is not None and not np.isnan(v) for v in drawn.values())
+    assert MIN_SMOOTH_SUPPORT == 10

@@ -56,6 +56,7 @@ from cmil_core.analysis.cutoffs import wilson_ci
 from cmil_core.errors import InputError
 
 __all__ = [
+    "MIN_SMOOTH_SUPPORT",
     "brier_score",
     "calibration_bins",
     "calibration_fit",
@@ -214,6 +215,10 @@ def calibration_bins(
     return pd.DataFrame(rows, columns=columns)
 
 
+#: Patients' worth of kernel weight under which a smoothed calibration curve is not drawn.
+MIN_SMOOTH_SUPPORT = 10.0
+
+
 def calibration_smooth(
     y_true: npt.ArrayLike,
     y_prob: npt.ArrayLike,
@@ -225,7 +230,11 @@ def calibration_smooth(
     observed(x) = sum_i K((x - p_i)/h) y_i / sum_i K((x - p_i)/h), on a grid
     from min(p) to max(p). Default bandwidth h: Silverman's rule,
     0.9 * min(SD, IQR/1.34) * N^(-1/5), floored at 0.01. Columns:
-    predicted, observed.
+    predicted, observed, and support: the kernel's weight summed over the
+    patients, in patients (a patient at ``x`` counts 1, one a bandwidth away
+    0.61), i.e. about how many patients the curve rests on there. Where scores
+    are sparse, a few patients decide the curve: a figure draws it only where
+    the support is large enough (:data:`MIN_SMOOTH_SUPPORT`).
     """
     y, p = _check_probabilities(y_true, y_prob)
     if bandwidth is None:
@@ -235,8 +244,9 @@ def calibration_smooth(
         raise InputError(f"bandwidth {bandwidth!r} must be positive")
     grid = np.linspace(p.min(), p.max(), int(grid_size))
     weights = np.exp(-0.5 * ((grid[:, None] - p[None, :]) / bandwidth) ** 2)
-    observed = weights @ y.astype(np.float64) / weights.sum(axis=1)
-    return pd.DataFrame({"predicted": grid, "observed": observed})
+    support = weights.sum(axis=1)
+    observed = weights @ y.astype(np.float64) / support
+    return pd.DataFrame({"predicted": grid, "observed": observed, "support": support})
 
 
 def decision_curve(

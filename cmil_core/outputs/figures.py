@@ -37,6 +37,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from matplotlib.typing import LegendLocType
 
 from cmil_core.analysis import display
+from cmil_core.analysis.calibration import MIN_SMOOTH_SUPPORT
 from cmil_core.errors import InputError
 from cmil_core.outputs.palette import CHANCE_GREY, COHORT_COLOURS, RISK_COLOURS, cohort_colour
 
@@ -163,6 +164,8 @@ def calibration(entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | N
     """Observed against predicted per cohort: quantile bins with Wilson CIs and the smoothed curve.
 
     ``entries``: :func:`cmil_core.outputs.evaluation.calibration`. Legend: "cohort (Brier 0.123)".
+    The curve is left out where it rests on under
+    :data:`~cmil_core.analysis.calibration.MIN_SMOOTH_SUPPORT` patients.
     """
     fig = _figure(4.6, 4.6)
     ax = fig.add_subplot()
@@ -177,6 +180,9 @@ def calibration(entries: Sequence[dict[str, Any]], *, cohorts: Sequence[str] | N
                     color=colour, markersize=4.5, capsize=2.5, linewidth=1.0,
                     label=f"{e.get('label', e['cohort'])} (Brier {e['brier']:.3f})")
         smooth = pd.DataFrame(e["smooth"])
+        if "support" in smooth:  # as on the page: a gap where a few patients decide the curve
+            smooth = smooth.assign(observed=smooth["observed"].where(
+                smooth["support"] >= MIN_SMOOTH_SUPPORT))
         ax.plot(smooth["predicted"], smooth["observed"], color=colour, linewidth=1.4)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.03)

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from cmil_core.analysis import display
+from cmil_core.analysis.calibration import MIN_SMOOTH_SUPPORT
 from cmil_core.outputs.palette import CHANCE_GREY, COHORT_COLOURS, RISK_COLOURS, cohort_colour
 
 __all__ = [
@@ -177,8 +178,10 @@ def calibration_figure(
 
     Only cohorts whose every bin holds :data:`MIN_CALIBRATION_BIN` patients
     are drawn (:func:`calibration_drawable`; say which are left out), and the
-    smoothed curve only over the range of scores the bins cover: a kernel
-    curve outside its data reads as a broken model.
+    smoothed curve only over the range of scores the bins cover and where at
+    least :data:`~cmil_core.analysis.calibration.MIN_SMOOTH_SUPPORT` patients'
+    worth of kernel weight lie (a gap elsewhere): a kernel curve resting on one
+    or two patients swings from 0 to 1 and reads as a broken model.
     """
     entries, _ = calibration_drawable(entries)
     fig = go.Figure()
@@ -199,7 +202,8 @@ def calibration_figure(
         inside = ((smooth["predicted"] >= float(bins["mean_predicted"].min()))
                   & (smooth["predicted"] <= float(bins["mean_predicted"].max())))
         smooth = smooth[inside]
-        fig.add_trace(go.Scatter(x=smooth["predicted"], y=smooth["observed"],
+        supported = smooth["observed"].where(smooth["support"] >= MIN_SMOOTH_SUPPORT)
+        fig.add_trace(go.Scatter(x=smooth["predicted"], y=supported, connectgaps=False,
                                  mode="lines", line=dict(color=colour), showlegend=False,
                                  hoverinfo="skip", name=f"{e['cohort']} smoothed"))
     fig.update_layout(title="Calibration", height=460, template="plotly_white",
