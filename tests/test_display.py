@@ -105,7 +105,9 @@ def _entry(cohort: str, n_per_bin: list[int]) -> dict:
                          "mean_predicted": np.linspace(0.1, 0.9, len(n_per_bin)),
                          "observed": np.linspace(0.1, 0.9, len(n_per_bin)),
                          "observed_low": 0.0, "observed_high": 1.0})
-    smooth = pd.DataFrame({"predicted": np.linspace(0, 1, 11), "observed": np.linspace(0, 1, 11)})
+    # the kernel's support falls below MIN_SMOOTH_SUPPORT (10) above predicted 0.8
+    smooth = pd.DataFrame({"predicted": np.linspace(0, 1, 11), "observed": np.linspace(0, 1, 11),
+                           "support": [30.0] * 9 + [4.0, 2.0]})
     return {"cohort": cohort, "n": sum(n_per_bin), "brier": 0.2, "bins": bins, "smooth": smooth}
 
 
@@ -119,6 +121,9 @@ def test_calibration_only_where_bins_hold_enough_patients() -> None:
     assert not any("small" in (n or "") for n in names)
     smooth = next(t for t in fig.data if t.name == "big smoothed")
     assert min(smooth.x) >= 0.1 and max(smooth.x) <= 0.9  # not drawn beyond the bins
+    drawn_y = dict(zip(np.round(smooth.x, 1), smooth.y))
+    assert drawn_y[0.8] == pytest.approx(0.8)
+    assert np.isnan(drawn_y[0.9])  # too few patients under the kernel: a gap, not a line
 
 
 def test_long_titles_wrap() -> None:
