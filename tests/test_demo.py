@@ -18,6 +18,7 @@ from cmil_core.demo import _smear
 from cmil_core.demo.generator import (
     COHORTS,
     SIZES,
+    _half_size,
     _render,
     _SlideJob,
     demo_status,
@@ -94,6 +95,16 @@ def test_scanned_slides_are_pyramidal_tiffs_openslide_reads(small_demo: Path) ->
         assert row.kind == "openslide:generic-tiff"
         assert Path(row.path).name.startswith(f"{row.patient_id}_")  # docs/DESIGN.md's file-name rule
         osr.close()
+
+
+def test_pyramid_levels_are_2x2_means_rounded_half_to_even() -> None:
+    block = np.array([[10, 11, 12, 13, 200], [10, 11, 13, 13, 200], [0, 0, 0, 0, 0]], np.uint8)
+    half = _half_size(np.repeat(block[:, :, None], 3, axis=2))
+    assert half.shape == (1, 2, 3)  # the odd last row and column are dropped
+    assert half[0, :, 0].tolist() == [10, 13]  # means 10.5 -> 10 (even) and 12.75 -> 13
+    image = np.random.default_rng(7).integers(0, 256, (33, 17, 3), dtype=np.uint8)
+    expected = image[:32, :16].reshape(16, 2, 8, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    assert np.array_equal(_half_size(image), expected)  # the pyramid the demo slides were made with
 
 
 def test_centre_b_is_folders_of_photographs_with_a_manifest(small_demo: Path) -> None:
