@@ -111,6 +111,18 @@ def test_values_are_typed_and_clinical_columns_kept(db_path: Path, tmp_path: Pat
     assert frame.loc["P2", "clinical"] == {"Age": 1}
 
 
+def test_a_text_column_keeps_its_digits_as_text(db_path: Path, tmp_path: Path) -> None:
+    data = (b"patient_id,bm_metastasis,inss_stage,age_months,mycn\n"
+            b"P1,1,4,30,1\nP2,0,4S,7.5,amplified\nP3,0,2,none,\n")
+    import_cohort(db_path, "A", _write(tmp_path, "t.csv", data), role="train")
+    with store.open_store(db_path) as st:
+        frame = store.patients_frame(st, "A").set_index("patient_id")
+    # one type per column: stages are text ("4" beside "4S"), ages numbers
+    assert [frame.loc[p, "clinical"]["inss_stage"] for p in ("P1", "P2", "P3")] == ["4", "4S", "2"]
+    assert [frame.loc[p, "clinical"]["age_months"] for p in ("P1", "P2", "P3")] == [30, 7.5, None]
+    assert frame.loc["P1", "clinical"]["mycn"] == "1" and frame.loc["P3", "clinical"]["mycn"] is None
+
+
 @pytest.mark.parametrize(("name", "data", "fragments"), BAD, ids=[b[0] for b in BAD])
 def test_bad_tables_are_refused_and_change_nothing(
     seeded_db: Path, tmp_path: Path, name: str, data: bytes, fragments: list[str]
@@ -413,7 +425,9 @@ def _expected(header: list[str], rows: list[list[str]], semicolon: bool) -> list
             text = cells[i]
             value: object = None
             missing = _ALWAYS | (_MISSING if numeric_column[i] else set())
-            if text.lower() not in missing:
+            if text.lower() not in missing and not numeric_column[i]:
+                value = text  # one type per column: a text column keeps its digits as text
+            elif text.lower() not in missing:
                 try:
                     number = _number(text, semicolon)
                 except ValueError:

@@ -174,7 +174,7 @@ def test_clinical_cox_pools_validation_cohorts(report_store: Path) -> None:
         "t": data["os_months"], "e": data["os_event"],
         "risk": (data["score"] >= 0.5).astype(float),
         "age": [float(c["age_months"] > 18) for c in data["clinical"]],
-        "stage": [float(c["inss_stage"] == 4) for c in data["clinical"]],
+        "stage": [float(c["inss_stage"] == "4") for c in data["clinical"]],
         "mycn": [float(c["mycn"] == "amplified") for c in data["clinical"]],
     })
     direct = cox_analysis(frame, "t", "e", ["risk", "age", "stage", "mycn"])
@@ -390,7 +390,7 @@ def test_clinical_cox_carries_the_ph_test_of_its_model(report_store: Path) -> No
         "t": data["os_months"], "e": data["os_event"],
         "risk": (data["score"] >= 0.5).astype(float),
         "age": [float(c["age_months"] > 18) for c in data["clinical"]],
-        "stage": [float(c["inss_stage"] == 4) for c in data["clinical"]],
+        "stage": [float(c["inss_stage"] == "4") for c in data["clinical"]],
         "mycn": [float(c["mycn"] == "amplified") for c in data["clinical"]],
     })
     direct = cox_analysis(frame, "t", "e", ["risk", "age", "stage", "mycn"])

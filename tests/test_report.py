@@ -36,7 +36,7 @@ def _cohort(rng: np.random.Generator, prefix: str, n: int, stage4: bool | None =
     patients, clinical = [], []
     for i in range(n):
         info = {"age_months": float(rng.choice([6.0, 30.0, 60.0])),
-                "inss_stage": 4 if (stage4 if stage4 is not None else rng.random() < 0.5) else "4S",
+                "inss_stage": "4" if (stage4 if stage4 is not None else rng.random() < 0.5) else "4S",
                 "mycn": "amplified" if rng.random() < 0.3 else "non-amplified"}
         clinical.append(info)
         patients.append(store_mod.PatientRow(

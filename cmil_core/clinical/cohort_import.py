@@ -261,9 +261,18 @@ def _parse_time(text: str, decimal_comma: bool) -> float | None:
 
 
 def _clinical_value(text: str, decimal_comma: bool, numeric: bool) -> object:
+    """One clinical cell as stored: one type per column.
+
+    In a numeric column (:func:`numeric_cells`) numbers, integers where
+    written so; in any other column the text as written, digits included, so
+    that INSS stages read "1", "2", "3", "4", "4S" rather than a mix of
+    numbers and text.
+    """
     lowered = text.strip().lower()
     if lowered in ALWAYS_MISSING or (numeric and lowered in NUMERIC_MISSING):
         return None
+    if not numeric:
+        return text
     try:
         number = parse_number(text, decimal_comma=decimal_comma)
     except ValueError:
