@@ -69,8 +69,8 @@ st.caption(
 # ---------------------------------------------------------------------------
 st.header("Import a clinical table")
 st.caption(
-    "A CSV, semicolon or tab-separated table, or an Excel workbook (.xlsx), with one row "
-    "per patient. Required: "
+    "A CSV, semicolon or tab-separated table, or an Excel workbook (.xlsx, or .xlsm "
+    "whose macros are not run), with one row per patient. Required: "
     "patient_id. Optional: bm_metastasis (1/0, yes/no, positive/negative), os_months + "
     "os_event, efs_months + efs_event; common spellings are recognised, and every other "
     "column is kept as a clinical variable. Validated on upload; nothing is imported "
