@@ -72,6 +72,51 @@ def test_smear_photograph_is_a_one_level_slide(fixtures_dir: Path) -> None:
         assert (edge[40:, :] == 255).all() and (edge[:, 40:] == 255).all()
 
 
+def _photo(fixtures_dir: Path) -> Image.Image:
+    return Image.open(fixtures_dir / "smears" / "bccd" / "BloodImage_00000.jpg").convert("RGB")
+
+
+@pytest.mark.parametrize("kind", ["grey8.jpg", "grey16.png", "grey_as_rgb.png"])
+def test_greyscale_photographs_are_refused_with_the_reason(
+    fixtures_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    grey = _photo(fixtures_dir).convert("L")
+    path = tmp_path / kind
+    if kind == "grey8.jpg":
+        grey.save(path)
+    elif kind == "grey16.png":  # a 16-bit monochrome camera: Pillow's RGB of it is all white
+        Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(path)
+    else:  # three equal channels: colour in name only
+        grey.convert("RGB").save(path)
+    with pytest.raises(SlideError, match=f"{kind}: a greyscale image .*colour"):
+        open_slide(path, mpp=0.1)
+
+
+@pytest.mark.parametrize("kind", ["cmyk.jpg", "palette.png", "rgb16.tif", "rgba.png"])
+def test_colour_photographs_in_other_modes_read_as_their_rgb(
+    fixtures_dir: Path, tmp_path: Path, kind: str
+) -> None:
+    rgb = _photo(fixtures_dir)
+    path = tmp_path / kind
+    if kind == "cmyk.jpg":
+        rgb.convert("CMYK").save(path, quality=95)
+    elif kind == "palette.png":
+        rgb.convert("P").save(path)
+    elif kind == "rgba.png":
+        rgb.convert("RGBA").save(path)
+    else:
+        import tifffile
+
+        tifffile.imwrite(path, np.asarray(rgb).astype(np.uint16) * 257)
+    with open_slide(path, mpp=0.1) as slide:
+        region = slide.read_region(0, 0, 0, (640, 480)).astype(int)
+    if kind == "rgb16.tif":  # 16 bits per channel, scaled to 8
+        assert np.abs(region - np.asarray(rgb, dtype=int)).max() <= 1
+    else:  # what the file holds (a palette's colours, JPEG's CMYK), as RGB
+        assert np.array_equal(region, np.asarray(Image.open(path).convert("RGB"), dtype=int))
+        assert np.abs(region - np.asarray(rgb, dtype=int)).mean() < 20
+
+
 def test_plain_image_without_resolution(fixtures_dir: Path) -> None:
     with open_slide(fixtures_dir / "smears" / "bccd" / "BloodImage_00001.jpg") as slide:
         assert slide.mpp is None

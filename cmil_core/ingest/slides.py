@@ -212,6 +212,33 @@ def _mpp_from_image(img: Image.Image) -> float | None:
     return None
 
 
+_GREY_MODES = {"1": "1-bit", "L": "8-bit", "LA": "8-bit with alpha", "I": "32-bit",
+               "F": "floating-point"}
+
+
+def _greyscale(img: Image.Image, rgb: Image.Image) -> str | None:
+    """Why a plain image is greyscale (its mode, or three equal channels), None when in colour.
+
+    A monochrome camera's photograph carries no stain colour: the optical
+    densities quality control measures and the colours the model learnt are
+    missing, and a 16-bit one would even convert to white. Three channels
+    count as equal when under 0.1 % of the darker-than-glass pixels of a small
+    copy differ by more than 3 levels between channels (JPEG's rounding); a
+    field that is nearly all glass is left to quality control (background).
+    """
+    mode = img.mode
+    if mode in _GREY_MODES or mode.startswith("I;16"):
+        return _GREY_MODES.get(mode, "16-bit") + f" mode {mode}"
+    small = np.asarray(rgb.reduce(max(1, max(rgb.size) // 256)), dtype=np.int16)
+    content = small.min(axis=2) < 220  # not glass: a blank field is quality control's to judge
+    if float(content.mean()) < 0.01:
+        return None
+    spread = small.max(axis=2)[content] - small.min(axis=2)[content]
+    if float((spread > 3).mean()) < 0.001:
+        return "its red, green and blue channels are equal"
+    return None
+
+
 def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Slide:
     """Open a whole-slide image or a photograph.
 
@@ -282,6 +309,13 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
             raise SlideError(f"{name}: not a readable image ({exc})") from exc
         raise
     rgb = img.convert("RGB") if img.mode != "RGB" else img
+    grey = _greyscale(img, rgb)
+    if grey is not None:
+        img.close()
+        raise SlideError(
+            f"{name}: a greyscale image ({grey}); quality control and the model read the "
+            "stain's colours, so use the colour photograph (8-bit RGB)"
+        )
     fmt = (img.format or suffix.lstrip(".")).lower()
     levels = _Levels(((w, h),), (1.0,))
     return Slide(p, f"image:{fmt}", mpp if mpp is not None else file_mpp, levels, None, rgb)
