@@ -117,6 +117,27 @@ def test_colour_photographs_in_other_modes_read_as_their_rgb(
         assert np.abs(region - np.asarray(rgb, dtype=int)).mean() < 20
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_photograph_taken_sideways_is_read_upright(
+    fixtures_dir: Path, tmp_path: Path, orientation: int
+) -> None:
+    from PIL import ImageOps
+
+    upright = _photo(fixtures_dir)
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+            8: Image.Transpose.ROTATE_270}[orientation]
+    stored = upright.transpose(undo)  # as the camera wrote the pixels
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "phone.png"
+    stored.save(path, exif=exif)
+    with Image.open(path) as check:  # what every viewer shows
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(check)), np.asarray(upright))
+    with open_slide(path, mpp=0.1) as slide:
+        assert slide.dimensions == (640, 480)
+        assert np.array_equal(slide.read_region(0, 0, 0, (640, 480)), np.asarray(upright))
+
+
 def test_plain_image_without_resolution(fixtures_dir: Path) -> None:
     with open_slide(fixtures_dir / "smears" / "bccd" / "BloodImage_00001.jpg") as slide:
         assert slide.mpp is None

@@ -212,6 +212,13 @@ def _mpp_from_image(img: Image.Image) -> float | None:
     return None
 
 
+_EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the turn that shows the image upright (Pillow's ImageOps.exif_transpose)
+_EXIF_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+               4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+               6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+               8: Image.Transpose.ROTATE_90}
+
 _GREY_MODES = {"1": "1-bit", "L": "8-bit", "LA": "8-bit with alpha", "I": "32-bit",
                "F": "floating-point"}
 
@@ -309,6 +316,10 @@ def open_slide(path: str | os.PathLike[str], *, mpp: float | None = None) -> Sli
             raise SlideError(f"{name}: not a readable image ({exc})") from exc
         raise
     rgb = img.convert("RGB") if img.mode != "RGB" else img
+    turn = _EXIF_TURNS.get(img.getexif().get(_EXIF_ORIENTATION, 1))
+    if turn is not None:  # a camera held sideways: tile the field as every viewer shows it
+        rgb = rgb.transpose(turn)
+        w, h = rgb.size
     grey = _greyscale(img, rgb)
     if grey is not None:
         img.close()
