@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -54,6 +55,30 @@ def test_a_tile_is_the_slides_pixels_at_that_level(served: tuple[TileServer, str
     # The last column is the remainder of the width: 2220 - 8 * 254 = 188 px, + 1 overlap.
     status, body = _get(server, f"{server.base_path()}/{key}_files/{top}/8_0.jpeg")
     assert status == 200 and Image.open(io.BytesIO(body)).size == (189, 255)
+
+
+def test_a_sideways_photograph_is_served_upright_as_ingest_reads_it(
+    tmp_path: Path, fixtures_dir: Path
+) -> None:
+    upright = Image.open(fixtures_dir / "smears" / "bccd" / "BloodImage_00000.jpg").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # the camera held sideways: pixels stored turned, shown upright
+    photo = tmp_path / "P1" / "fov1.png"
+    photo.parent.mkdir()
+    upright.transpose(Image.Transpose.ROTATE_90).save(photo, exif=exif)
+    server = TileServer(TileCache(tmp_path / "cache", 50 << 20)).start()
+    try:
+        key = server.register(photo.resolve(), None).key
+        levels = server.cache.level_tiles(key)
+        top = len(levels) - 1
+        assert levels[top] == (3, 2)  # 640 x 480 upright, in 254 px tiles
+        status, body = _get(server, f"{server.base_path()}/{key}_files/{top}/0_0.jpeg")
+        assert status == 200
+        tile = np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=float)
+        expected = np.asarray(upright.crop((0, 0, 255, 255)), dtype=float)
+        assert np.abs(tile - expected).mean() < 4  # JPEG's error, not a turned image
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("path", [

@@ -180,6 +180,10 @@ class Slide:
         thumb.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
         return thumb
 
+    def photograph(self) -> Image.Image | None:
+        """A copy of a plain image as ingest reads it (RGB, upright); None for whole slides."""
+        return None if self._image is None else self._image.copy()
+
     def close(self) -> None:
         if self._osr is not None:
             self._osr.close()  # type: ignore[attr-defined]

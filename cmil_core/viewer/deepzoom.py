@@ -208,11 +208,13 @@ class _OpenSlide:
 
         from cmil_core.ingest.slides import open_slide
 
-        # The same checks as ingest (empty, damaged, decompression bombs) first.
+        # The same checks as ingest (empty, damaged, decompression bombs) first; a
+        # photograph is shown as ingest read it (RGB, upright), so patches sit on their cells.
         with open_slide(path) as checked:
-            whole_slide = checked.kind.startswith("openslide:")
-        self.osr: Any = (openslide.OpenSlide(str(path)) if whole_slide
-                         else openslide.ImageSlide(str(path)))
+            photograph = checked.photograph()
+        self.osr: Any = (openslide.OpenSlide(str(path)) if photograph is None
+                         else openslide.ImageSlide(photograph))
+        whole_slide = photograph is None
         self.lock = None if whole_slide else threading.Lock()  # PIL images are not thread-safe
         self.dz = DeepZoomGenerator(self.osr, tile_size=TILE_SIZE, overlap=OVERLAP,
                                     limit_bounds=False)
