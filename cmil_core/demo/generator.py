@@ -412,7 +412,8 @@ def _half_size(image: np.ndarray) -> np.ndarray:
     """
     h2, w2 = image.shape[0] // 2, image.shape[1] // 2
     block = image[: h2 * 2, : w2 * 2].astype(np.float32)
-    total = block[0::2, 0::2] + block[1::2, 0::2] + block[0::2, 1::2] + block[1::2, 1::2]
+    total: np.ndarray = block[0::2, 0::2] + block[1::2, 0::2] + block[0::2, 1::2]
+    total += block[1::2, 1::2]
     return np.rint(total * np.float32(0.25)).astype(np.uint8)
 
 
