@@ -155,6 +155,27 @@ def test_unknown_patients(db_path: Path, tmp_path: Path, fixtures_dir: Path) -> 
     assert "patient 'P9' (from the prefix rule) is not in cohort 'F'" in summary.slides[1].reason
 
 
+def test_ids_that_lost_their_leading_zeros_are_named(
+    db_path: Path, tmp_path: Path, fixtures_dir: Path
+) -> None:
+    # Excel turns the ID 007 into the number 7; the slides keep "007".
+    _cohort(db_path, tmp_path, "Z", ["7", "12"])
+    folder = tmp_path / "z"
+    folder.mkdir()
+    photo = (fixtures_dir / "smears/bccd/BloodImage_00000.jpg").read_bytes()
+    (folder / "007_a.jpg").write_bytes(photo)
+    (folder / "0099_a.jpg").write_bytes(photo)
+    summary = ingest(db_path, "Z", folder, mpp=0.3)
+    reasons = {s.path.rsplit("/", 1)[-1]: s.reason for s in summary.slides}
+    assert "the cohort has patient '7'" in reasons["007_a.jpg"]
+    assert "leading zeros" in reasons["007_a.jpg"]
+    assert "the cohort has" not in reasons["0099_a.jpg"]  # no such patient, zeros or not
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"slide_path,patient_id\n{folder / '007_a.jpg'},0012\n")
+    with pytest.raises(InputError, match="'0012' not in cohort 'Z'.*the cohort has patient '12'"):
+        ingest(db_path, "Z", folder, manifest=manifest, mpp=0.3)
+
+
 def test_one_file_is_one_slide_of_one_patient(
     db_path: Path, tmp_path: Path, fixtures_dir: Path
 ) -> None:

@@ -39,7 +39,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -200,8 +200,8 @@ def ingest(
             listed = ", ".join(f"'{shown(p)}'" for p in unknown[:5])
             more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
             raise InputError(
-                f"{Path(manifest).name}: patient_id {listed}{more} not in cohort '{cohort}'; "
-                "nothing ingested"
+                f"{Path(manifest).name}: patient_id {listed}{more} not in cohort '{cohort}'"
+                f"{_zeros_hint(unknown[0], patients)}; nothing ingested"
             )
 
     settings = {
@@ -378,6 +378,23 @@ class _Scanned:
         return None
 
 
+def _zeros_hint(patient_id: str, patients: Collection[str]) -> str:
+    """A hint when ``patient_id`` is a patient of the cohort but for leading zeros, else "".
+
+    Spreadsheets store an ID typed as 007 as the number 7, while the slide
+    files and manifests keep "007". The two are not matched silently (001 and
+    01 could be two patients); the message names the cohort's ID instead.
+    """
+    if not patient_id.isdigit():
+        return ""
+    same = sorted(p for p in patients if p.isdigit() and p != patient_id
+                  and p.lstrip("0") == patient_id.lstrip("0"))
+    if not same:
+        return ""
+    return (f" (the cohort has patient '{same[0]}': a spreadsheet may have dropped the ID's "
+            "leading zeros; format the ID column as text and import the table again)")
+
+
 def _ingest_one(
     db: store_mod.Store | str | os.PathLike[str],
     cohort: str,
@@ -437,7 +454,8 @@ def _ingest_one(
         if source.patient_id not in patients:
             reason = (
                 f"{name}: patient '{source.patient_id}' (from the {source.origin} rule) is not "
-                f"in cohort '{cohort}'; add the patient to the clinical table or use a manifest"
+                f"in cohort '{cohort}'{_zeros_hint(source.patient_id, patients)}; add the patient "
+                "to the clinical table or use a manifest"
             )
             with store_mod.using(db) as store:
                 store_mod.mark_slide_failed(store, slide_id, reason, run_id=run_id)
