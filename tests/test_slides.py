@@ -138,6 +138,17 @@ def test_a_photograph_taken_sideways_is_read_upright(
         assert np.array_equal(slide.read_region(0, 0, 0, (640, 480)), np.asarray(upright))
 
 
+@pytest.mark.parametrize(("dpi", "mpp"), [(72, None), (300, None), (600, None), (2400, None),
+                                          (101_600, 0.25), (254_000, 0.1)])
+def test_a_photographs_dpi_is_its_resolution_only_when_a_microscopes(
+    fixtures_dir: Path, tmp_path: Path, dpi: int, mpp: float | None
+) -> None:
+    path = tmp_path / "field.png"  # PNG's pHYs holds a microscope's dpi; JPEG's 16 bits do not
+    _photo(fixtures_dir).save(path, dpi=(dpi, dpi))
+    with open_slide(path) as slide:
+        assert slide.mpp == (pytest.approx(mpp, rel=1e-3) if mpp is not None else None)
+
+
 def test_plain_image_without_resolution(fixtures_dir: Path) -> None:
     with open_slide(fixtures_dir / "smears" / "bccd" / "BloodImage_00001.jpg") as slide:
         assert slide.mpp is None

@@ -208,12 +208,22 @@ def _mpp_from_openslide(props: dict[str, str]) -> float | None:
     return None
 
 
+# Resolutions a microscope photograph can have: 0.02 um/px (beyond a 100x oil
+# objective's optics) to 5 um/px (a 2x objective). Anything else in a file's
+# dpi is a screen or print default (72, 96, 300, 600 dpi) or a flatbed scan.
+_PLAUSIBLE_MPP = (0.02, 5.0)
+
+
 def _mpp_from_image(img: Image.Image) -> float | None:
-    """mpp from TIFF resolution tags or JPEG/PNG dpi, when they are meaningful."""
+    """mpp from TIFF resolution tags or JPEG/PNG dpi, when they are a microscope's."""
     dpi = img.info.get("dpi")
-    if dpi and dpi[0] and float(dpi[0]) > 300:  # 72/96/300 dpi are screen/print defaults
-        return 25_400.0 / float(dpi[0])
-    return None
+    try:
+        mpp = 25_400.0 / float(dpi[0]) if dpi else None
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        return None
+    if mpp is None or not _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]:
+        return None
+    return mpp
 
 
 _EXIF_ORIENTATION = 0x0112
