@@ -46,11 +46,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import shutil
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +68,7 @@ from cmil_core.model.modeling import score, train
 from cmil_core.ops.access import cli_user
 from cmil_core.progress import Progress, ProgressCallback, no_progress, stage_reporter
 from cmil_core.store.model_rules import split_cohorts
+from cmil_core.workers import process_pool
 
 __all__ = [
     "DEMO_VERSION",
@@ -429,23 +428,6 @@ def _make_slide(job: _SlideJob) -> tuple[str, Boxes, LookalikeBoxes]:
     return job.path, boxes, lookalikes
 
 
-def _exit_with_parent(parent: int) -> None:
-    """Worker initialiser: end this worker when the demo process is gone.
-
-    A worker of a process pool whose parent was killed (``kill -9``) would
-    otherwise wait for work forever, an orphan holding memory.
-    """
-    import threading
-    import time
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.2)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
 # --------------------------------------------------------------------------
 # The whole demo
 # --------------------------------------------------------------------------
@@ -701,10 +683,7 @@ def _run_jobs(todo: list[_SlideJob], workers: int | None):  # type: ignore[no-un
         for job in todo:
             yield _make_slide(job)
         return
-    # spawn, not fork: the dashboard process has threads, and fork copies locks.
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_exit_with_parent,
-                             initargs=(os.getpid(),)) as pool:
+    with process_pool(n) as pool:  # spawned: the dashboard process has threads
         yield from pool.map(_make_slide, todo, chunksize=1)
 
 

@@ -1,7 +1,8 @@
 """Resumable pipeline stages: slides to quality-checked patches (``ingest``).
 
 :func:`ingest` takes a cohort's slides (a folder, a zip, optionally a
-manifest), and for each slide, one at a time:
+manifest), and for each slide, in their order (read ahead in worker
+processes or on a cluster, written here one at a time):
 
 1. registers it (path, sha256, size, kind, width, height, mpp);
 2. skips it when it is already tiled from the same file (sha256) with the
@@ -51,6 +52,7 @@ from cmil_core.errors import InputError, shown
 from cmil_core.ingest import qc as qc_mod
 from cmil_core.ingest.discovery import SlideSource, discover_slides
 from cmil_core.ingest.quality import METRICS_VERSION, QCThresholds
+from cmil_core.ingest.scan_ahead import scan_in_processes
 from cmil_core.ingest.slides import file_sha256, open_slide
 from cmil_core.ingest.tiling import tile_slide
 from cmil_core.ingest.tiling_config import TilingConfig
@@ -160,10 +162,14 @@ def ingest(
 ) -> IngestSummary:
     """Register, tile and quality-check a cohort's slides; see the module docstring.
 
-    ``executor``: ``"local"`` reads the slides here; ``"ray"`` reads and tiles
-    them on a Ray cluster (``ray_address``, else ``$CMIL_RAY_ADDRESS``, else a
-    local one; :mod:`cmil_core.model.distributed`) while this process alone writes
-    the store, slide by slide, with the same outcome.
+    ``executor``: ``"local"`` reads the slides on this machine: with
+    ``workers`` >= 2 and two slides or more, whole slides side by side in
+    ``workers`` processes (:mod:`cmil_core.ingest.scan_ahead`), else one at a
+    time with their patches shared by ``workers`` threads; ``"ray"`` reads
+    and tiles them on a Ray cluster (``ray_address``, else
+    ``$CMIL_RAY_ADDRESS``, else a local one; :mod:`cmil_core.model.distributed`).
+    Either way this process alone writes the store, slide by slide, with the
+    same outcome.
 
     ``mpp`` (``--mpp``) replaces the resolution the files give; a manifest's
     ``mpp`` column wins over both, slide by slide. A zip is extracted into
@@ -221,15 +227,21 @@ def ingest(
     outcomes: list[SlideOutcome] = []
     scans: Iterator[SlideScan | None] = itertools.repeat(None)
     try:
-        if executor == "ray" and sources:
-            from cmil_core.model.distributed import scan_slides
-
+        if sources and (executor == "ray" or (workers >= 2 and len(sources) >= 2)):
             with store_mod.using(db, read_only=True) as store:
                 tiled = {s.path: (s.sha256, s.tiling_key, s.patient_id)
                          for s in store_mod.list_slides(store, cohort)
                          if s.status in ("tiled", "encoded")}
-            scans = scan_slides(sources, mpp_override=mpp, config=config, thresholds=thresholds,
-                                tiled=tiled, patients=patients, address=ray_address)
+            if executor == "ray":
+                from cmil_core.model.distributed import scan_slides
+
+                scans = scan_slides(sources, mpp_override=mpp, config=config,
+                                    thresholds=thresholds, tiled=tiled, patients=patients,
+                                    address=ray_address)
+            else:  # whole slides side by side in worker processes (scan_ahead)
+                scans = scan_in_processes(sources, mpp_override=mpp, config=config,
+                                          thresholds=thresholds, tiled=tiled,
+                                          patients=patients, workers=workers)
         for i, source in enumerate(sources):
             report(i, len(sources), source.path.name)
 
@@ -408,7 +420,35 @@ def _ingest_one(
     patch_progress: Any = None,
     scan: SlideScan | None = None,
 ) -> SlideOutcome:
-    """One slide's ingest; with ``scan`` (read elsewhere) the same decisions, no pixel read here."""
+    """One slide's ingest; with ``scan`` (read elsewhere) the same decisions, no pixel read here.
+
+    With a scan every pixel is already read, so the slide's writes (each its
+    own transaction, as without one) share one opening of the store: on a
+    folder of photographs, opening and closing the file three or four times
+    per slide took longer than reading the slide.
+    """
+    if scan is not None:
+        with store_mod.using(db) as held:
+            return _ingest_slide(held, cohort, source, patients, mpp_override, config,
+                                 thresholds, run_id, workers, patch_progress, scan)
+    return _ingest_slide(db, cohort, source, patients, mpp_override, config, thresholds,
+                         run_id, workers, patch_progress, scan)
+
+
+def _ingest_slide(
+    db: store_mod.Store | str | os.PathLike[str],
+    cohort: str,
+    source: SlideSource,
+    patients: set[str],
+    mpp_override: float | None,
+    config: TilingConfig,
+    thresholds: QCThresholds,
+    run_id: int,
+    workers: int,
+    patch_progress: Any,
+    scan: SlideScan | None,
+) -> SlideOutcome:
+    """The body of :func:`_ingest_one` (``db`` opened once per write unless a Store)."""
     path = str(source.path)
     name = source.path.name
     if scan is not None and scan.read_error is not None:
