@@ -252,7 +252,8 @@ def test_gbk_cohort_imports_with_chinese_values_and_categorical_levels(tmp_path:
     assert result.clinical_columns == ["骨髓转移", "性别", "治疗", "1p缺失", "年龄"]
     by_id = {p.patient_id: p.clinical for p in result.rows}
     # Categorical columns keep "none" and "-" as values; the numeric age reads "?" as missing.
-    assert by_id["NB002"] == {"骨髓转移": 0, "性别": "女", "治疗": "none", "1p缺失": "+",
+    # 骨髓转移 holds 1, 0 and 是: a text column, so its digits stay text (one type per column).
+    assert by_id["NB002"] == {"骨髓转移": "0", "性别": "女", "治疗": "none", "1p缺失": "+",
                               "年龄": None}
     assert by_id["NB001"]["1p缺失"] == "-" and by_id["NB001"]["年龄"] == 41
     assert by_id["NB003"]["骨髓转移"] == "是"
