@@ -250,10 +250,17 @@ def ingest(
             ) -> None:
                 report(i, len(sources), f"{name}: {done}/{total} patches")
 
-            outcomes.append(
-                _ingest_one(db, cohort, source, patients, mpp, config, thresholds, run_id,
-                            workers, patch_progress, scan=next(scans))
-            )
+            scan = next(scans)
+            # A scanned slide's pixels are all read: its writes (each its own
+            # transaction) share one opening of the store. On a folder of
+            # photographs, opening and closing the file three or four times per
+            # slide took longer than reading the slide.
+            with (store_mod.using(db) if scan is not None
+                  else contextlib.nullcontext(db)) as target:
+                outcomes.append(
+                    _ingest_one(target, cohort, source, patients, mpp, config, thresholds,
+                                run_id, workers, patch_progress, scan=scan)
+                )
             done = outcomes[-1]
             log.info("slide %d/%d %s (patient %s): %s, %d patches, %d passed%s", i + 1,
                      len(sources), source.path.name, done.patient_id, done.status, done.patches,
@@ -420,35 +427,7 @@ def _ingest_one(
     patch_progress: Any = None,
     scan: SlideScan | None = None,
 ) -> SlideOutcome:
-    """One slide's ingest; with ``scan`` (read elsewhere) the same decisions, no pixel read here.
-
-    With a scan every pixel is already read, so the slide's writes (each its
-    own transaction, as without one) share one opening of the store: on a
-    folder of photographs, opening and closing the file three or four times
-    per slide took longer than reading the slide.
-    """
-    if scan is not None:
-        with store_mod.using(db) as held:
-            return _ingest_slide(held, cohort, source, patients, mpp_override, config,
-                                 thresholds, run_id, workers, patch_progress, scan)
-    return _ingest_slide(db, cohort, source, patients, mpp_override, config, thresholds,
-                         run_id, workers, patch_progress, scan)
-
-
-def _ingest_slide(
-    db: store_mod.Store | str | os.PathLike[str],
-    cohort: str,
-    source: SlideSource,
-    patients: set[str],
-    mpp_override: float | None,
-    config: TilingConfig,
-    thresholds: QCThresholds,
-    run_id: int,
-    workers: int,
-    patch_progress: Any,
-    scan: SlideScan | None,
-) -> SlideOutcome:
-    """The body of :func:`_ingest_one` (``db`` opened once per write unless a Store)."""
+    """One slide's ingest; with ``scan`` (read elsewhere) the same decisions, no pixel read here."""
     path = str(source.path)
     name = source.path.name
     if scan is not None and scan.read_error is not None:
